@@ -1,0 +1,116 @@
+"""Every error exgen raises, in one tree. Codes cross the wire (protocol.E_*).
+
+    ExgenError                      base of everything below
+    ├── ConnectionFailed            the daemon could not be reached / went away
+    │   └── Timeout                 no answer within the client's timeout
+    ├── ProtocolMismatch            the peer speaks another protocol version, or garbage
+    └── RequestFailed               the daemon answered with an error (``code``)
+        ├── BadRequest              a field is invalid (``field`` names it)
+        │   └── PromptTooLong       prompt + max_new_tokens exceed the model's context
+        ├── Busy                    the queue is full; retry later
+        ├── Draining                the daemon is shutting down and takes no new work
+        ├── WorkerDied              the item crashed workers too many times (poison?)
+        ├── EngineError             the engine failed this item
+        ├── Cancelled               the item was cancelled
+        └── InternalError           a bug in exgen; please report it
+
+Per-item failures arrive on :class:`exgen.client.Result` as ``result.error`` (an
+instance of one of these) rather than being raised, so one bad prompt never costs
+the rest of a batch; ``Result.raise_for_error()`` raises it on demand.
+"""
+
+from __future__ import annotations
+
+from exgen.client import protocol as P
+
+
+class ExgenError(Exception):
+    """Base of every exgen error."""
+
+
+class ConnectionFailed(ExgenError):
+    """The daemon could not be reached, or stopped answering."""
+
+
+class Timeout(ConnectionFailed):
+    """No answer within the client's timeout."""
+
+
+class ProtocolMismatch(ExgenError):
+    """The peer sent something that is not this protocol version."""
+
+
+class RequestFailed(ExgenError):
+    """The daemon answered with an error."""
+
+    code = P.E_INTERNAL
+
+    def __init__(self, message: str, *, field: str | None = None, item_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.item_id = item_id
+
+    def __str__(self) -> str:
+        where = f"[{self.item_id}] " if self.item_id else ""
+        return f"{where}{self.code}: {self.message}"
+
+
+class BadRequest(RequestFailed):
+    code = P.E_BAD_REQUEST
+
+
+class PromptTooLong(BadRequest):
+    code = P.E_PROMPT_TOO_LONG
+
+
+class Busy(RequestFailed):
+    code = P.E_BUSY
+
+
+class Draining(RequestFailed):
+    code = P.E_DRAINING
+
+
+class WorkerDied(RequestFailed):
+    code = P.E_WORKER_DIED
+
+
+class EngineError(RequestFailed):
+    code = P.E_ENGINE
+
+
+class Cancelled(RequestFailed):
+    code = P.E_CANCELLED
+
+
+class InternalError(RequestFailed):
+    code = P.E_INTERNAL
+
+
+ERRORS_BY_CODE: dict[str, type[RequestFailed]] = {
+    cls.code: cls
+    for cls in (
+        BadRequest,
+        PromptTooLong,
+        Busy,
+        Draining,
+        WorkerDied,
+        EngineError,
+        Cancelled,
+        InternalError,
+    )
+}
+ERRORS_BY_CODE[P.E_PROTOCOL] = BadRequest
+
+
+def error_from_wire(body: dict[str, object], item_id: str | None = None) -> RequestFailed:
+    """The exception for an error body; unknown codes become InternalError."""
+    code = str(body.get("code", P.E_INTERNAL))
+    cls = ERRORS_BY_CODE.get(code, InternalError)
+    field = body.get("field")
+    return cls(
+        str(body.get("message", code)),
+        field=field if isinstance(field, str) else None,
+        item_id=item_id,
+    )

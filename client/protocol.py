@@ -1,0 +1,304 @@
+"""The wire protocol between clients, the router and workers.
+
+Every message is three ZMQ frames (after any routing envelope):
+
+    [ MAGIC_VERSION | command (1 byte) | msgpack body (a map) ]
+
+``MAGIC_VERSION`` carries the protocol version, so a peer of another version is
+answered with a clear error instead of a misparse.  Bodies are plain msgpack maps
+(never pickle).  Every field a client sends is validated here, with limits, and a
+failure names the field: :func:`validate_submit` is the one gate for user input.
+
+No sockets here: this module is pure so it can be unit-tested and imported by the
+light client without pulling in anything else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+MAGIC = b"EXG"
+MAGIC_VERSION = MAGIC + bytes([PROTOCOL_VERSION])
+
+# --- client <-> router -----------------------------------------------------------
+SUBMIT = b"S"  # client -> router: {"req", "items": [item...], "stream"?}
+CANCEL = b"C"  # client -> router: {"req"?, "ids": [...]} (no ids: every item of req)
+STATUS = b"?"  # client -> router: {}
+ACCEPTED = b"A"  # router -> client: {"req", "n", "queued"}
+RESULTS = b"R"  # router/worker -> client/router: {"req"?, "results": [result...]}
+CHUNKS = b"K"  # router/worker -> client/router: {"req"?, "chunks": [[id, text]...]}
+ERROR = b"E"  # router -> client: {"req"?, "code", "message", "field"?}
+STATUS_REPLY = b"!"  # router -> client: the status document
+
+# --- worker <-> router -----------------------------------------------------------
+READY = b"r"  # worker -> router: {"slot","pid","engine","capacity","load_s",...}
+HEARTBEAT = b"h"  # worker -> router: {"slot","pid","inflight","progress","tokens"}
+WORK = b"w"  # router -> worker: {"jobs": [job...]}
+FATAL = b"f"  # worker -> router: {"slot","pid","code","message"} then exit
+STOP = b"x"  # router -> worker: finish nothing more, exit now
+
+CLIENT_COMMANDS = frozenset({SUBMIT, CANCEL, STATUS})
+
+# --- error codes that cross the wire (see exgen.client.errors) --------------------
+E_BAD_REQUEST = "bad_request"
+E_PROMPT_TOO_LONG = "prompt_too_long"
+E_BUSY = "busy"
+E_DRAINING = "draining"
+E_WORKER_DIED = "worker_died"
+E_ENGINE = "engine_error"
+E_CANCELLED = "cancelled"
+E_PROTOCOL = "protocol"
+E_INTERNAL = "internal"
+
+# --- limits ----------------------------------------------------------------------
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # ZMQ_MAXMSGSIZE on the client socket
+MAX_ITEMS_PER_SUBMIT = 10_000
+MAX_ID_CHARS = 256
+MAX_PROMPT_CHARS = 1_000_000
+MAX_MESSAGES = 1_000
+MAX_NEW_TOKENS = 1_000_000
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_SEED = 2**63 - 1
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_ERROR = "error"
+
+# Sampling defaults: greedy and 256 new tokens, the safe choice for batch jobs.
+DEFAULT_PARAMS: dict[str, Any] = {
+    "max_new_tokens": 256,
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "seed": None,
+    "stop": [],
+}
+PARAM_NAMES = frozenset(DEFAULT_PARAMS)
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+
+
+class ValidationError(ValueError):
+    """A well-formed request with a bad field; ``field`` names it (dotted path)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+class FrameError(ValueError):
+    """Frames that are not a message of this protocol (garbage, wrong version)."""
+
+
+# --- framing ---------------------------------------------------------------------
+
+
+def pack(command: bytes, body: dict[str, Any]) -> list[bytes]:
+    return [MAGIC_VERSION, command, msgpack.packb(body, use_bin_type=True)]
+
+
+def unpack(frames: list[bytes]) -> tuple[bytes, dict[str, Any]]:
+    """Parse the three protocol frames; raise FrameError saying what is wrong."""
+    if len(frames) != 3:
+        raise FrameError(f"expected 3 frames, got {len(frames)}")
+    magic, command, payload = frames
+    if magic[:3] != MAGIC or len(magic) != 4:
+        raise FrameError("not an exgen message (bad magic)")
+    if magic[3] != PROTOCOL_VERSION:
+        raise FrameError(
+            f"protocol version {magic[3]} not supported (this peer speaks {PROTOCOL_VERSION})"
+        )
+    if len(command) != 1:
+        raise FrameError("command frame must be one byte")
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise FrameError(f"body is not valid msgpack: {exc.__class__.__name__}") from None
+    if not isinstance(body, dict):
+        raise FrameError("body must be a map")
+    return command, body
+
+
+# --- items -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Item:
+    """One prompt of a submit, validated."""
+
+    id: str
+    prompt: str | None
+    messages: list[dict[str, str]] | None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "params": self.params}
+        if self.messages is not None:
+            out["messages"] = self.messages
+        else:
+            out["prompt"] = self.prompt
+        return out
+
+
+def _check_number(
+    name: str, value: Any, lo: float, hi: float, *, integer: bool = False
+) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValidationError(name, f"must be a number, got {type(value).__name__}")
+    if integer and not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise ValidationError(name, "must be an integer")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValidationError(name, "must be finite")
+    if not lo <= value <= hi:
+        raise ValidationError(name, f"must be between {lo:g} and {hi:g}, got {value}")
+    return value
+
+
+def validate_params(raw: Any, where: str = "params") -> dict[str, Any]:
+    """Sampling parameters: unknown names are refused, every value range-checked."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValidationError(where, "must be a map")
+    out: dict[str, Any] = {}
+    for name, value in raw.items():
+        path = f"{where}.{name}"
+        if name not in PARAM_NAMES:
+            raise ValidationError(path, f"unknown parameter (known: {', '.join(sorted(PARAM_NAMES))})")
+        if name == "max_new_tokens":
+            out[name] = _check_number(path, value, 1, MAX_NEW_TOKENS, integer=True)
+        elif name == "temperature":
+            out[name] = float(_check_number(path, value, 0.0, 100.0))
+        elif name == "top_p":
+            out[name] = float(_check_number(path, value, 0.0, 1.0))
+            if out[name] == 0.0:
+                raise ValidationError(path, "must be greater than 0")
+        elif name == "top_k":
+            out[name] = _check_number(path, value, 0, 1_000_000, integer=True)
+        elif name == "min_p":
+            out[name] = float(_check_number(path, value, 0.0, 1.0))
+        elif name == "repetition_penalty":
+            out[name] = float(_check_number(path, value, 0.01, 100.0))
+        elif name == "seed":
+            if value is not None:
+                out[name] = _check_number(path, value, 0, MAX_SEED, integer=True)
+        elif name == "stop":
+            out[name] = _validate_stop(path, value)
+    return out
+
+
+def _validate_stop(path: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ValidationError(path, "must be a string or a list of strings")
+    if len(value) > MAX_STOP_STRINGS:
+        raise ValidationError(path, f"at most {MAX_STOP_STRINGS} stop strings")
+    for i, s in enumerate(value):
+        if not isinstance(s, str) or not s:
+            raise ValidationError(f"{path}[{i}]", "must be a non-empty string")
+        if len(s) > MAX_STOP_CHARS:
+            raise ValidationError(f"{path}[{i}]", f"longer than {MAX_STOP_CHARS} characters")
+    return list(value)
+
+
+def _validate_messages(path: str, value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise ValidationError(path, "must be a non-empty list of {role, content} maps")
+    if len(value) > MAX_MESSAGES:
+        raise ValidationError(path, f"at most {MAX_MESSAGES} messages")
+    total = 0
+    out = []
+    for i, msg in enumerate(value):
+        where = f"{path}[{i}]"
+        if not isinstance(msg, dict):
+            raise ValidationError(where, "must be a map with role and content")
+        role, content = msg.get("role"), msg.get("content")
+        if role not in CHAT_ROLES:
+            raise ValidationError(f"{where}.role", f"must be one of {', '.join(sorted(CHAT_ROLES))}")
+        if not isinstance(content, str):
+            raise ValidationError(f"{where}.content", "must be a string")
+        total += len(content)
+        out.append({"role": role, "content": content})
+    if total > MAX_PROMPT_CHARS:
+        raise ValidationError(path, f"longer than {MAX_PROMPT_CHARS} characters in all")
+    return out
+
+
+def validate_item(raw: Any, where: str) -> Item:
+    if not isinstance(raw, dict):
+        raise ValidationError(where, "must be a map")
+    item_id = raw.get("id")
+    if not isinstance(item_id, str) or not item_id:
+        raise ValidationError(f"{where}.id", "must be a non-empty string")
+    if len(item_id) > MAX_ID_CHARS:
+        raise ValidationError(f"{where}.id", f"longer than {MAX_ID_CHARS} characters")
+    prompt, messages = raw.get("prompt"), raw.get("messages")
+    if (prompt is None) == (messages is None):
+        raise ValidationError(where, "needs exactly one of prompt or messages")
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise ValidationError(f"{where}.prompt", "must be a string")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValidationError(f"{where}.prompt", f"longer than {MAX_PROMPT_CHARS} characters")
+    checked_messages = None if messages is None else _validate_messages(f"{where}.messages", messages)
+    params = validate_params(raw.get("params"), f"{where}.params")
+    return Item(item_id, prompt, checked_messages, params)
+
+
+@dataclass(slots=True)
+class Submit:
+    req: str
+    items: list[Item]
+    stream: bool
+
+
+def validate_submit(body: dict[str, Any]) -> Submit:
+    """The one gate for a client's submit: a Submit, or ValidationError naming the field."""
+    req = body.get("req")
+    if not isinstance(req, str) or not req or len(req) > MAX_ID_CHARS:
+        raise ValidationError("req", f"must be a non-empty string of at most {MAX_ID_CHARS} characters")
+    items = body.get("items")
+    if not isinstance(items, list) or not items:
+        raise ValidationError("items", "must be a non-empty list")
+    if len(items) > MAX_ITEMS_PER_SUBMIT:
+        raise ValidationError("items", f"at most {MAX_ITEMS_PER_SUBMIT} items per submit")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ValidationError("stream", "must be true or false")
+    checked = [validate_item(raw, f"items[{i}]") for i, raw in enumerate(items)]
+    seen: set[str] = set()
+    for i, item in enumerate(checked):
+        if item.id in seen:
+            raise ValidationError(f"items[{i}].id", f"duplicate id {item.id!r} in this submit")
+        seen.add(item.id)
+    return Submit(req, checked, stream)
+
+
+def merged_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Defaults overlaid with a request's own (validated) params."""
+    out = dict(DEFAULT_PARAMS)
+    out.update(params)
+    return out
+
+
+def error_body(code: str, message: str, *, req: str | None = None, field_name: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if req is not None:
+        body["req"] = req
+    if field_name is not None:
+        body["field"] = field_name
+    return body

@@ -1,0 +1,202 @@
+"""The Engine interface: what a worker drives, shaped for continuous batching.
+
+Modelled on ExLlamaV2's dynamic generator so it fits unchanged: jobs are added at
+any time, ``step()`` advances every active job by one scheduling step and returns
+what happened. Engines that batch statically (transformers' ``generate``) run a
+whole batch inside one ``step()`` and fit behind the same calls.
+
+An engine knows nothing about sockets or processes (the worker adds those). It is
+driven by one thread only. Heavy libraries are imported inside ``load()`` or the
+engine module itself, which is only imported inside a worker process.
+
+Contract:
+- ``load()`` once; raises :class:`EngineUnavailable` when the library or model
+  cannot be loaded at all (the worker then exits with a boot-error code and is not
+  restarted).
+- ``capacity``: how many jobs the engine runs concurrently; the router keeps about
+  this many outstanding on the worker (plus a small prefetch).
+- ``add(job)``: accept a job; jobs beyond capacity wait inside the engine. A job that
+  can never run (prompt too long) raises :class:`JobRejected`; the worker turns it
+  into a per-item error, nothing else is affected.
+- ``step()``: advance; returns events. Must return promptly when idle.
+- ``cancel(key)``: drop a job; no event follows for it.
+- ``close()``: free resources.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+from exgen.client import protocol as P
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot load here (missing package, no GPU, bad model path)."""
+
+
+class EngineOptionError(EngineUnavailable):
+    """An --engine-opt the engine does not know, or a bad value for one."""
+
+
+class JobRejected(ValueError):
+    """This job can never run on this engine; ``code`` is a protocol error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_new_tokens: int = P.DEFAULT_PARAMS["max_new_tokens"]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_wire(cls, params: dict[str, Any]) -> SamplingParams:
+        merged = P.merged_params(params)
+        return cls(**{name: merged[name] for name in P.PARAM_NAMES})
+
+
+@dataclass(slots=True)
+class Job:
+    """One prompt to generate for. ``key`` is the router's id for it."""
+
+    key: int
+    prompt: str | None
+    messages: list[dict[str, str]] | None
+    params: SamplingParams
+    stream: bool = False
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> Job:
+        return cls(
+            key=body["key"],
+            prompt=body.get("prompt"),
+            messages=body.get("messages"),
+            params=SamplingParams.from_wire(body.get("params") or {}),
+            stream=bool(body.get("stream", False)),
+        )
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Newly generated text of a streaming job."""
+
+    key: int
+    text: str
+
+
+@dataclass(slots=True)
+class Finished:
+    key: int
+    text: str
+    finish_reason: str  # protocol.FINISH_STOP or FINISH_LENGTH
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(slots=True)
+class Failed:
+    """This job failed on its own (the engine goes on with the others)."""
+
+    key: int
+    code: str
+    message: str
+
+
+Event = Chunk | Finished | Failed
+
+
+class Engine(abc.ABC):
+    """One model replica, driven by one worker thread."""
+
+    name: str = "abstract"
+
+    def __init__(self, model: str | None, options: dict[str, str]) -> None:
+        self.model = model
+        self.options = dict(options)
+
+    @abc.abstractmethod
+    def load(self) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def capacity(self) -> int: ...
+
+    @property
+    def max_seq_len(self) -> int | None:
+        """Context length in tokens, where the engine knows it."""
+        return None
+
+    @abc.abstractmethod
+    def add(self, job: Job) -> None: ...
+
+    @abc.abstractmethod
+    def step(self) -> list[Event]: ...
+
+    @abc.abstractmethod
+    def cancel(self, key: int) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def pending(self) -> int:
+        """Jobs added and not yet finished, failed or cancelled."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for the READY message and status (model name, dtype, devices...)."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+def take_options(
+    options: dict[str, str], spec: dict[str, tuple[type, Any]], engine: str
+) -> dict[str, Any]:
+    """Typed engine options from ``KEY=VALUE`` strings; unknown keys are refused.
+
+    ``spec`` maps a name to (type, default). bool accepts 1/0/true/false/yes/no.
+    """
+    unknown = sorted(set(options) - set(spec))
+    if unknown:
+        raise EngineOptionError(
+            f"{engine}: unknown engine option(s) {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(spec))})"
+        )
+    out: dict[str, Any] = {}
+    for name, (kind, default) in spec.items():
+        if name not in options:
+            out[name] = default
+            continue
+        raw = options[name]
+        try:
+            out[name] = _convert_option(raw, kind)
+        except ValueError:
+            raise EngineOptionError(
+                f"{engine}: engine option {name}={raw!r} is not a valid {kind.__name__}"
+            ) from None
+    return out
+
+
+def _convert_option(raw: str, kind: type) -> Any:
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(raw)
+    return kind(raw)
