@@ -1,0 +1,7 @@
+"""exgen's client side: the library (`Client`, `AsyncClient`), the wire protocol and
+the `exgen-client` CLI. Light on purpose: pyzmq, msgpack, click and tqdm only."""
+
+from exgen.client import errors
+from exgen.client.client import AsyncClient, Client, Result, default_address
+
+__all__ = ["AsyncClient", "Client", "Result", "default_address", "errors"]

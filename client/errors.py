@@ -45,7 +45,9 @@ class RequestFailed(ExgenError):
 
     code = P.E_INTERNAL
 
-    def __init__(self, message: str, *, field: str | None = None, item_id: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, field: str | None = None, item_id: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field

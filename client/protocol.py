@@ -34,6 +34,8 @@ RESULTS = b"R"  # router/worker -> client/router: {"req"?, "results": [result...
 CHUNKS = b"K"  # router/worker -> client/router: {"req"?, "chunks": [[id, text]...]}
 ERROR = b"E"  # router -> client: {"req"?, "code", "message", "field"?}
 STATUS_REPLY = b"!"  # router -> client: the status document
+PING = b"p"  # client -> router: {"req"?}; liveness while waiting for long results
+PONG = b"P"  # router -> client: {"req"?, "draining"}
 
 # --- worker <-> router -----------------------------------------------------------
 READY = b"r"  # worker -> router: {"slot","pid","engine","capacity","load_s",...}
@@ -42,7 +44,7 @@ WORK = b"w"  # router -> worker: {"jobs": [job...]}
 FATAL = b"f"  # worker -> router: {"slot","pid","code","message"} then exit
 STOP = b"x"  # router -> worker: finish nothing more, exit now
 
-CLIENT_COMMANDS = frozenset({SUBMIT, CANCEL, STATUS})
+CLIENT_COMMANDS = frozenset({SUBMIT, CANCEL, STATUS, PING})
 
 # --- error codes that cross the wire (see exgen.client.errors) --------------------
 E_BAD_REQUEST = "bad_request"
@@ -82,6 +84,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "stop": [],
 }
 PARAM_NAMES = frozenset(DEFAULT_PARAMS)
+ITEM_KEYS = frozenset({"id", "prompt", "messages", "params"})
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 
 
@@ -175,7 +178,9 @@ def validate_params(raw: Any, where: str = "params") -> dict[str, Any]:
     for name, value in raw.items():
         path = f"{where}.{name}"
         if name not in PARAM_NAMES:
-            raise ValidationError(path, f"unknown parameter (known: {', '.join(sorted(PARAM_NAMES))})")
+            raise ValidationError(
+                path, f"unknown parameter (known: {', '.join(sorted(PARAM_NAMES))})"
+            )
         if name == "max_new_tokens":
             out[name] = _check_number(path, value, 1, MAX_NEW_TOKENS, integer=True)
         elif name == "temperature":
@@ -228,7 +233,9 @@ def _validate_messages(path: str, value: Any) -> list[dict[str, str]]:
             raise ValidationError(where, "must be a map with role and content")
         role, content = msg.get("role"), msg.get("content")
         if role not in CHAT_ROLES:
-            raise ValidationError(f"{where}.role", f"must be one of {', '.join(sorted(CHAT_ROLES))}")
+            raise ValidationError(
+                f"{where}.role", f"must be one of {', '.join(sorted(CHAT_ROLES))}"
+            )
         if not isinstance(content, str):
             raise ValidationError(f"{where}.content", "must be a string")
         total += len(content)
@@ -241,11 +248,10 @@ def _validate_messages(path: str, value: Any) -> list[dict[str, str]]:
 def validate_item(raw: Any, where: str) -> Item:
     if not isinstance(raw, dict):
         raise ValidationError(where, "must be a map")
-    item_id = raw.get("id")
-    if not isinstance(item_id, str) or not item_id:
-        raise ValidationError(f"{where}.id", "must be a non-empty string")
-    if len(item_id) > MAX_ID_CHARS:
-        raise ValidationError(f"{where}.id", f"longer than {MAX_ID_CHARS} characters")
+    item_id = _check_item_id(raw, where)
+    unknown = set(raw) - ITEM_KEYS
+    if unknown:
+        raise ValidationError(f"{where}.{sorted(unknown)[0]}", "unknown field")
     prompt, messages = raw.get("prompt"), raw.get("messages")
     if (prompt is None) == (messages is None):
         raise ValidationError(where, "needs exactly one of prompt or messages")
@@ -254,7 +260,9 @@ def validate_item(raw: Any, where: str) -> Item:
             raise ValidationError(f"{where}.prompt", "must be a string")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ValidationError(f"{where}.prompt", f"longer than {MAX_PROMPT_CHARS} characters")
-    checked_messages = None if messages is None else _validate_messages(f"{where}.messages", messages)
+    checked_messages = (
+        None if messages is None else _validate_messages(f"{where}.messages", messages)
+    )
     params = validate_params(raw.get("params"), f"{where}.params")
     return Item(item_id, prompt, checked_messages, params)
 
@@ -264,13 +272,32 @@ class Submit:
     req: str
     items: list[Item]
     stream: bool
+    # Items whose id is fine but whose content is not: (id, error). Answered one by
+    # one so a single bad line never costs the rest of a batch its work.
+    rejected: list[tuple[str, ValidationError]] = field(default_factory=list)
+
+
+def _check_item_id(raw: Any, where: str) -> str:
+    item_id = raw.get("id") if isinstance(raw, dict) else None
+    if not isinstance(item_id, str) or not item_id:
+        raise ValidationError(f"{where}.id", "must be a non-empty string")
+    if len(item_id) > MAX_ID_CHARS:
+        raise ValidationError(f"{where}.id", f"longer than {MAX_ID_CHARS} characters")
+    return item_id
 
 
 def validate_submit(body: dict[str, Any]) -> Submit:
-    """The one gate for a client's submit: a Submit, or ValidationError naming the field."""
+    """The one gate for a client's submit.
+
+    Raises ValidationError (naming the field) when the envelope is bad (no req, no
+    items, an item without a usable id, duplicate ids); an item with a usable id but
+    bad content lands in ``Submit.rejected`` instead.
+    """
     req = body.get("req")
     if not isinstance(req, str) or not req or len(req) > MAX_ID_CHARS:
-        raise ValidationError("req", f"must be a non-empty string of at most {MAX_ID_CHARS} characters")
+        raise ValidationError(
+            "req", f"must be a non-empty string of at most {MAX_ID_CHARS} characters"
+        )
     items = body.get("items")
     if not isinstance(items, list) or not items:
         raise ValidationError("items", "must be a non-empty list")
@@ -279,13 +306,19 @@ def validate_submit(body: dict[str, Any]) -> Submit:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ValidationError("stream", "must be true or false")
-    checked = [validate_item(raw, f"items[{i}]") for i, raw in enumerate(items)]
+    submit = Submit(req, [], stream)
     seen: set[str] = set()
-    for i, item in enumerate(checked):
-        if item.id in seen:
-            raise ValidationError(f"items[{i}].id", f"duplicate id {item.id!r} in this submit")
-        seen.add(item.id)
-    return Submit(req, checked, stream)
+    for i, raw in enumerate(items):
+        where = f"items[{i}]"
+        item_id = _check_item_id(raw, where)
+        if item_id in seen:
+            raise ValidationError(f"{where}.id", f"duplicate id {item_id!r} in this submit")
+        seen.add(item_id)
+        try:
+            submit.items.append(validate_item(raw, where))
+        except ValidationError as exc:
+            submit.rejected.append((item_id, exc))
+    return submit
 
 
 def merged_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -295,7 +328,27 @@ def merged_params(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def error_body(code: str, message: str, *, req: str | None = None, field_name: str | None = None) -> dict[str, Any]:
+def result_error(
+    item_id: str, code: str, message: str, field_name: str | None = None
+) -> dict[str, Any]:
+    """A per-item error result, as it crosses the wire."""
+    err: dict[str, Any] = {"code": code, "message": message}
+    if field_name is not None:
+        err["field"] = field_name
+    return {
+        "id": item_id,
+        "text": "",
+        "finish_reason": FINISH_ERROR,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "slot": None,
+        "error": err,
+    }
+
+
+def error_body(
+    code: str, message: str, *, req: str | None = None, field_name: str | None = None
+) -> dict[str, Any]:
     body: dict[str, Any] = {"code": code, "message": message}
     if req is not None:
         body["req"] = req

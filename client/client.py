@@ -1,0 +1,492 @@
+"""The client library: :class:`Client` (blocking) and :class:`AsyncClient` (asyncio).
+
+Both speak to the router over one DEALER socket and share one sans-IO core,
+:class:`_Session`, that owns the bookkeeping: which items are outstanding, the send
+window, busy back-off, resending after a reconnect, and duplicate suppression.
+
+Flow control is credit-like: at most ``window`` items are outstanding at once, so a
+100,000-line iterator is sent lazily and neither side's memory grows with the file.
+A ``busy`` reply (the router's queue is full) makes the client wait and resend.
+
+If the daemon stops answering pings (it was restarted, say), the client reconnects
+with back-off and resends every item that was sent but not answered, with the same
+ids; a result for an id already delivered is dropped, so each id is yielded once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from exgen.client import errors
+from exgen.client import protocol as P
+
+logger = logging.getLogger(__name__)
+
+SUBMIT_BATCH = 512  # items per submit frame: big enough to amortise, small enough to interleave
+PING_INTERVAL_S = 2.0
+BUSY_BACKOFF_S = (0.05, 2.0)  # first and largest wait after a busy reply
+SYSTEMD_SOCKET = Path("/run/exgen/exgen.sock")
+
+
+def default_address() -> str:
+    """$EXGEN_ADDRESS; else the systemd service's socket if present; else a per-user one."""
+    env = os.environ.get("EXGEN_ADDRESS")
+    if env:
+        return env
+    if SYSTEMD_SOCKET.exists():
+        return f"ipc://{SYSTEMD_SOCKET}"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "exgen" if runtime else Path(f"/tmp/exgen-{os.getuid()}")
+    return f"ipc://{base / 'exgen.sock'}"
+
+
+@dataclass(slots=True)
+class Result:
+    """One prompt's outcome. ``error`` is set (and ``text`` empty) when it failed."""
+
+    id: str
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    slot: int | None = None
+    error: errors.RequestFailed | None = None
+    latency_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def raise_for_error(self) -> Result:
+        if self.error is not None:
+            raise self.error
+        return self
+
+    @classmethod
+    def from_wire(cls, body: Mapping[str, Any], latency_s: float = 0.0) -> Result:
+        item_id = str(body.get("id", ""))
+        err = body.get("error")
+        return cls(
+            id=item_id,
+            text=str(body.get("text") or ""),
+            finish_reason=body.get("finish_reason"),
+            prompt_tokens=int(body.get("prompt_tokens") or 0),
+            completion_tokens=int(body.get("completion_tokens") or 0),
+            slot=body.get("slot"),
+            error=errors.error_from_wire(err, item_id) if isinstance(err, dict) else None,
+            latency_s=latency_s,
+        )
+
+
+def _as_item(prompt: str | Mapping[str, Any], item_id: str) -> dict[str, Any]:
+    """A str prompt, or a mapping with prompt/messages (and maybe id, params)."""
+    if isinstance(prompt, str):
+        return {"id": item_id, "prompt": prompt}
+    item = dict(prompt)
+    item.setdefault("id", item_id)
+    return item
+
+
+@dataclass(slots=True)
+class _Outstanding:
+    wire: dict[str, Any]
+    sent_at: float
+
+
+class _Session:
+    """Sans-IO state of one iter_results call: what to send next, what came back."""
+
+    def __init__(
+        self,
+        items: Iterable[Mapping[str, Any]],
+        defaults: dict[str, Any],
+        window: int,
+        stream: bool,
+    ) -> None:
+        self.source = iter(items)
+        self.defaults = P.validate_params(defaults, "params") if defaults else {}
+        self.window = window
+        self.stream = stream
+        self.exhausted = False
+        self.outstanding: dict[str, _Outstanding] = {}
+        self.delivered: set[str] = set()
+        self.ready: deque[Result] = deque()  # results to hand to the caller
+        self.chunks: deque[tuple[str, str]] = deque()
+        self.resend: deque[dict[str, Any]] = deque()  # busy or reconnect: send again
+        self.busy_until = 0.0
+        self.busy_wait = BUSY_BACKOFF_S[0]
+        self.instance: str | None = None  # the daemon run we are talking to
+
+    @property
+    def finished(self) -> bool:
+        return (
+            self.exhausted
+            and not self.outstanding
+            and not self.resend
+            and not self.ready
+            and not self.chunks
+        )
+
+    def next_submit(self, now: float) -> dict[str, Any] | None:
+        """The next submit body to send, or None when the window is full or all is sent."""
+        if now < self.busy_until:
+            return None
+        batch: list[dict[str, Any]] = []
+        while self.resend and len(batch) < SUBMIT_BATCH:
+            batch.append(self.resend.popleft())
+        room = self.window - len(self.outstanding)
+        while not self.exhausted and len(batch) < min(SUBMIT_BATCH, room):
+            wire = self._next_valid_item()
+            if wire is not None:
+                batch.append(wire)
+                self.outstanding[wire["id"]] = _Outstanding(wire, now)
+        if not batch:
+            return None
+        for wire in batch:
+            self.outstanding[wire["id"]].sent_at = now
+        return {"req": uuid.uuid4().hex, "items": batch, "stream": self.stream}
+
+    def _next_valid_item(self) -> dict[str, Any] | None:
+        """Take one item from the source; a bad one becomes an error Result at once."""
+        try:
+            raw = next(self.source)
+        except StopIteration:
+            self.exhausted = True
+            return None
+        raw = dict(raw)
+        params = dict(self.defaults)
+        params.update(raw.get("params") or {})
+        raw["params"] = params
+        item_id = raw.get("id")
+        try:
+            item = P.validate_item(raw, "item")
+        except P.ValidationError as exc:
+            if not isinstance(item_id, str) or not item_id:
+                raise errors.BadRequest(exc.message, field=exc.field) from None
+            self._deliver(P.result_error(item_id, P.E_BAD_REQUEST, exc.message, exc.field), 0.0)
+            return None
+        if item.id in self.outstanding or item.id in self.delivered:
+            raise errors.BadRequest(f"duplicate id {item.id!r}", field="id", item_id=item.id)
+        return item.to_wire()
+
+    def on_message(self, command: bytes, body: dict[str, Any], now: float) -> None:
+        self._note_instance(body.get("instance"))
+        if command == P.RESULTS:
+            for res in body.get("results", ()):
+                pending = self.outstanding.pop(str(res.get("id")), None)
+                if pending is not None:  # else a duplicate after a resend: drop it
+                    self._deliver(res, now - pending.sent_at)
+        elif command == P.CHUNKS:
+            for item_id, text in body.get("chunks", ()):
+                if item_id in self.outstanding:
+                    self.chunks.append((item_id, text))
+        elif command == P.ERROR:
+            self._on_error(body, now)
+        elif command == P.ACCEPTED:
+            self.busy_wait = BUSY_BACKOFF_S[0]
+
+    def _on_error(self, body: dict[str, Any], now: float) -> None:
+        code = body.get("code")
+        items = body.get("items") or []
+        if code == P.E_BUSY and items:
+            # Not accepted: send the same items again after a growing pause.
+            self.resend.extend(self.outstanding[i].wire for i in items if i in self.outstanding)
+            self.busy_until = now + self.busy_wait
+            self.busy_wait = min(self.busy_wait * 2, BUSY_BACKOFF_S[1])
+            return
+        # A request-level error that is not retryable fails every item it named.
+        for item_id in items:
+            pending = self.outstanding.pop(item_id, None)
+            if pending is not None:
+                err = {"code": code, "message": body.get("message", ""), "field": body.get("field")}
+                self._deliver({**P.result_error(item_id, str(code), ""), "error": err}, 0.0)
+        if not items:
+            raise errors.error_from_wire(body)
+
+    def _deliver(self, res: Mapping[str, Any], latency: float) -> None:
+        item_id = str(res.get("id"))
+        if item_id in self.delivered:
+            return
+        self.delivered.add(item_id)
+        self.ready.append(Result.from_wire(res, latency))
+
+    def _note_instance(self, instance: Any) -> None:
+        """A new daemon run has lost what the old one accepted: send it all again."""
+        if not isinstance(instance, str):
+            return
+        if self.instance is not None and instance != self.instance:
+            logger.warning("the exgen daemon restarted; resending %d items", len(self.outstanding))
+            queued = {w["id"] for w in self.resend}
+            self.resend.extend(p.wire for i, p in self.outstanding.items() if i not in queued)
+        self.instance = instance
+
+
+class _Base:
+    def __init__(self, address: str | None, timeout: float | None, window: int) -> None:
+        self.address = address or default_address()
+        self.timeout = timeout
+        self.window = window
+        # A fixed identity, so that replies still find us after ZMQ reconnects.
+        self.identity = f"c-{uuid.uuid4().hex}".encode()
+        self._req_counter = itertools.count()
+
+    def _configure(self, sock: zmq.Socket[Any]) -> None:
+        sock.setsockopt(zmq.IDENTITY, self.identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.connect(self.address)
+
+    def _check_alive(self, last_heard: float, now: float) -> None:
+        if self.timeout is not None and now - last_heard > self.timeout:
+            raise errors.Timeout(
+                f"no answer from the exgen daemon at {self.address} for {self.timeout:g}s "
+                "(is `exgen serve` running?)"
+            )
+
+
+class Client(_Base):
+    """Blocking client. Not thread-safe: one thread per Client.
+
+    ``timeout``: how long the daemon may stay silent (it answers pings every
+    couple of seconds while work is in progress) before :class:`errors.Timeout`.
+    """
+
+    def __init__(
+        self, address: str | None = None, *, timeout: float | None = 30.0, window: int = 4096
+    ) -> None:
+        super().__init__(address, timeout, window)
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._configure(self._sock)
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- public API ---------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[str | Mapping[str, Any]], **params: Any) -> list[Result]:
+        """Results in input order. ``prompts``: strings, or maps with prompt/messages."""
+        items = [_as_item(p, str(i)) for i, p in enumerate(prompts)]
+        by_id = {r.id: r for r in self.iter_results(items, **params)}
+        return [by_id[item["id"]] for item in items]
+
+    def iter_results(self, items: Iterable[Mapping[str, Any]], **params: Any) -> Iterator[Result]:
+        """Each Result as soon as it completes (any order); items are sent lazily."""
+        session = _Session(items, params, self.window, stream=False)
+        for kind, value in self._drive(session):
+            if kind == "result":
+                yield value
+
+    def stream(self, prompt: str | list[dict[str, str]], **params: Any) -> Iterator[str]:
+        """Text chunks of one generation as they are produced."""
+        item = (
+            {"id": "0", "messages": prompt}
+            if isinstance(prompt, list)
+            else {"id": "0", "prompt": prompt}
+        )
+        session = _Session([item], params, 1, stream=True)
+        streamed = False
+        for kind, value in self._drive(session):
+            if kind == "chunk":
+                streamed = True
+                yield value[1]
+            else:
+                value.raise_for_error()
+                if not streamed and value.text:
+                    yield value.text
+
+    def status(self) -> dict[str, Any]:
+        return self._request(P.STATUS, {}, P.STATUS_REPLY)
+
+    def ping(self) -> dict[str, Any]:
+        return self._request(P.PING, {}, P.PONG)
+
+    def cancel(self, ids: Iterable[str]) -> None:
+        self._sock.send_multipart(P.pack(P.CANCEL, {"ids": list(ids)}))
+
+    # --- internals ----------------------------------------------------------------
+
+    def _request(self, command: bytes, body: dict[str, Any], expect: bytes) -> dict[str, Any]:
+        req = f"q{next(self._req_counter)}"
+        self._sock.send_multipart(P.pack(command, {**body, "req": req}))
+        deadline = time.monotonic() + (self.timeout if self.timeout is not None else 1e9)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._sock.poll(remaining * 1000):
+                self._check_alive(0.0, time.monotonic())
+                continue
+            got, reply = P.unpack(self._sock.recv_multipart())
+            if reply.get("req") != req:
+                continue  # a late reply to something earlier
+            if got == P.ERROR:
+                raise errors.error_from_wire(reply)
+            if got == expect:
+                return reply
+
+    def _drive(self, session: _Session) -> Iterator[tuple[str, Any]]:
+        last_heard = time.monotonic()
+        last_ping = 0.0
+        while not session.finished:
+            now = time.monotonic()
+            body = session.next_submit(now)
+            while body is not None:
+                self._sock.send_multipart(P.pack(P.SUBMIT, body))
+                body = session.next_submit(now)
+            while session.chunks:
+                yield "chunk", session.chunks.popleft()
+            while session.ready:
+                yield "result", session.ready.popleft()
+            if session.finished:
+                return
+            if self._sock.poll(200):
+                while self._sock.poll(0):
+                    self._receive_one(session)
+                last_heard = time.monotonic()
+            elif session.outstanding:
+                now = time.monotonic()
+                self._check_alive(last_heard, now)
+                if now - last_ping > PING_INTERVAL_S:
+                    self._sock.send_multipart(P.pack(P.PING, {}))
+                    last_ping = now
+
+    def _receive_one(self, session: _Session) -> None:
+        try:
+            command, body = P.unpack(self._sock.recv_multipart())
+        except P.FrameError as exc:
+            raise errors.ProtocolMismatch(str(exc)) from None
+        session.on_message(command, body, time.monotonic())
+
+
+class AsyncClient(_Base):
+    """The asyncio twin of :class:`Client`; same methods, awaited."""
+
+    def __init__(
+        self, address: str | None = None, *, timeout: float | None = 30.0, window: int = 4096
+    ) -> None:
+        super().__init__(address, timeout, window)
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._configure(self._sock)
+        self._lock = asyncio.Lock()  # one conversation at a time on the socket
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def generate(
+        self, prompts: Sequence[str | Mapping[str, Any]], **params: Any
+    ) -> list[Result]:
+        items = [_as_item(p, str(i)) for i, p in enumerate(prompts)]
+        by_id = {r.id: r async for r in self.iter_results(items, **params)}
+        return [by_id[item["id"]] for item in items]
+
+    async def iter_results(
+        self, items: Iterable[Mapping[str, Any]], **params: Any
+    ) -> AsyncIterator[Result]:
+        session = _Session(items, params, self.window, stream=False)
+        async with self._lock:
+            async for kind, value in self._drive(session):
+                if kind == "result":
+                    yield value
+
+    async def stream(self, prompt: str | list[dict[str, str]], **params: Any) -> AsyncIterator[str]:
+        item = (
+            {"id": "0", "messages": prompt}
+            if isinstance(prompt, list)
+            else {"id": "0", "prompt": prompt}
+        )
+        session = _Session([item], params, 1, stream=True)
+        streamed = False
+        async with self._lock:
+            async for kind, value in self._drive(session):
+                if kind == "chunk":
+                    streamed = True
+                    yield value[1]
+                else:
+                    value.raise_for_error()
+                    if not streamed and value.text:
+                        yield value.text
+
+    async def status(self) -> dict[str, Any]:
+        return await self._request(P.STATUS, {}, P.STATUS_REPLY)
+
+    async def ping(self) -> dict[str, Any]:
+        return await self._request(P.PING, {}, P.PONG)
+
+    async def cancel(self, ids: Iterable[str]) -> None:
+        await self._sock.send_multipart(P.pack(P.CANCEL, {"ids": list(ids)}))
+
+    async def _request(self, command: bytes, body: dict[str, Any], expect: bytes) -> dict[str, Any]:
+        req = f"q{next(self._req_counter)}"
+        async with self._lock:
+            await self._sock.send_multipart(P.pack(command, {**body, "req": req}))
+            started = time.monotonic()
+            while True:
+                if not await self._sock.poll(200):
+                    self._check_alive(started, time.monotonic())
+                    continue
+                got, reply = P.unpack(await self._sock.recv_multipart())
+                if reply.get("req") != req:
+                    continue
+                if got == P.ERROR:
+                    raise errors.error_from_wire(reply)
+                if got == expect:
+                    return reply
+
+    async def _drive(self, session: _Session) -> AsyncIterator[tuple[str, Any]]:
+        last_heard = time.monotonic()
+        last_ping = 0.0
+        while not session.finished:
+            now = time.monotonic()
+            body = session.next_submit(now)
+            while body is not None:
+                await self._sock.send_multipart(P.pack(P.SUBMIT, body))
+                body = session.next_submit(now)
+            while session.chunks:
+                yield "chunk", session.chunks.popleft()
+            while session.ready:
+                yield "result", session.ready.popleft()
+            if session.finished:
+                return
+            if await self._sock.poll(200):
+                while await self._sock.poll(0):
+                    try:
+                        command, reply = P.unpack(await self._sock.recv_multipart())
+                    except P.FrameError as exc:
+                        raise errors.ProtocolMismatch(str(exc)) from None
+                    session.on_message(command, reply, time.monotonic())
+                last_heard = time.monotonic()
+            elif session.outstanding:
+                now = time.monotonic()
+                self._check_alive(last_heard, now)
+                if now - last_ping > PING_INTERVAL_S:
+                    await self._sock.send_multipart(P.pack(P.PING, {}))
+                    last_ping = now
