@@ -1,0 +1,606 @@
+"""Batch files: ``prompts.jsonl`` in, ``results.jsonl`` out. Pure: no sockets.
+
+Input, one JSON object a line (blank lines are skipped; line numbers count them):
+
+* plain  ``{"id"?, "prompt": "...", <params>...}``
+* chat   ``{"id"?, "messages": [{"role", "content"}...], <params>...}``
+* OpenAI Batch API ``{"custom_id", "method": "POST", "url", "body": {...}}`` with url
+  ``/v1/chat/completions`` (body ``messages``) or ``/v1/completions`` (body ``prompt``).
+
+Params of plain and chat lines sit at the top level (or in a ``"params"`` map) under
+the names of :data:`protocol.PARAM_NAMES`; ``max_tokens`` is an alias of
+``max_new_tokens``. In an OpenAI body, ``max_tokens`` / ``max_completion_tokens``,
+``temperature``, ``top_p``, ``seed`` and ``stop`` are mapped, and the common
+extensions ``top_k``, ``min_p`` and ``repetition_penalty`` are accepted as vLLM does.
+A line's params override the command line's defaults.
+
+Strictness, on purpose: an unknown key rejects the line with a message naming it (a
+typo like ``temprature`` must not silently run a whole file greedily). OpenAI body
+fields that cannot change the text (``model``, ``user``, ``metadata``, ``store``,
+``service_tier``, ...) are ignored; fields that would change it and that exgen cannot
+honour (``n`` > 1, ``stream``, ``logprobs``, ``tools``, penalties, ...) reject the
+line unless they hold their neutral value (``n: 1``, ``stream: false``, ...).
+
+A missing ``id`` becomes ``line-N`` (N the 1-based line number, stable across
+``--resume`` as long as the file is unchanged). A repeated id rejects the later line.
+Every problem is a :class:`LineError` — never a silently dropped line — and is also
+written to the output, so the output accounts for every input line.
+
+Output: plain/chat lines get ``{"id", "text", "finish_reason", "prompt_tokens",
+"completion_tokens", "error"}`` (``error``: null or ``{"code", "message"}``). Timing
+and slot are left out so that two greedy runs give identical files. OpenAI lines get
+the OpenAI batch output shape (:func:`format_result`). A malformed line is answered
+with an error whose object also carries ``"line"``.
+
+Resume (:func:`prepare_resume`): ids with a successful result count as done; error
+lines and a truncated last line are removed, so a resumed run retries failures and
+each id ends up in the file exactly once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from exgen.client import protocol as P
+
+logger = logging.getLogger(__name__)
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+OPENAI_URLS = (CHAT_URL, COMPLETIONS_URL)
+DEFAULT_MODEL_NAME = "exgen"  # echoed as OpenAI "model" when the line names none
+
+# Names a plain/chat line may use for a param, mapped to the wire name.
+PARAM_ALIASES: dict[str, str] = {name: name for name in P.PARAM_NAMES} | {
+    "max_tokens": "max_new_tokens"
+}
+_PLAIN_KEYS = frozenset({"id", "prompt", "messages", "params"}) | frozenset(PARAM_ALIASES)
+
+# OpenAI body fields mapped onto exgen params.
+OPENAI_PARAM_ALIASES: dict[str, str] = {
+    "max_tokens": "max_new_tokens",
+    "max_completion_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "stop": "stop",
+    # Not OpenAI, but the usual extensions of OpenAI-compatible servers (vLLM).
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+}
+# OpenAI body fields that cannot change the generated text: accepted and ignored.
+OPENAI_IGNORED = frozenset(
+    {
+        "model",
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "parallel_tool_calls",
+        "stream_options",
+        "prompt_cache_key",
+        "safety_identifier",
+    }
+)
+# OpenAI body fields exgen cannot honour: fine at their neutral values, else the
+# line is rejected with the reason given.
+OPENAI_NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
+    "n": ((1, None), "only n=1 is supported; write one line per completion"),
+    "best_of": ((1, None), "only best_of=1 is supported"),
+    "stream": ((False, None), "streaming is not supported in a batch file"),
+    "echo": ((False, None), "echo is not supported"),
+    "logprobs": ((False, None, 0), "log probabilities are not supported"),
+    "top_logprobs": ((None, 0), "log probabilities are not supported"),
+    "frequency_penalty": ((0, None), "not supported; use repetition_penalty"),
+    "presence_penalty": ((0, None), "not supported; use repetition_penalty"),
+    "logit_bias": ((None,), "not supported"),
+    "suffix": ((None, ""), "not supported"),
+    "response_format": ((None,), 'only {"type": "text"} is supported'),
+    "tools": ((None,), "tool calling is not supported"),
+    "tool_choice": ((None, "none"), "tool calling is not supported"),
+    "functions": ((None,), "tool calling is not supported"),
+    "function_call": ((None, "none"), "tool calling is not supported"),
+}
+_OPENAI_LINE_KEYS = frozenset({"custom_id", "method", "url", "body"})
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLine:
+    """One good input line, ready to send."""
+
+    line_no: int
+    id: str
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    url: str | None = None  # set for OpenAI lines: which endpoint they address
+    model: str | None = None  # an OpenAI body's "model", echoed back
+
+    @property
+    def is_openai(self) -> bool:
+        return self.url is not None
+
+    def to_item(self) -> dict[str, Any]:
+        """The item for ``Client.iter_results``."""
+        item: dict[str, Any] = {"id": self.id, "params": self.params}
+        if self.messages is not None:
+            item["messages"] = self.messages
+        else:
+            item["prompt"] = self.prompt
+        return item
+
+
+@dataclass(frozen=True, slots=True)
+class LineError:
+    """A line that cannot be sent, with why. ``id``: the line's own if usable."""
+
+    line_no: int
+    message: str
+    id: str
+    is_openai: bool = False
+
+    def __str__(self) -> str:
+        return f"line {self.line_no}: {self.message}"
+
+
+Entry = BatchLine | LineError
+
+
+class _Malformed(Exception):
+    """Raised inside the parser; becomes a LineError."""
+
+
+# --- reading ---------------------------------------------------------------------
+
+
+def fallback_id(line_no: int) -> str:
+    return f"line-{line_no}"
+
+
+def read_batch(lines: Iterable[bytes | str]) -> Iterator[Entry]:
+    """Parse lines lazily; one BatchLine or LineError per non-blank line."""
+    seen: set[str] = set()
+    openai_seen = False  # an unparseable line is answered in the file's style
+    for line_no, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        entry = parse_line(raw, line_no, openai_default=openai_seen)
+        if isinstance(entry, BatchLine):
+            openai_seen = entry.is_openai
+            if entry.id in seen:
+                # Answered under its line number: the id belongs to the earlier line.
+                yield LineError(
+                    line_no,
+                    f"duplicate id {entry.id!r} (already used by an earlier line)",
+                    fallback_id(line_no),
+                    entry.is_openai,
+                )
+                continue
+            seen.add(entry.id)
+        yield entry
+
+
+def open_batch(path: str | Path) -> Iterator[Entry]:
+    """read_batch over a file, read in binary so a bad byte costs one line, not the run."""
+    with open(path, "rb") as f:
+        yield from read_batch(f)
+
+
+def count_lines(path: str | Path) -> int:
+    """Non-blank lines of a file: the progress bar's total, counted fast."""
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def parse_line(raw: bytes | str, line_no: int, *, openai_default: bool = False) -> Entry:
+    """One line -> BatchLine, or LineError saying what is wrong with it."""
+    try:
+        obj = json.loads(raw)
+    except UnicodeDecodeError:
+        return LineError(line_no, "not valid UTF-8", fallback_id(line_no), openai_default)
+    except json.JSONDecodeError as exc:
+        message = f"not valid JSON ({exc.msg} at column {exc.colno})"
+        return LineError(line_no, message, fallback_id(line_no), openai_default)
+    if not isinstance(obj, dict):
+        message = f"must be a JSON object, got {_json_type(obj)}"
+        return LineError(line_no, message, fallback_id(line_no), openai_default)
+    is_openai = bool(_OPENAI_LINE_KEYS & obj.keys())
+    item_id = _usable_id(obj.get("custom_id" if is_openai else "id"), line_no)
+    try:
+        if is_openai:
+            return _parse_openai(obj, line_no)
+        return _parse_plain(obj, line_no)
+    except _Malformed as exc:
+        return LineError(line_no, str(exc), item_id, is_openai)
+
+
+def _usable_id(value: Any, line_no: int) -> str:
+    if isinstance(value, str) and value and len(value) <= P.MAX_ID_CHARS:
+        return value
+    return fallback_id(line_no)
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _check_id(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Malformed(f"{key} must be a non-empty string")
+    if len(value) > P.MAX_ID_CHARS:
+        raise _Malformed(f"{key} is longer than {P.MAX_ID_CHARS} characters")
+    return value
+
+
+def _unknown_key(key: str, known: Iterable[str], where: str = "") -> _Malformed:
+    hint = difflib.get_close_matches(key, list(known), n=1)
+    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return _Malformed(f"unknown key {where}{key!r}{suggestion}")
+
+
+def _map_params(
+    source: Mapping[str, Any], aliases: Mapping[str, str], where: str
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Params under their wire names, and wire name -> the key the user wrote."""
+    params: dict[str, Any] = {}
+    written: dict[str, str] = {}
+    for key, value in source.items():
+        name = aliases.get(key)
+        if name is None:
+            continue
+        if name in params:
+            raise _Malformed(f"both {written[name]} and {where}{key} given; use one")
+        params[name] = value
+        written[name] = f"{where}{key}"
+    return params, written
+
+
+def _validate(raw: dict[str, Any], written: Mapping[str, str], prefix: str) -> P.Item:
+    """protocol.validate_item, its field paths translated back to the line's own keys."""
+    try:
+        return P.validate_item(raw, "item")
+    except P.ValidationError as exc:
+        path = exc.field.removeprefix("item.").removeprefix("item")
+        if path.startswith("params."):
+            name = path.removeprefix("params.")
+            path = written.get(name, name)
+        elif path:
+            path = f"{prefix}{path}"
+        raise _Malformed(f"{path}: {exc.message}" if path else exc.message) from None
+
+
+def _parse_plain(obj: dict[str, Any], line_no: int) -> BatchLine:
+    for key in obj:
+        if key not in _PLAIN_KEYS:
+            raise _unknown_key(key, _PLAIN_KEYS)
+    item_id = _check_id(obj["id"], "id") if "id" in obj else fallback_id(line_no)
+    if ("prompt" in obj) == ("messages" in obj):
+        raise _Malformed('needs exactly one of "prompt" or "messages"')
+    params, written = _map_params(obj, PARAM_ALIASES, "")
+    nested = obj.get("params")
+    if nested is not None:
+        if not isinstance(nested, dict):
+            raise _Malformed("params must be an object")
+        for key in nested:
+            if key not in PARAM_ALIASES:
+                raise _unknown_key(key, PARAM_ALIASES, "params.")
+        inner, inner_written = _map_params(nested, PARAM_ALIASES, "params.")
+        for name in inner.keys() & params.keys():
+            raise _Malformed(f"both {written[name]} and {inner_written[name]} given; use one")
+        params |= inner
+        written |= inner_written
+    raw = {"id": item_id, "params": params}
+    raw |= {"prompt": obj["prompt"]} if "prompt" in obj else {"messages": obj["messages"]}
+    item = _validate(raw, written, "")
+    return BatchLine(line_no, item.id, item.prompt, item.messages, item.params)
+
+
+def _parse_openai(obj: dict[str, Any], line_no: int) -> BatchLine:
+    for key in obj:
+        if key not in _OPENAI_LINE_KEYS:
+            raise _unknown_key(key, _OPENAI_LINE_KEYS)
+    if "custom_id" not in obj:
+        raise _Malformed("custom_id is missing (an OpenAI batch line needs one)")
+    item_id = _check_id(obj["custom_id"], "custom_id")
+    method = obj.get("method", "POST")
+    if method != "POST":
+        raise _Malformed(f'method must be "POST", got {method!r}')
+    url = obj.get("url")
+    if url not in OPENAI_URLS:
+        raise _Malformed(f"url {url!r} is not supported (use {CHAT_URL} or {COMPLETIONS_URL})")
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        raise _Malformed("body must be an object")
+    _check_openai_body_keys(body, url)
+    params, written = _map_params(body, OPENAI_PARAM_ALIASES, "body.")
+    raw: dict[str, Any] = {"id": item_id, "params": params}
+    if url == CHAT_URL:
+        if "messages" not in body:
+            raise _Malformed("body.messages is missing")
+        raw["messages"] = _openai_messages(body["messages"])
+    else:
+        raw["prompt"] = _openai_prompt(body.get("prompt"))
+    item = _validate(raw, written, "body.")
+    model = body.get("model")
+    return BatchLine(
+        line_no,
+        item.id,
+        item.prompt,
+        item.messages,
+        item.params,
+        url=url,
+        model=model if isinstance(model, str) else None,
+    )
+
+
+def _check_openai_body_keys(body: Mapping[str, Any], url: str) -> None:
+    text_key = "messages" if url == CHAT_URL else "prompt"
+    known = {text_key} | OPENAI_PARAM_ALIASES.keys() | OPENAI_IGNORED | OPENAI_NEUTRAL.keys()
+    for key, value in body.items():
+        if key in OPENAI_NEUTRAL:
+            allowed, reason = OPENAI_NEUTRAL[key]
+            if not _is_neutral(key, value, allowed):
+                raise _Malformed(f"body.{key}={json.dumps(value)}: {reason}")
+        elif key not in known:
+            raise _unknown_key(key, known, "body.")
+
+
+def _is_neutral(key: str, value: Any, allowed: tuple[Any, ...]) -> bool:
+    if key == "response_format" and value == {"type": "text"}:
+        return True
+    if key in ("logit_bias", "tools", "functions") and value in ({}, []):
+        return True
+    # `in` compares with ==, so 1.0 passes as 1; but true must not pass as 1.
+    return any((value == a and type(value) is not bool) or value is a for a in allowed)
+
+
+def _openai_messages(value: Any) -> Any:
+    """Messages with content-part lists flattened to text; other shapes left to validation."""
+    if not isinstance(value, list):
+        return value
+    out = []
+    for i, msg in enumerate(value):
+        if isinstance(msg, dict) and isinstance(msg.get("content"), list):
+            msg = {**msg, "content": _join_text_parts(msg["content"], i)}
+        if isinstance(msg, dict):
+            msg = {k: v for k, v in msg.items() if k != "name"}  # names don't reach templates
+        out.append(msg)
+    return out
+
+
+def _join_text_parts(parts: list[Any], index: int) -> str:
+    texts = []
+    for part in parts:
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else _json_type(part)
+            raise _Malformed(
+                f"body.messages[{index}].content: only text parts are supported, got {kind!r}"
+            )
+        texts.append(str(part.get("text", "")))
+    return "".join(texts)
+
+
+def _openai_prompt(value: Any) -> Any:
+    """A completions prompt: a string, or a list holding exactly one string."""
+    if isinstance(value, list):
+        if len(value) == 1 and isinstance(value[0], str):
+            return value[0]
+        raise _Malformed(
+            "body.prompt: one string per line is supported (not several prompts or token ids)"
+        )
+    if value is None:
+        raise _Malformed("body.prompt is missing")
+    return value
+
+
+# --- writing ---------------------------------------------------------------------
+
+
+class ResultLike(Protocol):
+    """What the writer needs of an ``exgen.client.Result``."""
+
+    id: str
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def error(self) -> Any: ...
+
+
+def _error_object(error: Any) -> dict[str, Any]:
+    code = getattr(error, "code", P.E_INTERNAL)
+    message = getattr(error, "message", None) or str(error)
+    return {"code": str(code), "message": str(message)}
+
+
+def format_result(
+    line: BatchLine, result: ResultLike, *, now: float | None = None
+) -> dict[str, Any]:
+    """The output line for one result, in the shape of its input line."""
+    error = None if result.error is None else _error_object(result.error)
+    if not line.is_openai:
+        return {
+            "id": line.id,
+            "text": result.text,
+            "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "error": error,
+        }
+    if error is not None:
+        return _openai_line(line.id, None, error)
+    body = _openai_body(line, result, int(time.time() if now is None else now))
+    response = {"status_code": 200, "request_id": f"req_{uuid.uuid4().hex}", "body": body}
+    return _openai_line(line.id, response, None)
+
+
+def _openai_line(
+    custom_id: str, response: dict[str, Any] | None, error: dict[str, Any] | None
+) -> dict[str, Any]:
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": response,
+        "error": error,
+    }
+
+
+def _openai_body(line: BatchLine, result: ResultLike, created: int) -> dict[str, Any]:
+    chat = line.url == CHAT_URL
+    choice: dict[str, Any] = {"index": 0}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": result.text}
+    else:
+        choice["text"] = result.text
+    choice["logprobs"] = None
+    choice["finish_reason"] = result.finish_reason
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": line.model or DEFAULT_MODEL_NAME,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+        },
+    }
+
+
+def format_line_error(err: LineError) -> dict[str, Any]:
+    """The output line answering a malformed input line."""
+    error = {"code": P.E_BAD_REQUEST, "message": str(err), "line": err.line_no}
+    if err.is_openai:
+        return _openai_line(err.id, None, error)
+    return {
+        "id": err.id,
+        "text": "",
+        "finish_reason": P.FINISH_ERROR,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "error": error,
+    }
+
+
+class ResultWriter:
+    """Writes one JSON line per answer and flushes it, so a crash loses nothing written."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.stream.flush()
+
+    def write_result(self, line: BatchLine, result: ResultLike) -> None:
+        self.write(format_result(line, result))
+
+    def write_line_error(self, err: LineError) -> None:
+        self.write(format_line_error(err))
+
+
+# --- resume ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ResumeState:
+    """What prepare_resume found in an earlier output file."""
+
+    done: set[str] = field(default_factory=set)  # ids with a successful result
+    dropped_errors: int = 0  # error lines removed, to be retried
+    dropped_partial: bool = False  # a truncated last line was removed
+    unreadable: int = 0  # complete lines that are not ours; kept as they are
+
+
+def output_record_status(record: Any) -> tuple[str, bool] | None:
+    """(id, succeeded) for one output record of either shape; None if not ours."""
+    if not isinstance(record, dict):
+        return None
+    if "custom_id" in record:
+        item_id = record.get("custom_id")
+        response = record.get("response")
+        ok = (
+            record.get("error") is None
+            and isinstance(response, dict)
+            and response.get("status_code") == 200
+        )
+    else:
+        item_id = record.get("id")
+        ok = "error" in record and record["error"] is None
+    return (item_id, ok) if isinstance(item_id, str) else None
+
+
+def prepare_resume(path: str | Path) -> ResumeState:
+    """Ready an earlier output file for appending; return the ids already done.
+
+    A last line without its newline is what a run killed mid-write leaves: it is cut
+    off. Error lines are removed so that their ids run again (a resumed run retries
+    failures) and each id ends up in the file once. A missing file is an empty one.
+    """
+    path = Path(path)
+    state = ResumeState()
+    if not path.exists():
+        return state
+    keep_end = 0  # byte offset just past the last complete line
+    must_rewrite = False
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                state.dropped_partial = True
+                break
+            keep_end += len(raw)
+            status = _line_status(raw)
+            if status is None:
+                state.unreadable += bool(raw.strip())
+            elif status[1]:
+                state.done.add(status[0])
+            else:
+                state.dropped_errors += 1
+                must_rewrite = True
+    if must_rewrite:
+        _rewrite_without_errors(path, keep_end)
+    elif state.dropped_partial:
+        os.truncate(path, keep_end)
+    if state.unreadable:
+        logger.warning(
+            "%s: %d lines are not exgen results; kept as they are", path, state.unreadable
+        )
+    return state
+
+
+def _line_status(raw: bytes) -> tuple[str, bool] | None:
+    try:
+        return output_record_status(json.loads(raw))
+    except ValueError:
+        return None
+
+
+def _rewrite_without_errors(path: Path, keep_end: int) -> None:
+    """Copy the file without its error lines (and without bytes past keep_end), atomically."""
+    tmp = path.with_name(path.name + ".resume-tmp")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        offset = 0
+        for raw in src:
+            offset += len(raw)
+            if offset > keep_end:
+                break
+            status = _line_status(raw)
+            if status is None or status[1]:
+                dst.write(raw)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, path)
