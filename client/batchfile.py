@@ -427,9 +427,17 @@ def _error_object(error: Any) -> dict[str, Any]:
 
 
 def format_result(
-    line: BatchLine, result: ResultLike, *, now: float | None = None
+    line: BatchLine,
+    result: ResultLike,
+    *,
+    now: float | None = None,
+    default_model: str = DEFAULT_MODEL_NAME,
 ) -> dict[str, Any]:
-    """The output line for one result, in the shape of its input line."""
+    """The output line for one result, in the shape of its input line.
+
+    ``default_model``: the OpenAI ``model`` for lines whose body names none (the CLI
+    passes the daemon's model name).
+    """
     error = None if result.error is None else _error_object(result.error)
     if not line.is_openai:
         return {
@@ -442,7 +450,8 @@ def format_result(
         }
     if error is not None:
         return _openai_line(line.id, None, error)
-    body = _openai_body(line, result, int(time.time() if now is None else now))
+    created = int(time.time() if now is None else now)
+    body = _openai_body(line, result, created, line.model or default_model)
     response = {"status_code": 200, "request_id": f"req_{uuid.uuid4().hex}", "body": body}
     return _openai_line(line.id, response, None)
 
@@ -458,7 +467,7 @@ def _openai_line(
     }
 
 
-def _openai_body(line: BatchLine, result: ResultLike, created: int) -> dict[str, Any]:
+def _openai_body(line: BatchLine, result: ResultLike, created: int, model: str) -> dict[str, Any]:
     chat = line.url == CHAT_URL
     choice: dict[str, Any] = {"index": 0}
     if chat:
@@ -471,7 +480,7 @@ def _openai_body(line: BatchLine, result: ResultLike, created: int) -> dict[str,
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
         "object": "chat.completion" if chat else "text_completion",
         "created": created,
-        "model": line.model or DEFAULT_MODEL_NAME,
+        "model": model,
         "choices": [choice],
         "usage": {
             "prompt_tokens": result.prompt_tokens,
@@ -499,15 +508,16 @@ def format_line_error(err: LineError) -> dict[str, Any]:
 class ResultWriter:
     """Writes one JSON line per answer and flushes it, so a crash loses nothing written."""
 
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(self, stream: IO[str], *, default_model: str = DEFAULT_MODEL_NAME) -> None:
         self.stream = stream
+        self.default_model = default_model
 
     def write(self, record: Mapping[str, Any]) -> None:
         self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.stream.flush()
 
     def write_result(self, line: BatchLine, result: ResultLike) -> None:
-        self.write(format_result(line, result))
+        self.write(format_result(line, result, default_model=self.default_model))
 
     def write_line_error(self, err: LineError) -> None:
         self.write(format_line_error(err))

@@ -100,6 +100,16 @@ def _as_item(prompt: str | Mapping[str, Any], item_id: str) -> dict[str, Any]:
     return item
 
 
+def _stream_tail(result: Result, sent: str) -> str:
+    """What the final result adds to the chunks already streamed.
+
+    Engines stream freely and settle the text at the end (a stop string may cut it),
+    so the final text is the truth; chunks past a stop string are not taken back.
+    """
+    result.raise_for_error()
+    return result.text[len(sent) :] if result.text.startswith(sent) else ""
+
+
 @dataclass(slots=True)
 class _Outstanding:
     wire: dict[str, Any]
@@ -308,15 +318,13 @@ class Client(_Base):
             else {"id": "0", "prompt": prompt}
         )
         session = _Session([item], params, 1, stream=True)
-        streamed = False
+        sent = ""
         for kind, value in self._drive(session):
             if kind == "chunk":
-                streamed = True
+                sent += value[1]
                 yield value[1]
             else:
-                value.raise_for_error()
-                if not streamed and value.text:
-                    yield value.text
+                yield _stream_tail(value, sent)
 
     def status(self) -> dict[str, Any]:
         return self._request(P.STATUS, {}, P.STATUS_REPLY)
@@ -424,16 +432,14 @@ class AsyncClient(_Base):
             else {"id": "0", "prompt": prompt}
         )
         session = _Session([item], params, 1, stream=True)
-        streamed = False
+        sent = ""
         async with self._lock:
             async for kind, value in self._drive(session):
                 if kind == "chunk":
-                    streamed = True
+                    sent += value[1]
                     yield value[1]
                 else:
-                    value.raise_for_error()
-                    if not streamed and value.text:
-                        yield value.text
+                    yield _stream_tail(value, sent)
 
     async def status(self) -> dict[str, Any]:
         return await self._request(P.STATUS, {}, P.STATUS_REPLY)

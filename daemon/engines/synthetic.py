@@ -1,0 +1,214 @@
+"""The synthetic engine: no model, for testing and benchmarking the daemon itself.
+
+It is never a stand-in for a real engine: it generates deterministic words derived
+from the prompt (the same prompt and params always give the same text, on any
+worker), with a timing model and switches that inject faults.
+
+Timing model: one ``step()`` advances every active job by one token and takes
+``token_ms + batch_ms × active_jobs`` milliseconds — a GPU's step time rising with
+batch size. With ``token_ms=0`` and ``batch_ms=0`` every job finishes in one step
+(a zero-cost engine, for measuring the router). Output length is the job's
+``max_new_tokens`` unless a stop string ends it first.
+
+Engine options (``--engine-opt KEY=VALUE``):
+
+=================  =======  =====================================================
+capacity           8        concurrent jobs (the router keeps about this many here)
+token_ms           0        milliseconds per step
+batch_ms           0        extra milliseconds per step per active job
+max_seq_len        4096     context in "tokens" (words): longer prompts are refused
+boot_s             0        seconds load() takes (slow boot)
+fail_load          ""       load() fails with this message (a boot error)
+crash_after        0        the process dies (os._exit 70) after this many jobs end
+crash_marker       ""       a job whose prompt contains this kills the process
+hang_marker        ""       a job whose prompt contains this makes step() hang
+hang_after         0        step() hangs forever once this many jobs have ended
+=================  =======  =====================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from exgen.client import protocol as P
+from exgen.daemon.engines.base import (
+    Chunk,
+    Engine,
+    EngineUnavailable,
+    Event,
+    Finished,
+    Job,
+    JobRejected,
+    take_options,
+)
+
+logger = logging.getLogger(__name__)
+
+WORDS = (
+    "the quick brown fox jumps over lazy dog river stone light shadow morning evening "
+    "garden window letter story ocean mountain silver golden quiet gentle ancient city"
+).split()
+CRASH_EXIT_CODE = 70
+
+OPTIONS: dict[str, tuple[type, object]] = {
+    "capacity": (int, 8),
+    "token_ms": (float, 0.0),
+    "batch_ms": (float, 0.0),
+    "max_seq_len": (int, 4096),
+    "boot_s": (float, 0.0),
+    "fail_load": (str, ""),
+    "crash_after": (int, 0),
+    "crash_marker": (str, ""),
+    "hang_marker": (str, ""),
+    "hang_after": (int, 0),
+}
+
+
+def synthetic_words(prompt: str, params_seed: int | None, count: int) -> list[str]:
+    """``count`` words derived from the prompt (and seed): deterministic everywhere."""
+    seed = hashlib.blake2b(f"{params_seed}|{prompt}".encode(), digest_size=16).digest()
+    words: list[str] = []
+    block = seed
+    while len(words) < count:
+        block = hashlib.blake2b(block, digest_size=32).digest()
+        words.extend(WORDS[b % len(WORDS)] for b in block)
+    return words[:count]
+
+
+def prompt_text(job: Job) -> str:
+    if job.messages is not None:
+        return "\n".join(f"{m['role']}: {m['content']}" for m in job.messages)
+    return job.prompt or ""
+
+
+@dataclass(slots=True)
+class _Active:
+    job: Job
+    words: list[str]
+    prompt_tokens: int
+    produced: int = 0
+    text: list[str] = field(default_factory=list)
+
+
+class SyntheticEngine(Engine):
+    name = "synthetic"
+
+    def __init__(self, model: str | None, options: dict[str, str]) -> None:
+        super().__init__(model, options)
+        self.opts = take_options(options, OPTIONS, self.name)
+        if self.opts["capacity"] < 1:
+            raise EngineUnavailable("synthetic: capacity must be at least 1")
+        self._waiting: OrderedDict[int, _Active] = OrderedDict()
+        self._active: OrderedDict[int, _Active] = OrderedDict()
+        self._ended = 0
+        self._hanging = False
+
+    def load(self) -> None:
+        if self.opts["boot_s"] > 0:
+            time.sleep(self.opts["boot_s"])
+        if self.opts["fail_load"]:
+            raise EngineUnavailable(f"synthetic unavailable: {self.opts['fail_load']}")
+
+    @property
+    def capacity(self) -> int:
+        return int(self.opts["capacity"])
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.opts["max_seq_len"])
+
+    @property
+    def pending(self) -> int:
+        return len(self._waiting) + len(self._active)
+
+    def describe(self) -> dict[str, object]:
+        return {"model": "synthetic", "max_seq_len": self.max_seq_len}
+
+    def add(self, job: Job) -> None:
+        text = prompt_text(job)
+        prompt_tokens = len(text.split())
+        if prompt_tokens + job.params.max_new_tokens > self.max_seq_len:
+            raise JobRejected(
+                P.E_PROMPT_TOO_LONG,
+                f"prompt is {prompt_tokens} tokens + max_new_tokens "
+                f"{job.params.max_new_tokens} > context {self.max_seq_len}",
+            )
+        words = synthetic_words(text, job.params.seed, job.params.max_new_tokens)
+        self._waiting[job.key] = _Active(job, words, prompt_tokens)
+
+    def cancel(self, key: int) -> None:
+        self._waiting.pop(key, None)
+        self._active.pop(key, None)
+
+    def step(self) -> list[Event]:
+        self._admit()
+        self._maybe_fault()
+        if not self._active:
+            return []
+        delay_ms = self.opts["token_ms"] + self.opts["batch_ms"] * len(self._active)
+        if delay_ms > 0:
+            time.sleep(delay_ms / 1000)
+            return self._advance(1)
+        return self._advance(None)
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._active) < self.capacity:
+            key, active = self._waiting.popitem(last=False)
+            self._active[key] = active
+
+    def _maybe_fault(self) -> None:
+        marker = self.opts["crash_marker"]
+        if marker and any(marker in prompt_text(a.job) for a in self._active.values()):
+            logger.warning("synthetic: crash marker seen, dying as asked")
+            os._exit(CRASH_EXIT_CODE)
+        hang = self.opts["hang_marker"]
+        hang_after = self.opts["hang_after"]
+        if (hang and any(hang in prompt_text(a.job) for a in self._active.values())) or (
+            hang_after and self._ended >= hang_after
+        ):
+            if not self._hanging:
+                logger.warning("synthetic: hanging as asked")
+            self._hanging = True
+            while True:  # a wedged step: the heartbeat thread lives on
+                time.sleep(3600)
+
+    def _advance(self, tokens: int | None) -> list[Event]:
+        """Each active job gains ``tokens`` words (None: all of them)."""
+        events: list[Event] = []
+        for key in list(self._active):
+            active = self._active[key]
+            end = len(active.words) if tokens is None else active.produced + tokens
+            new = active.words[active.produced : end]
+            active.produced += len(new)
+            piece = "".join(" " + w for w in new)
+            active.text.append(piece)
+            finished = self._finish_if_done(active)
+            if finished is not None:
+                events.append(finished)
+            elif active.job.stream and piece:
+                events.append(Chunk(key, piece))
+        return events
+
+    def _finish_if_done(self, active: _Active) -> Finished | None:
+        text = "".join(active.text)
+        for stop in active.job.params.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                return self._end(active, text[:cut], P.FINISH_STOP)
+        if active.produced >= len(active.words):
+            return self._end(active, text, P.FINISH_LENGTH)
+        return None
+
+    def _end(self, active: _Active, text: str, reason: str) -> Finished:
+        del self._active[active.job.key]
+        self._ended += 1
+        crash_after = self.opts["crash_after"]
+        if crash_after and self._ended >= crash_after:
+            logger.warning("synthetic: %d jobs ended, dying as asked", self._ended)
+            os._exit(CRASH_EXIT_CODE)
+        return Finished(active.job.key, text, reason, active.prompt_tokens, active.produced)

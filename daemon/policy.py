@@ -1,0 +1,95 @@
+"""Policy as pure functions: balancing, back-off, exit causes. No sockets, no clocks.
+
+Balancing rule (DESIGN invariant 3): keep each worker's outstanding work near its
+capacity — the engine's concurrent-sequence limit — and never deeper than capacity
+plus a small prefetch, so no worker holds a deep private queue while another idles.
+New work goes to the worker with the least outstanding work per unit of capacity.
+"""
+
+from __future__ import annotations
+
+import heapq
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+EXIT_OK = 0
+EXIT_BOOT_ERROR = 3  # the engine cannot load: never restart (gunicorn's WORKER_BOOT_ERROR)
+EXIT_PARENT_GONE = 4  # the supervisor vanished; the worker stopped itself
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLoad:
+    slot: int
+    outstanding: int
+    capacity: int
+
+
+def room(load: WorkerLoad, prefetch: int) -> int:
+    """How many more items this worker may hold."""
+    return max(0, load.capacity + prefetch - load.outstanding)
+
+
+def plan_dispatch(loads: Sequence[WorkerLoad], queued: int, prefetch: int) -> dict[int, int]:
+    """How many of ``queued`` items to send to each slot now.
+
+    Water-filling: each item goes to the worker with the lowest (outstanding + planned)
+    ÷ capacity, ties to the lower slot; a worker past capacity + prefetch gets none.
+    """
+    heap = [
+        (load.outstanding / load.capacity, load.slot, load.outstanding, load.capacity)
+        for load in loads
+        if load.capacity > 0 and room(load, prefetch) > 0
+    ]
+    heapq.heapify(heap)
+    plan: dict[int, int] = {}
+    while queued > 0 and heap:
+        _, slot, outstanding, capacity = heapq.heappop(heap)
+        # Take a run of items at once while this worker stays the least loaded.
+        limit = capacity + prefetch - outstanding
+        if heap:
+            next_ratio = heap[0][0]
+            within = max(1, int(next_ratio * capacity) - outstanding + 1)
+            limit = min(limit, within)
+        take = min(limit, queued)
+        plan[slot] = plan.get(slot, 0) + take
+        queued -= take
+        outstanding += take
+        if outstanding < capacity + prefetch:
+            heapq.heappush(heap, (outstanding / capacity, slot, outstanding, capacity))
+    return plan
+
+
+def pick_idle(loads: Sequence[WorkerLoad]) -> int | None:
+    """A worker with nothing outstanding (for items on probation after a crash)."""
+    for load in sorted(loads, key=lambda w: w.slot):
+        if load.outstanding == 0 and load.capacity > 0:
+            return load.slot
+    return None
+
+
+def restart_delay(recent_deaths: int, base_s: float, cap_s: float) -> float:
+    """Exponential back-off on deaths within the flapping window: base, 2×base, … ≤ cap."""
+    if recent_deaths <= 0:
+        return 0.0
+    return float(min(cap_s, base_s * 2 ** (recent_deaths - 1)))
+
+
+def describe_exit(returncode: int) -> str:
+    """A death in words: the exit code or the signal, with the likely cause."""
+    if returncode < 0:
+        signum = -returncode
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        if signum == signal.SIGKILL:
+            return f"killed by {name} (out of memory, or killed by hand?)"
+        if signum == signal.SIGSEGV:
+            return f"killed by {name} (a crash in native code)"
+        return f"killed by {name}"
+    if returncode == EXIT_BOOT_ERROR:
+        return "boot error (exit 3): the engine cannot load"
+    if returncode == EXIT_PARENT_GONE:
+        return "stopped itself: the supervisor went away"
+    return f"exited with code {returncode}"

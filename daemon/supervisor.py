@@ -1,0 +1,238 @@
+"""Worker slots and their process lifecycle — nothing else.
+
+A slot is a stable id (its GPU or GPU group) whose process comes and goes. Each
+tick the daemon asks the supervisor to reap exits, and to start whatever is due;
+restarts back off exponentially on deaths within the flapping window, commanded
+stops are not counted as deaths, and a boot error (exit code 3) is never retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from exgen.daemon import policy
+from exgen.daemon.config import Settings
+from exgen.daemon.worker import WorkerSpec
+
+logger = logging.getLogger("exgen.supervisor")
+
+STARTING = "starting"
+READY = "ready"
+RESTARTING = "restarting"
+FAILED = "failed"
+STOPPED = "stopped"
+
+
+@dataclass(slots=True)
+class Slot:
+    id: int
+    devices: list[int] | None  # None: a CPU slot
+    proc: subprocess.Popen[bytes] | None = None
+    state: str = STARTING
+    restarts: int = 0
+    deaths: deque[float] = field(default_factory=deque)
+    next_start_at: float = 0.0
+    spawned_at: float = 0.0
+    kill_cause: str | None = None  # why we killed it, reported at its exit
+    stopping: bool = False  # a commanded stop: its exit is not a crash
+    boot_error: str | None = None
+    last_exit: str | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None
+
+
+@dataclass(slots=True)
+class Exit:
+    slot: int
+    pid: int
+    cause: str
+    crashed: bool  # neither commanded nor a boot error
+
+
+def plan_slots(settings: Settings, gpu_slots: list[list[int]] | None) -> list[Slot]:
+    """One slot per GPU group, or ``workers`` CPU slots."""
+    if gpu_slots:
+        return [Slot(i, devices) for i, devices in enumerate(gpu_slots)]
+    return [Slot(i, None) for i in range(settings.workers or 1)]
+
+
+class Supervisor:
+    def __init__(
+        self, settings: Settings, slots: list[Slot], backend: str, engine: str, model: str | None
+    ) -> None:
+        self.settings = settings
+        self.slots = {slot.id: slot for slot in slots}
+        self.backend = backend
+        self.engine = engine
+        self.model = model
+
+    def start_all(self) -> None:
+        for slot in self.slots.values():
+            self.spawn_worker(slot)
+
+    def spawn_worker(self, slot: Slot) -> None:
+        spec = WorkerSpec(
+            slot=slot.id,
+            backend=self.backend,
+            engine=self.engine,
+            model=self.model,
+            engine_opts=self.settings.engine_opts,
+            heartbeat_interval_s=self.settings.heartbeat_interval_s,
+            devices=slot.devices,
+            log_level=self.settings.log_level,
+        )
+        env = dict(os.environ)
+        # Narrow the GPUs before the worker imports anything: a library that opens a
+        # CUDA context on "device 0" must see this slot's card as device 0.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slot.devices)) if slot.devices else ""
+        env["PYTHONUNBUFFERED"] = "1"
+        # A new session: Ctrl-C in a terminal reaches the supervisor only, which drains.
+        slot.proc = subprocess.Popen(
+            [sys.executable, "-m", "exgen.daemon.worker", spec.to_json(), str(os.getpid())],
+            env=env,
+            start_new_session=True,
+        )
+        slot.state = STARTING
+        slot.spawned_at = time.monotonic()
+        slot.kill_cause = None
+        slot.stopping = False
+        devices = ",".join(map(str, slot.devices)) if slot.devices else "cpu"
+        logger.info("spawn slot %d pid %d devices %s", slot.id, slot.proc.pid, devices)
+
+    def mark_ready(self, slot_id: int, pid: int) -> bool:
+        slot = self.slots.get(slot_id)
+        if slot is None or slot.pid != pid:
+            return False
+        slot.state = READY
+        return True
+
+    def note_boot_error(self, slot_id: int, message: str) -> None:
+        slot = self.slots.get(slot_id)
+        if slot is not None:
+            slot.boot_error = message
+
+    def reap_workers(self, now: float) -> list[Exit]:
+        exits = []
+        for slot in self.slots.values():
+            if slot.proc is None or slot.proc.poll() is None:
+                continue
+            exits.append(self._on_exit(slot, slot.proc.pid, slot.proc.returncode, now))
+        return exits
+
+    def _on_exit(self, slot: Slot, pid: int, returncode: int, now: float) -> Exit:
+        slot.proc = None
+        cause = slot.kill_cause or policy.describe_exit(returncode)
+        slot.last_exit = cause
+        if slot.stopping:
+            slot.state = STOPPED
+            logger.info("exit slot %d pid %d: stopped (%s)", slot.id, pid, cause)
+            return Exit(slot.id, pid, cause, crashed=False)
+        if returncode == policy.EXIT_BOOT_ERROR:
+            slot.state = FAILED
+            reason = slot.boot_error or "the engine cannot load (see the log above)"
+            logger.error(
+                "exit slot %d pid %d: boot error: %s — not restarting", slot.id, pid, reason
+            )
+            return Exit(slot.id, pid, f"boot error: {reason}", crashed=False)
+        self._schedule_restart(slot, now)
+        logger.warning(
+            "exit slot %d pid %d: %s — restart %d in %.1fs",
+            slot.id,
+            pid,
+            cause,
+            slot.restarts + 1,
+            slot.next_start_at - now,
+        )
+        return Exit(slot.id, pid, cause, crashed=True)
+
+    def _schedule_restart(self, slot: Slot, now: float) -> None:
+        slot.deaths.append(now)
+        while slot.deaths and now - slot.deaths[0] > self.settings.flap_window_s:
+            slot.deaths.popleft()
+        delay = policy.restart_delay(
+            len(slot.deaths), self.settings.restart_backoff_s, self.settings.restart_backoff_max_s
+        )
+        slot.next_start_at = now + delay
+        # Flapping: too many deaths in the window. Keep trying at the capped delay,
+        # but show the slot as failed so an operator sees it.
+        flapping = len(slot.deaths) >= self.settings.flap_max_deaths
+        slot.state = FAILED if flapping else RESTARTING
+        if flapping:
+            logger.error(
+                "slot %d is flapping: %d deaths in %.0fs; next try in %.0fs",
+                slot.id,
+                len(slot.deaths),
+                self.settings.flap_window_s,
+                delay,
+            )
+
+    def restart_due(self, now: float) -> None:
+        for slot in self.slots.values():
+            due = slot.state in (RESTARTING, FAILED) and slot.boot_error is None
+            if due and slot.proc is None and now >= slot.next_start_at:
+                slot.restarts += 1
+                logger.info("restart slot %d (restart %d)", slot.id, slot.restarts)
+                self.spawn_worker(slot)
+
+    def kill_worker(self, slot_id: int, pid: int, cause: str) -> None:
+        """SIGKILL a hung or frozen worker; its exit is reported with ``cause``."""
+        slot = self.slots.get(slot_id)
+        if slot is None or slot.proc is None or slot.proc.pid != pid:
+            return
+        slot.kill_cause = cause
+        logger.warning("kill slot %d pid %d: %s", slot_id, pid, cause)
+        self._signal(slot, signal.SIGKILL)
+
+    def stop_all(self, sig: int = signal.SIGTERM) -> None:
+        """A commanded stop of every worker; exits are not counted as crashes."""
+        for slot in self.slots.values():
+            slot.stopping = True
+            if slot.proc is not None:
+                self._signal(slot, sig)
+
+    def _signal(self, slot: Slot, sig: int) -> None:
+        assert slot.proc is not None
+        try:
+            slot.proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    def wait_all(self, timeout_s: float) -> None:
+        """Wait for every worker to exit; SIGKILL what is left after the timeout."""
+        deadline = time.monotonic() + timeout_s
+        for slot in self.slots.values():
+            if slot.proc is None:
+                continue
+            try:
+                slot.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning(
+                    "slot %d pid %d did not stop in time: SIGKILL", slot.id, slot.proc.pid
+                )
+                slot.proc.kill()
+                slot.proc.wait()
+            slot.proc = None
+            slot.state = STOPPED
+
+    @property
+    def all_boot_failed(self) -> bool:
+        return all(s.boot_error is not None and s.proc is None for s in self.slots.values())
+
+    def boot_errors(self) -> list[str]:
+        return sorted({s.boot_error for s in self.slots.values() if s.boot_error})
+
+    def count(self, state: str) -> int:
+        return sum(1 for s in self.slots.values() if s.state == state)

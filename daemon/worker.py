@@ -1,0 +1,268 @@
+"""The worker process: one per slot, driving one engine.
+
+Started by the supervisor as a fresh interpreter (``python -m exgen.daemon.worker
+SPEC``; never forked) with CUDA_VISIBLE_DEVICES already narrowed to its GPUs, so
+the engine's library sees only this slot's cards.
+
+Two sockets to the router's backend: the main DEALER (READY, results, work) driven
+by the main thread together with the engine, and a heartbeat DEALER owned by a
+thread. Heartbeats carry a progress counter bumped by every engine step, so a step
+wedged on the GPU stops the counter while the heartbeats go on: the router tells a
+hung engine (progress deadline) from a frozen process (missed heartbeats).
+
+If the supervisor disappears, the kernel kills this process (PR_SET_PDEATHSIG) and a
+watch thread double-checks the parent: no orphaned GPU processes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from exgen.client import protocol as P
+from exgen.daemon import policy
+from exgen.daemon.engines import engine_class
+from exgen.daemon.engines.base import (
+    Chunk,
+    Engine,
+    EngineUnavailable,
+    Event,
+    Failed,
+    Finished,
+    Job,
+    JobRejected,
+)
+from exgen.daemon.logs import setup_logging
+
+logger = logging.getLogger("exgen.worker")
+
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(slots=True)
+class WorkerSpec:
+    slot: int
+    backend: str
+    engine: str
+    model: str | None
+    engine_opts: dict[str, str]
+    heartbeat_interval_s: float
+    devices: list[int] | None
+    log_level: str = "info"
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        return cls(**json.loads(text))
+
+
+class Progress:
+    """Counters shared with the heartbeat thread (ints: atomic enough under the GIL)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.pending = 0
+        self.tokens = 0
+        self.state = "loading"
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when the supervisor dies; watch it too."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass  # not Linux: the watch thread alone will do
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(policy.EXIT_PARENT_GONE)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os._exit(policy.EXIT_PARENT_GONE)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def heartbeat_loop(ctx: zmq.Context[Any], spec: WorkerSpec, progress: Progress) -> None:
+    """Own socket, own thread: beats go on while the main thread is inside a step."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 10)
+    sock.setsockopt(zmq.IDENTITY, f"hb{spec.slot}-{os.getpid()}".encode())
+    sock.connect(spec.backend)
+    pid = os.getpid()
+    while True:
+        body = {
+            "slot": spec.slot,
+            "pid": pid,
+            "state": progress.state,
+            "progress": progress.steps,
+            "pending": progress.pending,
+            "tokens": progress.tokens,
+        }
+        try:
+            sock.send_multipart(P.pack(P.HEARTBEAT, body), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the router is not reading; it will notice the silence itself
+        time.sleep(spec.heartbeat_interval_s)
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, ctx: zmq.Context[Any]) -> None:
+        self.spec = spec
+        self.pid = os.getpid()
+        self.progress = Progress()
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.IDENTITY, f"w{spec.slot}-{self.pid}".encode())
+        self.sock.connect(spec.backend)
+        self.engine: Engine | None = None
+
+    def send(self, command: bytes, body: dict[str, Any]) -> None:
+        self.sock.send_multipart(P.pack(command, body))
+
+    def boot(self) -> Engine:
+        """Load the engine and say READY; a boot error is reported then fatal."""
+        started = time.monotonic()
+        logger.info("loading engine %s model %s", self.spec.engine, self.spec.model or "(default)")
+        try:
+            engine = engine_class(self.spec.engine)(self.spec.model, self.spec.engine_opts)
+            engine.load()
+        except EngineUnavailable as exc:
+            self.fail_boot(str(exc))
+        load_s = time.monotonic() - started
+        ready = {
+            "slot": self.spec.slot,
+            "pid": self.pid,
+            "engine": engine.name,
+            "capacity": engine.capacity,
+            "max_seq_len": engine.max_seq_len,
+            "load_s": round(load_s, 3),
+            "describe": engine.describe(),
+        }
+        self.send(P.READY, ready)
+        self.progress.state = "ready"
+        logger.info(
+            "ready: engine %s capacity %d, loaded in %.2fs", engine.name, engine.capacity, load_s
+        )
+        return engine
+
+    def fail_boot(self, message: str) -> None:
+        logger.error("boot error: %s", message)
+        self.send(
+            P.FATAL, {"slot": self.spec.slot, "pid": self.pid, "code": "boot", "message": message}
+        )
+        self.sock.close(linger=2000)  # let FATAL reach the router before we go
+        sys.exit(policy.EXIT_BOOT_ERROR)
+
+    def run(self) -> None:
+        engine = self.engine = self.boot()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while True:
+            timeout = 0 if engine.pending else 100
+            if poller.poll(timeout) and self.receive_all(engine):
+                return
+            if engine.pending:
+                events = engine.step()
+                self.progress.steps += 1
+                self.progress.pending = engine.pending
+                if events:
+                    self.send_events(events)
+
+    def receive_all(self, engine: Engine) -> bool:
+        """Take every waiting message; True when told to stop."""
+        while True:
+            try:
+                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            command, body = P.unpack(frames)
+            if command == P.WORK:
+                self.add_jobs(engine, body["jobs"])
+            elif command == P.CANCEL:
+                for key in body.get("keys", ()):
+                    engine.cancel(key)
+            elif command == P.STOP:
+                logger.info("stop requested")
+                return True
+
+    def add_jobs(self, engine: Engine, jobs: list[dict[str, Any]]) -> None:
+        rejected: list[Event] = []
+        for body in jobs:
+            job = Job.from_wire(body)
+            try:
+                engine.add(job)
+            except JobRejected as exc:
+                rejected.append(Failed(job.key, exc.code, exc.message))
+        self.progress.pending = engine.pending
+        if rejected:
+            self.send_events(rejected)
+
+    def send_events(self, events: list[Event]) -> None:
+        results: list[dict[str, Any]] = []
+        chunks: list[list[Any]] = []
+        for event in events:
+            if isinstance(event, Finished):
+                self.progress.tokens += event.completion_tokens
+                results.append(
+                    {
+                        "key": event.key,
+                        "text": event.text,
+                        "finish_reason": event.finish_reason,
+                        "prompt_tokens": event.prompt_tokens,
+                        "completion_tokens": event.completion_tokens,
+                    }
+                )
+            elif isinstance(event, Failed):
+                results.append(
+                    {"key": event.key, "error": {"code": event.code, "message": event.message}}
+                )
+            elif isinstance(event, Chunk):
+                chunks.append([event.key, event.text])
+        if chunks:
+            self.send(P.CHUNKS, {"chunks": chunks})
+        if results:
+            self.send(P.RESULTS, {"results": results})
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    spec = WorkerSpec.from_json(args[0])
+    parent = int(args[1]) if len(args) > 1 else os.getppid()
+    die_with_parent(parent)
+    setup_logging(spec.log_level, prefix=f"slot {spec.slot} pid {os.getpid()}")
+    # SIGTERM from the supervisor means "stop now"; SIGINT belongs to the supervisor.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ctx = zmq.Context()
+    worker = Worker(spec, ctx)
+    threading.Thread(
+        target=heartbeat_loop, args=(ctx, spec, worker.progress), name="heartbeat", daemon=True
+    ).start()
+    try:
+        worker.run()
+    except Exception:
+        logger.exception("worker failed")
+        os._exit(1)
+    worker.sock.close(linger=2000)
+    os._exit(policy.EXIT_OK)
+
+
+if __name__ == "__main__":
+    main()
