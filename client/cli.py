@@ -168,7 +168,8 @@ class Tally:
     def summary(self) -> str:
         parts = [f"{self.done} done", f"{self.failed} failed"]
         if self.failures:
-            parts[-1] += _details([f"{r.id}: {r.error}" for r in self.failures], self.failed)
+            named = [f"{r.id}: {_describe(r.error)}" for r in self.failures]
+            parts[-1] += _details(named, self.failed)
         if self.malformed:
             n = len(self.malformed)
             named = [str(e) for e in self.malformed[:SUMMARY_DETAILS]]
@@ -177,6 +178,10 @@ class Tally:
             parts.append(f"{self.skipped} skipped (already done)")
         elapsed = time.monotonic() - self.started
         return ", ".join(parts) + f" in {elapsed:.1f}s ({self.tokens_per_s():.0f} tokens/s)"
+
+
+def _describe(error: errors.RequestFailed | None) -> str:
+    return "" if error is None else f"{error.code}: {error.message}"
 
 
 def _details(named: list[str], total: int) -> str:
