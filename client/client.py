@@ -48,6 +48,11 @@ def default_address() -> str:
         return env
     if SYSTEMD_SOCKET.exists():
         return f"ipc://{SYSTEMD_SOCKET}"
+    return user_address()
+
+
+def user_address() -> str:
+    """The per-user ipc socket: ``$XDG_RUNTIME_DIR/exgen/exgen.sock`` or under /tmp."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(runtime) / "exgen" if runtime else Path(f"/tmp/exgen-{os.getuid()}")
     return f"ipc://{base / 'exgen.sock'}"

@@ -175,6 +175,7 @@ class Router:
         # Hooks the daemon wires to the supervisor.
         self.on_worker_ready = lambda slot, pid: None
         self.on_boot_error = lambda slot, message: None
+        self.status_provider = self.status
 
     # --- client side ------------------------------------------------------------
 
@@ -203,7 +204,7 @@ class Router:
             elif command == P.CANCEL:
                 self._cancel(client, body)
             elif command == P.STATUS:
-                self.reply(client, P.STATUS_REPLY, {**self.status(now), "req": req})
+                self.reply(client, P.STATUS_REPLY, {**self.status_provider(now), "req": req})
             elif command == P.PING:
                 self.reply(
                     client,

@@ -1,0 +1,243 @@
+"""``exgen``: the daemon side's command line (serve, models, config, keygen)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from exgen.daemon import config as cfg
+from exgen.daemon.engines import ENGINE_NAMES
+from exgen.daemon.logs import LEVELS, setup_logging
+
+logger = logging.getLogger("exgen.cli")
+
+
+class CliError(click.ClickException):
+    """A one-line error for the user; exit status 2 unless given."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """exgen: push large volumes of LLM prompts through every GPU of a machine."""
+
+
+# --- serve ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--engine", type=click.Choice(ENGINE_NAMES), help="Engine (default: auto).")
+@click.option(
+    "--model", help="Model directory, GGUF file or name under models/ (default: the demo model)."
+)
+@click.option(
+    "--gpus", help='GPU slots: "0,1,2,3" = four slots; "0,1;2,3" = two slots of two GPUs.'
+)
+@click.option("--workers", type=int, help="Number of CPU worker slots (machines without GPUs).")
+@click.option(
+    "--engine-opt",
+    "engine_opt",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Engine option (repeatable).",
+)
+@click.option(
+    "--listen", help="Address for clients (default: $EXGEN_ADDRESS, else a local ipc socket)."
+)
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
+@click.option(
+    "--insecure",
+    is_flag=True,
+    default=None,
+    help="Allow a non-loopback TCP address without CURVE keys.",
+)
+@click.option(
+    "--drain-timeout",
+    "drain_timeout_s",
+    type=float,
+    help="Seconds to finish in-flight work on SIGTERM.",
+)
+@click.option(
+    "--max-attempts", type=int, help="Worker crashes an item may cause before it fails (default 3)."
+)
+@click.option("--metrics", "metrics_listen", help="Prometheus endpoint HOST:PORT (default: off).")
+@click.option("--log-level", type=click.Choice(LEVELS), help="Log level (default: info).")
+def serve(config_file: Path | None, engine_opt: tuple[str, ...], **options: Any) -> None:
+    """Start the supervisor, one worker per GPU (or slot), and the router."""
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        if engine_opt:
+            given["engine_opts"] = cfg.parse_engine_opts(engine_opt)
+        settings = cfg.load_settings(config_file, given)
+    except cfg.ConfigError as exc:
+        raise CliError(str(exc)) from None
+    setup_logging(settings.log_level)
+    sys.exit(run_daemon(settings))
+
+
+def run_daemon(settings: cfg.Settings) -> int:
+    from exgen.client.client import user_address
+    from exgen.daemon.server import AddressInUse, Daemon
+    from exgen.daemon.supervisor import plan_slots
+
+    listen = settings.listen or user_address()
+    check_listen_security(listen, settings)
+    engine, model = resolve_engine_and_model(settings)
+    gpu_slots = cfg.parse_gpus(settings.gpus) if settings.gpus else None
+    if gpu_slots is None and settings.workers is None and engine != "synthetic":
+        gpus = detect_gpus()
+        gpu_slots = [[g] for g in gpus] or None
+    slots = plan_slots(settings, gpu_slots)
+    logger.info(
+        "engine %s, model %s, %d slot(s)%s",
+        engine,
+        model or "-",
+        len(slots),
+        "" if gpu_slots else " on CPU",
+    )
+    try:
+        daemon = Daemon(settings, listen, slots, engine, model)
+    except AddressInUse as exc:
+        raise CliError(str(exc)) from None
+    return daemon.run()
+
+
+def resolve_engine_and_model(settings: cfg.Settings) -> tuple[str, str | None]:
+    """The concrete engine and model path, with one-line errors for what is missing."""
+    if settings.engine == "synthetic":
+        return "synthetic", settings.model
+    from exgen.daemon import modelstore
+
+    try:
+        path = modelstore.resolve_model(settings.model, modelstore.models_dir())
+    except modelstore.ModelNotFound as exc:
+        raise CliError(str(exc)) from None
+    engine = settings.engine
+    if engine == "auto":
+        engine = choose_engine(path)
+    return engine, str(path)
+
+
+def choose_engine(path: Path) -> str:
+    try:
+        from exgen.daemon import inspect as model_inspect
+    except ImportError:
+        return "transformers"
+    try:
+        return model_inspect.choose_engine(path)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def detect_gpus() -> list[int]:
+    """Visible NVIDIA GPUs, without importing torch in the supervisor."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [int(x) for x in visible.split(",") if x.strip().isdigit()]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [i for i, line in enumerate(l for l in out.stdout.splitlines() if l.startswith("GPU "))]
+
+
+def check_listen_security(listen: str, settings: cfg.Settings) -> None:
+    """A TCP address beyond loopback needs CURVE keys, unless --insecure."""
+    if not listen.startswith("tcp://"):
+        return
+    host = listen[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    if is_loopback(host) or settings.insecure:
+        return
+    if not (settings.curve_secret_key and settings.curve_allowed_dir):
+        raise CliError(
+            f"{listen} is reachable from other machines: give curve_secret_key and "
+            "curve_allowed_dir (see `exgen keygen`), or --insecure to allow anyone"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --- models -----------------------------------------------------------------------------
+
+
+@main.group()
+def models() -> None:
+    """The model store."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """The demo model and every model under the models directory."""
+    from exgen.daemon import modelstore
+
+    directory = modelstore.models_dir()
+    for entry in modelstore.list_models(directory):
+        size = f"{entry.size_bytes / 2**20:,.0f} MiB"
+        click.echo(f"{entry.name:<40} {entry.kind:<12} {size:>10}  {entry.path}")
+    click.echo(f"(models directory: {directory})", err=True)
+
+
+@models.command("inspect")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--cache-tokens",
+    type=int,
+    default=8192,
+    show_default=True,
+    help="KV cache size to estimate for.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models_inspect(path: Path, cache_tokens: int, as_json: bool) -> None:
+    """Format, size, context length, GPU memory estimate and engines for a model."""
+    from exgen.daemon import inspect as model_inspect
+
+    try:
+        click.echo(model_inspect.inspect_command_output(path, cache_tokens, as_json))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+# --- config -----------------------------------------------------------------------------
+
+
+@main.group("config")
+def config_group() -> None:
+    """Configuration files."""
+
+
+@config_group.command("check")
+@click.argument("file", type=click.Path(path_type=Path))
+def config_check(file: Path) -> None:
+    """Check a config file: unknown keys and bad values are named."""
+    try:
+        settings = cfg.load_settings(file, {}, environ={})
+    except cfg.ConfigError as exc:
+        raise CliError(str(exc)) from None
+    click.echo(f"{file}: ok ({sum(1 for _ in cfg.from_file(file))} settings)")
+    del settings
+
+
+if __name__ == "__main__":
+    main()

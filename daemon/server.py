@@ -1,0 +1,268 @@
+"""The daemon: one loop that owns the router's sockets and the supervisor.
+
+Signal handlers only record the signal and wake the loop (through a wakeup fd the
+poller watches); the loop dispatches to ``handle_<signal>``. Each tick: read
+clients, read workers, reap exits (requeue their work), kill the hung, restart
+what is due, dispatch, tell systemd how things stand.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import stat
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from exgen.client import protocol as P
+from exgen.daemon import supervisor as sup
+from exgen.daemon.config import Settings
+from exgen.daemon.router import Router
+from exgen.daemon.sdnotify import Notifier
+
+logger = logging.getLogger("exgen.daemon")
+
+TICK_MS = 100
+STATUS_EVERY_S = 2.0
+EXIT_NO_WORKERS = 3
+
+
+class AddressInUse(RuntimeError):
+    pass
+
+
+class Daemon:
+    def __init__(
+        self, settings: Settings, listen: str, slots: list[sup.Slot], engine: str, model: str | None
+    ) -> None:
+        self.settings = settings
+        self.listen = listen
+        self.ctx = zmq.Context()
+        self.rundir = Path(tempfile.mkdtemp(prefix="exgen-"))  # mode 0700: workers only
+        backend_address = f"ipc://{self.rundir / 'backend.sock'}"
+        self.frontend = self._bind_frontend(listen)
+        self.backend = self.ctx.socket(zmq.ROUTER)
+        self.backend.setsockopt(zmq.LINGER, 0)
+        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.backend.bind(backend_address)
+        self.router = Router(settings, self.frontend, self.backend)
+        self.supervisor = sup.Supervisor(settings, slots, backend_address, engine, model)
+        self.router.on_worker_ready = self.supervisor.mark_ready
+        self.router.on_boot_error = self.supervisor.note_boot_error
+        self.router.status_provider = self.status
+        self.notifier = Notifier()
+        self.signals: list[int] = []
+        self.drain_deadline: float | None = None
+        self.exit_code: int | None = None
+        self.announced_ready = False
+        self.last_status = ""
+        self.last_status_at = 0.0
+        self.last_watchdog = 0.0
+
+    # --- sockets ---------------------------------------------------------------------
+
+    def _bind_frontend(self, listen: str) -> zmq.Socket[Any]:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client keeps its identity
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        if listen.startswith("ipc://"):
+            self._prepare_ipc(Path(listen[len("ipc://") :]))
+        sock.bind(listen)
+        if listen.startswith("ipc://"):
+            # Owner and group only: the default address is for this machine's users
+            # that the operator let in, not everyone.
+            os.chmod(listen[len("ipc://") :], 0o660)
+        return sock
+
+    def _prepare_ipc(self, path: Path) -> None:
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        if path.exists():
+            if stat.S_ISSOCK(path.stat().st_mode) and _socket_answers(path):
+                raise AddressInUse(f"another exgen daemon is already listening at ipc://{path}")
+            path.unlink()  # a stale socket left by a daemon that was killed
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def run(self) -> int:
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        signal.set_wakeup_fd(wake_w.fileno())
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(signum, self._record_signal)
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        poller.register(wake_r, zmq.POLLIN)
+        logger.info("listening on %s (instance %s)", self.listen, self.router.instance)
+        self.notifier.notify("STATUS=loading models")
+        self.supervisor.start_all()
+        try:
+            while self.exit_code is None:
+                ready = dict(poller.poll(TICK_MS))
+                if wake_r.fileno() in ready:
+                    _drain_wakeups(wake_r)
+                self.tick(time.monotonic())
+        finally:
+            self.shutdown()
+            signal.set_wakeup_fd(-1)
+            wake_r.close()
+            wake_w.close()
+        return self.exit_code
+
+    def _record_signal(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+
+    def tick(self, now: float) -> None:
+        while self.signals:
+            self.handle_signal(self.signals.pop(0))
+        self.router.handle_frontend(now)
+        self.router.handle_backend(now)
+        for exit_ in self.supervisor.reap_workers(now):
+            self.router.worker_lost(exit_.slot, exit_.pid, exit_.cause, exit_.crashed)
+        if self.drain_deadline is None:
+            self._kill_unresponsive(now)
+            self.supervisor.restart_due(now)
+            self.router.dispatch()
+            self._check_all_failed()
+        else:
+            self._continue_draining(now)
+        self._notify_systemd(now)
+
+    def _kill_unresponsive(self, now: float) -> None:
+        loading = {
+            s.id: (s.pid, s.spawned_at)
+            for s in self.supervisor.slots.values()
+            if s.pid is not None and s.state == sup.STARTING
+        }
+        for kill in self.router.check_liveness(now, loading):
+            self.supervisor.kill_worker(kill.slot, kill.pid, kill.cause)
+
+    def _check_all_failed(self) -> None:
+        if not self.supervisor.all_boot_failed:
+            return
+        reasons = "; ".join(self.supervisor.boot_errors())
+        logger.error("no worker could start: %s", reasons)
+        self.router.start_draining()
+        self.exit_code = EXIT_NO_WORKERS
+
+    # --- signals and draining ------------------------------------------------------------
+
+    def handle_signal(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            if self.drain_deadline is None:
+                self.handle_drain()
+            else:
+                logger.warning("second %s: stopping now", signal.Signals(signum).name)
+                self.exit_code = 0
+        elif signum == signal.SIGHUP:
+            logger.info("SIGHUP: nothing to reload; send SIGTERM to drain and stop")
+        # SIGCHLD only wakes the loop; reaping happens every tick.
+
+    def handle_drain(self) -> None:
+        inflight = self.router.inflight
+        logger.info(
+            "drain: finishing %d items in flight (up to %.0fs), taking no new work",
+            inflight,
+            self.settings.drain_timeout_s,
+        )
+        self.notifier.notify("STOPPING=1", f"STATUS=draining {inflight} items")
+        self.drain_deadline = time.monotonic() + self.settings.drain_timeout_s
+        self.router.start_draining()
+
+    def _continue_draining(self, now: float) -> None:
+        assert self.drain_deadline is not None
+        alive = any(s.proc is not None for s in self.supervisor.slots.values())
+        if self.router.inflight == 0 or now >= self.drain_deadline or not alive:
+            if self.router.inflight:
+                logger.warning("drain timeout: %d items not finished", self.router.inflight)
+            self.exit_code = 0
+
+    def shutdown(self) -> None:
+        keys = list(self.router.entries)
+        if keys:
+            self.router.release(keys, "the daemon stopped before this item finished")
+        self.supervisor.stop_all(signal.SIGTERM)
+        self.supervisor.wait_all(timeout_s=5.0)
+        self.frontend.close(linger=500)
+        self.backend.close(linger=0)
+        self.ctx.term()
+        if self.listen.startswith("ipc://"):
+            Path(self.listen[len("ipc://") :]).unlink(missing_ok=True)
+        for leftover in self.rundir.iterdir():
+            leftover.unlink(missing_ok=True)
+        self.rundir.rmdir()
+        logger.info("stopped")
+        self.notifier.close()
+
+    # --- systemd and status ----------------------------------------------------------------
+
+    def _notify_systemd(self, now: float) -> None:
+        interval = self.notifier.watchdog_interval_s
+        if interval is not None and now - self.last_watchdog >= interval:
+            self.notifier.notify("WATCHDOG=1")
+            self.last_watchdog = now
+        if not self.notifier.enabled or now - self.last_status_at < STATUS_EVERY_S / 4:
+            return
+        self.last_status_at = now
+        ready = self.supervisor.count(sup.READY)
+        total = len(self.supervisor.slots)
+        line = f"STATUS={ready}/{total} workers ready, {self.router.queue.size} queued, {self.router.inflight} in flight"
+        wanted = self.settings.min_ready or total - len(self.supervisor.boot_errors())
+        if not self.announced_ready and ready >= max(1, wanted):
+            self.announced_ready = True
+            self.notifier.notify("READY=1", line)
+            self.last_status = line
+        elif line != self.last_status:
+            self.notifier.notify(line)
+            self.last_status = line
+        if not self.announced_ready:
+            # Loading a big model takes minutes: keep systemd's start timeout ahead of us.
+            self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000")
+
+    def status(self, now: float) -> dict[str, Any]:
+        doc = self.router.status(now)
+        workers = []
+        for slot in self.supervisor.slots.values():
+            workers.append(
+                {
+                    "slot": slot.id,
+                    "devices": slot.devices if slot.devices is not None else "cpu",
+                    "pid": slot.pid,
+                    "state": slot.state,
+                    "restarts": slot.restarts,
+                    "last_exit": slot.last_exit,
+                    "boot_error": slot.boot_error,
+                    **self.router.worker_status(slot.id, now),
+                }
+            )
+        doc["workers"] = workers
+        return doc
+
+
+def _socket_answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _drain_wakeups(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except BlockingIOError:
+        pass
