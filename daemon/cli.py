@@ -153,7 +153,8 @@ def detect_gpus() -> list[int]:
         )
     except (OSError, subprocess.TimeoutExpired):
         return []
-    return [i for i, line in enumerate(l for l in out.stdout.splitlines() if l.startswith("GPU "))]
+    listed = [line for line in out.stdout.splitlines() if line.startswith("GPU ")]
+    return list(range(len(listed)))
 
 
 def check_listen_security(listen: str, settings: cfg.Settings) -> None:

@@ -216,7 +216,10 @@ class Daemon:
         self.last_status_at = now
         ready = self.supervisor.count(sup.READY)
         total = len(self.supervisor.slots)
-        line = f"STATUS={ready}/{total} workers ready, {self.router.queue.size} queued, {self.router.inflight} in flight"
+        line = (
+            f"STATUS={ready}/{total} workers ready, "
+            f"{self.router.queue.size} queued, {self.router.inflight} in flight"
+        )
         wanted = self.settings.min_ready or total - len(self.supervisor.boot_errors())
         if not self.announced_ready and ready >= max(1, wanted):
             self.announced_ready = True
