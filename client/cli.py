@@ -321,12 +321,15 @@ def _run(
             bar.set_postfix_str(f"{tally.tokens_per_s():.0f} tok/s", refresh=False)
     except KeyboardInterrupt:
         _interrupted(client, pending, tally, bar)
-    except errors.ConnectionFailed:
-        if tally.done or tally.failed:
-            bar.close()
-            click.echo(tally.summary(), err=True)
-            click.echo("exgen-client: lost the daemon mid-run; rerun with --resume", err=True)
-        raise
+    except errors.ConnectionFailed as exc:
+        if not (tally.done or tally.failed):
+            raise  # never heard back at all: reported as could-not-connect
+        bar.close()
+        click.echo(tally.summary(), err=True)
+        fail(
+            f"lost the daemon at {client.address} mid-run ({exc}); rerun with --resume",
+            EXIT_CONNECT,
+        )
     bar.close()
     return tally
 
@@ -403,6 +406,7 @@ def status(as_json: bool, address: str | None, timeout: float) -> None:
     address = address or default_address()
     with daemon_errors(address, timeout), Client(address, timeout=timeout) as client:
         doc = client.status()
+    doc.pop("req", None)  # the reply's correlation id, not part of the document
     if as_json:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
     else:

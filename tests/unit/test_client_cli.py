@@ -17,6 +17,7 @@ from click.testing import CliRunner, Result
 
 from exgen.client import protocol as P
 from exgen.client.cli import cli, format_status
+from exgen.client.client import Client
 
 STATUS_DOC: dict[str, Any] = {
     "workers": [
@@ -66,6 +67,8 @@ class FakeRouter:
         self.address = address
         self.received: list[dict[str, Any]] = []  # every item submitted
         self.fail_marker = "FAIL"
+        self.mute_after: int | None = None  # results sent before going silent
+        self.results_sent = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -83,6 +86,9 @@ class FakeRouter:
             ident, *frames = self.sock.recv_multipart()
             command, body = P.unpack(frames)
             for reply_command, reply in self._answer(command, body):
+                if self.mute_after is not None and self.results_sent >= self.mute_after:
+                    continue  # as if the daemon hung or died
+                self.results_sent += reply_command == P.RESULTS
                 self.sock.send_multipart([ident, *P.pack(reply_command, reply)])
 
     def _answer(self, command: bytes, body: dict[str, Any]) -> list[tuple[bytes, dict[str, Any]]]:
@@ -320,6 +326,42 @@ def test_resume_skips_done_and_retries_failures(router: FakeRouter, tmp_path: Pa
     assert "2 skipped" in again.stderr
 
 
+def test_daemon_lost_mid_run_is_exit_3(router: FakeRouter, tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", *({"prompt": f"q{i}"} for i in range(20)))
+    out = tmp_path / "out.jsonl"
+    router.mute_after = 5
+    result = run(
+        "submit", str(src), "-o", str(out), "--connect", router.address, "--timeout", "0.5"
+    )
+    assert result.exit_code == 3
+    assert "lost the daemon" in result.stderr and "--resume" in result.stderr
+    assert "5 done" in result.stderr
+    assert len(read_jsonl(out)) == 5
+
+
+def test_interrupt_cancels_what_is_in_flight(
+    router: FakeRouter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_iter_results = Client.iter_results
+    cancelled: list[str] = []
+
+    def interrupted_after_two(self: Client, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        for n, res in enumerate(real_iter_results(self, *args, **kwargs)):
+            if n == 2:
+                raise KeyboardInterrupt
+            yield res
+
+    monkeypatch.setattr(Client, "iter_results", interrupted_after_two)
+    monkeypatch.setattr(Client, "cancel", lambda self, ids: cancelled.extend(ids))
+    src = write_jsonl(tmp_path / "in.jsonl", *({"id": f"p{i}", "prompt": "q"} for i in range(10)))
+    out = tmp_path / "out.jsonl"
+    result = run("submit", str(src), "-o", str(out), "--connect", router.address)
+    assert result.exit_code == 130 and "--resume" in result.stderr
+    written = {r["id"] for r in read_jsonl(out)}
+    assert len(written) == 2
+    assert written.isdisjoint(cancelled) and len(written) + len(cancelled) == 10
+
+
 def test_overwrite_replaces_the_output(router: FakeRouter, prompts: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     out.write_text("old\n")
@@ -379,14 +421,13 @@ def test_generate_failure_is_exit_1(router: FakeRouter) -> None:
 def test_status_json(router: FakeRouter) -> None:
     result = run("status", "--json", "--connect", router.address)
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.stdout)
-    assert doc["workers"][0]["pid"] == 4242 and doc["queued"] == 17
+    assert json.loads(result.stdout) == STATUS_DOC
 
 
 def test_status_table(router: FakeRouter) -> None:
     result = run("status", "--connect", router.address)
     assert result.exit_code == 0, result.output
-    assert result.stdout == format_status({**STATUS_DOC, "req": "q0"}) + "\n"
+    assert result.stdout == format_status(STATUS_DOC) + "\n"
 
 
 def test_format_status() -> None:
