@@ -199,8 +199,8 @@ def _shorten(text: str, limit: int = 160) -> str:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, writable=True, path_type=Path),
-    help="Results file (default: stdout).",
+    type=click.Path(dir_okay=False, writable=True, allow_dash=True, path_type=Path),
+    help="Results file (default, or -: stdout).",
 )
 @click.option("--resume", is_flag=True, help="Skip ids already done in --output; retry failures.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
@@ -228,8 +228,10 @@ def submit(
     shape). A line's own params override the options given here.
     """
     defaults = sampling_params(sampling)
+    if output is not None and str(output) == "-":
+        output = None
     _check_output_args(output, resume, overwrite)
-    if prompts != "-" and not Path(prompts).is_file():
+    if prompts != "-" and (not Path(prompts).exists() or Path(prompts).is_dir()):
         raise click.BadParameter(f"{prompts!r} is not a file", param_hint="PROMPTS")
     address = address or default_address()
     show_bar = sys.stderr.isatty() if progress is None else progress
@@ -259,8 +261,8 @@ def _check_output_args(output: Path | None, resume: bool, overwrite: bool) -> No
 
 
 def _total(prompts: str, done: set[str]) -> int | None:
-    if prompts == "-":
-        return None  # stdin cannot be read twice
+    if prompts == "-" or not Path(prompts).is_file():
+        return None  # stdin or a pipe cannot be read twice
     return max(B.count_lines(prompts) - len(done), 0)
 
 

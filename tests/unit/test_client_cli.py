@@ -266,6 +266,13 @@ def test_submit_to_stdout_from_stdin(router: FakeRouter) -> None:
     assert "1 done" in result.stderr and "\r" not in result.stderr  # no bar when piped
 
 
+def test_dash_output_is_stdout(router: FakeRouter, prompts: Path) -> None:
+    result = run("submit", str(prompts), "-o", "-", "--connect", router.address)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["id"] == "a"
+    assert not Path("-").exists()
+
+
 def test_line_params_override_command_line_defaults(router: FakeRouter, tmp_path: Path) -> None:
     src = write_jsonl(
         tmp_path / "in.jsonl",
