@@ -400,7 +400,7 @@ class AsyncClient(_Base):
         self, address: str | None = None, *, timeout: float | None = 30.0, window: int = 4096
     ) -> None:
         super().__init__(address, timeout, window)
-        self._ctx = zmq.asyncio.Context.instance()
+        self._ctx: zmq.asyncio.Context = zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._configure(self._sock)
         self._lock = asyncio.Lock()  # one conversation at a time on the socket

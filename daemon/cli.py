@@ -21,11 +21,9 @@ logger = logging.getLogger("exgen.cli")
 
 
 class CliError(click.ClickException):
-    """A one-line error for the user; exit status 2 unless given."""
+    """A one-line error for the user; exit status 2."""
 
-    def __init__(self, message: str, exit_code: int = 2) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    exit_code = 2
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -215,7 +213,7 @@ def models_inspect(path: Path, cache_tokens: int, as_json: bool) -> None:
     from exgen.daemon import inspect as model_inspect
 
     try:
-        click.echo(model_inspect.inspect_command_output(path, cache_tokens, as_json))
+        click.echo(model_inspect.inspect_command_output(str(path), cache_tokens, as_json))
     except ValueError as exc:
         raise CliError(str(exc)) from None
 

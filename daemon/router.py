@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,9 +173,9 @@ class Router:
         self.engine_name = ""
         self.model_name = ""
         # Hooks the daemon wires to the supervisor.
-        self.on_worker_ready = lambda slot, pid: None
-        self.on_boot_error = lambda slot, message: None
-        self.status_provider = self.status
+        self.on_worker_ready: Callable[[int, int], bool] = lambda slot, pid: True
+        self.on_boot_error: Callable[[int, str], None] = lambda slot, message: None
+        self.status_provider: Callable[[float], dict[str, Any]] = self.status
 
     # --- client side ------------------------------------------------------------
 

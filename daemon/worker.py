@@ -62,7 +62,7 @@ class WorkerSpec:
 
     def to_json(self) -> str:
         return json.dumps(
-            {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+            {name: getattr(self, name) for name in self.__slots__}
         )
 
     @classmethod

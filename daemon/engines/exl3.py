@@ -1,0 +1,237 @@
+"""The ExLlamaV3 engine: EXL3 (and unquantised) models on the slot's GPU(s).
+
+ExLlamaV3 is the maintained successor of exllamav2 (archived upstream). Its
+Generator / Job / Cache API mirrors the V2 dynamic generator, so the engine logic is
+the one in :mod:`exl_common`; this module loads the library and builds its jobs.
+Differences that matter here: the cache is created *before* ``model.load()`` (loading
+allocates it), paged attention needs no flash-attn (the library has its own
+kernels), the sampler is a stack built per job (:class:`ComboSampler`), a job's own
+failure comes back as an ``"error"`` result instead of an exception, and a job
+reserves one token beyond prompt + max_new_tokens in the cache.
+
+exllamav3 is imported inside ``load()`` only (it compiles its extension at import
+when no prebuilt one matches). :data:`EXLLAMAV3_API` lists every name used, checked
+against the installed sources by tests/unit/test_exl_conformance.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from exgen.daemon.engines.base import EngineUnavailable, SamplingParams
+from exgen.daemon.engines.exl_common import (
+    ApiUse,
+    ExlEngine,
+    ExlOptions,
+    JobSpec,
+    LibraryAdapter,
+    first_line,
+    installed_version,
+    require_cuda,
+    warn_version,
+)
+
+log = logging.getLogger(__name__)
+
+EXLLAMAV3_VERSION = "1.6.5"
+CACHE_BITS = {"q4": 4, "q6": 6, "q8": 8}
+# A v3 job holds prompt + max_new_tokens + 1 tokens of cache (its prepare_for_queue).
+JOB_CACHE_OVERHEAD = 1
+
+
+def sampler_kwargs(params: SamplingParams) -> dict[str, Any]:
+    """Every ComboSampler argument: ours, and neutral for the rest (the library's
+    DefaultSampler is min_p 0.08 at temperature 0.8 — not what a request means)."""
+    return {
+        "rep_p": params.repetition_penalty,
+        "freq_p": 0.0,
+        "pres_p": 0.0,
+        "rep_sustain_range": int(10e7),  # the whole sequence, as transformers does
+        "rep_decay_range": 0,
+        "dry_multiplier": 0.0,
+        "dry_base": 1.75,
+        "dry_allowed_length": 2,
+        "dry_range": 0,
+        "dry_sequence_breakers": None,
+        "temperature": 0.0 if params.greedy else params.temperature,  # 0: argmax
+        "min_p": params.min_p,
+        "top_k": params.top_k,
+        "top_p": params.top_p,
+        "temp_last": False,
+        "adaptive_target": 1.0,
+        "adaptive_decay": 0.9,
+        "logit_bias": None,
+    }
+
+
+_SAMPLER_KWARGS = tuple(sampler_kwargs(SamplingParams()))
+_JOB_KWARGS = ("input_ids", "max_new_tokens", "min_new_tokens", "sampler", "seed",
+               "stop_conditions", "decode_special_tokens", "token_healing", "identifier")
+_LOAD_KWARGS = ("device", "use_per_device", "tensor_p", "progressbar", "max_chunk_size")
+
+EXLLAMAV3_API: tuple[ApiUse, ...] = (
+    ApiUse("exllamav3:Config", "from_directory", "method", ("directory",)),
+    ApiUse("exllamav3:Config", "max_position_embeddings", "attr"),
+    ApiUse("exllamav3:Model", "from_config", "method", ("config",)),
+    ApiUse("exllamav3:Model", "load", "method", _LOAD_KWARGS, via="exllamav3:Model.load_gen"),
+    ApiUse("exllamav3:Model", "load_gen", "method", _LOAD_KWARGS),
+    ApiUse("exllamav3:Model", "unload", "method"),
+    ApiUse("exllamav3:Cache", "__init__", "method",
+           ("model", "max_num_tokens", "layer_type", "max_batch_size")),
+    ApiUse("exllamav3:Cache", "__init__", "method", ("k_bits", "v_bits"),
+           via="exllamav3:CacheLayer_quant.__init__"),
+    ApiUse("exllamav3:CacheLayer_fp16"),
+    ApiUse("exllamav3:CacheLayer_quant", "__init__", "method", ("k_bits", "v_bits")),
+    ApiUse("exllamav3:Tokenizer", "from_config", "method", ("config",)),
+    ApiUse("exllamav3:Tokenizer", "encode", "method", ("text", "add_bos", "encode_special_tokens")),
+    ApiUse("exllamav3:Tokenizer", "eos_token_id", "attr"),
+    ApiUse("exllamav3:Generator", "__init__", "method",
+           ("model", "cache", "tokenizer", "max_batch_size", "max_chunk_size")),
+    ApiUse("exllamav3:Generator", "enqueue", "method", ("job",)),
+    ApiUse("exllamav3:Generator", "cancel", "method", ("job",)),
+    ApiUse("exllamav3:Generator", "iterate", "method"),
+    ApiUse("exllamav3:Generator", "close", "method"),
+    ApiUse("exllamav3:Job", "__init__", "method", _JOB_KWARGS),
+    ApiUse("exllamav3:ComboSampler", "__init__", "method", _SAMPLER_KWARGS),
+)
+RESULT_SOURCE = "exllamav3/generator/job.py"
+RESULT_STRINGS = ("job", "stage", "streaming", "eos", "eos_reason", "text", "new_tokens",
+                  "prompt_tokens", "identifier", "held", "eos_triggering_token_str",
+                  "stop_token", "stop_string", "max_new_tokens")
+# The per-job failure result comes from the generator module.
+ERROR_SOURCE = "exllamav3/generator/generator.py"
+ERROR_STRINGS = ("stage", "error", "eos", "job")
+
+
+class ExLlamaV3Engine(ExlEngine):
+    name = "exllamav3"
+    library = "exllamav3"
+    foreign_formats = frozenset({"exl2", "gguf"})
+
+    def _open_library(self, model_dir: Path, opts: ExlOptions) -> LibraryAdapter:
+        return ExLlamaV3Library(model_dir, opts)
+
+
+class ExLlamaV3Library:
+    """The loaded model, cache, tokenizer and generator (the LibraryAdapter)."""
+
+    paged = True  # ExLlamaV3 always pages its cache (own attention kernels)
+
+    def __init__(self, model_dir: Path, opts: ExlOptions) -> None:
+        self.opts = opts
+        self.devices = require_cuda("exllamav3")
+        try:
+            import exllamav3  # noqa: F401 - the import is the availability check
+        except (ImportError, OSError, RuntimeError) as exc:
+            raise EngineUnavailable(f"exllamav3 unavailable: {first_line(exc)}") from None
+        warn_version("exllamav3", EXLLAMAV3_VERSION)
+        try:
+            self._load(model_dir)
+        except EngineUnavailable:
+            raise
+        except Exception as exc:  # any failure here is a boot failure: restarting won't help
+            raise EngineUnavailable(
+                f"exllamav3 unavailable: cannot load {model_dir}: {first_line(exc)}"
+            ) from exc
+
+    def _load(self, model_dir: Path) -> None:
+        from exllamav3 import Config, Generator, Model, Tokenizer
+
+        opts = self.opts
+        # Library objects are typed Any: exllamav3 ships py.typed, but its annotations
+        # do not all check, and the conformance tests are what keep us honest.
+        config: Any = Config.from_directory(directory=str(model_dir))
+        model: Any = Model.from_config(config=config)
+        # The cache must exist before load(): loading allocates it on the layers' devices.
+        self._cache: Any = _make_cache(model, opts)
+        self.split_mode = self._place(model)
+        self._model: Any = model
+        self._tokenizer: Any = Tokenizer.from_config(config=config)
+        self._generator: Any = Generator(
+            model=model, cache=self._cache, tokenizer=self._tokenizer,
+            max_batch_size=opts.max_batch_size, max_chunk_size=opts.max_chunk_size,
+        )
+        self.max_batch_size = opts.max_batch_size
+        # ExLlamaV3 never checks positions against the model's context: we do.
+        context = opts.max_seq_len or int(config.max_position_embeddings)
+        self.max_seq_len = min(context, opts.cache_tokens - JOB_CACHE_OVERHEAD)
+        self.eos_token_id = self._tokenizer.eos_token_id
+
+    def _place(self, model: Any) -> str:
+        """Load the weights onto the slot's visible device(s) (CUDA_VISIBLE_DEVICES)."""
+        chunk = self.opts.max_chunk_size  # informs the split's activation estimate
+        split = self.opts.gpu_split
+        if self.opts.tp:
+            model.load(tensor_p=True, use_per_device=split, progressbar=False, max_chunk_size=chunk)
+            return "tp"
+        if split is not None:
+            model.load(use_per_device=split, progressbar=False, max_chunk_size=chunk)
+            return "gpu_split"
+        if self.opts.autosplit or self.devices > 1:
+            # No device and no split: the library fills the visible devices in turn.
+            model.load(progressbar=False, max_chunk_size=chunk)
+            return "autosplit"
+        model.load(device="cuda:0", progressbar=False, max_chunk_size=chunk)
+        return "single"
+
+    # -- the adapter surface --
+
+    def encode(self, text: str, add_bos: bool) -> list[int]:
+        ids = self._tokenizer.encode(text=text, add_bos=add_bos, encode_special_tokens=True)
+        return [int(t) for t in ids[0].tolist()]
+
+    def submit(self, spec: JobSpec) -> Any:
+        import torch
+        from exllamav3 import ComboSampler, Job
+
+        job = Job(
+            input_ids=torch.tensor([spec.input_ids], dtype=torch.long),
+            max_new_tokens=spec.max_new_tokens,
+            min_new_tokens=0,
+            sampler=ComboSampler(**sampler_kwargs(spec.params)),
+            seed=spec.params.seed,
+            stop_conditions=spec.stop_conditions,
+            decode_special_tokens=False,
+            token_healing=False,
+            identifier=spec.key,
+        )
+        self._generator.enqueue(job=job)
+        return job
+
+    def cancel(self, handle: Any) -> None:
+        self._generator.cancel(job=handle)
+
+    def iterate(self) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = self._generator.iterate()
+        return results
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "version": installed_version("exllamav3"),
+            "paged": True,
+            "devices": self.devices,
+            "split": self.split_mode,
+            "cache": self.opts.cache,
+            "cache_tokens": self.opts.cache_tokens,
+            "max_seq_len": self.max_seq_len,
+            "max_batch_size": self.max_batch_size,
+        }
+
+    def close(self) -> None:
+        self._generator.close()
+        self._model.unload()
+
+
+def _make_cache(model: Any, opts: ExlOptions) -> Any:
+    """The paged KV cache: fp16 layers, or K/V quantised to 4, 6 or 8 bits."""
+    from exllamav3 import Cache, CacheLayer_fp16, CacheLayer_quant
+
+    if opts.cache == "fp16":
+        return Cache(model=model, max_num_tokens=opts.cache_tokens, layer_type=CacheLayer_fp16,
+                     max_batch_size=opts.max_batch_size)
+    bits = CACHE_BITS[opts.cache]
+    # k_bits/v_bits travel through Cache's **kwargs to CacheLayer_quant.
+    return Cache(model=model, max_num_tokens=opts.cache_tokens, layer_type=CacheLayer_quant,
+                 max_batch_size=opts.max_batch_size, k_bits=bits, v_bits=bits)
