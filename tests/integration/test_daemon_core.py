@@ -227,7 +227,8 @@ def test_sigterm_drains_inflight_work_and_exits_zero(daemon_factory):
 def test_client_import_pulls_in_nothing_heavy():
     code = (
         "import sys, exgen.client, exgen.client.cli\n"
-        "heavy = [m for m in ('torch', 'transformers', 'exllamav2', 'exllamav3', 'numpy') if m in sys.modules]\n"
+        "names = ('torch', 'transformers', 'exllamav2', 'exllamav3', 'numpy')\n"
+        "heavy = [m for m in names if m in sys.modules]\n"
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
