@@ -39,15 +39,25 @@ EXLLAMAV2_VERSION = "0.3.2"
 MAX_Q_SIZE = 8
 
 _GEN = "exllamav2.generator"
-_JOB_KWARGS = ("input_ids", "max_new_tokens", "min_new_tokens", "gen_settings", "seed",
-               "stop_conditions", "decode_special_tokens", "token_healing", "identifier")
+_JOB_KWARGS = (
+    "input_ids",
+    "max_new_tokens",
+    "min_new_tokens",
+    "gen_settings",
+    "seed",
+    "stop_conditions",
+    "decode_special_tokens",
+    "token_healing",
+    "identifier",
+)
 _CACHE_KWARGS = ("model", "max_seq_len", "lazy")
 
 # Every sampler field the library has, set on every job: its defaults are not neutral
 # (temperature 0.8, top_k 50, top_p 0.8, repetition penalty 1.025).
 # Fields that are per-job sampler *state*, not settings, are left to the library.
-SAMPLER_STATE_FIELDS = frozenset({"mirostat_mu", "post_sampling_hooks", "ngram_trie",
-                                  "ngram_index", "ngram_history"})
+SAMPLER_STATE_FIELDS = frozenset(
+    {"mirostat_mu", "post_sampling_hooks", "ngram_trie", "ngram_index", "ngram_history"}
+)
 
 
 def sampler_settings(params: SamplingParams) -> dict[str, Any]:
@@ -102,8 +112,12 @@ EXLLAMAV2_API: tuple[ApiUse, ...] = (
     ApiUse("exllamav2:ExLlamaV2", "__init__", "method", ("config",)),
     ApiUse("exllamav2:ExLlamaV2", "load", "method", ("gpu_split", "progress")),
     ApiUse("exllamav2:ExLlamaV2", "load_autosplit", "method", ("cache", "progress")),
-    ApiUse("exllamav2:ExLlamaV2", "load_tp", "method",
-           ("gpu_split", "progress", "expect_cache_tokens", "expect_cache_base")),
+    ApiUse(
+        "exllamav2:ExLlamaV2",
+        "load_tp",
+        "method",
+        ("gpu_split", "progress", "expect_cache_tokens", "expect_cache_base"),
+    ),
     ApiUse("exllamav2:ExLlamaV2", "unload", "method"),
     ApiUse("exllamav2:ExLlamaV2Cache", "__init__", "method", _CACHE_KWARGS),
     ApiUse("exllamav2:ExLlamaV2Cache_Q4", "__init__", "method", _CACHE_KWARGS),
@@ -111,13 +125,20 @@ EXLLAMAV2_API: tuple[ApiUse, ...] = (
     ApiUse("exllamav2:ExLlamaV2Cache_Q8", "__init__", "method", _CACHE_KWARGS),
     ApiUse("exllamav2:ExLlamaV2Cache_TP", "__init__", "method", ("model", "base", "max_seq_len")),
     ApiUse("exllamav2:ExLlamaV2Tokenizer", "__init__", "method", ("config",)),
-    ApiUse("exllamav2:ExLlamaV2Tokenizer", "encode", "method",
-           ("text", "add_bos", "encode_special_tokens")),
+    ApiUse(
+        "exllamav2:ExLlamaV2Tokenizer",
+        "encode",
+        "method",
+        ("text", "add_bos", "encode_special_tokens"),
+    ),
     ApiUse("exllamav2:ExLlamaV2Tokenizer", "eos_token_id", "attr"),
     ApiUse("exllamav2.attn:", "has_flash_attn_with_paged", "module_attr"),
-    ApiUse(f"{_GEN}:ExLlamaV2DynamicGenerator", "__init__", "method",
-           ("model", "cache", "tokenizer", "max_batch_size", "max_seq_len", "max_chunk_size",
-            "paged")),
+    ApiUse(
+        f"{_GEN}:ExLlamaV2DynamicGenerator",
+        "__init__",
+        "method",
+        ("model", "cache", "tokenizer", "max_batch_size", "max_seq_len", "max_chunk_size", "paged"),
+    ),
     ApiUse(f"{_GEN}:ExLlamaV2DynamicGenerator", "enqueue", "method", ("job",)),
     ApiUse(f"{_GEN}:ExLlamaV2DynamicGenerator", "cancel", "method", ("job",)),
     ApiUse(f"{_GEN}:ExLlamaV2DynamicGenerator", "iterate", "method"),
@@ -126,9 +147,22 @@ EXLLAMAV2_API: tuple[ApiUse, ...] = (
 )
 # Where iterate()'s result dicts are built, and the keys and values we read from them.
 RESULT_SOURCE = "exllamav2/generator/dynamic.py"
-RESULT_STRINGS = ("job", "stage", "streaming", "eos", "eos_reason", "text", "new_tokens",
-                  "prompt_tokens", "identifier", "held", "eos_triggering_token_str",
-                  "stop_token", "stop_string", "max_new_tokens")
+RESULT_STRINGS = (
+    "job",
+    "stage",
+    "streaming",
+    "eos",
+    "eos_reason",
+    "text",
+    "new_tokens",
+    "prompt_tokens",
+    "identifier",
+    "held",
+    "eos_triggering_token_str",
+    "stop_token",
+    "stop_string",
+    "max_new_tokens",
+)
 
 
 class ExLlamaV2Engine(ExlEngine):
@@ -185,16 +219,24 @@ class ExLlamaV2Library:
         if not self.paged:
             self.max_batch_size = 1
         elif self.max_batch_size < opts.max_batch_size:
-            log.warning("exllamav2: max_batch_size lowered to %d (× %d must fit max_input_len %d)",
-                        self.max_batch_size, MAX_Q_SIZE, config.max_input_len)
+            log.warning(
+                "exllamav2: max_batch_size lowered to %d (× %d must fit max_input_len %d)",
+                self.max_batch_size,
+                MAX_Q_SIZE,
+                config.max_input_len,
+            )
         # Library objects are typed Any: exllamav2 ships py.typed, but its annotations
         # do not all check (torch decorators), and we rely on the conformance tests.
         self._model: Any = model
         self._tokenizer: Any = ExLlamaV2Tokenizer(config=config)
         self._generator: Any = ExLlamaV2DynamicGenerator(
-            model=model, cache=self._cache, tokenizer=self._tokenizer,
-            max_batch_size=self.max_batch_size, max_seq_len=config.max_seq_len,
-            max_chunk_size=chunk, paged=self.paged,
+            model=model,
+            cache=self._cache,
+            tokenizer=self._tokenizer,
+            max_batch_size=self.max_batch_size,
+            max_seq_len=config.max_seq_len,
+            max_chunk_size=chunk,
+            paged=self.paged,
         )
         self.cache_tokens = cache_tokens
         # enqueue asserts unless prompt + max_new_tokens fits the cache's pages.
@@ -208,8 +250,12 @@ class ExLlamaV2Library:
         opts = self.opts
         cache_class = _cache_class(opts.cache)
         if opts.tp:
-            model.load_tp(gpu_split=opts.gpu_split, progress=False,
-                          expect_cache_tokens=cache_tokens, expect_cache_base=cache_class)
+            model.load_tp(
+                gpu_split=opts.gpu_split,
+                progress=False,
+                expect_cache_tokens=cache_tokens,
+                expect_cache_base=cache_class,
+            )
             self._cache: Any = ExLlamaV2Cache_TP(
                 model=model, base=cache_class, max_seq_len=cache_tokens
             )
@@ -274,6 +320,10 @@ def _cache_class(kind: str) -> Any:
     from exllamav2 import ExLlamaV2Cache, ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q6, ExLlamaV2Cache_Q8
 
     # Not ExLlamaV2Cache_8bit (FP8): the dynamic generator refuses it.
-    classes = {"fp16": ExLlamaV2Cache, "q4": ExLlamaV2Cache_Q4, "q6": ExLlamaV2Cache_Q6,
-               "q8": ExLlamaV2Cache_Q8}
+    classes = {
+        "fp16": ExLlamaV2Cache,
+        "q4": ExLlamaV2Cache_Q4,
+        "q6": ExLlamaV2Cache_Q6,
+        "q8": ExLlamaV2Cache_Q8,
+    }
     return classes[kind]

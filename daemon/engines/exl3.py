@@ -67,8 +67,17 @@ def sampler_kwargs(params: SamplingParams) -> dict[str, Any]:
 
 
 _SAMPLER_KWARGS = tuple(sampler_kwargs(SamplingParams()))
-_JOB_KWARGS = ("input_ids", "max_new_tokens", "min_new_tokens", "sampler", "seed",
-               "stop_conditions", "decode_special_tokens", "token_healing", "identifier")
+_JOB_KWARGS = (
+    "input_ids",
+    "max_new_tokens",
+    "min_new_tokens",
+    "sampler",
+    "seed",
+    "stop_conditions",
+    "decode_special_tokens",
+    "token_healing",
+    "identifier",
+)
 _LOAD_KWARGS = ("device", "use_per_device", "tensor_p", "progressbar", "max_chunk_size")
 
 EXLLAMAV3_API: tuple[ApiUse, ...] = (
@@ -78,17 +87,30 @@ EXLLAMAV3_API: tuple[ApiUse, ...] = (
     ApiUse("exllamav3:Model", "load", "method", _LOAD_KWARGS, via="exllamav3:Model.load_gen"),
     ApiUse("exllamav3:Model", "load_gen", "method", _LOAD_KWARGS),
     ApiUse("exllamav3:Model", "unload", "method"),
-    ApiUse("exllamav3:Cache", "__init__", "method",
-           ("model", "max_num_tokens", "layer_type", "max_batch_size")),
-    ApiUse("exllamav3:Cache", "__init__", "method", ("k_bits", "v_bits"),
-           via="exllamav3:CacheLayer_quant.__init__"),
+    ApiUse(
+        "exllamav3:Cache",
+        "__init__",
+        "method",
+        ("model", "max_num_tokens", "layer_type", "max_batch_size"),
+    ),
+    ApiUse(
+        "exllamav3:Cache",
+        "__init__",
+        "method",
+        ("k_bits", "v_bits"),
+        via="exllamav3:CacheLayer_quant.__init__",
+    ),
     ApiUse("exllamav3:CacheLayer_fp16"),
     ApiUse("exllamav3:CacheLayer_quant", "__init__", "method", ("k_bits", "v_bits")),
     ApiUse("exllamav3:Tokenizer", "from_config", "method", ("config",)),
     ApiUse("exllamav3:Tokenizer", "encode", "method", ("text", "add_bos", "encode_special_tokens")),
     ApiUse("exllamav3:Tokenizer", "eos_token_id", "attr"),
-    ApiUse("exllamav3:Generator", "__init__", "method",
-           ("model", "cache", "tokenizer", "max_batch_size", "max_chunk_size")),
+    ApiUse(
+        "exllamav3:Generator",
+        "__init__",
+        "method",
+        ("model", "cache", "tokenizer", "max_batch_size", "max_chunk_size"),
+    ),
     ApiUse("exllamav3:Generator", "enqueue", "method", ("job",)),
     ApiUse("exllamav3:Generator", "cancel", "method", ("job",)),
     ApiUse("exllamav3:Generator", "iterate", "method"),
@@ -97,9 +119,22 @@ EXLLAMAV3_API: tuple[ApiUse, ...] = (
     ApiUse("exllamav3:ComboSampler", "__init__", "method", _SAMPLER_KWARGS),
 )
 RESULT_SOURCE = "exllamav3/generator/job.py"
-RESULT_STRINGS = ("job", "stage", "streaming", "eos", "eos_reason", "text", "new_tokens",
-                  "prompt_tokens", "identifier", "held", "eos_triggering_token_str",
-                  "stop_token", "stop_string", "max_new_tokens")
+RESULT_STRINGS = (
+    "job",
+    "stage",
+    "streaming",
+    "eos",
+    "eos_reason",
+    "text",
+    "new_tokens",
+    "prompt_tokens",
+    "identifier",
+    "held",
+    "eos_triggering_token_str",
+    "stop_token",
+    "stop_string",
+    "max_new_tokens",
+)
 # The per-job failure result comes from the generator module.
 ERROR_SOURCE = "exllamav3/generator/generator.py"
 ERROR_STRINGS = ("stage", "error", "eos", "job")
@@ -150,8 +185,11 @@ class ExLlamaV3Library:
         self._model: Any = model
         self._tokenizer: Any = Tokenizer.from_config(config=config)
         self._generator: Any = Generator(
-            model=model, cache=self._cache, tokenizer=self._tokenizer,
-            max_batch_size=opts.max_batch_size, max_chunk_size=opts.max_chunk_size,
+            model=model,
+            cache=self._cache,
+            tokenizer=self._tokenizer,
+            max_batch_size=opts.max_batch_size,
+            max_chunk_size=opts.max_chunk_size,
         )
         self.max_batch_size = opts.max_batch_size
         # ExLlamaV3 never checks positions against the model's context: we do.
@@ -229,9 +267,19 @@ def _make_cache(model: Any, opts: ExlOptions) -> Any:
     from exllamav3 import Cache, CacheLayer_fp16, CacheLayer_quant
 
     if opts.cache == "fp16":
-        return Cache(model=model, max_num_tokens=opts.cache_tokens, layer_type=CacheLayer_fp16,
-                     max_batch_size=opts.max_batch_size)
+        return Cache(
+            model=model,
+            max_num_tokens=opts.cache_tokens,
+            layer_type=CacheLayer_fp16,
+            max_batch_size=opts.max_batch_size,
+        )
     bits = CACHE_BITS[opts.cache]
     # k_bits/v_bits travel through Cache's **kwargs to CacheLayer_quant.
-    return Cache(model=model, max_num_tokens=opts.cache_tokens, layer_type=CacheLayer_quant,
-                 max_batch_size=opts.max_batch_size, k_bits=bits, v_bits=bits)
+    return Cache(
+        model=model,
+        max_num_tokens=opts.cache_tokens,
+        layer_type=CacheLayer_quant,
+        max_batch_size=opts.max_batch_size,
+        k_bits=bits,
+        v_bits=bits,
+    )
