@@ -1,0 +1,89 @@
+"""The synthetic engine in-process: deterministic text, stops, limits, options."""
+
+from __future__ import annotations
+
+import pytest
+
+from exgen.client import protocol as P
+from exgen.daemon.engines.base import (
+    Chunk,
+    EngineOptionError,
+    Finished,
+    Job,
+    JobRejected,
+    SamplingParams,
+)
+from exgen.daemon.engines.synthetic import SyntheticEngine
+
+
+def job(key: int, prompt: str, **params) -> Job:
+    return Job(key, prompt, None, SamplingParams.from_wire(params))
+
+
+def run(engine: SyntheticEngine) -> list:
+    events = []
+    while engine.pending:
+        events.extend(engine.step())
+    return events
+
+
+def test_same_prompt_same_text_and_length():
+    engine = SyntheticEngine(None, {})
+    engine.load()
+    engine.add(job(1, "hello there", max_new_tokens=12))
+    engine.add(job(2, "hello there", max_new_tokens=12))
+    engine.add(job(3, "something else", max_new_tokens=12))
+    done = {e.key: e for e in run(engine)}
+    assert done[1].text == done[2].text != done[3].text
+    assert done[1].completion_tokens == 12 and len(done[1].text.split()) == 12
+    assert done[1].finish_reason == P.FINISH_LENGTH
+    assert done[1].prompt_tokens == 2
+
+
+def test_stop_string_cuts_the_text():
+    engine = SyntheticEngine(None, {"token_ms": "0.01"})
+    engine.load()
+    engine.add(job(1, "hello there", max_new_tokens=40))
+    full = run(engine)[0].text
+    stop = full.split()[5]
+    engine.add(job(2, "hello there", max_new_tokens=40, stop=[stop]))
+    cut = run(engine)[0]
+    assert cut.finish_reason == P.FINISH_STOP
+    assert cut.text == full[: full.find(stop)]
+
+
+def test_capacity_limits_concurrency_and_streaming_chunks():
+    engine = SyntheticEngine(None, {"capacity": "2", "token_ms": "0.01"})
+    engine.load()
+    for key in range(5):
+        engine.add(Job(key, f"p{key}", None, SamplingParams(max_new_tokens=3), stream=True))
+    first = engine.step()
+    assert {e.key for e in first} == {0, 1}
+    assert all(isinstance(e, Chunk) for e in first)
+    events = first + run(engine)
+    finished = [e for e in events if isinstance(e, Finished)]
+    assert sorted(e.key for e in finished) == [0, 1, 2, 3, 4]
+
+
+def test_too_long_prompt_is_rejected_with_the_numbers():
+    engine = SyntheticEngine(None, {"max_seq_len": "10"})
+    with pytest.raises(JobRejected) as info:
+        engine.add(job(1, "a b c d e f g h", max_new_tokens=5))
+    assert info.value.code == P.E_PROMPT_TOO_LONG
+    assert "8 tokens + max_new_tokens 5 > context 10" in info.value.message
+
+
+def test_cancel_drops_the_job():
+    engine = SyntheticEngine(None, {"token_ms": "0.01"})
+    engine.add(job(1, "x", max_new_tokens=50))
+    engine.add(job(2, "y", max_new_tokens=2))
+    engine.step()
+    engine.cancel(1)
+    assert [e.key for e in run(engine) if isinstance(e, Finished)] == [2]
+
+
+def test_unknown_and_bad_options_are_refused():
+    with pytest.raises(EngineOptionError, match="unknown engine option"):
+        SyntheticEngine(None, {"tokens_ms": "1"})
+    with pytest.raises(EngineOptionError, match="capacity='many'"):
+        SyntheticEngine(None, {"capacity": "many"})
