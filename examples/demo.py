@@ -72,8 +72,10 @@ def show(output: Path, elapsed: float, status: dict) -> None:
         print(f"  → {result['text'].strip()[:400]}")
     load = ", ".join(f"slot {w['slot']} {w['load_s']:.1f}s" for w in status["workers"])
     print("\n--- summary ---")
-    print(f"results:     {len(results)} of {len(prompts)}, {sum(1 for r in results if r['error'])} failed")
-    print(f"model:       {status.get('model')} on {len(status['workers'])} workers ({status.get('engine')})")
+    failed = sum(1 for r in results if r["error"])
+    workers = len(status["workers"])
+    print(f"results:     {len(results)} of {len(prompts)}, {failed} failed")
+    print(f"model:       {status.get('model')} on {workers} workers ({status.get('engine')})")
     print(f"load time:   {load}")
     print(f"generated:   {tokens} tokens in {elapsed:.1f}s = {tokens / elapsed:.1f} tokens/s")
 
