@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 # met and pip never pulls a multi-GB CUDA build. On a GPU box: TORCH="torch==2.x.y".
 TORCH  ?= torch==2.13.0
 # Engine sources for the conformance tests: pure-Python wheels, never imported here.
-EXLLAMA_PINS ?= exllamav2==0.3.2 exllamav3==0.0.42
+EXLLAMA_PINS ?= exllamav2==0.3.2 exllamav3==1.6.5
 STAMP  := $(VENV)/.setup-done
 
 .PHONY: setup demo test test-fast lint typecheck bench clean
