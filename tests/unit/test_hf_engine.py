@@ -1,0 +1,210 @@
+"""The transformers engine in-process, with the real demo model (SmolLM2-135M, CPU).
+
+The model loads once for the module (about 20 s on two cores); every generation
+here is short.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exgen.client import protocol as P
+from exgen.daemon.engines.base import (
+    Chunk,
+    EngineOptionError,
+    EngineUnavailable,
+    Event,
+    Finished,
+    Job,
+    JobRejected,
+    SamplingParams,
+)
+from exgen.daemon.engines.hf import TransformersEngine
+
+pytest.importorskip("transformers")
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[TransformersEngine]:
+    eng = TransformersEngine(None, {"threads": "2", "batch_size": "8"})
+    eng.load()
+    yield eng
+    eng.close()
+
+
+def job(
+    key: int,
+    prompt: str | None = None,
+    messages: list[dict[str, str]] | None = None,
+    stream: bool = False,
+    **params: Any,
+) -> Job:
+    return Job(key, prompt, messages, SamplingParams(**params), stream)
+
+
+def run(engine: TransformersEngine, *jobs: Job) -> dict[int, Finished]:
+    for j in jobs:
+        engine.add(j)
+    events: list[Event] = []
+    while engine.pending:
+        events.extend(engine.step())
+    return {e.key: e for e in events if isinstance(e, Finished)}
+
+
+def direct_generate(engine: TransformersEngine, j: Job) -> tuple[str, int]:
+    """Plain transformers: one prompt, model.generate, greedy."""
+    state = engine._loaded()
+    tokenizer, model = state.tokenizer, state.model
+    if j.messages is not None:
+        enc = tokenizer.apply_chat_template(
+            j.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    else:
+        enc = tokenizer(j.prompt, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=j.params.max_new_tokens, do_sample=False)
+    new = out[0, enc["input_ids"].shape[1] :].tolist()
+    return tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+
+def test_describe(engine: TransformersEngine) -> None:
+    facts = engine.describe()
+    assert facts["model"] == "smollm2-135m-instruct"
+    assert facts["dtype"] == "float32" and facts["devices"] == ["cpu"]
+    assert facts["max_seq_len"] == engine.max_seq_len == 8192
+    assert facts["mode"] == "static"
+    assert engine.capacity == 8
+
+
+def test_chat_knows_the_capital_of_france(engine: TransformersEngine) -> None:
+    result = run(engine, job(1, messages=CAPITAL, max_new_tokens=16))[1]
+    assert "Paris" in result.text
+    assert result.prompt_tokens > 10 and result.completion_tokens > 0
+
+
+def test_greedy_batch_equals_direct_generate(engine: TransformersEngine) -> None:
+    jobs = [
+        job(1, prompt="The capital of France is", max_new_tokens=12),
+        job(2, prompt="def fibonacci(n):", max_new_tokens=12),
+        job(3, messages=CAPITAL, max_new_tokens=12),
+        job(4, messages=[{"role": "user", "content": "Write a limerick about a cat."}],
+            max_new_tokens=12),
+    ]
+    results = run(engine, *jobs)  # one left-padded batch of prompts of unequal length
+    for j in jobs:
+        text, count = direct_generate(engine, j)
+        assert results[j.key].text == text
+        assert results[j.key].completion_tokens == count
+
+
+def test_max_new_tokens_finishes_with_length(engine: TransformersEngine) -> None:
+    result = run(engine, job(1, prompt="Once upon a time", max_new_tokens=5))[1]
+    assert result.finish_reason == P.FINISH_LENGTH
+    assert result.completion_tokens == 5
+
+
+def test_eos_finishes_with_stop(engine: TransformersEngine) -> None:
+    messages = [{"role": "user", "content": "Say hi."}]
+    result = run(engine, job(1, messages=messages, max_new_tokens=40))[1]
+    assert result.finish_reason == P.FINISH_STOP
+    assert result.completion_tokens < 40
+    assert "<|im_end|>" not in result.text
+
+
+def test_stop_string_truncates_and_stops_early(engine: TransformersEngine) -> None:
+    before = engine.decode_steps
+    results = run(
+        engine,
+        job(1, prompt="1, 2, 3, 4,", max_new_tokens=30, stop=[" 7", "zzz"]),
+        job(2, prompt="1, 2, 3, 4,", max_new_tokens=10),
+    )
+    assert results[1].text == " 5, 6,"
+    assert results[1].finish_reason == P.FINISH_STOP
+    # Counted up to the token that completed the stop string.
+    tokenizer = engine._loaded().tokenizer
+    assert results[1].completion_tokens == len(tokenizer(" 5, 6, 7")["input_ids"])
+    assert results[2].text.startswith(" 5, 6, 7")
+    assert engine.decode_steps - before <= 11  # the batch ended at the stop, not at 30
+
+
+def test_too_long_prompt_rejected_others_complete(engine: TransformersEngine) -> None:
+    limit = engine.max_seq_len
+    assert limit is not None
+    with pytest.raises(JobRejected) as caught:
+        engine.add(job(1, prompt="word " * (limit + 10), max_new_tokens=4))
+    assert caught.value.code == P.E_PROMPT_TOO_LONG
+    assert f"max_new_tokens 4 > context {limit}" in caught.value.message
+    with pytest.raises(JobRejected) as caught:
+        engine.add(job(2, prompt="Hello", max_new_tokens=limit))
+    assert caught.value.message == f"prompt is 1 tokens + max_new_tokens {limit} > context {limit}"
+    results = run(engine, job(3, prompt="Hello", max_new_tokens=3))
+    assert set(results) == {3}
+
+
+def test_empty_prompt_rejected(engine: TransformersEngine) -> None:
+    with pytest.raises(JobRejected) as caught:
+        engine.add(job(1, prompt=""))
+    assert caught.value.code == P.E_BAD_REQUEST
+
+
+def test_cancel_drops_a_waiting_job(engine: TransformersEngine) -> None:
+    engine.add(job(1, prompt="Hello", max_new_tokens=2))
+    engine.add(job(2, prompt="Hi", max_new_tokens=2))
+    engine.cancel(1)
+    assert engine.pending == 1
+    assert set(run(engine)) == {2}
+
+
+def test_stream_gets_one_chunk_then_finished(engine: TransformersEngine) -> None:
+    engine.add(job(1, prompt="Once upon a time", max_new_tokens=4, stream=True))
+    events = engine.step()
+    assert isinstance(events[0], Chunk) and isinstance(events[1], Finished)
+    assert events[0].text == events[1].text
+
+
+def test_greedy_and_sampled_jobs_do_not_share_a_batch(engine: TransformersEngine) -> None:
+    engine.add(job(1, prompt="Hello", max_new_tokens=2))
+    engine.add(job(2, prompt="Hello", max_new_tokens=2, temperature=0.8))
+    engine.add(job(3, prompt="Hi", max_new_tokens=2))
+    assert {e.key for e in engine.step()} == {1, 3}
+    assert {e.key for e in engine.step()} == {2}
+    assert engine.pending == 0
+
+
+def test_seeded_sampling_is_reproducible(engine: TransformersEngine) -> None:
+    params: dict[str, Any] = {"temperature": 1.0, "top_k": 0, "top_p": 0.95, "seed": 1234}
+    first = run(engine, job(1, prompt="Once upon a time", max_new_tokens=8, **params))
+    again = run(
+        engine,
+        job(2, prompt="Something else", max_new_tokens=8, temperature=1.0),
+        job(3, prompt="Once upon a time", max_new_tokens=8, **params),
+    )
+    assert first[1].text == again[3].text
+
+
+def test_unknown_engine_option_refused() -> None:
+    with pytest.raises(EngineOptionError, match=r"unknown engine option.*bogus"):
+        TransformersEngine(None, {"bogus": "1"})
+    with pytest.raises(EngineOptionError, match="dtype='float8'"):
+        TransformersEngine(None, {"dtype": "float8"})
+    with pytest.raises(EngineOptionError, match="mode='continuous'"):
+        TransformersEngine(None, {"mode": "continuous"})
+
+
+def test_missing_model_is_unavailable_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(EngineUnavailable) as caught:
+        TransformersEngine(str(tmp_path / "absent"), {}).load()
+    assert "not found" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_broken_model_is_unavailable_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(EngineUnavailable) as caught:
+        TransformersEngine(str(tmp_path / "broken.gguf"), {}).load()
+    message = str(caught.value)
+    assert message.startswith("transformers: cannot load model") and "\n" not in message
