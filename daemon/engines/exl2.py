@@ -177,6 +177,12 @@ class ExLlamaV2Engine(ExlEngine):
 class ExLlamaV2Library:
     """The loaded model, cache, tokenizer and dynamic generator (the LibraryAdapter)."""
 
+    # The LibraryAdapter facts, set by _load().
+    paged: bool
+    max_batch_size: int
+    max_seq_len: int
+    eos_token_id: int | None
+
     def __init__(self, model_dir: Path, opts: ExlOptions) -> None:
         self.opts = opts
         self.devices = require_cuda("exllamav2")
@@ -279,12 +285,14 @@ class ExLlamaV2Library:
         import torch
         from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
+        # Annotated int upstream, but None is what asks for a random seed there.
+        seed: Any = spec.params.seed
         job = ExLlamaV2DynamicJob(
             input_ids=torch.tensor([spec.input_ids], dtype=torch.long),
             max_new_tokens=spec.max_new_tokens,
             min_new_tokens=0,
             gen_settings=ExLlamaV2Sampler.Settings(**sampler_settings(spec.params)),
-            seed=spec.params.seed,
+            seed=seed,
             stop_conditions=spec.stop_conditions,
             decode_special_tokens=False,
             token_healing=False,

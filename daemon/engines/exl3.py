@@ -152,6 +152,11 @@ class ExLlamaV3Engine(ExlEngine):
 class ExLlamaV3Library:
     """The loaded model, cache, tokenizer and generator (the LibraryAdapter)."""
 
+    # The LibraryAdapter facts, set by _load().
+    max_batch_size: int
+    max_seq_len: int
+    eos_token_id: int | None
+
     paged = True  # ExLlamaV3 always pages its cache (own attention kernels)
 
     def __init__(self, model_dir: Path, opts: ExlOptions) -> None:
@@ -224,12 +229,14 @@ class ExLlamaV3Library:
         import torch
         from exllamav3 import ComboSampler, Job
 
+        # Annotated int upstream, but None is what asks for a random seed there.
+        seed: Any = spec.params.seed
         job = Job(
             input_ids=torch.tensor([spec.input_ids], dtype=torch.long),
             max_new_tokens=spec.max_new_tokens,
             min_new_tokens=0,
             sampler=ComboSampler(**sampler_kwargs(spec.params)),
-            seed=spec.params.seed,
+            seed=seed,
             stop_conditions=spec.stop_conditions,
             decode_special_tokens=False,
             token_healing=False,

@@ -111,8 +111,11 @@ def eos_token_ids(model_dir: Path, tokenizer_eos: int | None) -> list[int]:
     ids: list[int] = []
     gen = read_json(model_dir / "generation_config.json")
     cfg = read_json(model_dir / "config.json")
-    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-    for value in (gen.get("eos_token_id"), cfg.get("eos_token_id"), text_cfg.get("eos_token_id")):
+    values = [gen.get("eos_token_id"), cfg.get("eos_token_id")]
+    text_cfg = cfg.get("text_config")  # multimodal wrappers nest the language model's
+    if isinstance(text_cfg, dict):
+        values.append(text_cfg.get("eos_token_id"))
+    for value in values:
         ids.extend(_as_id_list(value))
     if tokenizer_eos is not None:
         ids.append(tokenizer_eos)
