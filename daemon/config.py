@@ -7,6 +7,7 @@ it came from, so a misspelt setting never silently does nothing.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ import tomllib
 
 DEFAULT_CONFIG_FILE = Path("/etc/exgen/exgen.toml")
 ENV_PREFIX = "EXGEN_"
+LISTEN_SCHEMES = ("ipc://", "tcp://")
+DEFAULT_METRICS_HOST = "127.0.0.1"  # a port alone stays on this machine
 # Environment variables of ours that are not settings (read elsewhere).
 ENV_NOT_SETTINGS = frozenset({"EXGEN_MODELS_DIR", "EXGEN_GPU_MODEL", "EXGEN_CONFIG"})
 
@@ -69,21 +72,34 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if "bool" in kind:
             return _coerce_bool(value)
         if "int" in kind and not isinstance(value, bool):
-            return None if value in (None, "") and "None" in kind else int(value)
+            return None if value in (None, "") and "None" in kind else _coerce_int(value)
         if "float" in kind and not isinstance(value, bool):
             return float(value)
         if "str" in kind:
             if value is None or isinstance(value, str):
                 return value
-            if name == "gpus" and isinstance(value, list):
-                return ";".join(
-                    ",".join(str(g) for g in slot) if isinstance(slot, list) else str(slot)
-                    for slot in value
-                )
-            raise TypeError(type(value).__name__)
+            if name == "gpus" and isinstance(value, list | int) and not isinstance(value, bool):
+                return _gpus_from_toml(value)
+            raise TypeError(f"expected a string, not {type(value).__name__}")
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: {name} = {value!r} is not a valid value ({exc})") from None
     raise ConfigError(f"{source}: {name} = {value!r} has the wrong type")
+
+
+def _coerce_int(value: Any) -> int:
+    # int(2.5) would quietly be 2: a fractional number for a count is a mistake.
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError("expected a whole number")
+    return int(value)
+
+
+def _gpus_from_toml(value: list[Any] | int) -> str:
+    """``[0, 1]`` → ``"0;1"`` (two slots); ``[[0, 1], [2, 3]]`` → ``"0,1;2,3"``; ``0`` → ``"0"``."""
+    if isinstance(value, int):
+        return str(value)
+    return ";".join(
+        ",".join(str(g) for g in slot) if isinstance(slot, list) else str(slot) for slot in value
+    )
 
 
 def _coerce_bool(value: Any) -> bool:
@@ -99,7 +115,12 @@ def _coerce_bool(value: Any) -> bool:
 
 def _coerce_engine_opts(value: Any) -> dict[str, str]:
     if isinstance(value, dict):
-        return {str(k): str(v) for k, v in value.items()}
+        out = {}
+        for key, item in value.items():
+            if isinstance(item, dict | list):
+                raise TypeError(f"engine_opts.{key}: expected a number, string or boolean")
+            out[str(key)] = str(item).lower() if isinstance(item, bool) else str(item)
+        return out
     if isinstance(value, str):
         return parse_engine_opts(value.split(",") if value else [])
     raise TypeError("expected a table of KEY = VALUE")
@@ -122,9 +143,14 @@ def from_mapping(raw: dict[str, Any], source: str) -> dict[str, Any]:
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in FIELD_TYPES:
-            raise ConfigError(f"{source}: unknown setting {key!r}")
+            raise ConfigError(f"{source}: unknown setting {key!r}{_did_you_mean(name)}")
         out[name] = _coerce(name, value, source)
     return out
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, FIELD_TYPES, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def from_file(path: Path) -> dict[str, Any]:
@@ -145,9 +171,11 @@ def from_environ(environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
             continue
         name = key[len(ENV_PREFIX) :].lower()
         if name == "address":  # the client's variable doubles as the default listen address
+            if f"{ENV_PREFIX}LISTEN" in environ:
+                continue  # the daemon's own variable is the more specific one
             name = "listen"
         if name not in FIELD_TYPES:
-            raise ConfigError(f"environment: unknown setting {key}")
+            raise ConfigError(f"environment: unknown setting {key}{_did_you_mean(name)}")
         out[name] = _coerce(name, value, f"environment {key}")
     return out
 
@@ -177,6 +205,21 @@ def load_settings(
 
 
 def check_settings(settings: Settings) -> None:
+    # Imported here: both modules are light, and config stays importable on its own.
+    from exgen.daemon.engines import ENGINE_NAMES
+    from exgen.daemon.logs import LEVELS
+
+    if settings.engine not in ENGINE_NAMES:
+        raise ConfigError(f"engine = {settings.engine!r}: one of {', '.join(ENGINE_NAMES)}")
+    if settings.log_level not in LEVELS:
+        raise ConfigError(f"log_level = {settings.log_level!r}: one of {', '.join(LEVELS)}")
+    if settings.listen is not None and not settings.listen.startswith(LISTEN_SCHEMES):
+        raise ConfigError(f"listen = {settings.listen!r}: expected ipc://PATH or tcp://HOST:PORT")
+    _check_durations(settings)
+    if settings.metrics_listen is not None:
+        parse_metrics_listen(settings.metrics_listen)
+    if settings.min_ready is not None and settings.min_ready < 1:
+        raise ConfigError("min_ready must be at least 1")
     if settings.gpus is not None and settings.workers is not None:
         raise ConfigError("give either gpus or workers, not both")
     if settings.workers is not None and not 1 <= settings.workers <= 256:
@@ -189,6 +232,40 @@ def check_settings(settings: Settings) -> None:
         raise ConfigError("max_queue must be at least 1")
     if settings.gpus is not None:
         parse_gpus(settings.gpus)
+
+
+def _check_durations(settings: Settings) -> None:
+    positive = (
+        "heartbeat_interval_s",
+        "heartbeat_timeout_s",
+        "progress_timeout_s",
+        "flap_window_s",
+    )
+    for name in positive:
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"{name} must be more than 0")
+    for name in ("drain_timeout_s", "restart_backoff_s", "restart_backoff_max_s"):
+        if getattr(settings, name) < 0:
+            raise ConfigError(f"{name} must be 0 or more")
+    if settings.heartbeat_timeout_s <= settings.heartbeat_interval_s:
+        raise ConfigError("heartbeat_timeout_s must be longer than heartbeat_interval_s")
+    if settings.flap_max_deaths < 1:
+        raise ConfigError("flap_max_deaths must be at least 1")
+
+
+def parse_metrics_listen(text: str) -> tuple[str, int]:
+    """``"9464"`` or ``":9464"`` → loopback; ``"0.0.0.0:9464"``, ``"[::1]:9464"`` as given."""
+    spec = text.strip()
+    host, port = DEFAULT_METRICS_HOST, spec
+    if spec.startswith("["):
+        inside, sep, port = spec[1:].partition("]:")
+        host = inside if sep else ""
+    elif ":" in spec:
+        host, _, port = spec.rpartition(":")
+        host = host or DEFAULT_METRICS_HOST
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"metrics_listen = {text!r}: expected HOST:PORT or PORT")
+    return host, int(port)
 
 
 def parse_gpus(spec: str) -> list[list[int]]:

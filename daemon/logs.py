@@ -36,7 +36,9 @@ class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         if self.journald:
-            return f"<{SYSLOG_PRIORITY.get(record.levelno, 6)}>{text}"
+            # journald reads a priority per line: a traceback's lines keep its level.
+            prefix = f"<{SYSLOG_PRIORITY.get(record.levelno, 6)}>"
+            return "\n".join(prefix + line for line in text.split("\n"))
         return text
 
 

@@ -176,6 +176,8 @@ class Router:
         self.on_worker_ready: Callable[[int, int], bool] = lambda slot, pid: True
         self.on_boot_error: Callable[[int, str], None] = lambda slot, message: None
         self.status_provider: Callable[[float], dict[str, Any]] = self.status
+        # Accept → result seconds, for the metrics (which empty it); None when off.
+        self.latencies: list[float] | None = None
 
     # --- client side ------------------------------------------------------------
 
@@ -391,12 +393,15 @@ class Router:
 
     def _on_results(self, identity: bytes, results: list[dict[str, Any]], now: float) -> None:
         worker = self.by_identity.get(identity)
+        latencies = self.latencies
         out: dict[bytes, list[dict[str, Any]]] = {}
         for res in results:
             entry = self.entries.get(res["key"])
             if entry is None or entry.worker != identity:
                 continue  # cancelled, or a late result from a worker given up for dead
             self._forget(entry)
+            if latencies is not None:
+                latencies.append(now - entry.accepted_at)
             if worker is not None:
                 worker.outstanding.discard(entry.key)
                 worker.progress_at = now

@@ -16,7 +16,7 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -26,10 +26,14 @@ from exgen.daemon.config import Settings
 from exgen.daemon.router import Router
 from exgen.daemon.sdnotify import Notifier
 
+if TYPE_CHECKING:
+    from exgen.daemon.metrics import Metrics
+
 logger = logging.getLogger("exgen.daemon")
 
 TICK_MS = 100
 STATUS_EVERY_S = 2.0
+METRICS_EVERY_S = 1.0
 EXIT_NO_WORKERS = 3
 
 
@@ -57,6 +61,8 @@ class Daemon:
         self.router.on_boot_error = self.supervisor.note_boot_error
         self.router.status_provider = self.status
         self.notifier = Notifier()
+        self.metrics = self._start_metrics(settings.metrics_listen)
+        self.metrics_due = 0.0
         self.signals: list[int] = []
         self.drain_deadline: float | None = None
         self.exit_code: int | None = None
@@ -82,6 +88,21 @@ class Daemon:
             # that the operator let in, not everyone.
             os.chmod(listen[len("ipc://") :], 0o660)
         return sock
+
+    def _start_metrics(self, listen: str | None) -> Metrics | None:
+        if listen is None:
+            return None
+        # Imported only when asked for: prometheus_client is a daemon-side extra.
+        from exgen.daemon.config import parse_metrics_listen
+        from exgen.daemon.metrics import Metrics
+
+        metrics = Metrics(*parse_metrics_listen(listen))
+        try:
+            metrics.start()
+        except OSError as exc:
+            raise AddressInUse(f"metrics endpoint {listen}: {exc.strerror or exc}") from None
+        self.router.latencies = metrics.latencies
+        return metrics
 
     def _prepare_ipc(self, path: Path) -> None:
         path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -137,6 +158,9 @@ class Daemon:
         else:
             self._continue_draining(now)
         self._notify_systemd(now)
+        if self.metrics is not None and now >= self.metrics_due:
+            self.metrics_due = now + METRICS_EVERY_S
+            self.metrics.refresh(self.status(now))
 
     def _kill_unresponsive(self, now: float) -> None:
         loading = {
@@ -201,6 +225,8 @@ class Daemon:
         for leftover in self.rundir.iterdir():
             leftover.unlink(missing_ok=True)
         self.rundir.rmdir()
+        if self.metrics is not None:
+            self.metrics.close()
         logger.info("stopped")
         self.notifier.close()
 
@@ -211,26 +237,44 @@ class Daemon:
         if interval is not None and now - self.last_watchdog >= interval:
             self.notifier.notify("WATCHDOG=1")
             self.last_watchdog = now
-        if not self.notifier.enabled or now - self.last_status_at < STATUS_EVERY_S / 4:
+        if not self.notifier.enabled:
+            return
+        # READY=1 the tick enough slots are ready, not on the next status beat.
+        if not self.announced_ready and self.drain_deadline is None and self._enough_ready():
+            self.announced_ready = True
+            self.last_status, self.last_status_at = self._status_line(), now
+            self.notifier.notify("READY=1", self.last_status)
+            return
+        if now - self.last_status_at < STATUS_EVERY_S / 4:
             return
         self.last_status_at = now
-        ready = self.supervisor.count(sup.READY)
-        total = len(self.supervisor.slots)
-        line = (
-            f"STATUS={ready}/{total} workers ready, "
-            f"{self.router.queue.size} queued, {self.router.inflight} in flight"
-        )
-        wanted = self.settings.min_ready or total - len(self.supervisor.boot_errors())
-        if not self.announced_ready and ready >= max(1, wanted):
-            self.announced_ready = True
-            self.notifier.notify("READY=1", line)
-            self.last_status = line
-        elif line != self.last_status:
+        line = self._status_line()
+        if line != self.last_status:
             self.notifier.notify(line)
             self.last_status = line
-        if not self.announced_ready:
+        if not self.announced_ready and self.drain_deadline is None:
             # Loading a big model takes minutes: keep systemd's start timeout ahead of us.
             self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000")
+
+    def _enough_ready(self) -> bool:
+        """min_ready slots (default: all) are ready, counting only slots that can start.
+
+        A slot with a boot error or flapping is left out, so one bad card neither
+        holds the unit in "activating" forever nor is hidden: STATUS shows it.
+        """
+        slots = self.supervisor.slots.values()
+        startable = sum(1 for s in slots if s.state != sup.FAILED and s.boot_error is None)
+        wanted = min(self.settings.min_ready or startable, startable)
+        return self.supervisor.count(sup.READY) >= max(1, wanted)
+
+    def _status_line(self) -> str:
+        ready = self.supervisor.count(sup.READY)
+        total = len(self.supervisor.slots)
+        draining = "draining: " if self.router.draining else ""
+        return (
+            f"STATUS={draining}{ready}/{total} workers ready, "
+            f"{self.router.queue.size} queued, {self.router.inflight} in flight"
+        )
 
     def status(self, now: float) -> dict[str, Any]:
         doc = self.router.status(now)
