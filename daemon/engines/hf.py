@@ -508,7 +508,9 @@ def _describe_loaded(
     if pad_id is None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
     device_map = getattr(model, "hf_device_map", None)
-    devices = sorted({str(d) for d in device_map.values()}) if device_map else [device]
+    # accelerate names GPUs by index ("cpu"/"disk" for offloaded layers).
+    placed = {f"cuda:{d}" if isinstance(d, int) else str(d) for d in (device_map or {}).values()}
+    devices = sorted(placed) if placed else [device]
     return _Loaded(
         torch=torch,
         model=model,
