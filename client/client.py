@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 SUBMIT_BATCH = 512  # items per submit frame: big enough to amortise, small enough to interleave
 PING_INTERVAL_S = 2.0
 BUSY_BACKOFF_S = (0.05, 2.0)  # first and largest wait after a busy reply
+# Errors that name items the daemon did not run: the items are sent again, not failed.
+RETRYABLE_CODES = frozenset({P.E_BUSY, P.E_DRAINING})
 SYSTEMD_SOCKET = Path("/run/exgen/exgen.sock")
 
 
@@ -216,9 +218,11 @@ class _Session:
     def _on_error(self, body: dict[str, Any], now: float) -> None:
         code = body.get("code")
         items = body.get("items") or []
-        if code == P.E_BUSY and items:
-            # Not accepted: send the same items again after a growing pause.
-            self.resend.extend(self.outstanding[i].wire for i in items if i in self.outstanding)
+        if code in RETRYABLE_CODES and items:
+            # Not accepted (busy), or handed back unstarted by a daemon that is
+            # stopping (draining): send the same items again after a growing pause,
+            # to this daemon or to the one that replaces it.
+            self._queue_resend(items)
             self.busy_until = now + self.busy_wait
             self.busy_wait = min(self.busy_wait * 2, BUSY_BACKOFF_S[1])
             return
@@ -244,9 +248,17 @@ class _Session:
             return
         if self.instance is not None and instance != self.instance:
             logger.warning("the exgen daemon restarted; resending %d items", len(self.outstanding))
-            queued = {w["id"] for w in self.resend}
-            self.resend.extend(p.wire for i, p in self.outstanding.items() if i not in queued)
+            self._queue_resend(list(self.outstanding))
         self.instance = instance
+
+    def _queue_resend(self, ids: Iterable[str]) -> None:
+        """Queue outstanding items to send again, each once (a submit refuses repeats)."""
+        queued = {w["id"] for w in self.resend}
+        for item_id in ids:
+            pending = self.outstanding.get(item_id)
+            if pending is not None and item_id not in queued:
+                self.resend.append(pending.wire)
+                queued.add(item_id)
 
 
 class _Base:
@@ -287,7 +299,7 @@ class Client(_Base):
         self, address: str | None = None, *, timeout: float | None = 30.0, window: int = 4096
     ) -> None:
         super().__init__(address, timeout, window)
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[Any] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._configure(self._sock)
 
