@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from exgen.daemon import config as cfg
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.timeout(60)
@@ -153,8 +154,7 @@ def test_unit_file_settings_an_operator_relies_on():
     assert not any(line.startswith("PrivateDevices") for line in lines)  # hides the GPUs
     watchdog = int(next(x for x in lines if x.startswith("WatchdogSec=")).split("=")[1])
     stop = int(next(x for x in lines if x.startswith("TimeoutStopSec=")).split("=")[1])
-    example = (ROOT / "systemd" / "exgen.toml").read_text()
-    drain = float(re.search(r"^drain_timeout_s = ([\d.]+)", example, re.M).group(1))  # type: ignore[union-attr]
+    drain = cfg.load_settings(ROOT / "systemd" / "exgen.toml", {}, environ={}).drain_timeout_s
     assert stop > drain + 5, "TimeoutStopSec must leave the drain time to finish"
     assert watchdog >= 10
 
