@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 import subprocess
 
 import pytest
@@ -87,3 +88,23 @@ def test_config_file_from_exgen_config_variable(tmp_path):
     path = misspelt(tmp_path)
     out = exgen("serve", "--engine", "synthetic", env={"EXGEN_CONFIG": str(path)})
     assert out.returncode == 2 and "max_attemps" in out.stderr
+
+
+def test_metrics_port_in_use_is_a_clear_error(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = exgen(
+            "serve",
+            "--engine",
+            "synthetic",
+            "--workers",
+            "1",
+            "--listen",
+            f"ipc://{tmp_path}/exgen.sock",
+            "--metrics",
+            f"127.0.0.1:{port}",
+        )
+    assert out.returncode == 2, out.stderr
+    assert f"metrics endpoint 127.0.0.1:{port}: Address already in use" in out.stderr
