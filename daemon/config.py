@@ -9,11 +9,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 DEFAULT_CONFIG_FILE = Path("/etc/exgen/exgen.toml")
 ENV_PREFIX = "EXGEN_"
