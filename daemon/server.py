@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -48,20 +49,13 @@ class Daemon:
         self.settings = settings
         self.listen = listen
         self.ctx = zmq.Context()
-        self.rundir = Path(tempfile.mkdtemp(prefix="exgen-"))  # mode 0700: workers only
-        backend_address = f"ipc://{self.rundir / 'backend.sock'}"
         self.frontend = self._bind_frontend(listen)
-        self.backend = self.ctx.socket(zmq.ROUTER)
-        self.backend.setsockopt(zmq.LINGER, 0)
-        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.backend.bind(backend_address)
-        self.router = Router(settings, self.frontend, self.backend)
-        self.supervisor = sup.Supervisor(settings, slots, backend_address, engine, model)
-        self.router.on_worker_ready = self.supervisor.mark_ready
-        self.router.on_boot_error = self.supervisor.note_boot_error
-        self.router.status_provider = self.status
-        self.notifier = Notifier()
-        self.metrics = self._start_metrics(settings.metrics_listen)
+        self.rundir = Path(tempfile.mkdtemp(prefix="exgen-"))  # mode 0700: workers only
+        try:
+            self._wire(slots, engine, model)
+        except BaseException:
+            shutil.rmtree(self.rundir, ignore_errors=True)  # a failed start leaves nothing
+            raise
         self.metrics_due = 0.0
         self.signals: list[int] = []
         self.drain_deadline: float | None = None
@@ -70,6 +64,21 @@ class Daemon:
         self.last_status = ""
         self.last_status_at = 0.0
         self.last_watchdog = 0.0
+
+    def _wire(self, slots: list[sup.Slot], engine: str, model: str | None) -> None:
+        backend_address = f"ipc://{self.rundir / 'backend.sock'}"
+        self.backend = self.ctx.socket(zmq.ROUTER)
+        self.backend.setsockopt(zmq.LINGER, 0)
+        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.backend.bind(backend_address)
+        self.router = Router(self.settings, self.frontend, self.backend)
+        self.supervisor = sup.Supervisor(self.settings, slots, backend_address, engine, model)
+        self.router.on_worker_ready = self.supervisor.mark_ready
+        self.router.on_boot_error = self.supervisor.note_boot_error
+        self.supervisor.did_work = self.router.did_work
+        self.router.status_provider = self.status
+        self.notifier = Notifier()
+        self.metrics = self._start_metrics(self.settings.metrics_listen)
 
     # --- sockets ---------------------------------------------------------------------
 
@@ -149,7 +158,9 @@ class Daemon:
         self.router.handle_frontend(now)
         self.router.handle_backend(now)
         for exit_ in self.supervisor.reap_workers(now):
-            self.router.worker_lost(exit_.slot, exit_.pid, exit_.cause, exit_.crashed)
+            self.router.worker_lost(
+                exit_.slot, exit_.pid, exit_.cause, exit_.crashed, exit_.blames_work
+            )
         if self.drain_deadline is None:
             self._kill_unresponsive(now)
             self.supervisor.restart_due(now)
