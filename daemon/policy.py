@@ -75,7 +75,20 @@ def restart_delay(recent_deaths: int, base_s: float, cap_s: float) -> float:
     return float(min(cap_s, base_s * 2 ** (recent_deaths - 1)))
 
 
-def describe_exit(returncode: int) -> str:
+def death_blames_work(returncode: int, killed_by_us: bool, oom_kill_seen: bool | None) -> bool:
+    """Whether a worker's death counts against the items it held (towards max_attempts).
+
+    It does unless the death says nothing about the work: a SIGKILL the daemon did
+    not send while the kernel's OOM-kill counter stood still was sent by a person or
+    a script (``kill -9``), not caused by a prompt. ``oom_kill_seen`` None (the
+    counter cannot be read) keeps the cautious answer: it counts. Our own kills
+    (hung, frozen) count: the work on board is what wedged the engine.
+    """
+    external_sigkill = returncode == -signal.SIGKILL and not killed_by_us
+    return not (external_sigkill and oom_kill_seen is False)
+
+
+def describe_exit(returncode: int, oom_kill_seen: bool | None = None) -> str:
     """A death in words: the exit code or the signal, with the likely cause."""
     if returncode < 0:
         signum = -returncode
@@ -84,7 +97,11 @@ def describe_exit(returncode: int) -> str:
         except ValueError:
             name = f"signal {signum}"
         if signum == signal.SIGKILL:
-            return f"killed by {name} (out of memory, or killed by hand?)"
+            if oom_kill_seen is None:
+                return f"killed by {name} (out of memory, or killed by hand?)"
+            if oom_kill_seen:
+                return f"killed by {name} (the kernel's OOM killer acted: out of memory?)"
+            return f"killed by {name} (from outside: not the OOM killer)"
         if signum == signal.SIGSEGV:
             return f"killed by {name} (a crash in native code)"
         return f"killed by {name}"

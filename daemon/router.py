@@ -10,6 +10,11 @@
 - Probation: an item that was on board two crashed workers runs alone on one
   worker (drained first), so a poison prompt is pinned down without costing the
   items that happened to share its batch.
+- Blame: only a death that could have been caused by the work counts towards an
+  item's max_attempts. A ``kill -9`` from outside (a SIGKILL we did not send while
+  the kernel's OOM-kill counter stood still) requeues the items as they were:
+  under random kills an innocent item would otherwise, now and then, be failed as
+  poison after three unlucky kills (measured with bench/chaos.py).
 """
 
 from __future__ import annotations
@@ -494,7 +499,14 @@ class Router:
 
     # --- liveness ----------------------------------------------------------------
 
-    def worker_lost(self, slot: int, pid: int, cause: str, crashed: bool) -> None:
+    def did_work(self, slot: int, pid: int) -> bool:
+        """Whether this slot's worker ``pid`` finished any item (it was not crash-looping)."""
+        worker = self.workers.get(slot)
+        return worker is not None and worker.pid == pid and worker.completed + worker.failed > 0
+
+    def worker_lost(
+        self, slot: int, pid: int, cause: str, crashed: bool, blames_work: bool = True
+    ) -> None:
         """A worker process is gone: its items go back first, or fail if poison."""
         worker = self.workers.get(slot)
         if worker is None or worker.pid != pid:
@@ -513,7 +525,7 @@ class Router:
             if entry is None:
                 continue
             entry.worker = None
-            if crashed:
+            if crashed and blames_work:
                 entry.attempts += 1
                 entry.causes.append(cause)
             if entry.attempts >= self.settings.max_attempts:

@@ -4,6 +4,8 @@ A slot is a stable id (its GPU or GPU group) whose process comes and goes. Each
 tick the daemon asks the supervisor to reap exits, and to start whatever is due;
 restarts back off exponentially on deaths within the flapping window, commanded
 stops are not counted as deaths, and a boot error (exit code 3) is never retried.
+A worker that finished work before it died was not crash-looping: its death starts
+the back-off over.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from exgen.daemon import policy
 from exgen.daemon.config import Settings
@@ -28,6 +32,8 @@ READY = "ready"
 RESTARTING = "restarting"
 FAILED = "failed"
 STOPPED = "stopped"
+
+VMSTAT = Path("/proc/vmstat")
 
 
 @dataclass(slots=True)
@@ -60,6 +66,19 @@ class Exit:
     pid: int
     cause: str
     crashed: bool  # neither commanded nor a boot error
+    blames_work: bool = True  # counts against the items on board (policy.death_blames_work)
+
+
+def read_oom_kills(vmstat: Path = VMSTAT) -> int | None:
+    """The kernel's count of OOM kills (global and cgroup); None where unreadable."""
+    try:
+        for line in vmstat.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == "oom_kill":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def plan_slots(settings: Settings, gpu_slots: list[list[int]] | None) -> list[Slot]:
@@ -78,6 +97,9 @@ class Supervisor:
         self.backend = backend
         self.engine = engine
         self.model = model
+        self.oom_kills = read_oom_kills()
+        # Set by the daemon: whether the worker (slot, pid) finished any work.
+        self.did_work: Callable[[int, int], bool] = lambda slot, pid: False
 
     def start_all(self) -> None:
         for slot in self.slots.values():
@@ -125,16 +147,33 @@ class Supervisor:
             slot.boot_error = message
 
     def reap_workers(self, now: float) -> list[Exit]:
+        exited = [
+            s for s in self.slots.values() if s.proc is not None and s.proc.poll() is not None
+        ]
+        if not exited:
+            return []
+        oom_kill_seen = self._oom_kill_seen()
         exits = []
-        for slot in self.slots.values():
-            if slot.proc is None or slot.proc.poll() is None:
-                continue
-            exits.append(self._on_exit(slot, slot.proc.pid, slot.proc.returncode, now))
+        for slot in exited:
+            assert slot.proc is not None
+            pid, returncode = slot.proc.pid, slot.proc.returncode
+            exits.append(self._on_exit(slot, pid, returncode, oom_kill_seen, now))
         return exits
 
-    def _on_exit(self, slot: Slot, pid: int, returncode: int, now: float) -> Exit:
+    def _oom_kill_seen(self) -> bool | None:
+        """Did the kernel OOM-kill anything since we last looked? None: cannot tell."""
+        before, self.oom_kills = self.oom_kills, read_oom_kills()
+        if before is None or self.oom_kills is None:
+            return None
+        return self.oom_kills > before
+
+    def _on_exit(
+        self, slot: Slot, pid: int, returncode: int, oom_kill_seen: bool | None, now: float
+    ) -> Exit:
         slot.proc = None
-        cause = slot.kill_cause or policy.describe_exit(returncode)
+        cause = slot.kill_cause or policy.describe_exit(returncode, oom_kill_seen)
+        killed_by_us = slot.kill_cause is not None
+        blames_work = policy.death_blames_work(returncode, killed_by_us, oom_kill_seen)
         slot.last_exit = cause
         if slot.stopping:
             slot.state = STOPPED
@@ -147,7 +186,7 @@ class Supervisor:
                 "exit slot %d pid %d: boot error: %s — not restarting", slot.id, pid, reason
             )
             return Exit(slot.id, pid, f"boot error: {reason}", crashed=False)
-        self._schedule_restart(slot, now)
+        self._schedule_restart(slot, now, productive=self.did_work(slot.id, pid))
         logger.warning(
             "exit slot %d pid %d: %s — restart %d in %.1fs",
             slot.id,
@@ -156,9 +195,11 @@ class Supervisor:
             slot.restarts + 1,
             slot.next_start_at - now,
         )
-        return Exit(slot.id, pid, cause, crashed=True)
+        return Exit(slot.id, pid, cause, crashed=True, blames_work=blames_work)
 
-    def _schedule_restart(self, slot: Slot, now: float) -> None:
+    def _schedule_restart(self, slot: Slot, now: float, productive: bool) -> None:
+        if productive:
+            slot.deaths.clear()
         slot.deaths.append(now)
         while slot.deaths and now - slot.deaths[0] > self.settings.flap_window_s:
             slot.deaths.popleft()

@@ -1,0 +1,170 @@
+"""Supervisor lifecycle policy with fake processes: back-off, flapping, commanded
+stops, boot errors, and which deaths count against the work on board."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exgen.daemon import policy
+from exgen.daemon import supervisor as sup
+from exgen.daemon.config import Settings
+
+
+class FakeProc:
+    _next_pid = 1000
+
+    def __init__(self) -> None:
+        FakeProc._next_pid += 1
+        self.pid = FakeProc._next_pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        self.returncode = -sig
+
+
+def make(settings: Settings | None = None) -> sup.Supervisor:
+    supervisor = sup.Supervisor(
+        settings or Settings(restart_backoff_s=0.5, restart_backoff_max_s=4.0),
+        [sup.Slot(0, None)],
+        "ipc://unused",
+        "synthetic",
+        None,
+    )
+    supervisor.oom_kills = None  # the host's counter is not part of these tests
+
+    def spawn(slot: sup.Slot) -> None:
+        slot.proc = FakeProc()  # type: ignore[assignment]
+        slot.state = sup.STARTING
+
+    supervisor.spawn_worker = spawn  # type: ignore[method-assign]
+    supervisor.start_all()
+    return supervisor
+
+
+def die(supervisor: sup.Supervisor, now: float, returncode: int = 70) -> sup.Exit:
+    slot = supervisor.slots[0]
+    assert slot.proc is not None
+    slot.proc.returncode = returncode
+    [exit_] = supervisor.reap_workers(now)
+    return exit_
+
+
+def test_restarts_back_off_exponentially_up_to_the_cap_then_show_failed():
+    supervisor = make()
+    slot = supervisor.slots[0]
+    delays = []
+    now = 0.0
+    for _ in range(7):
+        die(supervisor, now)
+        delays.append(slot.next_start_at - now)
+        now = slot.next_start_at
+        supervisor.restart_due(now)
+        assert slot.proc is not None, "restarted when due"
+    assert delays == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0]
+    assert slot.state == sup.STARTING  # restarted; its history still says flapping
+    die(supervisor, now)
+    assert slot.state == sup.FAILED, "five or more deaths in the window: shown as failed"
+
+
+def test_not_restarted_before_its_delay():
+    supervisor = make()
+    die(supervisor, 10.0)
+    supervisor.restart_due(10.2)
+    assert supervisor.slots[0].proc is None
+    supervisor.restart_due(10.5)
+    assert supervisor.slots[0].proc is not None
+
+
+def test_a_worker_that_did_work_starts_the_back_off_over():
+    supervisor = make()
+    slot = supervisor.slots[0]
+    for now in (0.0, 1.0, 3.0):
+        die(supervisor, now)
+        supervisor.restart_due(now + 10)
+    supervisor.did_work = lambda slot_id, pid: True
+    die(supervisor, 20.0)
+    assert slot.next_start_at - 20.0 == 0.5
+    assert slot.state == sup.RESTARTING
+
+
+def test_deaths_outside_the_flap_window_are_forgotten():
+    supervisor = make(Settings(restart_backoff_s=0.5, flap_window_s=60.0))
+    slot = supervisor.slots[0]
+    die(supervisor, 0.0)
+    supervisor.restart_due(1.0)
+    die(supervisor, 100.0)
+    assert slot.next_start_at - 100.0 == 0.5
+
+
+def test_a_commanded_stop_is_not_a_crash():
+    supervisor = make()
+    supervisor.stop_all(signal.SIGTERM)
+    [exit_] = supervisor.reap_workers(1.0)
+    slot = supervisor.slots[0]
+    assert not exit_.crashed
+    assert slot.state == sup.STOPPED and not slot.deaths
+    supervisor.restart_due(100.0)
+    assert slot.proc is None, "a stopped slot is not restarted"
+
+
+def test_a_boot_error_is_never_retried():
+    supervisor = make()
+    supervisor.note_boot_error(0, "no such model")
+    exit_ = die(supervisor, 0.0, returncode=policy.EXIT_BOOT_ERROR)
+    assert not exit_.crashed and "no such model" in exit_.cause
+    supervisor.restart_due(1000.0)
+    assert supervisor.slots[0].proc is None
+    assert supervisor.all_boot_failed
+
+
+def test_our_own_kill_names_its_cause_and_blames_the_work():
+    supervisor = make()
+    pid = supervisor.slots[0].pid
+    assert pid is not None
+    supervisor.kill_worker(0, pid, "no progress for 5s (engine hung?)")
+    [exit_] = supervisor.reap_workers(1.0)
+    assert exit_.cause == "no progress for 5s (engine hung?)"
+    assert exit_.crashed and exit_.blames_work
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "blamed", "words"),
+    [
+        (5, 5, False, "from outside"),  # kill -9 by hand: not the prompt's fault
+        (5, 6, True, "OOM killer"),  # the kernel killed something: maybe the prompt
+        (None, None, True, "killed by hand?"),  # cannot tell: count it
+    ],
+)
+def test_an_outside_sigkill_blames_the_work_only_if_it_may_be_oom(
+    monkeypatch, before, after, blamed, words
+):
+    supervisor = make()
+    supervisor.oom_kills = before
+    monkeypatch.setattr(sup, "read_oom_kills", lambda: after)
+    exit_ = die(supervisor, 0.0, returncode=-signal.SIGKILL)
+    assert exit_.crashed and exit_.blames_work is blamed
+    assert words in exit_.cause
+
+
+@pytest.mark.parametrize("returncode", [70, 1, -signal.SIGSEGV, -signal.SIGABRT])
+def test_deaths_from_inside_always_blame_the_work(returncode):
+    assert policy.death_blames_work(returncode, killed_by_us=False, oom_kill_seen=False)
+
+
+def test_read_oom_kills(tmp_path: Path):
+    vmstat = tmp_path / "vmstat"
+    vmstat.write_text("pgfault 12\noom_kill 7\nthp 0\n")
+    assert sup.read_oom_kills(vmstat) == 7
+    assert sup.read_oom_kills(tmp_path / "missing") is None
+
+
+def test_read_oom_kills_on_this_machine_is_an_int_or_none():
+    value: Any = sup.read_oom_kills()
+    assert value is None or value >= 0
