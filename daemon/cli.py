@@ -69,6 +69,19 @@ def main() -> None:
 @click.option(
     "--max-attempts", type=int, help="Worker crashes an item may cause before it fails (default 3)."
 )
+@click.option(
+    "--heartbeat-timeout",
+    "heartbeat_timeout_s",
+    type=float,
+    help="Seconds without a heartbeat before a worker is killed as frozen (default 10).",
+)
+@click.option(
+    "--progress-timeout",
+    "progress_timeout_s",
+    type=float,
+    help="Seconds a worker with work may go without progress before it is killed as hung "
+    "(default 300).",
+)
 @click.option("--metrics", "metrics_listen", help="Prometheus endpoint HOST:PORT (default: off).")
 @click.option("--log-level", type=click.Choice(LEVELS), help="Log level (default: info).")
 def serve(config_file: Path | None, engine_opt: tuple[str, ...], **options: Any) -> None:
