@@ -68,6 +68,27 @@ def pick_idle(loads: Sequence[WorkerLoad]) -> int | None:
     return None
 
 
+REQUEUE = "requeue"
+PROBATION = "probation"
+FAIL = "fail"
+ISOLATE_AFTER_ATTEMPTS = 2
+
+
+def poison_verdict(attempts: int, max_attempts: int, alone: bool) -> str:
+    """What to do with an item whose worker died (``attempts`` counts that death).
+
+    Two shared deaths (one, if max_attempts is 2) put an item on probation: it runs
+    alone. It fails only once it has used up max_attempts *and* the last death came
+    while it ran alone, so the items that merely shared a poison prompt's batch are
+    never failed with it. max_attempts 1 means no second chance for anyone.
+    """
+    if attempts >= max_attempts and (alone or max_attempts == 1):
+        return FAIL
+    if attempts > 0 and attempts >= min(ISOLATE_AFTER_ATTEMPTS, max_attempts - 1):
+        return PROBATION
+    return REQUEUE
+
+
 def restart_delay(recent_deaths: int, base_s: float, cap_s: float) -> float:
     """Exponential back-off on deaths within the flapping window: base, 2×base, … ≤ cap."""
     if recent_deaths <= 0:

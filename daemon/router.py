@@ -36,7 +36,6 @@ from exgen.daemon.config import Settings
 logger = logging.getLogger("exgen.router")
 
 MAX_FRAMES_PER_TICK = 2000  # messages read from one socket before doing anything else
-ISOLATE_AFTER_ATTEMPTS = 2
 
 
 @dataclass(slots=True)
@@ -520,6 +519,7 @@ class Router:
         if self.isolating == slot:
             self.isolating = None
         requeue: list[int] = []
+        alone = len(worker.outstanding) == 1
         for key in sorted(worker.outstanding):
             entry = self.entries.get(key)
             if entry is None:
@@ -528,9 +528,10 @@ class Router:
             if crashed and blames_work:
                 entry.attempts += 1
                 entry.causes.append(cause)
-            if entry.attempts >= self.settings.max_attempts:
+            verdict = policy.poison_verdict(entry.attempts, self.settings.max_attempts, alone)
+            if verdict == policy.FAIL:
                 self._fail_poison(entry)
-            elif entry.attempts >= ISOLATE_AFTER_ATTEMPTS:
+            elif verdict == policy.PROBATION:
                 self.probation.append(key)
             else:
                 requeue.append(key)

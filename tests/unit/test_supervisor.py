@@ -168,3 +168,22 @@ def test_read_oom_kills(tmp_path: Path):
 def test_read_oom_kills_on_this_machine_is_an_int_or_none():
     value: Any = sup.read_oom_kills()
     assert value is None or value >= 0
+
+
+@pytest.mark.parametrize(
+    ("attempts", "max_attempts", "alone", "verdict"),
+    [
+        (0, 3, False, policy.REQUEUE),  # an outside kill: nothing counted
+        (1, 3, False, policy.REQUEUE),
+        (2, 3, False, policy.PROBATION),  # two shared deaths: run it alone
+        (3, 3, True, policy.FAIL),  # died alone the third time: poison
+        (3, 3, False, policy.PROBATION),  # shared: a solo run decides, not its batch-mates
+        (1, 2, False, policy.PROBATION),
+        (2, 2, True, policy.FAIL),
+        (1, 1, False, policy.FAIL),  # no retries asked for
+        (5, 5, True, policy.FAIL),
+        (4, 5, True, policy.PROBATION),
+    ],
+)
+def test_poison_verdict(attempts, max_attempts, alone, verdict):
+    assert policy.poison_verdict(attempts, max_attempts, alone) == verdict
