@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MODES = ("static",)
-DEFAULT_BATCH_CPU = 8
+DEFAULT_BATCH_CPU = 16  # CPU tokens/s grows with batch: 12.5 at 1, ~100 at 16 (2 cores)
 DEFAULT_BATCH_GPU = 32
 
 OPTIONS: dict[str, tuple[type, Any]] = {
