@@ -56,6 +56,27 @@ def default_model_path() -> Path:
     raise ModelNotFound(f"the default model is not installed: {DEMO_INSTALL}")
 
 
+def cache_dir() -> Path:
+    """Where converted models are kept: EXGEN_CACHE_DIR, systemd's CACHE_DIRECTORY,
+    $XDG_CACHE_HOME/exgen, else ~/.cache/exgen."""
+    for variable in ("EXGEN_CACHE_DIR", "CACHE_DIRECTORY"):
+        value = os.environ.get(variable)
+        if value:
+            return Path(value.split(":")[0]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "exgen"
+
+
+def converted_dir(gguf: Path, variant: str) -> Path:
+    """The cache directory for a GGUF file converted to safetensors.
+
+    Keyed by the file's name, size and modification time, so a replaced file is
+    converted again, and by ``variant`` (the dtype it was saved in).
+    """
+    info = gguf.stat()
+    return cache_dir() / "converted" / f"{gguf.stem}-{info.st_size}-{info.st_mtime_ns}-{variant}"
+
+
 def models_dir() -> Path:
     """EXGEN_MODELS_DIR, else the checkout's models/ (running from source), else /var/lib."""
     env = os.environ.get("EXGEN_MODELS_DIR")

@@ -32,8 +32,11 @@ completed the stop string.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +75,9 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     "device_map": (str, "auto"),  # used when the slot sees several GPUs
     "threads": (int, 0),  # torch.set_num_threads; 0 leaves torch's default
     "mode": (str, "static"),
+    # Convert a GGUF once to safetensors in the cache: later loads take seconds, not
+    # the half minute GGUF parsing and tokenizer conversion cost every time.
+    "gguf_cache": (bool, True),
 }
 
 
@@ -119,7 +125,10 @@ class TransformersEngine(Engine):
             torch.set_num_threads(self._opts["threads"])
         device, device_map = _placement(torch, self._opts["device_map"])
         dtype = _pick_dtype(torch, self._opts["dtype"], device)
-        tokenizer, model = _load_pretrained(transformers, path, dtype, device, device_map)
+        source = path
+        if self._opts["gguf_cache"]:
+            source = _cached_conversion(transformers, path, dtype)
+        tokenizer, model = _load_pretrained(transformers, source, dtype, device, device_map)
         self._state = _describe_loaded(torch, model, tokenizer, path, device, dtype)
         default_batch = DEFAULT_BATCH_CPU if device == "cpu" else DEFAULT_BATCH_GPU
         self._batch_limit = self._opts["batch_size"] or default_batch
@@ -498,6 +507,43 @@ def _load_pretrained(
         ) from None
     model.eval()
     return tokenizer, model
+
+
+def _cached_conversion(transformers: Any, path: Path, dtype: Any) -> Path:
+    """For a GGUF model: a safetensors copy in the cache, made once (under a lock, as
+    several workers start together); for anything else: the path itself."""
+    _, gguf_file = _split_gguf(path)
+    if gguf_file is None:
+        return path
+    gguf = path if path.is_file() else path / gguf_file
+    target = modelstore.converted_dir(gguf, str(dtype).removeprefix("torch."))
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with (target.parent / f".{target.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (target / "config.json").is_file():
+            _convert_gguf(transformers, path, dtype, target)
+    return target
+
+
+def _convert_gguf(transformers: Any, path: Path, dtype: Any, target: Path) -> None:
+    started = time.monotonic()
+    tokenizer, model = _load_pretrained(transformers, path, dtype, "cpu", None)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tokenizer.save_pretrained(partial)
+        # The weights are plain tensors by now (dequantised on load), but transformers
+        # still calls the model "gguf-quantised" and refuses to save it: say otherwise.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(partial)
+        partial.rename(target)  # atomic: readers see all of it or nothing
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    logger.info("converted %s to %s in %.1fs (once)", path.name, target, time.monotonic() - started)
 
 
 def _describe_loaded(
