@@ -28,6 +28,7 @@ from exgen.client import batchfile as B
 from exgen.client import errors
 from exgen.client import protocol as P
 from exgen.client.client import Client, Result, default_address
+from exgen.client.keys import CurveKeys
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def connection_options(func: F) -> F:
     func = click.option(
+        "--client-key",
+        type=click.Path(dir_okay=False, path_type=Path),
+        expose_value=False,
+        callback=_remember_key,
+        help="This client's secret key file, for a daemon that requires CURVE "
+        "(default: $EXGEN_CLIENT_KEY; see `exgen keygen`).",
+    )(func)
+    func = click.option(
+        "--server-key",
+        type=click.Path(dir_okay=False, path_type=Path),
+        expose_value=False,
+        callback=_remember_key,
+        help="The daemon's public key file (default: $EXGEN_SERVER_KEY).",
+    )(func)
+    func = click.option(
         "--timeout",
         type=click.FloatRange(min=0, min_open=True),
         default=30.0,
@@ -59,6 +75,25 @@ def connection_options(func: F) -> F:
         default=None,
         help="Daemon address (default: $EXGEN_ADDRESS, else the local socket).",
     )(func)
+
+
+def _remember_key(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    ctx.meta[f"exgen.{param.name}"] = value
+
+
+def open_client(address: str, timeout: float) -> Client:
+    """A Client with the CURVE keys given as options (else the environment's)."""
+    meta = click.get_current_context().meta
+    server_key, client_key = meta.get("exgen.server_key"), meta.get("exgen.client_key")
+    try:
+        if server_key is None and client_key is None:
+            return Client(address, timeout=timeout)
+        if server_key is None or client_key is None:
+            raise click.UsageError("--server-key and --client-key go together")
+        curve = CurveKeys.from_files(server_key, client_key)
+    except errors.BadKeyFile as exc:
+        fail(str(exc), EXIT_USAGE)
+    return Client(address, timeout=timeout, curve=curve)
 
 
 def sampling_options(func: F) -> F:
@@ -235,7 +270,7 @@ def submit(
         raise click.BadParameter(f"{prompts!r} is not a file", param_hint="PROMPTS")
     address = address or default_address()
     show_bar = sys.stderr.isatty() if progress is None else progress
-    with daemon_errors(address, timeout), Client(address, timeout=timeout) as client:
+    with daemon_errors(address, timeout), open_client(address, timeout) as client:
         # Ask first: an unreachable daemon fails fast, before the output is touched.
         model = str(client.status().get("model") or B.DEFAULT_MODEL_NAME)
         done = B.prepare_resume(output).done if resume and output else set()
@@ -372,7 +407,7 @@ def generate(
         prompt = [{"role": "system", "content": system}] if system is not None else []
         prompt.append({"role": "user", "content": text})
     address = address or default_address()
-    with daemon_errors(address, timeout), Client(address, timeout=timeout) as client:
+    with daemon_errors(address, timeout), open_client(address, timeout) as client:
         if stream:
             for chunk in client.stream(prompt, **params):
                 click.echo(chunk, nl=False)
@@ -406,7 +441,7 @@ STATUS_COLUMNS = (
 def status(as_json: bool, address: str | None, timeout: float) -> None:
     """Show the daemon's workers, queue and uptime."""
     address = address or default_address()
-    with daemon_errors(address, timeout), Client(address, timeout=timeout) as client:
+    with daemon_errors(address, timeout), open_client(address, timeout) as client:
         doc = client.status()
     doc.pop("req", None)  # the reply's correlation id, not part of the document
     if as_json:

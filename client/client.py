@@ -32,6 +32,7 @@ import zmq.asyncio
 
 from exgen.client import errors
 from exgen.client import protocol as P
+from exgen.client.keys import CurveKeys
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +177,10 @@ class _Session:
             self.outstanding[wire["id"]].sent_at = now
         return {"req": uuid.uuid4().hex, "items": batch, "stream": self.stream}
 
+    def unsent(self, body: dict[str, Any]) -> None:
+        """A submit that could not leave (no daemon connected): its items go out again."""
+        self.resend.extendleft(reversed(body["items"]))
+
     def _next_valid_item(self) -> dict[str, Any] | None:
         """Take one item from the source; a bad one becomes an error Result at once."""
         try:
@@ -262,10 +267,14 @@ class _Session:
 
 
 class _Base:
-    def __init__(self, address: str | None, timeout: float | None, window: int) -> None:
+    def __init__(
+        self, address: str | None, timeout: float | None, window: int, curve: CurveKeys | None
+    ) -> None:
         self.address = address or default_address()
         self.timeout = timeout
         self.window = window
+        # CURVE (a daemon listening beyond this machine): given, else from the environment.
+        self.curve = curve if curve is not None else CurveKeys.from_env()
         # A fixed identity, so that replies still find us after ZMQ reconnects.
         self.identity = f"c-{uuid.uuid4().hex}".encode()
         self._req_counter = itertools.count()
@@ -278,7 +287,12 @@ class _Base:
         sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if self.curve is not None:
+            self.curve.apply(sock)
         sock.connect(self.address)
+
+    # Sends never block: a DEALER with no daemon connected (down, restarting, or one
+    # that refused our CURVE keys) would otherwise wait forever, past any timeout.
 
     def _check_alive(self, last_heard: float, now: float) -> None:
         if self.timeout is not None and now - last_heard > self.timeout:
@@ -293,12 +307,20 @@ class Client(_Base):
 
     ``timeout``: how long the daemon may stay silent (it answers pings every
     couple of seconds while work is in progress) before :class:`errors.Timeout`.
+    ``curve``: keys for a daemon that requires CURVE (:class:`exgen.client.keys.CurveKeys`;
+    default: from $EXGEN_SERVER_KEY and $EXGEN_CLIENT_KEY when set). A daemon that
+    does not accept the keys never answers: the symptom is :class:`errors.Timeout`.
     """
 
     def __init__(
-        self, address: str | None = None, *, timeout: float | None = 30.0, window: int = 4096
+        self,
+        address: str | None = None,
+        *,
+        timeout: float | None = 30.0,
+        window: int = 4096,
+        curve: CurveKeys | None = None,
     ) -> None:
-        super().__init__(address, timeout, window)
+        super().__init__(address, timeout, window, curve)
         self._ctx: zmq.Context[Any] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._configure(self._sock)
@@ -350,14 +372,25 @@ class Client(_Base):
         return self._request(P.PING, {}, P.PONG)
 
     def cancel(self, ids: Iterable[str]) -> None:
-        self._sock.send_multipart(P.pack(P.CANCEL, {"ids": list(ids)}))
+        """Best effort: a cancel that cannot be sent now is dropped."""
+        self._send(P.pack(P.CANCEL, {"ids": list(ids)}))
 
     # --- internals ----------------------------------------------------------------
 
+    def _send(self, frames: list[bytes]) -> bool:
+        try:
+            self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
     def _request(self, command: bytes, body: dict[str, Any], expect: bytes) -> dict[str, Any]:
         req = f"q{next(self._req_counter)}"
-        self._sock.send_multipart(P.pack(command, {**body, "req": req}))
+        frames = P.pack(command, {**body, "req": req})
         deadline = time.monotonic() + (self.timeout if self.timeout is not None else 1e9)
+        while not self._send(frames):
+            self._check_alive(deadline - (self.timeout or 0.0), time.monotonic())
+            time.sleep(0.05)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._sock.poll(remaining * 1000):
@@ -378,7 +411,9 @@ class Client(_Base):
             now = time.monotonic()
             body = session.next_submit(now)
             while body is not None:
-                self._sock.send_multipart(P.pack(P.SUBMIT, body))
+                if not self._send(P.pack(P.SUBMIT, body)):
+                    session.unsent(body)
+                    break
                 body = session.next_submit(now)
             while session.chunks:
                 yield "chunk", session.chunks.popleft()
@@ -394,7 +429,7 @@ class Client(_Base):
                 now = time.monotonic()
                 self._check_alive(last_heard, now)
                 if now - last_ping > PING_INTERVAL_S:
-                    self._sock.send_multipart(P.pack(P.PING, {}))
+                    self._send(P.pack(P.PING, {}))
                     last_ping = now
 
     def _receive_one(self, session: _Session) -> None:
@@ -409,9 +444,14 @@ class AsyncClient(_Base):
     """The asyncio twin of :class:`Client`; same methods, awaited."""
 
     def __init__(
-        self, address: str | None = None, *, timeout: float | None = 30.0, window: int = 4096
+        self,
+        address: str | None = None,
+        *,
+        timeout: float | None = 30.0,
+        window: int = 4096,
+        curve: CurveKeys | None = None,
     ) -> None:
-        super().__init__(address, timeout, window)
+        super().__init__(address, timeout, window, curve)
         self._ctx: zmq.asyncio.Context = zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._configure(self._sock)
@@ -465,13 +505,24 @@ class AsyncClient(_Base):
         return await self._request(P.PING, {}, P.PONG)
 
     async def cancel(self, ids: Iterable[str]) -> None:
-        await self._sock.send_multipart(P.pack(P.CANCEL, {"ids": list(ids)}))
+        """Best effort: a cancel that cannot be sent now is dropped."""
+        await self._send(P.pack(P.CANCEL, {"ids": list(ids)}))
+
+    async def _send(self, frames: list[bytes]) -> bool:
+        try:
+            await self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
 
     async def _request(self, command: bytes, body: dict[str, Any], expect: bytes) -> dict[str, Any]:
         req = f"q{next(self._req_counter)}"
+        frames = P.pack(command, {**body, "req": req})
         async with self._lock:
-            await self._sock.send_multipart(P.pack(command, {**body, "req": req}))
             started = time.monotonic()
+            while not await self._send(frames):
+                self._check_alive(started, time.monotonic())
+                await asyncio.sleep(0.05)
             while True:
                 if not await self._sock.poll(200):
                     self._check_alive(started, time.monotonic())
@@ -491,7 +542,9 @@ class AsyncClient(_Base):
             now = time.monotonic()
             body = session.next_submit(now)
             while body is not None:
-                await self._sock.send_multipart(P.pack(P.SUBMIT, body))
+                if not await self._send(P.pack(P.SUBMIT, body)):
+                    session.unsent(body)
+                    break
                 body = session.next_submit(now)
             while session.chunks:
                 yield "chunk", session.chunks.popleft()
@@ -511,5 +564,5 @@ class AsyncClient(_Base):
                 now = time.monotonic()
                 self._check_alive(last_heard, now)
                 if now - last_ping > PING_INTERVAL_S:
-                    await self._sock.send_multipart(P.pack(P.PING, {}))
+                    await self._send(P.pack(P.PING, {}))
                     last_ping = now

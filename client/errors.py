@@ -4,6 +4,7 @@
     ├── ConnectionFailed            the daemon could not be reached / went away
     │   └── Timeout                 no answer within the client's timeout
     ├── ProtocolMismatch            the peer speaks another protocol version, or garbage
+    ├── BadKeyFile                  a CURVE key file that cannot be used (client.keys)
     └── RequestFailed               the daemon answered with an error (``code``)
         ├── BadRequest              a field is invalid (``field`` names it)
         │   └── PromptTooLong       prompt + max_new_tokens exceed the model's context
@@ -38,6 +39,10 @@ class Timeout(ConnectionFailed):
 
 class ProtocolMismatch(ExgenError):
     """The peer sent something that is not this protocol version."""
+
+
+class BadKeyFile(ExgenError, ValueError):
+    """A CURVE key file that is missing, unreadable, or the wrong half of a pair."""
 
 
 class RequestFailed(ExgenError):

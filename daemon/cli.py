@@ -55,6 +55,17 @@ def main() -> None:
 )
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
 @click.option(
+    "--curve-secret-key",
+    type=click.Path(dir_okay=False),
+    help="The daemon's secret key file (NAME.key_secret from `exgen keygen`): clients must "
+    "then authenticate with CURVE.",
+)
+@click.option(
+    "--curve-allowed-dir",
+    type=click.Path(file_okay=False),
+    help="Directory of the public keys (*.key) of clients allowed in; SIGHUP re-reads it.",
+)
+@click.option(
     "--insecure",
     is_flag=True,
     default=None,
@@ -99,11 +110,16 @@ def serve(config_file: Path | None, engine_opt: tuple[str, ...], **options: Any)
 
 def run_daemon(settings: cfg.Settings) -> int:
     from exgen.client.client import user_address
+    from exgen.daemon.curve import CurveSetupError, server_keys
     from exgen.daemon.server import AddressInUse, Daemon
     from exgen.daemon.supervisor import plan_slots
 
     listen = settings.listen or user_address()
     check_listen_security(listen, settings)
+    try:
+        server_keys(settings)  # unusable keys: one line now, before anything starts
+    except CurveSetupError as exc:
+        raise CliError(str(exc)) from None
     engine, model = resolve_engine_and_model(settings)
     gpu_slots = cfg.parse_gpus(settings.gpus) if settings.gpus else None
     if gpu_slots is None and settings.workers is None and engine != "synthetic":
@@ -119,7 +135,7 @@ def run_daemon(settings: cfg.Settings) -> int:
     )
     try:
         daemon = Daemon(settings, listen, slots, engine, model)
-    except AddressInUse as exc:
+    except (AddressInUse, CurveSetupError) as exc:
         raise CliError(str(exc)) from None
     return daemon.run()
 
@@ -189,6 +205,38 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+# --- keygen -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("name")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Where to write the key files.",
+)
+def keygen(name: str, directory: Path) -> None:
+    """Write a CURVE key pair: NAME.key (public, to share) and NAME.key_secret (private).
+
+    For the daemon: `exgen serve --curve-secret-key server.key_secret --curve-allowed-dir
+    clients/`. For each client: copy its NAME.key into the daemon's clients/ directory,
+    and give it the daemon's server.key: `exgen-client --server-key server.key
+    --client-key NAME.key_secret` (or $EXGEN_SERVER_KEY and $EXGEN_CLIENT_KEY).
+    """
+    from exgen.daemon.curve import keygen as write_keys
+
+    if not name or "/" in name or name.startswith("."):
+        raise CliError(f"key name {name!r}: use a plain file name")
+    for suffix in (".key", ".key_secret"):
+        if (directory / f"{name}{suffix}").exists():
+            raise CliError(f"{directory / (name + suffix)} already exists; not overwriting it")
+    public, secret = write_keys(directory, name)
+    click.echo(f"public key: {public}\nsecret key: {secret} (keep it private)")
 
 
 # --- models -----------------------------------------------------------------------------

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from exgen.client import protocol as P
+from exgen.daemon import curve
 from exgen.daemon import supervisor as sup
 from exgen.daemon.config import Settings
 from exgen.daemon.router import Router
@@ -49,6 +51,7 @@ class Daemon:
         self.settings = settings
         self.listen = listen
         self.ctx = zmq.Context()
+        self.auth: ThreadAuthenticator | None = None
         self.frontend = self._bind_frontend(listen)
         self.rundir = Path(tempfile.mkdtemp(prefix="exgen-"))  # mode 0700: workers only
         try:
@@ -89,6 +92,7 @@ class Daemon:
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client keeps its identity
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        self.auth = curve.secure_frontend(self.ctx, sock, self.settings)
         if listen.startswith("ipc://"):
             self._prepare_ipc(Path(listen[len("ipc://") :]))
         sock.bind(listen)
@@ -200,7 +204,10 @@ class Daemon:
                 logger.warning("second %s: stopping now", signal.Signals(signum).name)
                 self.exit_code = 0
         elif signum == signal.SIGHUP:
-            logger.info("SIGHUP: nothing to reload; send SIGTERM to drain and stop")
+            if self.auth is not None:
+                curve.reload_allowed(self.auth, self.settings)
+            else:
+                logger.info("SIGHUP: nothing to reload; send SIGTERM to drain and stop")
         # SIGCHLD only wakes the loop; reaping happens every tick.
 
     def handle_drain(self) -> None:
@@ -230,6 +237,8 @@ class Daemon:
         self.supervisor.wait_all(timeout_s=5.0)
         self.frontend.close(linger=500)
         self.backend.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()  # before term: its ZAP socket would block it
         self.ctx.term()
         if self.listen.startswith("ipc://"):
             Path(self.listen[len("ipc://") :]).unlink(missing_ok=True)
