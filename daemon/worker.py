@@ -61,9 +61,7 @@ class WorkerSpec:
     log_level: str = "info"
 
     def to_json(self) -> str:
-        return json.dumps(
-            {name: getattr(self, name) for name in self.__slots__}
-        )
+        return json.dumps({name: getattr(self, name) for name in self.__slots__})
 
     @classmethod
     def from_json(cls, text: str) -> WorkerSpec:
@@ -78,6 +76,7 @@ class Progress:
         self.pending = 0
         self.tokens = 0
         self.state = "loading"
+        self.engine: Engine | None = None  # set once loaded; its decode_steps count too
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -112,7 +111,7 @@ def heartbeat_loop(ctx: zmq.Context[Any], spec: WorkerSpec, progress: Progress) 
             "slot": spec.slot,
             "pid": pid,
             "state": progress.state,
-            "progress": progress.steps,
+            "progress": progress.steps + (progress.engine.decode_steps if progress.engine else 0),
             "pending": progress.pending,
             "tokens": progress.tokens,
         }
@@ -157,6 +156,7 @@ class Worker:
             "describe": engine.describe(),
         }
         self.send(P.READY, ready)
+        self.progress.engine = engine
         self.progress.state = "ready"
         logger.info(
             "ready: engine %s capacity %d, loaded in %.2fs", engine.name, engine.capacity, load_s

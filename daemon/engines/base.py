@@ -124,6 +124,10 @@ class Engine(abc.ABC):
     """One model replica, driven by one worker thread."""
 
     name: str = "abstract"
+    # Engines whose step() can run long (a whole static batch) bump this once per
+    # decoded token; the worker's heartbeat thread reads it, so the router's progress
+    # deadline sees a long step as alive. A plain int: safe to read from that thread.
+    decode_steps: int = 0
 
     def __init__(self, model: str | None, options: dict[str, str]) -> None:
         self.model = model
