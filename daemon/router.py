@@ -36,6 +36,7 @@ from exgen.daemon.config import Settings
 logger = logging.getLogger("exgen.router")
 
 MAX_FRAMES_PER_TICK = 2000  # messages read from one socket before doing anything else
+FRONTEND_BUDGET_S = 0.05  # client messages handled per tick, at most, in seconds
 
 
 @dataclass(slots=True)
@@ -94,6 +95,10 @@ class FairQueue:
         self.by_client: OrderedDict[bytes, deque[int]] = OrderedDict()
         self.front: deque[int] = deque()
         self.size = 0
+
+    def waiting(self, client: bytes) -> int:
+        lane = self.by_client.get(client)
+        return len(lane) if lane is not None else 0
 
     def push(self, client: bytes, key: int) -> None:
         lane = self.by_client.get(client)
@@ -186,12 +191,17 @@ class Router:
     # --- client side ------------------------------------------------------------
 
     def handle_frontend(self, now: float) -> None:
+        # A time budget as well as a count: a flood of big submits must not keep the
+        # loop from workers' heartbeats and from dispatching (what is left waits).
+        budget_end = time.monotonic() + FRONTEND_BUDGET_S
         for _ in range(MAX_FRAMES_PER_TICK):
             try:
                 frames = self.frontend.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             self._client_message(frames, now)
+            if time.monotonic() > budget_end:
+                return
 
     def _client_message(self, frames: list[bytes], now: float) -> None:
         if len(frames) < 2:
@@ -231,21 +241,13 @@ class Router:
             logger.debug("dropped %d garbage frame(s) from a client", len(frames))
 
     def _submit(self, client: bytes, body: dict[str, Any], now: float) -> None:
-        submit = P.validate_submit(body)
-        ids = [item.id for item in submit.items]
-        if self.draining:
-            self.reply_error(
-                client, P.E_DRAINING, "the daemon is shutting down", req=submit.req, items=ids
-            )
+        # Refuse before validating: under a flood, checking thousands of items only
+        # to answer "busy" would become the router's main work.
+        peeked = _peek_ids(body)
+        if peeked is not None and self._refused(client, body["req"], peeked):
             return
-        if self.queue.size + len(submit.items) > self.settings.max_queue:
-            self.reply_error(
-                client,
-                P.E_BUSY,
-                f"queue full ({self.queue.size} items waiting)",
-                req=submit.req,
-                items=ids,
-            )
+        submit = P.validate_submit(body)
+        if self._refused(client, submit.req, [item.id for item in submit.items]):
             return
         accepted = 0
         for item in submit.items:
@@ -269,6 +271,26 @@ class Router:
                 "instance": self.instance,
             },
         )
+
+    def _refused(self, client: bytes, req: str, ids: list[str]) -> bool:
+        """Draining or busy: the items are handed back (the client library resends)."""
+        if self.draining:
+            message = "the daemon is shutting down"
+            self.reply_error(client, P.E_DRAINING, message, req=req, items=ids)
+            return True
+        if self._queue_full(client, len(ids)):
+            message = f"queue full ({self.queue.size} items waiting)"
+            self.reply_error(client, P.E_BUSY, message, req=req, items=ids)
+            return True
+        return False
+
+    def _queue_full(self, client: bytes, n: int) -> bool:
+        """Busy? The last tenth of the queue is kept for clients with nothing waiting,
+        so one client flooding the queue full never locks a one-line request out."""
+        limit = self.settings.max_queue
+        if self.queue.waiting(client) == 0:
+            limit += max(1, limit // 10)
+        return self.queue.size + n > limit
 
     def _accept(self, client: bytes, item: P.Item, stream: bool, now: float) -> None:
         key = self.next_key
@@ -635,3 +657,13 @@ class Router:
             "load_s": worker.load_s,
             "max_seq_len": worker.max_seq_len,
         }
+
+
+def _peek_ids(body: dict[str, Any]) -> list[str] | None:
+    """The item ids of a plausible submit, without validating the items; else None."""
+    items = body.get("items")
+    if not isinstance(body.get("req"), str) or not isinstance(items, list):
+        return None
+    if not items or len(items) > P.MAX_ITEMS_PER_SUBMIT:
+        return None
+    return [i["id"] for i in items if isinstance(i, dict) and isinstance(i.get("id"), str)]
