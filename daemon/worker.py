@@ -122,6 +122,26 @@ def heartbeat_loop(ctx: zmq.Context[Any], spec: WorkerSpec, progress: Progress) 
         time.sleep(spec.heartbeat_interval_s)
 
 
+REFILL_WAIT_FRACTION = 0.05  # of the last step's duration
+REFILL_WAIT_MAX_MS = 50.0
+
+
+def refill_wait_ms(step_ms: float, finished: bool, pending: int, capacity: int) -> float:
+    """How long to wait for the router's refill before the next step.
+
+    Jobs that just finished freed room, and the router refills it as soon as their
+    results arrive (a round trip of about a millisecond). Stepping at once would start
+    the next batch part-empty: for a static-batching engine (transformers' generate)
+    that is a whole batch's time spent on the prefetched leftovers. Waiting at most 5 %
+    of a step (the wait ends when the refill arrives) bounds what a continuous engine
+    can lose when no refill comes. (zmq's poll counts whole milliseconds: a wait
+    under 1 ms is no wait, so millisecond-scale steps are never slowed.)
+    """
+    if not finished or pending >= capacity:
+        return 0.0
+    return min(REFILL_WAIT_MAX_MS, step_ms * REFILL_WAIT_FRACTION)
+
+
 class Worker:
     def __init__(self, spec: WorkerSpec, ctx: zmq.Context[Any]) -> None:
         self.spec = spec
@@ -175,16 +195,21 @@ class Worker:
         engine = self.engine = self.boot()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        wait_ms = 0.0
         while True:
-            timeout = 0 if engine.pending else 100
+            timeout = wait_ms if engine.pending else 100
             if poller.poll(timeout) and self.receive_all(engine):
                 return
             if engine.pending:
+                started = time.monotonic()
                 events = engine.step()
+                step_ms = (time.monotonic() - started) * 1000
                 self.progress.steps += 1
                 self.progress.pending = engine.pending
                 if events:
                     self.send_events(events)
+                finished = any(not isinstance(e, Chunk) for e in events)
+                wait_ms = refill_wait_ms(step_ms, finished, engine.pending, engine.capacity)
 
     def receive_all(self, engine: Engine) -> bool:
         """Take every waiting message; True when told to stop."""
