@@ -179,6 +179,7 @@ class Router:
         self.completed = 0
         self.failed = 0
         self.garbage_frames = 0
+        self.outbox: dict[bytes, list[dict[str, Any]]] = {}  # results waiting for the flush
         self.engine_name = ""
         self.model_name = ""
         # Hooks the daemon wires to the supervisor.
@@ -344,17 +345,31 @@ class Router:
     # --- worker side ------------------------------------------------------------
 
     def handle_backend(self, now: float) -> None:
-        for _ in range(MAX_FRAMES_PER_TICK):
-            try:
-                frames = self.backend.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                command, body = P.unpack(frames[1:])
-            except P.FrameError as exc:
-                logger.error("bad frames from a worker: %s", exc)
-                continue
-            self._worker_message(frames[0], command, body, now)
+        try:
+            for _ in range(MAX_FRAMES_PER_TICK):
+                try:
+                    frames = self.backend.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+                try:
+                    command, body = P.unpack(frames[1:])
+                except P.FrameError as exc:
+                    logger.error("bad frames from a worker: %s", exc)
+                    continue
+                self._worker_message(frames[0], command, body, now)
+        finally:
+            self._flush_results()
+
+    def _flush_results(self) -> None:
+        """One RESULTS message per client per tick, whatever the number of workers.
+
+        Each send costs a wakeup of ZMQ's I/O thread (a syscall, and on a busy host a
+        context switch): per-worker messages to the same client cost more than the
+        results themselves once workers answer faster than the router ticks.
+        """
+        outbox, self.outbox = self.outbox, {}
+        for client, batch in outbox.items():
+            self.reply(client, P.RESULTS, {"results": batch})
 
     def _worker_message(
         self, identity: bytes, command: bytes, body: dict[str, Any], now: float
@@ -420,7 +435,7 @@ class Router:
     def _on_results(self, identity: bytes, results: list[dict[str, Any]], now: float) -> None:
         worker = self.by_identity.get(identity)
         latencies = self.latencies
-        out: dict[bytes, list[dict[str, Any]]] = {}
+        outbox = self.outbox  # sent by _flush_results at the end of the tick's reads
         for res in results:
             entry = self.entries.get(res["key"])
             if entry is None or entry.worker != identity:
@@ -450,9 +465,7 @@ class Router:
                     "error": None,
                 }
             wire["slot"] = worker.slot if worker is not None else None
-            out.setdefault(entry.client, []).append(wire)
-        for client, batch in out.items():
-            self.reply(client, P.RESULTS, {"results": batch})
+            outbox.setdefault(entry.client, []).append(wire)
 
     def _on_chunks(self, identity: bytes, chunks: list[list[Any]]) -> None:
         out: dict[bytes, list[list[Any]]] = {}

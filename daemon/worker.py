@@ -197,7 +197,7 @@ class Worker:
         poller.register(self.sock, zmq.POLLIN)
         wait_ms = 0.0
         while True:
-            timeout = wait_ms if engine.pending else 100
+            timeout = int(wait_ms) if engine.pending else 100
             if poller.poll(timeout) and self.receive_all(engine):
                 return
             if engine.pending:
