@@ -137,6 +137,9 @@ class _Session:
         self.source = iter(items)
         self.defaults = P.validate_params(defaults, "params") if defaults else {}
         self.window = window
+        # Refill the window in large submits, not one per handful of results: every
+        # submit costs a frame, a validation pass and an ACCEPTED reply at the router.
+        self.low_water = min(SUBMIT_BATCH, max(1, window // 4))
         self.stream = stream
         self.exhausted = False
         self.outstanding: dict[str, _Outstanding] = {}
@@ -166,6 +169,8 @@ class _Session:
         while self.resend and len(batch) < SUBMIT_BATCH:
             batch.append(self.resend.popleft())
         room = self.window - len(self.outstanding)
+        if not batch and self.outstanding and room < self.low_water:
+            return None  # results free room a few at a time: wait for a full-size submit
         while not self.exhausted and len(batch) < min(SUBMIT_BATCH, room):
             wire = self._next_valid_item()
             if wire is not None:
