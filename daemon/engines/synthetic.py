@@ -200,8 +200,11 @@ class SyntheticEngine(Engine):
         return events
 
     def _finish_if_done(self, active: _Active) -> Finished | None:
+        stops = active.job.params.stop
+        if not stops and active.produced < len(active.words):
+            return None  # nothing to look for yet: no joining the whole text every step
         text = "".join(active.text)
-        for stop in active.job.params.stop:
+        for stop in stops:
             cut = text.find(stop)
             if cut >= 0:
                 return self._end(active, text[:cut], P.FINISH_STOP)
