@@ -121,6 +121,9 @@ class Supervisor:
         # CUDA context on "device 0" must see this slot's card as device 0.
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slot.devices)) if slot.devices else ""
         env["PYTHONUNBUFFERED"] = "1"
+        if not slot.devices and "OMP_NUM_THREADS" not in os.environ:
+            # CPU slots share the cores: N workers each using every core thrash.
+            env["OMP_NUM_THREADS"] = str(self.cpu_threads_per_slot())
         # A new session: Ctrl-C in a terminal reaches the supervisor only, which drains.
         slot.proc = subprocess.Popen(
             [sys.executable, "-m", "exgen.daemon.worker", spec.to_json(), str(os.getpid())],
@@ -133,6 +136,11 @@ class Supervisor:
         slot.stopping = False
         devices = ",".join(map(str, slot.devices)) if slot.devices else "cpu"
         logger.info("spawn slot %d pid %d devices %s", slot.id, slot.proc.pid, devices)
+
+    def cpu_threads_per_slot(self) -> int:
+        cpu_slots = sum(1 for s in self.slots.values() if not s.devices)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, (cores or 1) // max(1, cpu_slots))
 
     def mark_ready(self, slot_id: int, pid: int) -> bool:
         slot = self.slots.get(slot_id)
