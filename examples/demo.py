@@ -67,7 +67,9 @@ def show(output: Path, elapsed: float, status: dict) -> None:
     results = [json.loads(line) for line in output.read_text().splitlines()]
     tokens = sum(r["completion_tokens"] for r in results)
     print("\n--- a few results ---")
-    for result in results[:: max(1, len(results) // 3)][:3]:
+    # One result each of three different prompts (ids are pNN-rM: prompt NN, repeat M).
+    firsts = {r["id"].split("-")[0]: r for r in reversed(results)}
+    for result in [firsts[k] for k in sorted(firsts)][::4][:3]:
         print(f"\n[{result['id']}] {prompts[result['id']]}")
         print(f"  → {result['text'].strip()[:400]}")
     load = ", ".join(f"slot {w['slot']} {w['load_s']:.1f}s" for w in status["workers"])
