@@ -248,9 +248,13 @@ def _validate_messages(path: str, value: Any) -> list[dict[str, str]]:
 def validate_item(raw: Any, where: str) -> Item:
     if not isinstance(raw, dict):
         raise ValidationError(where, "must be a map")
-    item_id = _check_item_id(raw, where)
-    unknown = set(raw) - ITEM_KEYS
-    if unknown:
+    return _validate_item_fields(raw, where, _check_item_id(raw, where))
+
+
+def _validate_item_fields(raw: dict[str, Any], where: str, item_id: str) -> Item:
+    """An item whose id is already checked (validate_submit checks ids first)."""
+    if not ITEM_KEYS.issuperset(raw):  # no set built per item on the common path
+        unknown = set(raw) - ITEM_KEYS
         raise ValidationError(f"{where}.{sorted(unknown)[0]}", "unknown field")
     prompt, messages = raw.get("prompt"), raw.get("messages")
     if (prompt is None) == (messages is None):
@@ -315,7 +319,7 @@ def validate_submit(body: dict[str, Any]) -> Submit:
             raise ValidationError(f"{where}.id", f"duplicate id {item_id!r} in this submit")
         seen.add(item_id)
         try:
-            submit.items.append(validate_item(raw, where))
+            submit.items.append(_validate_item_fields(raw, where, item_id))
         except ValidationError as exc:
             submit.rejected.append((item_id, exc))
     return submit

@@ -296,10 +296,12 @@ class Router:
     def _accept(self, client: bytes, item: P.Item, stream: bool, now: float) -> None:
         key = self.next_key
         self.next_key += 1
-        job = item.to_wire()
-        del job["id"]
-        job["key"] = key
-        job["stream"] = stream
+        # The worker's job straight from the validated item (no wire copy to trim).
+        job: dict[str, Any] = {"key": key, "params": item.params, "stream": stream}
+        if item.messages is not None:
+            job["messages"] = item.messages
+        else:
+            job["prompt"] = item.prompt
         self.entries[key] = Entry(key, client, item.id, job, now)
         self.by_client_id[(client, item.id)] = key
         self.queue.push(client, key)
