@@ -11,7 +11,7 @@ driven directly in-process, on the same prompts; tokens/s and their ratio.
 
 Runs alternate (direct, daemon, direct, …) so load on a shared machine hits both.
 
-    .venv/bin/python bench/overhead.py --repeat 3 --prompts 32
+    .venv/bin/python bench/overhead.py --repeat 3 --prompts 16
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def hf_overhead(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--prompts", type=int, default=32, help="of the seeds' 100 (transformers)")
+    parser.add_argument("--prompts", type=int, default=16, help="of the seeds' 100 (transformers)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--synthetic-prompts", type=int, default=640)
     parser.add_argument("--synthetic-tokens", type=int, default=50)
