@@ -16,6 +16,11 @@ def exl2_shaped_model(directory):
     (directory / "config.json").write_text(
         json.dumps({"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096})
     )
+    (directory / "tokenizer.json").write_text("{}")
+    numpy = pytest.importorskip("numpy")
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    weights = {"model.embed_tokens.weight": numpy.zeros((8, 4), dtype=numpy.float16)}
+    safetensors_numpy.save_file(weights, str(directory / "model.safetensors"))
     return directory
 
 
@@ -39,4 +44,5 @@ def test_gpu_engine_without_cuda_exits_with_one_line(daemon_factory, tmp_path, e
     reason = [line for line in log.splitlines() if "no worker could start" in line]
     assert len(reason) == 1, log
     assert f"{engine} unavailable:" in reason[0]
+    assert "CUDA" in reason[0], reason[0]  # the real reason, not a complaint about the files
     assert "restart slot" not in log
