@@ -22,6 +22,7 @@ import os
 import time
 from typing import Any
 
+import psutil
 from benchlib import Daemon, emit, machine, median, running_daemon, seeds_prompts
 
 from exgen.daemon.engines.base import Finished, Job, SamplingParams
@@ -38,21 +39,40 @@ def hf_options(workers: int) -> dict[str, Any]:
     return {"batch_size": HF_BATCH, "threads": threads}
 
 
+def cpu_s(procs: list[psutil.Process]) -> float:
+    """CPU seconds these processes have used: unlike wall time, barely moved by other
+    people's work on a shared machine."""
+    total = 0.0
+    for proc in procs:
+        times = proc.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def daemon_procs(daemon: Daemon) -> list[psutil.Process]:
+    router = psutil.Process(daemon.proc.pid)
+    return [router, *router.children(), psutil.Process()]
+
+
 def daemon_run(daemon: Daemon, items: list[dict[str, Any]]) -> dict[str, float]:
-    """Tokens/s through the daemon for these batch lines (their own max_new_tokens)."""
+    """Tokens/s through the daemon for these batch lines (their own max_new_tokens);
+    CPU seconds of the router, its workers and this client."""
     wire = [
         {"id": str(i), "prompt": it["prompt"], "params": {"max_new_tokens": it["max_new_tokens"]}}
         for i, it in enumerate(items)
     ]
+    procs = daemon_procs(daemon)
+    cpu_before = cpu_s(procs)
     with daemon.client(timeout=600, window=len(wire)) as client:
         started = time.perf_counter()
         results = list(client.iter_results(wire))
         elapsed = time.perf_counter() - started
+    cpu = cpu_s(procs) - cpu_before
     failed = [r for r in results if not r.ok]
     if failed:
         raise RuntimeError(f"{len(failed)} prompts failed: {failed[0].error}")
     tokens = sum(r.completion_tokens for r in results)
-    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed, "cpu_s": cpu}
 
 
 def hf_direct_engine(threads: int) -> Any:
@@ -67,11 +87,14 @@ def hf_direct_run(engine: Any, items: list[dict[str, Any]]) -> dict[str, float]:
     from bench_hf_direct import run_direct  # the transformers engineer's direct loop
 
     max_new = items[0]["max_new_tokens"]
+    me = [psutil.Process()]
+    cpu_before = cpu_s(me)
     out = run_direct([it["prompt"] for it in items], max_new, HF_BATCH, engine=engine)
     return {
         "tokens": out["completion_tokens"],
         "seconds": out["generate_s"],
         "tokens_per_s": out["tokens_per_s"],
+        "cpu_s": cpu_s(me) - cpu_before,
     }
 
 

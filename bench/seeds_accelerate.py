@@ -92,9 +92,16 @@ def process_main(prompts_file: str, max_new: int, out_file: str) -> None:
     prompts = [json.loads(line)["prompt"] for line in Path(prompts_file).read_text().splitlines()]
     state.wait_for_everyone()
     started = time.perf_counter()
+    cpu_started = time.process_time()
     with state.split_between_processes(prompts) as mine:
         counts = _generate(tokenizer, model, list(mine), max_new)
-    gathered = gather_object([{"tokens": sum(counts), "prompts": len(counts), "load_s": load_s}])
+    mine_out = {
+        "tokens": sum(counts),
+        "prompts": len(counts),
+        "load_s": load_s,
+        "cpu_s": time.process_time() - cpu_started,
+    }
+    gathered = gather_object([mine_out])
     elapsed = time.perf_counter() - started
     if state.is_main_process:
         doc = {
@@ -103,6 +110,7 @@ def process_main(prompts_file: str, max_new: int, out_file: str) -> None:
             "completion_tokens": sum(g["tokens"] for g in gathered),
             "generate_s": elapsed,
             "load_s": max(g["load_s"] for g in gathered),
+            "cpu_s": sum(g["cpu_s"] for g in gathered),
         }
         Path(out_file).write_text(json.dumps(doc))
 
