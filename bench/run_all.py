@@ -145,11 +145,12 @@ def section_model(model: dict[str, Any]) -> list[str]:
         "",
         "Other people's jobs ran on this machine during these runs, so a 20-second run's "
         "wall time can double from one run to the next: the tokens/s columns and their "
-        "ratio are what was measured, but the contention-robust comparison is CPU time per "
-        "token of every process involved (seeds: the N generating processes; exgen: "
-        "router, workers and client; direct: the one process), which others' load barely "
-        "moves. The verdict is taken on it; on a dedicated CPU-bound machine tokens/s "
-        "follows it.",
+        "ratio are what was measured. CPU time per token of every process involved (seeds: "
+        "the N generating processes; exgen: router, workers and client; direct: the one "
+        "process) moves less, but is not immune: torch's OpenMP threads spin while a "
+        "sibling thread is descheduled, so a contended 2-thread run burns up to twice the "
+        "CPU (see the per-round numbers in bench/results.json). The verdict is taken on "
+        "the CPU ratio, a median of per-round ratios.",
         "",
         "| N | seeds' Accelerate tokens/s | exgen tokens/s | exgen ÷ seeds (wall) |"
         " seeds CPU s / 1k tokens | exgen CPU s / 1k tokens | exgen ÷ seeds (CPU) | goal ≥ 1.0 |",
