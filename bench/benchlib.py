@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from exgen.client import Client
+from exgen.client import Client, errors
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS_PROMPTS = ROOT / "examples" / "prompts.jsonl"
@@ -45,17 +45,14 @@ class Daemon:
 
 def _wait_ready(daemon: Daemon, workers: int, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if daemon.proc.poll() is not None:
-            raise RuntimeError(f"daemon exited early:\n{daemon.log.read_text()[-3000:]}")
-        try:
-            status = daemon.status()
-        except Exception:  # not listening yet
-            time.sleep(0.2)
-            continue
-        if sum(w["state"] == "ready" for w in status["workers"]) >= workers:
-            return status
-        time.sleep(0.2)
+    with daemon.client() as client:
+        while time.monotonic() < deadline:
+            if daemon.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited early:\n{daemon.log.read_text()[-3000:]}")
+            try:
+                return client.wait_ready(timeout=2, count=workers)
+            except errors.Timeout:
+                continue  # still loading: look at the daemon again
     raise RuntimeError(f"{workers} workers not ready in {timeout:.0f}s")
 
 

@@ -50,18 +50,8 @@ def start_daemon(rundir: Path, args: argparse.Namespace) -> tuple[subprocess.Pop
 
 
 def wait_ready(address: str, workers: int, timeout: float = 60.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    with Client(address, timeout=5) as client:
-        while time.monotonic() < deadline:
-            try:
-                status = client.status()
-            except Exception:  # not listening yet
-                time.sleep(0.2)
-                continue
-            if sum(w["state"] == "ready" for w in status["workers"]) >= workers:
-                return status
-            time.sleep(0.2)
-    raise SystemExit(f"workers not ready within {timeout:.0f}s")
+    with Client(address) as client:
+        return client.wait_ready(timeout=timeout, count=workers)
 
 
 class Killer(threading.Thread):

@@ -108,6 +108,13 @@ def _as_item(prompt: str | Mapping[str, Any], item_id: str) -> dict[str, Any]:
     return item
 
 
+def workers_ready(status: Mapping[str, Any], count: int | None = None) -> bool:
+    """Whether a status document shows ``count`` ready workers (default: all slots)."""
+    workers = status.get("workers") or []
+    ready = sum(1 for w in workers if w.get("state") == "ready")
+    return bool(workers) and ready >= (count or len(workers))
+
+
 def _stream_tail(result: Result, sent: str) -> str:
     """What the final result adds to the chunks already streamed.
 
@@ -375,6 +382,30 @@ class Client(_Base):
 
     def ping(self) -> dict[str, Any]:
         return self._request(P.PING, {}, P.PONG)
+
+    def wait_ready(self, timeout: float = 300.0, count: int | None = None) -> dict[str, Any]:
+        """Block until ``count`` workers (default: every slot) are ready; the status then.
+
+        For scripts that start ``exgen serve`` and then submit: the daemon may not be
+        listening yet, and models take a while to load. Raises :class:`errors.Timeout`.
+        """
+        deadline = time.monotonic() + timeout
+        saved, self.timeout = self.timeout, 1.0  # short fuses, retried until the deadline
+        try:
+            while True:
+                try:
+                    status = self.status()
+                except errors.ConnectionFailed:
+                    status = {}
+                if workers_ready(status, count):
+                    return status
+                if time.monotonic() >= deadline:
+                    raise errors.Timeout(
+                        f"exgen workers at {self.address} not ready in {timeout:g}s"
+                    )
+                time.sleep(0.2)
+        finally:
+            self.timeout = saved
 
     def cancel(self, ids: Iterable[str]) -> None:
         """Best effort: a cancel that cannot be sent now is dropped."""

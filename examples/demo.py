@@ -33,18 +33,14 @@ def start_daemon(address: str) -> subprocess.Popen[bytes]:
 
 def wait_ready(address: str, daemon: subprocess.Popen[bytes], timeout_s: float = 300) -> dict:
     deadline = time.monotonic() + timeout_s
-    with Client(address, timeout=5) as client:
+    with Client(address) as client:
         while time.monotonic() < deadline:
             if daemon.poll() is not None:
                 sys.exit(f"demo: the daemon exited with code {daemon.returncode}")
             try:
-                status = client.status()
-            except errors.ExgenError:
-                time.sleep(0.5)
-                continue
-            if all(w["state"] == "ready" for w in status["workers"]):
-                return status
-            time.sleep(0.5)
+                return client.wait_ready(timeout=2)
+            except errors.Timeout:
+                continue  # still loading: look at the daemon again
     sys.exit("demo: the workers did not become ready in time")
 
 

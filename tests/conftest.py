@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from exgen.client import Client
+from exgen.client import Client, errors
 
 ROOT = Path(__file__).resolve().parents[1]
 EXGEN = [sys.executable, "-m", "exgen.daemon.cli"]
@@ -37,20 +37,17 @@ class RunningDaemon:
     def wait_ready(self, timeout: float = 60.0, count: int | None = None) -> dict[str, Any]:
         """Until every slot (or ``count`` of them) is ready; the status then."""
         deadline = time.monotonic() + timeout
-        last: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log_text()}")
-            try:
-                last = self.status()
-            except Exception:
-                time.sleep(0.2)
-                continue
-            ready = [w for w in last["workers"] if w["state"] == "ready"]
-            if len(ready) >= (count or len(last["workers"])):
-                return last
-            time.sleep(0.2)
-        raise AssertionError(f"workers not ready in {timeout}s: {last}\n{self.log_text()}")
+        with self.client() as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"daemon exited {self.proc.returncode}:\n{self.log_text()}"
+                    )
+                try:
+                    return client.wait_ready(timeout=1, count=count)
+                except errors.Timeout:
+                    continue  # still loading: look at the process again
+        raise AssertionError(f"workers not ready in {timeout}s\n{self.log_text()}")
 
     def worker_pids(self) -> dict[int, int]:
         return {w["slot"]: w["pid"] for w in self.status()["workers"] if w["pid"]}
