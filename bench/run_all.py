@@ -294,6 +294,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="rerun the demo-model part only; the rest from bench/results.json",
     )
+    parser.add_argument(
+        "--only-uneven",
+        action="store_true",
+        help="rerun the uneven-work part only (1b); the rest from bench/results.json",
+    )
     return parser.parse_args(argv)
 
 
@@ -304,10 +309,17 @@ def main(argv: list[str] | None = None) -> None:
     rep = ["--repeat", "1"] if args.quick else ["--repeat", str(args.repeat)]
     small = ["--prompts", "20000", "--latency-samples", "200"] if args.quick else []
     doc: dict[str, Any] = {"machine": machine(), "repeat": 1 if args.quick else args.repeat}
-    if args.only_model:
+    if args.only_model or args.only_uneven:
         old = json.loads(RAW.read_text(encoding="utf-8"))
-        doc = {**old, **doc, "note": f"sections 1b–1d from the full run of {old['date']}"}
-        doc["model"] = model_benchmarks(args)
+        part = "model" if args.only_model else "uneven"
+        rerun = "1a and 1d (model)" if args.only_model else "1b"
+        doc = {
+            **old,
+            **doc,
+            "note": f"section {rerun} rerun on this date; the others as before "
+            f"({old.get('note') or 'run of ' + old['date']})",
+        }
+        doc[part] = model_benchmarks(args) if args.only_model else uneven.main(rep)
         finish(doc, started, argv)
         return
     doc["router"] = [

@@ -176,7 +176,12 @@ def run_gpus(gpus: int, args: argparse.Namespace) -> dict[str, Any]:
     static = static_split(lengths, gpus, args)
     static_mixed = static_split(mixed, gpus, args)
     policy = simulate_dynamic(lengths, gpus, args)
-    opts = {"capacity": args.capacity, "token_ms": args.token_ms, "batch_ms": args.batch_ms}
+    opts = {
+        "capacity": args.capacity,
+        "token_ms": args.token_ms,
+        "batch_ms": args.batch_ms,
+        "paced": int(args.paced),
+    }
     runs = []
     with running_daemon(gpus, "synthetic", opts) as daemon:
         for _ in range(args.repeat):
@@ -211,6 +216,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-ms", type=float, default=0.1)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--no-paced",
+        dest="paced",
+        action="store_false",
+        help="plain sleeps: host jitter on a loaded box adds up into the makespan",
+    )
     return parser.parse_args(argv)
 
 
@@ -226,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batch_ms": args.batch_ms,
             "lengths": f"bounded Pareto alpha {ALPHA:g} on [{MIN_TOKENS}, {MAX_TOKENS}]",
             "items_per_gpu": args.items_per_gpu,
+            "paced": args.paced,
         },
         "runs": args.repeat,
         "results": [run_gpus(g, args) for g in args.gpus],

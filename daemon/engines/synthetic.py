@@ -17,6 +17,8 @@ capacity           8        concurrent jobs (the router keeps about this many he
 token_ms           0        milliseconds per step
 batch_ms           0        extra milliseconds per step per active job
 max_seq_len        4096     context in "tokens" (words): longer prompts are refused
+paced              0        keep a clock: a step ends token_ms + batch_ms × active after
+                            the previous one, host jitter caught up (see _pace)
 boot_s             0        seconds load() takes (slow boot)
 fail_load          ""       load() fails with this message (a boot error)
 crash_after        0        the process dies (os._exit 70) after this many jobs end
@@ -60,6 +62,7 @@ OPTIONS: dict[str, tuple[type, object]] = {
     "token_ms": (float, 0.0),
     "batch_ms": (float, 0.0),
     "max_seq_len": (int, 4096),
+    "paced": (bool, False),
     "boot_s": (float, 0.0),
     "fail_load": (str, ""),
     "crash_after": (int, 0),
@@ -112,6 +115,7 @@ class SyntheticEngine(Engine):
         self._active: OrderedDict[int, _Active] = OrderedDict()
         self._ended = 0
         self._hanging = False
+        self._step_end = 0.0
 
     def load(self) -> None:
         if self.opts["boot_s"] > 0:
@@ -157,9 +161,26 @@ class SyntheticEngine(Engine):
             return []
         delay_ms = self.opts["token_ms"] + self.opts["batch_ms"] * len(self._active)
         if delay_ms > 0:
-            time.sleep(delay_ms / 1000)
+            if self.opts["paced"]:
+                self._pace(delay_ms / 1000)
+            else:
+                time.sleep(delay_ms / 1000)
             return self._advance(1)
         return self._advance(None)
+
+    def _pace(self, seconds: float) -> None:
+        """End this step ``seconds`` after the previous one ended, as a GPU's would.
+
+        On a loaded host, sleeps overshoot and the worker's own Python takes time;
+        a GPU's step time does not grow with that. Up to one step of such lag is
+        caught up on the next step instead of adding up; more (the engine sat idle)
+        restarts the clock, so idle time is never banked.
+        """
+        now = time.monotonic()
+        if now - self._step_end > seconds:
+            self._step_end = now
+        self._step_end += seconds
+        time.sleep(max(0.0, self._step_end - now))
 
     def _admit(self) -> None:
         while self._waiting and len(self._active) < self.capacity:

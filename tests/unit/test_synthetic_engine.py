@@ -87,3 +87,34 @@ def test_unknown_and_bad_options_are_refused():
         SyntheticEngine(None, {"tokens_ms": "1"})
     with pytest.raises(EngineOptionError, match="capacity='many'"):
         SyntheticEngine(None, {"capacity": "many"})
+
+
+class FakeClock:
+    """time.monotonic and time.sleep for the engine, advanced by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(round(seconds, 6))
+        self.now += seconds
+
+
+def test_paced_steps_catch_up_host_lag_but_never_bank_idle_time(monkeypatch):
+    import exgen.daemon.engines.synthetic as synthetic
+
+    clock = FakeClock()
+    monkeypatch.setattr(synthetic.time, "monotonic", clock.monotonic)
+    monkeypatch.setattr(synthetic.time, "sleep", clock.sleep)
+    engine = SyntheticEngine(None, {"token_ms": "10", "paced": "1", "capacity": "1"})
+    engine.add(job(1, "x", max_new_tokens=50))
+    engine.step()  # the clock starts: a full 10 ms step
+    clock.now += 0.004  # the host was 4 ms late between steps...
+    engine.step()  # ...so this step sleeps only 6 ms
+    clock.now += 0.5  # idle far longer than a step: nothing banked
+    engine.step()  # a full step again
+    assert clock.slept == [0.01, 0.006, 0.01]
