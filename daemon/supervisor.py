@@ -41,6 +41,7 @@ class Slot:
     id: int
     devices: list[int] | None  # None: a CPU slot
     proc: subprocess.Popen[bytes] | None = None
+    last_pid: int | None = None  # the process before this one, for the restart line
     state: str = STARTING
     restarts: int = 0
     deaths: deque[float] = field(default_factory=deque)
@@ -179,6 +180,7 @@ class Supervisor:
         self, slot: Slot, pid: int, returncode: int, oom_kill_seen: bool | None, now: float
     ) -> Exit:
         slot.proc = None
+        slot.last_pid = pid
         cause = slot.kill_cause or policy.describe_exit(returncode, oom_kill_seen)
         killed_by_us = slot.kill_cause is not None
         blames_work = policy.death_blames_work(returncode, killed_by_us, oom_kill_seen)
@@ -233,7 +235,12 @@ class Supervisor:
             due = slot.state in (RESTARTING, FAILED) and slot.boot_error is None
             if due and slot.proc is None and now >= slot.next_start_at:
                 slot.restarts += 1
-                logger.info("restart slot %d (restart %d)", slot.id, slot.restarts)
+                logger.info(
+                    "restart slot %d (was pid %s, restart %d)",
+                    slot.id,
+                    slot.last_pid,
+                    slot.restarts,
+                )
                 self.spawn_worker(slot)
 
     def kill_worker(self, slot_id: int, pid: int, cause: str) -> None:
