@@ -157,6 +157,12 @@ class _Session:
         self.busy_until = 0.0
         self.busy_wait = BUSY_BACKOFF_S[0]
         self.instance: str | None = None  # the daemon run we are talking to
+        # Submits not yet acknowledged, and pings not yet answered, by request id. The
+        # router answers in order, so a pong for a ping sent after a submit that got
+        # no ACCEPTED means that submit was lost (sent to a daemon that then died).
+        self.unacked: dict[str, tuple[float, list[str]]] = {}
+        self.pings: dict[str, float] = {}
+        self.ping_counter = itertools.count()
 
     @property
     def finished(self) -> bool:
@@ -187,11 +193,29 @@ class _Session:
             return None
         for wire in batch:
             self.outstanding[wire["id"]].sent_at = now
-        return {"req": uuid.uuid4().hex, "items": batch, "stream": self.stream}
+        req = uuid.uuid4().hex
+        self.unacked[req] = (now, [wire["id"] for wire in batch])
+        return {"req": req, "items": batch, "stream": self.stream}
 
     def unsent(self, body: dict[str, Any]) -> None:
         """A submit that could not leave (no daemon connected): its items go out again."""
+        self.unacked.pop(body["req"], None)
         self.resend.extendleft(reversed(body["items"]))
+
+    def ping_body(self, now: float) -> dict[str, Any]:
+        req = f"ping-{next(self.ping_counter)}"
+        self.pings[req] = now
+        return {"req": req}
+
+    def _on_pong(self, body: dict[str, Any]) -> None:
+        sent_at = self.pings.pop(str(body.get("req")), None)
+        if sent_at is None:
+            return
+        lost = [req for req, (at, _) in self.unacked.items() if at <= sent_at]
+        for req in lost:
+            ids = self.unacked.pop(req)[1]
+            logger.warning("a submit of %d items got no answer; sending it again", len(ids))
+            self._queue_resend(ids)
 
     def _next_valid_item(self) -> dict[str, Any] | None:
         """Take one item from the source; a bad one becomes an error Result at once."""
@@ -230,9 +254,13 @@ class _Session:
         elif command == P.ERROR:
             self._on_error(body, now)
         elif command == P.ACCEPTED:
+            self.unacked.pop(str(body.get("req")), None)
             self.busy_wait = BUSY_BACKOFF_S[0]
+        elif command == P.PONG:
+            self._on_pong(body)
 
     def _on_error(self, body: dict[str, Any], now: float) -> None:
+        self.unacked.pop(str(body.get("req")), None)
         code = body.get("code")
         items = body.get("items") or []
         if code in RETRYABLE_CODES and items:
@@ -465,7 +493,7 @@ class Client(_Base):
                 now = time.monotonic()
                 self._check_alive(last_heard, now)
                 if now - last_ping > PING_INTERVAL_S:
-                    self._send(P.pack(P.PING, {}))
+                    self._send(P.pack(P.PING, session.ping_body(now)))
                     last_ping = now
 
     def _receive_one(self, session: _Session) -> None:
@@ -600,5 +628,5 @@ class AsyncClient(_Base):
                 now = time.monotonic()
                 self._check_alive(last_heard, now)
                 if now - last_ping > PING_INTERVAL_S:
-                    await self._send(P.pack(P.PING, {}))
+                    await self._send(P.pack(P.PING, session.ping_body(now)))
                     last_ping = now

@@ -75,3 +75,29 @@ def test_a_request_level_error_without_items_is_raised():
     s, _ = session()
     with pytest.raises(errors.BadRequest):
         s.on_message(P.ERROR, {"code": P.E_BAD_REQUEST, "message": "bad", "field": "req"}, 0.1)
+
+
+def test_a_submit_the_first_daemon_never_answered_is_sent_again_after_a_pong():
+    # The daemon died before it answered anything: no instance was ever seen, so only
+    # the ping/pong ordering can tell the submit was lost.
+    s, _ = session()
+    ping = s.ping_body(0.5)
+    s.on_message(P.PONG, {"req": ping["req"], "instance": "new"}, 0.6)
+    assert sorted(ids_of(s.next_submit(0.7))) == ["i0", "i1", "i2"]
+
+
+def test_an_acknowledged_submit_is_not_sent_again_on_a_pong():
+    s, first = session()
+    s.on_message(P.ACCEPTED, {"req": first["req"], "n": 3, "instance": "a"}, 0.1)
+    ping = s.ping_body(0.5)
+    s.on_message(P.PONG, {"req": ping["req"], "instance": "a"}, 0.6)
+    assert s.next_submit(0.7) is None
+
+
+def test_a_pong_for_a_ping_sent_before_the_submit_proves_nothing():
+    items = [{"id": "i0", "prompt": "p"}]
+    s = _Session(items, {}, 100, stream=False)
+    ping = s.ping_body(0.0)
+    assert s.next_submit(0.5) is not None
+    s.on_message(P.PONG, {"req": ping["req"], "instance": "a"}, 0.6)
+    assert s.next_submit(0.7) is None
