@@ -195,7 +195,14 @@ def section_uneven(doc: dict[str, Any]) -> list[str]:
         f"active jobs, capacity {m['capacity']} per worker; output lengths {m['lengths']}, "
         f"{m['items_per_gpu']} items per simulated GPU, in a batch file's order (blocks of "
         "similar tasks). exgen = the daemon, wall clock (workers sleep through the step "
-        "time: sleep-dominated, the 2 cores are not the bottleneck). Static split = the "
+        "time: sleep-dominated, the 2 cores are not the bottleneck"
+        + (
+            "; `paced=1`: a step ends one step time after the previous one, host jitter "
+            "caught up, as a GPU's step time does not grow with a loaded host's"
+            if m.get("paced")
+            else ""
+        )
+        + "). Static split = the "
         "seeds' `split_between_processes` (contiguous equal shares), simulated exactly — "
         'its best case. Ideal = total work ÷ N. "policy" = exgen\'s rule simulated with '
         "zero overhead (what the balancing itself allows).",
