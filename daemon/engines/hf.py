@@ -445,6 +445,8 @@ def _import_libraries() -> tuple[Any, Any]:
         raise EngineUnavailable(
             f"transformers unavailable: {_one_line(exc)} (pip install 'exgen[transformers]')"
         ) from None
+    # Progress bars are for terminals; a worker's stderr is the daemon's log (journal).
+    transformers.utils.logging.disable_progress_bar()
     return torch, transformers
 
 
