@@ -18,8 +18,20 @@ DEFAULT_CONFIG_FILE = Path("/etc/exgen/exgen.toml")
 ENV_PREFIX = "EXGEN_"
 LISTEN_SCHEMES = ("ipc://", "tcp://")
 DEFAULT_METRICS_HOST = "127.0.0.1"  # a port alone stays on this machine
-# Environment variables of ours that are not settings (read elsewhere).
-ENV_NOT_SETTINGS = frozenset({"EXGEN_MODELS_DIR", "EXGEN_GPU_MODEL", "EXGEN_CONFIG"})
+# Environment variables of ours that are not settings (read elsewhere): the model
+# store and cache, the client's keys (often exported in the same shell), tests, demo.
+ENV_NOT_SETTINGS = frozenset(
+    {
+        "EXGEN_CONFIG",
+        "EXGEN_MODELS_DIR",
+        "EXGEN_CACHE_DIR",
+        "EXGEN_SERVER_KEY",
+        "EXGEN_CLIENT_KEY",
+        "EXGEN_GPU_MODEL",
+        "EXGEN_GPU_OPTS",
+        "EXGEN_DEMO_WORKERS",
+    }
+)
 
 
 class ConfigError(ValueError):

@@ -122,6 +122,8 @@ class Supervisor:
         # CUDA context on "device 0" must see this slot's card as device 0.
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slot.devices)) if slot.devices else ""
         env["PYTHONUNBUFFERED"] = "1"
+        # A worker's stderr is the daemon's log: no progress bars from libraries there.
+        env.setdefault("TQDM_DISABLE", "1")
         if not slot.devices and "OMP_NUM_THREADS" not in os.environ:
             # CPU slots share the cores: N workers each using every core thrash.
             env["OMP_NUM_THREADS"] = str(self.cpu_threads_per_slot())

@@ -80,3 +80,12 @@ def test_engine_opt_pairs():
     assert cfg.parse_engine_opts(["a=1", "b = x=y"]) == {"a": "1", "b": "x=y"}
     with pytest.raises(cfg.ConfigError, match="KEY=VALUE"):
         cfg.parse_engine_opts(["novalue"])
+
+
+@pytest.mark.parametrize(
+    "variable", ["EXGEN_CACHE_DIR", "EXGEN_MODELS_DIR", "EXGEN_SERVER_KEY", "EXGEN_CLIENT_KEY"]
+)
+def test_our_other_environment_variables_are_not_refused_as_settings(variable):
+    # They are read elsewhere (model store, cache, the client's keys): `exgen serve`
+    # must start with them exported in the same shell.
+    cfg.load_settings(None, {}, environ={variable: "/somewhere"})
