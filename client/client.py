@@ -115,6 +115,21 @@ def workers_ready(status: Mapping[str, Any], count: int | None = None) -> bool:
     return bool(workers) and ready >= (count or len(workers))
 
 
+def _stream_item(prompt: str | list[dict[str, str]]) -> dict[str, Any]:
+    """The one item of a stream() call: chat messages or a plain prompt."""
+    if isinstance(prompt, list):
+        return {"id": "0", "messages": prompt}
+    return {"id": "0", "prompt": prompt}
+
+
+def _parse(frames: list[bytes]) -> tuple[bytes, dict[str, Any]]:
+    """A reply from the daemon; frames of another protocol are ProtocolMismatch."""
+    try:
+        return P.unpack(frames)
+    except P.FrameError as exc:
+        raise errors.ProtocolMismatch(str(exc)) from None
+
+
 def _stream_tail(result: Result, sent: str) -> str:
     """What the final result adds to the chunks already streamed.
 
@@ -391,12 +406,7 @@ class Client(_Base):
 
     def stream(self, prompt: str | list[dict[str, str]], **params: Any) -> Iterator[str]:
         """Text chunks of one generation as they are produced."""
-        item = (
-            {"id": "0", "messages": prompt}
-            if isinstance(prompt, list)
-            else {"id": "0", "prompt": prompt}
-        )
-        session = _Session([item], params, 1, stream=True)
+        session = _Session([_stream_item(prompt)], params, 1, stream=True)
         sent = ""
         for kind, value in self._drive(session):
             if kind == "chunk":
@@ -460,7 +470,7 @@ class Client(_Base):
             if remaining <= 0 or not self._sock.poll(remaining * 1000):
                 self._check_alive(0.0, time.monotonic())
                 continue
-            got, reply = P.unpack(self._sock.recv_multipart())
+            got, reply = _parse(self._sock.recv_multipart())
             if reply.get("req") != req:
                 continue  # a late reply to something earlier
             if got == P.ERROR:
@@ -497,10 +507,7 @@ class Client(_Base):
                     last_ping = now
 
     def _receive_one(self, session: _Session) -> None:
-        try:
-            command, body = P.unpack(self._sock.recv_multipart())
-        except P.FrameError as exc:
-            raise errors.ProtocolMismatch(str(exc)) from None
+        command, body = _parse(self._sock.recv_multipart())
         session.on_message(command, body, time.monotonic())
 
 
@@ -547,12 +554,7 @@ class AsyncClient(_Base):
                     yield value
 
     async def stream(self, prompt: str | list[dict[str, str]], **params: Any) -> AsyncIterator[str]:
-        item = (
-            {"id": "0", "messages": prompt}
-            if isinstance(prompt, list)
-            else {"id": "0", "prompt": prompt}
-        )
-        session = _Session([item], params, 1, stream=True)
+        session = _Session([_stream_item(prompt)], params, 1, stream=True)
         sent = ""
         async with self._lock:
             async for kind, value in self._drive(session):
@@ -591,7 +593,7 @@ class AsyncClient(_Base):
                 if not await self._sock.poll(200):
                     self._check_alive(started, time.monotonic())
                     continue
-                got, reply = P.unpack(await self._sock.recv_multipart())
+                got, reply = _parse(await self._sock.recv_multipart())
                 if reply.get("req") != req:
                     continue
                 if got == P.ERROR:
@@ -618,10 +620,7 @@ class AsyncClient(_Base):
                 return
             if await self._sock.poll(200):
                 while await self._sock.poll(0):
-                    try:
-                        command, reply = P.unpack(await self._sock.recv_multipart())
-                    except P.FrameError as exc:
-                        raise errors.ProtocolMismatch(str(exc)) from None
+                    command, reply = _parse(await self._sock.recv_multipart())
                     session.on_message(command, reply, time.monotonic())
                 last_heard = time.monotonic()
             elif session.outstanding:
