@@ -16,6 +16,7 @@ light client without pulling in anything else.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +155,11 @@ class Item:
 def _check_number(
     name: str, value: Any, lo: float, hi: float, *, integer: bool = False
 ) -> float | int:
+    kind = type(value)
+    # The common case first, with no isinstance chain: a plain int (or a float where
+    # floats are allowed) in range. NaN and inf fail the comparison and go on below.
+    if (kind is int or (kind is float and not integer)) and lo <= value <= hi:
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValidationError(name, f"must be a number, got {type(value).__name__}")
     if integer and not isinstance(value, int):
@@ -168,6 +174,33 @@ def _check_number(
     return value
 
 
+def _positive_fraction(value: Any) -> float:
+    out = float(_check_number("", value, 0.0, 1.0))
+    if out == 0.0:
+        raise ValidationError("", "must be greater than 0")
+    return out
+
+
+def _optional_seed(value: Any) -> int | None:
+    return None if value is None else int(_check_number("", value, 0, MAX_SEED, integer=True))
+
+
+# One checker per parameter: value -> the normalised value, or ValidationError with
+# the field relative to the parameter ("" or "[i]"). Every item of a submit goes
+# through these: a table lookup, and the field's path is built only for an error.
+_PARAM_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "max_new_tokens": lambda v: _check_number("", v, 1, MAX_NEW_TOKENS, integer=True),
+    "temperature": lambda v: float(_check_number("", v, 0.0, 100.0)),
+    "top_p": _positive_fraction,
+    "top_k": lambda v: _check_number("", v, 0, 1_000_000, integer=True),
+    "min_p": lambda v: float(_check_number("", v, 0.0, 1.0)),
+    "repetition_penalty": lambda v: float(_check_number("", v, 0.01, 100.0)),
+    "seed": _optional_seed,
+    "stop": lambda v: _validate_stop("", v),
+}
+assert set(_PARAM_CHECKS) == PARAM_NAMES
+
+
 def validate_params(raw: Any, where: str = "params") -> dict[str, Any]:
     """Sampling parameters: unknown names are refused, every value range-checked."""
     if raw is None:
@@ -176,30 +209,17 @@ def validate_params(raw: Any, where: str = "params") -> dict[str, Any]:
         raise ValidationError(where, "must be a map")
     out: dict[str, Any] = {}
     for name, value in raw.items():
-        path = f"{where}.{name}"
-        if name not in PARAM_NAMES:
+        check = _PARAM_CHECKS.get(name)
+        if check is None:
             raise ValidationError(
-                path, f"unknown parameter (known: {', '.join(sorted(PARAM_NAMES))})"
+                f"{where}.{name}", f"unknown parameter (known: {', '.join(sorted(PARAM_NAMES))})"
             )
-        if name == "max_new_tokens":
-            out[name] = _check_number(path, value, 1, MAX_NEW_TOKENS, integer=True)
-        elif name == "temperature":
-            out[name] = float(_check_number(path, value, 0.0, 100.0))
-        elif name == "top_p":
-            out[name] = float(_check_number(path, value, 0.0, 1.0))
-            if out[name] == 0.0:
-                raise ValidationError(path, "must be greater than 0")
-        elif name == "top_k":
-            out[name] = _check_number(path, value, 0, 1_000_000, integer=True)
-        elif name == "min_p":
-            out[name] = float(_check_number(path, value, 0.0, 1.0))
-        elif name == "repetition_penalty":
-            out[name] = float(_check_number(path, value, 0.01, 100.0))
-        elif name == "seed":
-            if value is not None:
-                out[name] = _check_number(path, value, 0, MAX_SEED, integer=True)
-        elif name == "stop":
-            out[name] = _validate_stop(path, value)
+        try:
+            checked = check(value)
+        except ValidationError as exc:
+            raise ValidationError(f"{where}.{name}{exc.field}", exc.message) from None
+        if checked is not None or name != "seed":  # seed None: no seed
+            out[name] = checked
     return out
 
 

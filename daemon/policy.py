@@ -4,6 +4,11 @@ Balancing rule (DESIGN invariant 3): keep each worker's outstanding work near it
 capacity — the engine's concurrent-sequence limit — and never deeper than capacity
 plus a small prefetch, so no worker holds a deep private queue while another idles.
 New work goes to the worker with the least outstanding work per unit of capacity.
+
+The prefetch is what covers the round trip to the router: jobs a worker can start
+the moment others end, before the refill arrives. A worker whose jobs end one at a
+time needs two; one whose jobs end together (a static batch, a wave of equal-length
+jobs) needs a whole batch, or each wave starts part-empty (see ``prefetch_for``).
 """
 
 from __future__ import annotations
@@ -23,19 +28,34 @@ class WorkerLoad:
     slot: int
     outstanding: int
     capacity: int
+    prefetch: int | None = None  # this worker's own prefetch; None: plan_dispatch's
+
+
+def prefetch_for(base: int, burst: float, capacity: int) -> int:
+    """Items a worker may hold beyond its capacity: ``base``, or as many as it ends at once.
+
+    ``burst`` is how many jobs the worker reports finished per message (smoothed). A
+    worker finishing them a few at a time keeps the small base prefetch; one finishing
+    whole batches together gets up to one batch more, so the next batch is on hand
+    when the last one ends instead of a round trip later.
+    """
+    return max(base, min(capacity, round(burst)))
 
 
 def room(load: WorkerLoad, prefetch: int) -> int:
     """How many more items this worker may hold."""
-    return max(0, load.capacity + prefetch - load.outstanding)
+    own = prefetch if load.prefetch is None else max(prefetch, load.prefetch)
+    return max(0, load.capacity + own - load.outstanding)
 
 
 def plan_dispatch(loads: Sequence[WorkerLoad], queued: int, prefetch: int) -> dict[int, int]:
     """How many of ``queued`` items to send to each slot now.
 
     Water-filling: each item goes to the worker with the lowest (outstanding + planned)
-    ÷ capacity, ties to the lower slot; a worker past capacity + prefetch gets none.
+    ÷ capacity, ties to the lower slot; a worker past capacity + prefetch (its own, if
+    larger) gets none. Every worker is filled to capacity before any gets a prefetch.
     """
+    limits = {load.slot: load.outstanding + room(load, prefetch) for load in loads}
     heap = [
         (load.outstanding / load.capacity, load.slot, load.outstanding, load.capacity)
         for load in loads
@@ -46,7 +66,7 @@ def plan_dispatch(loads: Sequence[WorkerLoad], queued: int, prefetch: int) -> di
     while queued > 0 and heap:
         _, slot, outstanding, capacity = heapq.heappop(heap)
         # Take a run of items at once while this worker stays the least loaded.
-        limit = capacity + prefetch - outstanding
+        limit = limits[slot] - outstanding
         if heap:
             next_ratio = heap[0][0]
             within = max(1, int(next_ratio * capacity) - outstanding + 1)
@@ -55,7 +75,7 @@ def plan_dispatch(loads: Sequence[WorkerLoad], queued: int, prefetch: int) -> di
         plan[slot] = plan.get(slot, 0) + take
         queued -= take
         outstanding += take
-        if outstanding < capacity + prefetch:
+        if outstanding < limits[slot]:
             heapq.heappush(heap, (outstanding / capacity, slot, outstanding, capacity))
     return plan
 

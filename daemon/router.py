@@ -6,7 +6,8 @@
   until exactly one result or error has been sent for it. A result is taken only
   from the worker the ledger names, so a late result from a worker already given
   up for dead can never make a duplicate.
-- Balancing: policy.plan_dispatch keeps each worker near capacity + prefetch.
+- Balancing: policy.plan_dispatch keeps each worker near capacity + prefetch; the
+  prefetch grows to a batch for a worker whose jobs end in batches.
 - Probation: an item that was on board two crashed workers runs alone on one
   worker (drained first), so a poison prompt is pinned down without costing the
   items that happened to share its batch.
@@ -35,6 +36,7 @@ from exgen.daemon.config import Settings
 
 logger = logging.getLogger("exgen.router")
 
+BURST_SMOOTHING = 0.25  # weight of the newest RESULTS message in WorkerInfo.burst
 MAX_FRAMES_PER_TICK = 2000  # messages read from one socket before doing anything else
 FRONTEND_BUDGET_S = 0.05  # client messages handled per tick, at most, in seconds
 
@@ -70,9 +72,11 @@ class WorkerInfo:
     progress: int = -1
     progress_at: float = 0.0
     rate: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=32))
+    burst: float = 0.0  # results per RESULTS message: a peak decaying (policy.prefetch_for)
 
-    def load(self) -> policy.WorkerLoad:
-        return policy.WorkerLoad(self.slot, len(self.outstanding), self.capacity)
+    def load(self, base_prefetch: int) -> policy.WorkerLoad:
+        prefetch = policy.prefetch_for(base_prefetch, self.burst, self.capacity)
+        return policy.WorkerLoad(self.slot, len(self.outstanding), self.capacity, prefetch)
 
     def tokens_per_s(self, now: float, window_s: float = 10.0) -> float:
         samples = [s for s in self.rate if now - s[0] <= window_s]
@@ -436,6 +440,10 @@ class Router:
 
     def _on_results(self, identity: bytes, results: list[dict[str, Any]], now: float) -> None:
         worker = self.by_identity.get(identity)
+        if worker is not None:
+            # Up at once (the next batch must be on hand for the next wave), down slowly.
+            n = len(results)
+            worker.burst = max(n, worker.burst + (n - worker.burst) * BURST_SMOOTHING)
         latencies = self.latencies
         outbox = self.outbox  # sent by _flush_results at the end of the tick's reads
         for res in results:
@@ -502,7 +510,8 @@ class Router:
         self._dispatch_probation()
         if self.queue.size == 0:
             return
-        loads = [w.load() for w in self.workers.values() if w.slot != self.isolating]
+        base = self.settings.prefetch
+        loads = [w.load(base) for w in self.workers.values() if w.slot != self.isolating]
         plan = policy.plan_dispatch(loads, self.queue.size, self.settings.prefetch)
         for slot, count in plan.items():
             self._send_work(self.workers[slot], self.queue.take(count))

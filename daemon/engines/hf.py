@@ -261,6 +261,7 @@ class TransformersEngine(Engine):
         longest = max(w.job.params.max_new_tokens for w in batch)
         stopper = _RowStopper(self, batch, width)
         from transformers import StoppingCriteriaList
+
         if params.seed is not None and not params.greedy:
             torch.manual_seed(params.seed)  # such a job runs alone: see _batch_key
         with torch.inference_mode():

@@ -137,7 +137,9 @@ def test_outstanding_work_per_worker_stays_near_capacity(daemon_factory):
     stop.set()
     watcher.join()
     assert len(results) == 600
-    assert 4 <= seen_max <= 4 + 2, f"a worker held {seen_max} items (capacity 4, prefetch 2)"
+    # Equal-length jobs end in waves of 4, so each worker may hold the next wave too
+    # (policy.prefetch_for), never more.
+    assert 4 <= seen_max <= 4 + 4, f"a worker held {seen_max} items (capacity 4)"
 
 
 def test_bad_item_gets_a_clear_error_and_others_complete(daemon_factory):

@@ -92,8 +92,11 @@ def test_greedy_batch_equals_direct_generate(engine: TransformersEngine) -> None
         job(1, prompt="The capital of France is", max_new_tokens=12),
         job(2, prompt="def fibonacci(n):", max_new_tokens=12),
         job(3, messages=CAPITAL, max_new_tokens=12),
-        job(4, messages=[{"role": "user", "content": "Write a limerick about a cat."}],
-            max_new_tokens=12),
+        job(
+            4,
+            messages=[{"role": "user", "content": "Write a limerick about a cat."}],
+            max_new_tokens=12,
+        ),
     ]
     results = run(engine, *jobs)  # one left-padded batch of prompts of unequal length
     for j in jobs:

@@ -28,6 +28,26 @@ def test_no_worker_goes_past_capacity_plus_prefetch():
     assert plan == {0: 6, 1: 3}
 
 
+def test_a_worker_ending_whole_batches_may_hold_the_next_batch():
+    # Slot 0 reported batches of 8 ending together: its next batch waits on board.
+    loads = [WorkerLoad(0, 0, 8, prefetch=8), WorkerLoad(1, 0, 8, prefetch=2)]
+    assert plan_dispatch(loads, 1000, prefetch=2) == {0: 16, 1: 10}
+
+
+def test_own_prefetch_never_takes_work_from_a_worker_below_capacity():
+    # Water-filling: both reach capacity before slot 0 gets its larger prefetch.
+    loads = [WorkerLoad(0, 0, 8, prefetch=8), WorkerLoad(1, 0, 8, prefetch=2)]
+    assert plan_dispatch(loads, 16, prefetch=2) == {0: 8, 1: 8}
+
+
+def test_prefetch_follows_how_many_jobs_end_together():
+    assert policy.prefetch_for(2, 0.0, 32) == 2  # nothing seen yet: the base
+    assert policy.prefetch_for(2, 1.4, 32) == 2  # jobs end one by one
+    assert policy.prefetch_for(2, 12.0, 32) == 12
+    assert policy.prefetch_for(2, 40.0, 32) == 32  # never more than one batch
+    assert policy.prefetch_for(0, 0.0, 8) == 0
+
+
 def test_full_workers_get_nothing():
     loads = [WorkerLoad(0, 10, 8), WorkerLoad(1, 11, 8)]
     assert plan_dispatch(loads, 5, prefetch=2) == {}
@@ -41,12 +61,16 @@ def test_load_is_relative_to_capacity():
 
 
 @given(
-    st.lists(st.tuples(st.integers(0, 40), st.integers(1, 32)), min_size=1, max_size=8),
+    st.lists(
+        st.tuples(st.integers(0, 40), st.integers(1, 32), st.none() | st.integers(0, 32)),
+        min_size=1,
+        max_size=8,
+    ),
     st.integers(0, 500),
     st.integers(0, 4),
 )
-def test_plan_invariants(pairs, queued, prefetch):
-    loads = [WorkerLoad(i, min(o, c + prefetch), c) for i, (o, c) in enumerate(pairs)]
+def test_plan_invariants(triples, queued, prefetch):
+    loads = [WorkerLoad(i, o, c, own) for i, (o, c, own) in enumerate(triples)]
     plan = plan_dispatch(loads, queued, prefetch)
     room = sum(policy.room(w, prefetch) for w in loads)
     # Never more than is queued, never past a worker's room, and no work left
