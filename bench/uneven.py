@@ -20,6 +20,13 @@ blocks sorted by length into ten bands and shuffled. The same lengths shuffled i
 by item are simulated too, to show what a static split costs when the file is
 perfectly mixed.
 
+Lengths are not given to the daemon: as with a real model, each task (block) has a
+``max_new_tokens`` budget — the next power of two above its longest output, the kind
+of cap a user sets per task — and each output ends at its own EOS below it (the
+synthetic engine's ``eos_from_prompt``: the prompt carries ``len=N``, which only the
+engine reads). The router orders a client's queue by budget (longest-first), which
+is all it can know; "policy" simulates that order, "policy fifo" arrival order.
+
 The workers sleep through the step time, so on a 2-core machine the daemon's
 timing is sleep-dominated: CPU is not the bottleneck (the per-token Python cost of
 the synthetic engine is a few µs against a step of 1–4 ms).
@@ -57,15 +64,24 @@ def bounded_pareto(rng: random.Random, n: int) -> list[int]:
     return out
 
 
-def file_order(lengths: list[int], rng: random.Random) -> list[int]:
-    """Lengths as a batch file holds them: blocks of similar tasks, blocks shuffled."""
+def file_order(lengths: list[int], rng: random.Random) -> list[tuple[int, int]]:
+    """(budget, length) as a batch file holds them: blocks of similar tasks, shuffled.
+
+    A block's budget (max_new_tokens) is the next power of two above its longest
+    output: a per-task cap, not the length of any one output.
+    """
     ordered = sorted(lengths)
     size = -(-len(ordered) // BANDS)
     blocks = [ordered[i : i + size] for i in range(0, len(ordered), size)]
     for block in blocks:
         rng.shuffle(block)
     rng.shuffle(blocks)
-    return [n for block in blocks for n in block]
+    return [(1 << (max(block) - 1).bit_length(), n) for block in blocks for n in block]
+
+
+def longest_budget_first(items: list[tuple[int, int]]) -> list[int]:
+    """Lengths in the order the router starts them: largest budget first, ties FIFO."""
+    return [n for _, n in sorted(items, key=lambda item: -item[0])]
 
 
 def step_ms(active: int, token_ms: float, batch_ms: float) -> float:
@@ -152,10 +168,11 @@ def ideal(lengths: list[int], gpus: int, args: argparse.Namespace) -> float:
     return sum(lengths) * per_token_ms / gpus / 1000
 
 
-def exgen_makespan(daemon: Daemon, lengths: list[int]) -> float:
+def exgen_makespan(daemon: Daemon, tasks: list[tuple[int, int]]) -> float:
+    lengths = [n for _, n in tasks]
     items = [
-        {"id": str(i), "prompt": f"u{i}", "params": {"max_new_tokens": n}}
-        for i, n in enumerate(lengths)
+        {"id": str(i), "prompt": f"u{i} len={n}", "params": {"max_new_tokens": budget}}
+        for i, (budget, n) in enumerate(tasks)
     ]
     with daemon.client(timeout=120, window=len(items)) as client:
         started = time.perf_counter()
@@ -169,23 +186,26 @@ def exgen_makespan(daemon: Daemon, lengths: list[int]) -> float:
 
 def run_gpus(gpus: int, args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed + gpus)
-    lengths = file_order(bounded_pareto(rng, args.items_per_gpu * gpus), rng)
+    tasks = file_order(bounded_pareto(rng, args.items_per_gpu * gpus), rng)
+    lengths = [n for _, n in tasks]
     mixed = list(lengths)
     rng.shuffle(mixed)
     best = ideal(lengths, gpus, args)
     static = static_split(lengths, gpus, args)
     static_mixed = static_split(mixed, gpus, args)
-    policy = simulate_dynamic(lengths, gpus, args)
+    policy = simulate_dynamic(longest_budget_first(tasks), gpus, args)
+    policy_fifo = simulate_dynamic(lengths, gpus, args)
     opts = {
         "capacity": args.capacity,
         "token_ms": args.token_ms,
         "batch_ms": args.batch_ms,
         "paced": int(args.paced),
+        "eos_from_prompt": 1,
     }
     runs = []
     with running_daemon(gpus, "synthetic", opts) as daemon:
         for _ in range(args.repeat):
-            runs.append(exgen_makespan(daemon, lengths))
+            runs.append(exgen_makespan(daemon, tasks))
             logger.info(
                 "%d GPUs: exgen %.2fs, ideal %.2fs, static %.2fs", gpus, runs[-1], best, static
             )
@@ -200,6 +220,8 @@ def run_gpus(gpus: int, args: argparse.Namespace) -> dict[str, Any]:
         "exgen_s": round(exgen, 3),
         "exgen_over_ideal": round(exgen / best, 3),
         "policy_over_ideal": round(policy / best, 3),
+        "policy_fifo_over_ideal": round(policy_fifo / best, 3),
+        "budgets": sorted({budget for budget, _ in tasks}),
         "static_s": round(static, 3),
         "static_over_ideal": round(static / best, 3),
         "static_mixed_over_ideal": round(static_mixed / best, 3),

@@ -240,12 +240,15 @@ class _Session:
             self.exhausted = True
             return None
         raw = dict(raw)
-        params = dict(self.defaults)
-        params.update(raw.get("params") or {})
-        raw["params"] = params
+        own = raw.get("params")
+        checked = None
+        if own:
+            raw["params"] = {**self.defaults, **own} if isinstance(own, dict) else own
+        else:  # the common case: the call's defaults, validated once for every item
+            raw["params"] = checked = self.defaults
         item_id = raw.get("id")
         try:
-            item = P.validate_item(raw, "item")
+            item = P.validate_item(raw, "item", checked)
         except P.ValidationError as exc:
             if not isinstance(item_id, str) or not item_id:
                 raise errors.BadRequest(exc.message, field=exc.field) from None

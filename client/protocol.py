@@ -31,8 +31,8 @@ SUBMIT = b"S"  # client -> router: {"req", "items": [item...], "stream"?}
 CANCEL = b"C"  # client -> router: {"req"?, "ids": [...]} (no ids: every item of req)
 STATUS = b"?"  # client -> router: {}
 ACCEPTED = b"A"  # router -> client: {"req", "n", "queued"}
-RESULTS = b"R"  # router/worker -> client/router: {"req"?, "results": [result...]}
-CHUNKS = b"K"  # router/worker -> client/router: {"req"?, "chunks": [[id, text]...]}
+RESULTS = b"R"  # router -> client: {"req"?, "results": [result...]}
+CHUNKS = b"K"  # router/worker -> client/router: {"req"?, "chunks": [[id or key, text]...]}
 ERROR = b"E"  # router -> client: {"req"?, "code", "message", "field"?}
 STATUS_REPLY = b"!"  # router -> client: the status document
 PING = b"p"  # client -> router: {"req"?}; liveness while waiting for long results
@@ -41,7 +41,11 @@ PONG = b"P"  # router -> client: {"req"?, "draining"}
 # --- worker <-> router -----------------------------------------------------------
 READY = b"r"  # worker -> router: {"slot","pid","engine","capacity","load_s",...}
 HEARTBEAT = b"h"  # worker -> router: {"slot","pid","inflight","progress","tokens"}
-WORK = b"w"  # router -> worker: {"jobs": [job...]}
+WORK = b"w"  # router -> worker: {"jobs": [[key, prompt, messages, params, stream]...]}
+DONE = b"d"  # worker -> router: {"done": [[key, text, finish_reason, prompt_tokens,
+#             completion_tokens]...], "failed": [[key, code, message]...]}
+# Router <-> worker rows are arrays, not maps: both ends are the same install, and
+# at tens of thousands of prompts a second the per-item maps showed in the profile.
 FATAL = b"f"  # worker -> router: {"slot","pid","code","message"} then exit
 STOP = b"x"  # router -> worker: finish nothing more, exit now
 
@@ -265,13 +269,16 @@ def _validate_messages(path: str, value: Any) -> list[dict[str, str]]:
     return out
 
 
-def validate_item(raw: Any, where: str) -> Item:
+def validate_item(raw: Any, where: str, checked_params: dict[str, Any] | None = None) -> Item:
+    """One item; ``checked_params``: its params, already validated (they are not again)."""
     if not isinstance(raw, dict):
         raise ValidationError(where, "must be a map")
-    return _validate_item_fields(raw, where, _check_item_id(raw, where))
+    return _validate_item_fields(raw, where, _check_item_id(raw, where), checked_params)
 
 
-def _validate_item_fields(raw: dict[str, Any], where: str, item_id: str) -> Item:
+def _validate_item_fields(
+    raw: dict[str, Any], where: str, item_id: str, checked_params: dict[str, Any] | None = None
+) -> Item:
     """An item whose id is already checked (validate_submit checks ids first)."""
     if not ITEM_KEYS.issuperset(raw):  # no set built per item on the common path
         unknown = set(raw) - ITEM_KEYS
@@ -287,7 +294,9 @@ def _validate_item_fields(raw: dict[str, Any], where: str, item_id: str) -> Item
     checked_messages = (
         None if messages is None else _validate_messages(f"{where}.messages", messages)
     )
-    params = validate_params(raw.get("params"), f"{where}.params")
+    params = checked_params
+    if params is None:
+        params = validate_params(raw.get("params"), f"{where}.params")
     return Item(item_id, prompt, checked_messages, params)
 
 

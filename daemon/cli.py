@@ -78,6 +78,12 @@ def main() -> None:
     help="Seconds to finish in-flight work on SIGTERM.",
 )
 @click.option(
+    "--order",
+    type=click.Choice(cfg.ORDERS),
+    help="Order of one client's waiting prompts: largest max_new_tokens first, ties in "
+    "arrival order (default), or arrival order only.",
+)
+@click.option(
     "--max-attempts", type=int, help="Worker crashes an item may cause before it fails (default 3)."
 )
 @click.option(

@@ -34,6 +34,11 @@ ENV_NOT_SETTINGS = frozenset(
 )
 
 
+# How a client's waiting items are ordered: the largest max_new_tokens first (a job
+# ends sooner when its long generations do not start last), or arrival order.
+ORDERS = ("longest-first", "fifo")
+
+
 class ConfigError(ValueError):
     """A setting that cannot be used; the message names it and its source."""
 
@@ -53,6 +58,7 @@ class Settings:
     # Limits.
     max_queue: int = 200_000  # items waiting in the router before "busy"
     prefetch: int = 2  # items beyond a worker's capacity it may hold
+    order: str = "longest-first"  # within a client's queue: ORDERS
     max_attempts: int = 3  # worker crashes an item may cause before it fails
     # Lifecycle.
     drain_timeout_s: float = 60.0
@@ -239,6 +245,8 @@ def check_settings(settings: Settings) -> None:
         raise ConfigError("max_attempts must be at least 1")
     if settings.prefetch < 0:
         raise ConfigError("prefetch must be 0 or more")
+    if settings.order not in ORDERS:
+        raise ConfigError(f"order = {settings.order!r}: one of {', '.join(ORDERS)}")
     if settings.max_queue < 1:
         raise ConfigError("max_queue must be at least 1")
     if settings.gpus is not None:

@@ -1,7 +1,9 @@
 """The router: client and worker sockets, the pending queue, the ledger.
 
-- Pending queue: one FIFO per client, served round-robin, so a 100,000-line file
-  never starves a one-line request. Items requeued after a crash go first.
+- Pending queue: one lane per client, served round-robin, so a 100,000-line file
+  never starves a one-line request. Within a lane the largest max_new_tokens goes
+  first (``order = "longest-first"``, see Lane), else arrival order. Items requeued
+  after a crash go first.
 - Ledger: every accepted item has an entry (key → client, id, attempts, worker)
   until exactly one result or error has been sent for it. A result is taken only
   from the worker the ledger names, so a late result from a worker already given
@@ -20,6 +22,7 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 import uuid
@@ -46,11 +49,11 @@ class Entry:
     key: int
     client: bytes
     item_id: str
-    job: dict[str, Any]
+    job: list[Any]  # the WORK row, built once at accept
     accepted_at: float
     attempts: int = 0
     worker: bytes | None = None
-    causes: list[str] = field(default_factory=list)
+    causes: list[str] | None = None  # why the workers it was on died (poison verdicts)
 
 
 @dataclass(slots=True)
@@ -92,23 +95,81 @@ class Kill:
     cause: str
 
 
-class FairQueue:
-    """Per-client FIFOs served round-robin, plus a priority lane served first."""
+class Lane:
+    """One client's waiting items: the largest token budget first, else arrival order.
 
-    def __init__(self) -> None:
-        self.by_client: OrderedDict[bytes, deque[int]] = OrderedDict()
+    Longest-first by ``max_new_tokens`` (the classic LPT rule): a long generation
+    started last is what leaves the other devices idle at the end of a job, and the
+    budget is the only length the router knows before generating. Items with equal
+    budgets keep their arrival order, and a lane whose items all share one budget
+    (the common case: one file, one setting) stays a plain FIFO at deque cost.
+    With ``longest_first`` False the lane is always FIFO.
+    """
+
+    __slots__ = ("budget", "fifo", "heap", "longest_first", "seq")
+
+    def __init__(self, longest_first: bool) -> None:
+        self.fifo: deque[int] = deque()
+        self.heap: list[tuple[int, int, int]] | None = None  # (-budget, seq, key)
+        self.budget: int | None = None  # the one budget while FIFO
+        self.longest_first = longest_first
+        self.seq = 0
+
+    def __len__(self) -> int:
+        return len(self.fifo) if self.heap is None else len(self.heap)
+
+    def push(self, key: int, budget: int) -> None:
+        if self.heap is None:
+            if not self.longest_first or self.budget in (None, budget) or not self.fifo:
+                self.budget = budget if self.longest_first else None
+                self.fifo.append(key)
+                return
+            self._to_heap()
+        assert self.heap is not None
+        self.seq += 1
+        heapq.heappush(self.heap, (-budget, self.seq, key))
+
+    def pop(self) -> int:
+        if self.heap is None:
+            return self.fifo.popleft()
+        key = heapq.heappop(self.heap)[2]
+        if not self.heap:
+            self.heap, self.budget = None, None  # empty: back to the cheap FIFO
+        return key
+
+    def in_order(self) -> list[int]:
+        """Every key, in the order they would be taken."""
+        if self.heap is None:
+            return list(self.fifo)
+        return [entry[2] for entry in sorted(self.heap)]
+
+    def _to_heap(self) -> None:
+        budget = self.budget or 0
+        self.heap = []
+        for key in self.fifo:
+            self.seq += 1
+            self.heap.append((-budget, self.seq, key))
+        self.fifo.clear()  # already in heap order: equal budgets, rising seq
+
+
+class FairQueue:
+    """Per-client lanes served round-robin, plus a priority lane served first."""
+
+    def __init__(self, longest_first: bool = True) -> None:
+        self.by_client: OrderedDict[bytes, Lane] = OrderedDict()
         self.front: deque[int] = deque()
         self.size = 0
+        self.longest_first = longest_first
 
     def waiting(self, client: bytes) -> int:
         lane = self.by_client.get(client)
         return len(lane) if lane is not None else 0
 
-    def push(self, client: bytes, key: int) -> None:
+    def push(self, client: bytes, key: int, budget: int = 0) -> None:
         lane = self.by_client.get(client)
         if lane is None:
-            lane = self.by_client[client] = deque()
-        lane.append(key)
+            lane = self.by_client[client] = Lane(self.longest_first)
+        lane.push(key, budget)
         self.size += 1
 
     def push_front(self, keys: Iterable[int]) -> None:
@@ -128,7 +189,7 @@ class FairQueue:
             for client in list(lanes):
                 lane = lanes[client]
                 for _ in range(min(share, len(lane), n - len(out))):
-                    out.append(lane.popleft())
+                    out.append(lane.pop())
                 if lane:
                     lanes.move_to_end(client)
                 else:
@@ -138,21 +199,23 @@ class FairQueue:
         self.size -= len(out)
         return out
 
-    def remove(self, keys: set[int]) -> None:
+    def remove(self, keys: set[int], budgets: Callable[[int], int]) -> None:
         """Drop keys wherever they wait (cancel); cost is linear, cancels are rare."""
         self.front = deque(k for k in self.front if k not in keys)
         for client in list(self.by_client):
-            lane = deque(k for k in self.by_client[client] if k not in keys)
-            if lane:
-                self.by_client[client] = lane
-            else:
+            kept = [k for k in self.by_client[client].in_order() if k not in keys]
+            if not kept:
                 del self.by_client[client]
+                continue
+            lane = self.by_client[client] = Lane(self.longest_first)
+            for key in kept:
+                lane.push(key, budgets(key))
         self.size = len(self.front) + sum(len(lane) for lane in self.by_client.values())
 
     def drain_all(self) -> list[int]:
         keys = list(self.front)
         for lane in self.by_client.values():
-            keys.extend(lane)
+            keys.extend(lane.in_order())
         self.front.clear()
         self.by_client.clear()
         self.size = 0
@@ -170,7 +233,7 @@ class Router:
         self.started = time.monotonic()
         self.entries: dict[int, Entry] = {}
         self.by_client_id: dict[tuple[bytes, str], int] = {}
-        self.queue = FairQueue()
+        self.queue = FairQueue(longest_first=settings.order == "longest-first")
         self.probation: deque[int] = deque()
         self.isolating: int | None = None  # the slot kept free for probation items
         self.workers: dict[int, WorkerInfo] = {}  # by slot
@@ -300,22 +363,19 @@ class Router:
     def _accept(self, client: bytes, item: P.Item, stream: bool, now: float) -> None:
         key = self.next_key
         self.next_key += 1
-        # The worker's job straight from the validated item (no wire copy to trim).
-        job: dict[str, Any] = {"key": key, "params": item.params, "stream": stream}
-        if item.messages is not None:
-            job["messages"] = item.messages
-        else:
-            job["prompt"] = item.prompt
+        # The worker's job row straight from the validated item (protocol.WORK).
+        job = [key, item.prompt, item.messages, item.params, stream]
         self.entries[key] = Entry(key, client, item.id, job, now)
         self.by_client_id[(client, item.id)] = key
-        self.queue.push(client, key)
+        budget = item.params.get("max_new_tokens", P.DEFAULT_PARAMS["max_new_tokens"])
+        self.queue.push(client, key, budget)
 
     def _cancel(self, client: bytes, body: dict[str, Any]) -> None:
         ids = body.get("ids")
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise P.ValidationError("ids", "must be a list of item ids")
         keys = {self.by_client_id[(client, i)] for i in ids if (client, i) in self.by_client_id}
-        self.queue.remove(keys)
+        self.queue.remove(keys, self._budget)
         self.probation = deque(k for k in self.probation if k not in keys)
         by_worker: dict[bytes, list[int]] = {}
         for key in keys:
@@ -328,6 +388,11 @@ class Router:
         for identity, worker_keys in by_worker.items():
             self.backend.send_multipart([identity, *P.pack(P.CANCEL, {"keys": worker_keys})])
         self._finish_with_error(keys, P.E_CANCELLED, "cancelled by the client")
+
+    def _budget(self, key: int) -> int:
+        """An item's max_new_tokens (its place in a longest-first lane)."""
+        params = self.entries[key].job[3]
+        return int(params.get("max_new_tokens", P.DEFAULT_PARAMS["max_new_tokens"]))
 
     def reply(self, client: bytes, command: bytes, body: dict[str, Any]) -> None:
         self.frontend.send_multipart([client, *P.pack(command, body)])
@@ -367,7 +432,7 @@ class Router:
             self._flush_results()
 
     def _flush_results(self) -> None:
-        """One RESULTS message per client per tick, whatever the number of workers.
+        """One RESULTS message per client per tick (the outbox ``_on_done`` fills).
 
         Each send costs a wakeup of ZMQ's I/O thread (a syscall, and on a busy host a
         context switch): per-worker messages to the same client cost more than the
@@ -380,8 +445,17 @@ class Router:
     def _worker_message(
         self, identity: bytes, command: bytes, body: dict[str, Any], now: float
     ) -> None:
-        if command == P.RESULTS:
-            self._on_results(identity, body["results"], now)
+        try:
+            self._dispatch_worker_message(identity, command, body, now)
+        except (KeyError, TypeError, ValueError) as exc:
+            # Workers are our own code, but a bad message must not take the router down.
+            logger.error("bad %r message from a worker: %r", command, exc)
+
+    def _dispatch_worker_message(
+        self, identity: bytes, command: bytes, body: dict[str, Any], now: float
+    ) -> None:
+        if command == P.DONE:
+            self._on_done(identity, body["done"], body["failed"], now)
         elif command == P.CHUNKS:
             self._on_chunks(identity, body["chunks"])
         elif command == P.HEARTBEAT:
@@ -438,44 +512,58 @@ class Router:
         worker.tokens = int(body.get("tokens", worker.tokens))
         worker.rate.append((now, worker.tokens))
 
-    def _on_results(self, identity: bytes, results: list[dict[str, Any]], now: float) -> None:
+    def _on_done(
+        self, identity: bytes, done: list[list[Any]], failed: list[list[Any]], now: float
+    ) -> None:
         worker = self.by_identity.get(identity)
         if worker is not None:
             # Up at once (the next batch must be on hand for the next wave), down slowly.
-            n = len(results)
+            n = len(done) + len(failed)
             worker.burst = max(n, worker.burst + (n - worker.burst) * BURST_SMOOTHING)
-        latencies = self.latencies
-        outbox = self.outbox  # sent by _flush_results at the end of the tick's reads
-        for res in results:
-            entry = self.entries.get(res["key"])
-            if entry is None or entry.worker != identity:
-                continue  # cancelled, or a late result from a worker given up for dead
-            self._forget(entry)
-            if latencies is not None:
-                latencies.append(now - entry.accepted_at)
+        slot = worker.slot if worker is not None else None
+        for key, text, finish_reason, prompt_tokens, completion_tokens in done:
+            entry = self._settle(identity, worker, key, now)
+            if entry is None:
+                continue
+            self.completed += 1
             if worker is not None:
-                worker.outstanding.discard(entry.key)
-                worker.progress_at = now
-            err = res.get("error")
-            if err is not None:
-                self.failed += 1
-                if worker is not None:
-                    worker.failed += 1
-                wire = P.result_error(entry.item_id, str(err.get("code")), str(err.get("message")))
-            else:
-                self.completed += 1
-                if worker is not None:
-                    worker.completed += 1
-                wire = {
+                worker.completed += 1
+            self.outbox.setdefault(entry.client, []).append(
+                {
                     "id": entry.item_id,
-                    "text": res["text"],
-                    "finish_reason": res["finish_reason"],
-                    "prompt_tokens": res["prompt_tokens"],
-                    "completion_tokens": res["completion_tokens"],
+                    "text": text,
+                    "finish_reason": finish_reason,
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "slot": slot,
                     "error": None,
                 }
-            wire["slot"] = worker.slot if worker is not None else None
-            outbox.setdefault(entry.client, []).append(wire)
+            )
+        for key, code, message in failed:
+            entry = self._settle(identity, worker, key, now)
+            if entry is None:
+                continue
+            self.failed += 1
+            if worker is not None:
+                worker.failed += 1
+            wire = P.result_error(entry.item_id, str(code), str(message))
+            wire["slot"] = slot
+            self.outbox.setdefault(entry.client, []).append(wire)
+
+    def _settle(
+        self, identity: bytes, worker: WorkerInfo | None, key: int, now: float
+    ) -> Entry | None:
+        """The ledger entry a worker's answer settles; None if it is not that worker's."""
+        entry = self.entries.get(key)
+        if entry is None or entry.worker != identity:
+            return None  # cancelled, or a late result from a worker given up for dead
+        self._forget(entry)
+        if self.latencies is not None:
+            self.latencies.append(now - entry.accepted_at)
+        if worker is not None:
+            worker.outstanding.discard(key)
+            worker.progress_at = now
+        return entry
 
     def _on_chunks(self, identity: bytes, chunks: list[list[Any]]) -> None:
         out: dict[bytes, list[list[Any]]] = {}
@@ -573,7 +661,7 @@ class Router:
             entry.worker = None
             if crashed and blames_work:
                 entry.attempts += 1
-                entry.causes.append(cause)
+                entry.causes = [*(entry.causes or ()), cause]
             verdict = policy.poison_verdict(entry.attempts, self.settings.max_attempts, alone)
             if verdict == policy.FAIL:
                 self._fail_poison(entry)

@@ -228,10 +228,10 @@ class Worker:
                 logger.info("stop requested")
                 return True
 
-    def add_jobs(self, engine: Engine, jobs: list[dict[str, Any]]) -> None:
+    def add_jobs(self, engine: Engine, jobs: list[list[Any]]) -> None:
         rejected: list[Event] = []
         for body in jobs:
-            job = Job.from_wire(body)
+            job = Job.from_row(body)
             try:
                 engine.add(job)
             except JobRejected as exc:
@@ -241,30 +241,29 @@ class Worker:
             self.send_events(rejected)
 
     def send_events(self, events: list[Event]) -> None:
-        results: list[dict[str, Any]] = []
+        done: list[list[Any]] = []
+        failed: list[list[Any]] = []
         chunks: list[list[Any]] = []
         for event in events:
             if isinstance(event, Finished):
                 self.progress.tokens += event.completion_tokens
-                results.append(
-                    {
-                        "key": event.key,
-                        "text": event.text,
-                        "finish_reason": event.finish_reason,
-                        "prompt_tokens": event.prompt_tokens,
-                        "completion_tokens": event.completion_tokens,
-                    }
+                done.append(
+                    [
+                        event.key,
+                        event.text,
+                        event.finish_reason,
+                        event.prompt_tokens,
+                        event.completion_tokens,
+                    ]
                 )
             elif isinstance(event, Failed):
-                results.append(
-                    {"key": event.key, "error": {"code": event.code, "message": event.message}}
-                )
+                failed.append([event.key, event.code, event.message])
             elif isinstance(event, Chunk):
                 chunks.append([event.key, event.text])
         if chunks:
             self.send(P.CHUNKS, {"chunks": chunks})
-        if results:
-            self.send(P.RESULTS, {"results": results})
+        if done or failed:
+            self.send(P.DONE, {"done": done, "failed": failed})
 
 
 def main(argv: list[str] | None = None) -> None:

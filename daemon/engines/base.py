@@ -66,8 +66,8 @@ class SamplingParams:
 
     @classmethod
     def from_wire(cls, params: dict[str, Any]) -> SamplingParams:
-        merged = P.merged_params(params)
-        return cls(**{name: merged[name] for name in P.PARAM_NAMES})
+        """From validated params (the router's gate): only known names, checked values."""
+        return cls(**P.merged_params(params))
 
 
 @dataclass(slots=True)
@@ -81,14 +81,10 @@ class Job:
     stream: bool = False
 
     @classmethod
-    def from_wire(cls, body: dict[str, Any]) -> Job:
-        return cls(
-            key=body["key"],
-            prompt=body.get("prompt"),
-            messages=body.get("messages"),
-            params=SamplingParams.from_wire(body.get("params") or {}),
-            stream=bool(body.get("stream", False)),
-        )
+    def from_row(cls, row: list[Any]) -> Job:
+        """A WORK row: [key, prompt, messages, params, stream] (protocol.WORK)."""
+        key, prompt, messages, params, stream = row
+        return cls(key, prompt, messages, SamplingParams.from_wire(params or {}), bool(stream))
 
 
 @dataclass(slots=True)

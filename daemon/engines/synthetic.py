@@ -8,7 +8,9 @@ Timing model: one ``step()`` advances every active job by one token and takes
 ``token_ms + batch_ms × active_jobs`` milliseconds — a GPU's step time rising with
 batch size. With ``token_ms=0`` and ``batch_ms=0`` every job finishes in one step
 (a zero-cost engine, for measuring the router). Output length is the job's
-``max_new_tokens`` unless a stop string ends it first.
+``max_new_tokens`` unless a stop string ends it first, or, with ``eos_from_prompt``,
+the ``len=N`` written in the prompt: a model's end-of-sequence before the budget,
+which the router cannot know in advance (finish_reason "stop").
 
 Engine options (``--engine-opt KEY=VALUE``):
 
@@ -19,6 +21,8 @@ batch_ms           0        extra milliseconds per step per active job
 max_seq_len        4096     context in "tokens" (words): longer prompts are refused
 paced              0        keep a clock: a step ends token_ms + batch_ms × active after
                             the previous one, host jitter caught up (see _pace)
+eos_from_prompt    0        a prompt containing ``len=N`` ends after N tokens (if fewer
+                            than max_new_tokens), as if the model emitted its EOS
 boot_s             0        seconds load() takes (slow boot)
 fail_load          ""       load() fails with this message (a boot error)
 crash_after        0        the process dies (os._exit 70) after this many jobs end
@@ -33,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -56,6 +61,7 @@ WORDS = (
     "garden window letter story ocean mountain silver golden quiet gentle ancient city"
 ).split()
 CRASH_EXIT_CODE = 70
+_EOS_AT = re.compile(r"\blen=(\d{1,7})\b")
 
 OPTIONS: dict[str, tuple[type, object]] = {
     "capacity": (int, 8),
@@ -63,6 +69,7 @@ OPTIONS: dict[str, tuple[type, object]] = {
     "batch_ms": (float, 0.0),
     "max_seq_len": (int, 4096),
     "paced": (bool, False),
+    "eos_from_prompt": (bool, False),
     "boot_s": (float, 0.0),
     "fail_load": (str, ""),
     "crash_after": (int, 0),
@@ -99,6 +106,7 @@ class _Active:
     job: Job
     words: list[str]
     prompt_tokens: int
+    eos: bool = False  # the words end at an EOS, before max_new_tokens
     produced: int = 0
     text: list[str] = field(default_factory=list)
 
@@ -147,8 +155,14 @@ class SyntheticEngine(Engine):
                 f"prompt is {prompt_tokens} tokens + max_new_tokens "
                 f"{job.params.max_new_tokens} > context {self.max_seq_len}",
             )
-        words = synthetic_words(text, job.params.seed, job.params.max_new_tokens)
-        self._waiting[job.key] = _Active(job, words, prompt_tokens)
+        length = job.params.max_new_tokens
+        eos = False
+        if self.opts["eos_from_prompt"]:
+            match = _EOS_AT.search(text)
+            if match is not None and int(match.group(1)) < length:
+                length, eos = max(1, int(match.group(1))), True
+        words = synthetic_words(text, job.params.seed, length)
+        self._waiting[job.key] = _Active(job, words, prompt_tokens, eos)
 
     def cancel(self, key: int) -> None:
         self._waiting.pop(key, None)
@@ -230,7 +244,7 @@ class SyntheticEngine(Engine):
             if cut >= 0:
                 return self._end(active, text[:cut], P.FINISH_STOP)
         if active.produced >= len(active.words):
-            return self._end(active, text, P.FINISH_LENGTH)
+            return self._end(active, text, P.FINISH_STOP if active.eos else P.FINISH_LENGTH)
         return None
 
     def _end(self, active: _Active, text: str, reason: str) -> Finished:

@@ -142,6 +142,36 @@ def test_outstanding_work_per_worker_stays_near_capacity(daemon_factory):
     assert 4 <= seen_max <= 4 + 4, f"a worker held {seen_max} items (capacity 4)"
 
 
+BUDGETS = [4, 30, 4, 12, 30, 4, 12, 30, 4, 12]
+
+
+def budget_items() -> list[dict[str, object]]:
+    return [
+        {"id": f"b{i}-{n}", "prompt": f"task {i}", "params": {"max_new_tokens": n}}
+        for i, n in enumerate(BUDGETS)
+    ]
+
+
+def finish_order(daemon) -> list[str]:
+    # One worker running one job at a time: results come back in the order started.
+    with daemon.client() as client:
+        return [r.id for r in client.iter_results(budget_items())]
+
+
+@pytest.mark.parametrize("order", [None, "longest-first", "fifo"])
+def test_a_clients_largest_budgets_start_first_unless_fifo(daemon_factory, order):
+    args = ["--engine", "synthetic", "--workers", "1"]
+    args += ["--engine-opt", "capacity=1", "--engine-opt", "token_ms=2"]
+    daemon = daemon_factory(*args, *(["--order", order] if order else []))
+    arrival = [str(item["id"]) for item in budget_items()]
+    got = finish_order(daemon)
+    if order == "fifo":
+        assert got == arrival
+    else:  # the default: largest max_new_tokens first, equal budgets in arrival order
+        by_budget = sorted(arrival, key=lambda item_id: -int(item_id.split("-")[1]))
+        assert got == by_budget
+
+
 def test_bad_item_gets_a_clear_error_and_others_complete(daemon_factory):
     daemon = daemon_factory("--engine", "synthetic", "--workers", "2")
     items = prompts(20)

@@ -47,7 +47,42 @@ def test_remove_and_drain():
     for key in range(6):
         queue.push(b"a" if key % 2 else b"b", key)
     queue.push_front([9])
-    queue.remove({1, 2, 9})
+    queue.remove({1, 2, 9}, budgets=lambda key: 0)
     assert queue.size == 4
     assert sorted(queue.drain_all()) == [0, 3, 4, 5]
     assert queue.size == 0
+
+
+def test_a_larger_token_budget_starts_first_and_equal_budgets_keep_their_order():
+    queue = FairQueue()
+    budgets = {0: 10, 1: 10, 2: 1000, 3: 50, 4: 1000, 5: 10}
+    for key, budget in budgets.items():
+        queue.push(b"a", key, budget)
+    assert queue.take(3) == [2, 4, 3]
+    queue.push(b"a", 6, 500)  # a later arrival still goes by its budget
+    assert queue.take(10) == [6, 0, 1, 5]
+    assert queue.size == 0
+
+
+def test_fifo_order_ignores_budgets():
+    queue = FairQueue(longest_first=False)
+    for key, budget in enumerate([10, 1000, 50]):
+        queue.push(b"a", key, budget)
+    assert queue.take(3) == [0, 1, 2]
+
+
+def test_longest_first_stays_within_a_client_and_round_robin_holds():
+    queue = FairQueue()
+    for key in range(10):
+        queue.push(b"big", key, 1000)
+    queue.push(b"small", 100, 5)  # a short budget in another lane is not held back
+    assert 100 in queue.take(2)
+
+
+def test_remove_keeps_the_budget_order_of_what_is_left():
+    queue = FairQueue()
+    budgets = {0: 5, 1: 500, 2: 50, 3: 5000}
+    for key, budget in budgets.items():
+        queue.push(b"a", key, budget)
+    queue.remove({3}, budgets=budgets.__getitem__)
+    assert queue.drain_all() == [1, 2, 0]

@@ -118,3 +118,22 @@ def test_paced_steps_catch_up_host_lag_but_never_bank_idle_time(monkeypatch):
     clock.now += 0.5  # idle far longer than a step: nothing banked
     engine.step()  # a full step again
     assert clock.slept == [0.01, 0.006, 0.01]
+
+
+def test_eos_from_prompt_ends_before_the_budget_like_a_model():
+    engine = SyntheticEngine(None, {"eos_from_prompt": "1"})
+    engine.load()
+    engine.add(job(1, "task a len=7", max_new_tokens=64))
+    engine.add(job(2, "task b len=500", max_new_tokens=64))  # the budget still caps it
+    engine.add(job(3, "task c", max_new_tokens=9))
+    done = {e.key: e for e in run(engine)}
+    assert (done[1].completion_tokens, done[1].finish_reason) == (7, P.FINISH_STOP)
+    assert (done[2].completion_tokens, done[2].finish_reason) == (64, P.FINISH_LENGTH)
+    assert (done[3].completion_tokens, done[3].finish_reason) == (9, P.FINISH_LENGTH)
+
+
+def test_len_in_a_prompt_means_nothing_without_the_option():
+    engine = SyntheticEngine(None, {})
+    engine.load()
+    engine.add(job(1, "task a len=7", max_new_tokens=20))
+    assert run(engine)[0].completion_tokens == 20
