@@ -36,6 +36,7 @@ import zmq
 from exgen.client import protocol as P
 from exgen.daemon import policy
 from exgen.daemon.config import Settings
+from exgen.daemon.sockets import readable
 
 logger = logging.getLogger("exgen.router")
 
@@ -263,11 +264,9 @@ class Router:
         # loop from workers' heartbeats and from dispatching (what is left waits).
         budget_end = time.monotonic() + FRONTEND_BUDGET_S
         for _ in range(MAX_FRAMES_PER_TICK):
-            try:
-                frames = self.frontend.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            if not readable(self.frontend):
                 return
-            self._client_message(frames, now)
+            self._client_message(self.frontend.recv_multipart(), now)
             if time.monotonic() > budget_end:
                 return
 
@@ -418,10 +417,9 @@ class Router:
     def handle_backend(self, now: float) -> None:
         try:
             for _ in range(MAX_FRAMES_PER_TICK):
-                try:
-                    frames = self.backend.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
+                if not readable(self.backend):
                     return
+                frames = self.backend.recv_multipart()
                 try:
                     command, body = P.unpack(frames[1:])
                 except P.FrameError as exc:

@@ -43,6 +43,7 @@ from exgen.daemon.engines.base import (
     JobRejected,
 )
 from exgen.daemon.logs import setup_logging
+from exgen.daemon.sockets import readable
 
 logger = logging.getLogger("exgen.worker")
 
@@ -213,12 +214,8 @@ class Worker:
 
     def receive_all(self, engine: Engine) -> bool:
         """Take every waiting message; True when told to stop."""
-        while True:
-            try:
-                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return False
-            command, body = P.unpack(frames)
+        while readable(self.sock):
+            command, body = P.unpack(self.sock.recv_multipart())
             if command == P.WORK:
                 self.add_jobs(engine, body["jobs"])
             elif command == P.CANCEL:
@@ -227,6 +224,7 @@ class Worker:
             elif command == P.STOP:
                 logger.info("stop requested")
                 return True
+        return False
 
     def add_jobs(self, engine: Engine, jobs: list[list[Any]]) -> None:
         rejected: list[Event] = []
