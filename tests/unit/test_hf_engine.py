@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from exgen.daemon.engines.base import (
     JobRejected,
     SamplingParams,
 )
-from exgen.daemon.engines.hf import TransformersEngine
+from exgen.daemon.engines.hf import TransformersEngine, kv_bytes_per_token, kv_token_budget
 
 pytest.importorskip("transformers")
 
@@ -211,3 +212,33 @@ def test_broken_model_is_unavailable_in_one_line(tmp_path: Path) -> None:
         TransformersEngine(str(tmp_path / "broken.gguf"), {}).load()
     message = str(caught.value)
     assert message.startswith("transformers: cannot load model") and "\n" not in message
+
+
+def test_kv_bytes_per_token_of_the_demo_model(engine: TransformersEngine) -> None:
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64, fp32 -> keys and values of 30*3*64*4 B.
+    assert kv_bytes_per_token(engine._loaded().model.config, 4) == 2 * 30 * 3 * 64 * 4
+    # A config that does not say is not guessed at.
+    assert kv_bytes_per_token(SimpleNamespace(hidden_size=576), 4) is None
+
+
+def test_kv_budget_is_a_share_of_available_memory() -> None:
+    assert kv_token_budget(1000, 10_000_000) == 2_000  # 20 % of 10 MB at 1 kB a token
+    assert kv_token_budget(None, 10_000_000) is None
+    assert kv_token_budget(1000, None) is None
+    assert kv_token_budget(10**9, 10) == 1  # one job always runs
+
+
+def test_a_cpu_batch_stays_within_the_kv_budget(engine: TransformersEngine) -> None:
+    jobs = [job(700 + i, f"Count to {i}, slowly.", max_new_tokens=10) for i in range(6)]
+    for j in jobs:
+        engine.add(j)
+    width = max(len(w.input_ids) for w in engine._waiting)
+    saved = engine._kv_token_budget
+    engine._kv_token_budget = 2 * (width + 10)  # room for two rows
+    try:
+        sizes = []
+        while engine.pending:
+            sizes.append(len(engine._take_batch()))
+    finally:
+        engine._kv_token_budget = saved
+    assert sizes == [2, 2, 2]
