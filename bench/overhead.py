@@ -2,9 +2,10 @@
 driven directly in-process, on the same prompts; tokens/s and their ratio.
 
 - transformers on the demo model (SmolLM2-135M, CPU): the seeds' prompts, greedy,
-  batches of 16. Direct = ``bench_hf_direct.run_direct`` (the engine's add/step loop
-  in this process, model loaded once); daemon = ``exgen serve --workers 1`` with the
-  same engine options, the prompts sent through one Client. Worker load time is
+  the engine's default batch on both sides. Direct = ``bench_hf_direct.run_direct``
+  (the engine's add/step loop in this process, model loaded once); daemon =
+  ``exgen serve --workers 1`` with the same engine options, the prompts sent through
+  one Client. Worker load time is
   the READY message's ``load_s`` (as ``exgen-client status`` shows it).
 - synthetic, modelling a GPU step (``token_ms`` + ``batch_ms`` × active, capacity
   32): the pure cost of the router and worker around an engine that works.
@@ -30,13 +31,12 @@ from exgen.daemon.engines.synthetic import SyntheticEngine
 
 logger = logging.getLogger("bench.overhead")
 
-HF_BATCH = 16  # the seeds' batch size
-
 
 def hf_options(workers: int) -> dict[str, Any]:
-    """Engine options for N workers sharing this machine's cores."""
+    """Engine options for N workers sharing this machine's cores: as `exgen serve` runs
+    them, the engine's own default batch (the seeds' method keeps its 16)."""
     threads = max(1, (os.cpu_count() or 1) // workers)
-    return {"batch_size": HF_BATCH, "threads": threads}
+    return {"threads": threads}
 
 
 def cpu_s(procs: list[psutil.Process]) -> float:
@@ -78,7 +78,7 @@ def daemon_run(daemon: Daemon, items: list[dict[str, Any]]) -> dict[str, float]:
 def hf_direct_engine(threads: int) -> Any:
     from exgen.daemon.engines.hf import TransformersEngine
 
-    engine = TransformersEngine(None, {"batch_size": str(HF_BATCH), "threads": str(threads)})
+    engine = TransformersEngine(None, {"threads": str(threads)})
     engine.load()
     return engine
 
@@ -89,7 +89,8 @@ def hf_direct_run(engine: Any, items: list[dict[str, Any]]) -> dict[str, float]:
     max_new = items[0]["max_new_tokens"]
     me = [psutil.Process()]
     cpu_before = cpu_s(me)
-    out = run_direct([it["prompt"] for it in items], max_new, HF_BATCH, engine=engine)
+    batch = engine.describe()["batch_size"]  # the same default batch as the daemon's worker
+    out = run_direct([it["prompt"] for it in items], max_new, batch, engine=engine)
     return {
         "tokens": out["completion_tokens"],
         "seconds": out["generate_s"],

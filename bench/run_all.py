@@ -1,6 +1,6 @@
 """Regenerate bench/RESULTS.md: every benchmark of issue 7 (and issue 3, item 6).
 
-    .venv/bin/python bench/run_all.py            # about 15 minutes on a 2-core CPU box
+    .venv/bin/python bench/run_all.py            # about 35 minutes on a 2-core CPU box
     .venv/bin/python bench/run_all.py --quick    # one run each, smaller workloads: a smoke test
 
 Runs, in this order: router capacity (1c), daemon overhead on the synthetic engine
@@ -76,7 +76,8 @@ def model_benchmarks(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "prompts": len(items),
         "max_new_tokens": max_new,
-        "batch": overhead.HF_BATCH,
+        "batch": engine.describe()["batch_size"],
+        "seeds_batch": seeds_accelerate.BATCH,
         "direct_load_s": round(engine.load_s, 2),
         "exgen_worker_load_s": loads,
         "rounds": rounds,
@@ -139,9 +140,14 @@ def section_model(model: dict[str, Any]) -> list[str]:
         "",
         f"SmolLM2-135M-Instruct (GGUF, fp32 on CPU), the first {model['prompts']} lines of "
         f'`examples/prompts.jsonl` (the ten "best first line" prompts), greedy, '
-        f"{model['max_new_tokens']} new tokens, batches of {model['batch']}. N processes or "
-        "workers share the 2 cores (2 threads each at N = 1, 1 thread at N = 2). Tokens = "
-        "generated tokens up to and including EOS, counted the same way on every side.",
+        f"{model['max_new_tokens']} new tokens. The seeds' method generates in batches of "
+        f"{model.get('seeds_batch', 16)} as they wrote it; exgen runs as `exgen serve` does, "
+        f"with the transformers engine's default CPU batch ({model['batch']}: on CPU a "
+        "step streams every weight once whatever the batch, so tokens/s grows with it), "
+        "bounded by its KV-memory budget; the direct in-process run uses the same batch as "
+        "the daemon. N processes or workers share the 2 cores (2 threads each at N = 1, 1 "
+        "thread at N = 2). Tokens = generated tokens up to and including EOS, counted the "
+        "same way on every side.",
         "",
         "Other people's jobs ran on this machine during these runs, so a 20-second run's "
         "wall time can double from one run to the next: the tokens/s columns and their "
@@ -299,9 +305,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 run, small workloads")
-    # 16 = one batch: 15 model runs of 1,600 tokens fit the ~15 minutes on a 2-core box;
-    # --prompts 100 is the seeds' whole file (about 6× longer).
-    parser.add_argument("--prompts", type=int, default=16, help="seeds' lines for the model runs")
+    # The seeds' whole file: ten prompts × 10 (about 25 minutes of the run on 2 cores).
+    parser.add_argument("--prompts", type=int, default=100, help="seeds' lines for the model runs")
     parser.add_argument("--skip-model", action="store_true", help="no demo-model runs")
     parser.add_argument(
         "--only-model",
