@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/run_all.py            # about 35 minutes on a 2-core CPU box
     .venv/bin/python bench/run_all.py --quick    # one run each, smaller workloads: a smoke test
+    .venv/bin/python bench/run_all.py --only router overhead   # rerun parts, keep the rest
 
 Runs, in this order: router capacity (1c), daemon overhead on the synthetic engine
 (1d), uneven work (1b), then the demo model on CPU (1a and 1d together: per round
@@ -36,6 +37,13 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 RAW = HERE / "results.json"
 BEGIN, END = "<!-- run_all:begin -->", "<!-- run_all:end -->"
+PARTS = ("router", "overhead", "uneven", "model")
+SECTION_NAMES = {
+    "router": "1c (router)",
+    "overhead": "1d (synthetic overhead)",
+    "uneven": "1b (uneven)",
+    "model": "1a and 1d (model)",
+}
 
 
 # --- the demo model: seeds' method vs exgen, and the daemon's overhead ---------------
@@ -309,14 +317,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=100, help="seeds' lines for the model runs")
     parser.add_argument("--skip-model", action="store_true", help="no demo-model runs")
     parser.add_argument(
-        "--only-model",
-        action="store_true",
-        help="rerun the demo-model part only; the rest from bench/results.json",
-    )
-    parser.add_argument(
-        "--only-uneven",
-        action="store_true",
-        help="rerun the uneven-work part only (1b); the rest from bench/results.json",
+        "--only",
+        nargs="+",
+        choices=PARTS,
+        default=[],
+        help="rerun these parts only; the others are kept from bench/results.json",
     )
     return parser.parse_args(argv)
 
@@ -328,27 +333,26 @@ def main(argv: list[str] | None = None) -> None:
     rep = ["--repeat", "1"] if args.quick else ["--repeat", str(args.repeat)]
     small = ["--prompts", "20000", "--latency-samples", "200"] if args.quick else []
     doc: dict[str, Any] = {"machine": machine(), "repeat": 1 if args.quick else args.repeat}
-    if args.only_model or args.only_uneven:
+    parts = args.only or [p for p in PARTS if not (p == "model" and args.skip_model)]
+    if args.only:
         old = json.loads(RAW.read_text(encoding="utf-8"))
-        part = "model" if args.only_model else "uneven"
-        rerun = "1a and 1d (model)" if args.only_model else "1b"
         doc = {
             **old,
             **doc,
-            "note": f"section {rerun} rerun on this date; the others as before "
-            f"({old.get('note') or 'run of ' + old['date']})",
+            "note": f"{', '.join(SECTION_NAMES[p] for p in parts)} rerun on this date; "
+            f"the others as before ({old.get('note') or 'run of ' + old['date']})",
         }
-        doc[part] = model_benchmarks(args) if args.only_model else uneven.main(rep)
-        finish(doc, started, argv)
-        return
-    doc["router"] = [
-        router_capacity.run(router_capacity.parse_args([*rep, *small, "--capacity", str(c)]))
-        for c in (32, 8)
-    ]
-    doc["overhead"] = {"results": [overhead.synthetic_overhead(overhead.parse_args(rep))]}
-    per_gpu = ["--items-per-gpu", "500"] if args.quick else []
-    doc["uneven"] = uneven.main([*rep, *per_gpu])
-    if not args.skip_model:
+    if "router" in parts:
+        doc["router"] = [
+            router_capacity.run(router_capacity.parse_args([*rep, *small, "--capacity", str(c)]))
+            for c in (32, 8)
+        ]
+    if "overhead" in parts:
+        doc["overhead"] = {"results": [overhead.synthetic_overhead(overhead.parse_args(rep))]}
+    if "uneven" in parts:
+        per_gpu = ["--items-per-gpu", "500"] if args.quick else []
+        doc["uneven"] = uneven.main([*rep, *per_gpu])
+    if "model" in parts:
         if args.quick:
             args.repeat, args.prompts = 1, min(args.prompts, 16)
         doc["model"] = model_benchmarks(args)

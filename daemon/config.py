@@ -30,6 +30,7 @@ ENV_NOT_SETTINGS = frozenset(
         "EXGEN_GPU_MODEL",
         "EXGEN_GPU_OPTS",
         "EXGEN_DEMO_WORKERS",
+        "EXGEN_SLOT",
     }
 )
 

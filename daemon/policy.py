@@ -34,7 +34,7 @@ class WorkerLoad:
 def prefetch_for(base: int, burst: float, capacity: int) -> int:
     """Items a worker may hold beyond its capacity: ``base``, or as many as it ends at once.
 
-    ``burst`` is how many jobs the worker reports finished per message (smoothed). A
+    ``burst`` is the most jobs the worker reported finished at once lately. A
     worker finishing them a few at a time keeps the small base prefetch; one finishing
     whole batches together gets up to one batch more, so the next batch is on hand
     when the last one ends instead of a round trip later.

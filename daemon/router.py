@@ -40,7 +40,11 @@ from exgen.daemon.sockets import readable
 
 logger = logging.getLogger("exgen.router")
 
-BURST_SMOOTHING = 0.25  # weight of the newest RESULTS message in WorkerInfo.burst
+# WorkerInfo.burst, the most results a worker sent at once lately, halves every this
+# many seconds. By time, not by message: a worker whose equal-length jobs split into
+# fragments (2 ending, then 30) must keep the prefetch of the larger fragment, or the
+# fragments multiply (measured with bench/overhead.py's synthetic part).
+BURST_HALF_LIFE_S = 2.0
 MAX_FRAMES_PER_TICK = 2000  # messages read from one socket before doing anything else
 FRONTEND_BUDGET_S = 0.05  # client messages handled per tick, at most, in seconds
 
@@ -76,7 +80,8 @@ class WorkerInfo:
     progress: int = -1
     progress_at: float = 0.0
     rate: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=32))
-    burst: float = 0.0  # results per RESULTS message: a peak decaying (policy.prefetch_for)
+    burst: float = 0.0  # results per DONE message: a decaying peak (policy.prefetch_for)
+    burst_at: float = 0.0
 
     def load(self, base_prefetch: int) -> policy.WorkerLoad:
         prefetch = policy.prefetch_for(base_prefetch, self.burst, self.capacity)
@@ -516,8 +521,9 @@ class Router:
         worker = self.by_identity.get(identity)
         if worker is not None:
             # Up at once (the next batch must be on hand for the next wave), down slowly.
-            n = len(done) + len(failed)
-            worker.burst = max(n, worker.burst + (n - worker.burst) * BURST_SMOOTHING)
+            decay = 0.5 ** ((now - worker.burst_at) / BURST_HALF_LIFE_S)
+            worker.burst = max(len(done) + len(failed), worker.burst * decay)
+            worker.burst_at = now
         slot = worker.slot if worker is not None else None
         for key, text, finish_reason, prompt_tokens, completion_tokens in done:
             entry = self._settle(identity, worker, key, now)

@@ -122,6 +122,7 @@ class Supervisor:
         # CUDA context on "device 0" must see this slot's card as device 0.
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slot.devices)) if slot.devices else ""
         env["PYTHONUNBUFFERED"] = "1"
+        env["EXGEN_SLOT"] = str(slot.id)  # for engines and tools that act per slot
         # A worker's stderr is the daemon's log: no progress bars from libraries there.
         env.setdefault("TQDM_DISABLE", "1")
         if not slot.devices and "OMP_NUM_THREADS" not in os.environ:

@@ -25,6 +25,8 @@ eos_from_prompt    0        a prompt containing ``len=N`` ends after N tokens (i
                             than max_new_tokens), as if the model emitted its EOS
 boot_s             0        seconds load() takes (slow boot)
 fail_load          ""       load() fails with this message (a boot error)
+fail_load_slots    ""       ...only in these slots ("1" or "0,2"; $EXGEN_SLOT): the
+                            others load, as when one card of a box is broken
 crash_after        0        the process dies (os._exit 70) after this many jobs end
 crash_marker       ""       a job whose prompt contains this kills the process
 hang_marker        ""       a job whose prompt contains this makes step() hang
@@ -72,6 +74,7 @@ OPTIONS: dict[str, tuple[type, object]] = {
     "eos_from_prompt": (bool, False),
     "boot_s": (float, 0.0),
     "fail_load": (str, ""),
+    "fail_load_slots": (str, ""),
     "crash_after": (int, 0),
     "crash_marker": (str, ""),
     "hang_marker": (str, ""),
@@ -128,8 +131,12 @@ class SyntheticEngine(Engine):
     def load(self) -> None:
         if self.opts["boot_s"] > 0:
             time.sleep(self.opts["boot_s"])
-        if self.opts["fail_load"]:
+        if self.opts["fail_load"] and self._fails_in_this_slot():
             raise EngineUnavailable(f"synthetic unavailable: {self.opts['fail_load']}")
+
+    def _fails_in_this_slot(self) -> bool:
+        slots = {s.strip() for s in str(self.opts["fail_load_slots"]).split(",") if s.strip()}
+        return not slots or os.environ.get("EXGEN_SLOT", "") in slots
 
     @property
     def capacity(self) -> int:

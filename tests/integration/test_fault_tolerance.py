@@ -201,6 +201,29 @@ def test_bad_model_path_is_one_line_and_no_daemon(tmp_path):
     assert not (tmp_path / "s.sock").exists()
 
 
+def test_a_slot_that_cannot_load_leaves_the_others_serving(daemon_factory):
+    daemon = daemon_factory(
+        "--engine", "synthetic", "--workers", "3", "--engine-opt", "token_ms=1",
+        "--engine-opt", "fail_load=card 1 is broken", "--engine-opt", "fail_load_slots=1",
+        ready=False,
+    )  # fmt: skip
+    daemon.wait_ready(count=2)
+    items = prompts(300)
+    with daemon.client() as client:
+        results = list(client.iter_results(items, max_new_tokens=4))
+    assert_each_once_ok(results, [str(i["id"]) for i in items])
+    assert {r.slot for r in results} == {0, 2}, "only the slots that loaded serve"
+    time.sleep(1.0)  # a boot error is final: no restart comes
+    workers = {w["slot"]: w for w in daemon.status()["workers"]}
+    broken = workers[1]
+    assert broken["state"] == "failed" and broken["pid"] is None
+    assert broken["restarts"] == 0
+    assert "card 1 is broken" in broken["boot_error"]
+    assert workers[0]["state"] == workers[2]["state"] == "ready"
+    assert daemon.proc.poll() is None, "one broken slot must not stop the daemon"
+    assert daemon.log_text().count("card 1 is broken") <= 3  # said once or twice, no loop
+
+
 def test_a_slot_that_keeps_dying_backs_off_and_shows_failed(daemon_factory):
     daemon = daemon_factory(
         "--engine", "synthetic", "--workers", "1", "--engine-opt", "crash_after=1",
