@@ -526,12 +526,9 @@ class Router:
             worker.burst_at = now
         slot = worker.slot if worker is not None else None
         for key, text, finish_reason, prompt_tokens, completion_tokens in done:
-            entry = self._settle(identity, worker, key, now)
+            entry = self._settle(identity, worker, key, now, ok=True)
             if entry is None:
                 continue
-            self.completed += 1
-            if worker is not None:
-                worker.completed += 1
             self.outbox.setdefault(entry.client, []).append(
                 {
                     "id": entry.item_id,
@@ -544,29 +541,34 @@ class Router:
                 }
             )
         for key, code, message in failed:
-            entry = self._settle(identity, worker, key, now)
+            entry = self._settle(identity, worker, key, now, ok=False)
             if entry is None:
                 continue
-            self.failed += 1
-            if worker is not None:
-                worker.failed += 1
             wire = P.result_error(entry.item_id, str(code), str(message))
             wire["slot"] = slot
             self.outbox.setdefault(entry.client, []).append(wire)
 
     def _settle(
-        self, identity: bytes, worker: WorkerInfo | None, key: int, now: float
+        self, identity: bytes, worker: WorkerInfo | None, key: int, now: float, ok: bool
     ) -> Entry | None:
-        """The ledger entry a worker's answer settles; None if it is not that worker's."""
+        """The ledger entry a worker's answer settles, counted; None if not that worker's."""
         entry = self.entries.get(key)
         if entry is None or entry.worker != identity:
             return None  # cancelled, or a late result from a worker given up for dead
         self._forget(entry)
         if self.latencies is not None:
             self.latencies.append(now - entry.accepted_at)
+        if ok:
+            self.completed += 1
+        else:
+            self.failed += 1
         if worker is not None:
             worker.outstanding.discard(key)
             worker.progress_at = now
+            if ok:
+                worker.completed += 1
+            else:
+                worker.failed += 1
         return entry
 
     def _on_chunks(self, identity: bytes, chunks: list[list[Any]]) -> None:
