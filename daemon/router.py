@@ -143,6 +143,16 @@ class Lane:
             self.heap, self.budget = None, None  # empty: back to the cheap FIFO
         return key
 
+    def discard(self, keys: set[int]) -> None:
+        """Drop these keys; the others keep their places."""
+        if self.heap is None:
+            self.fifo = deque(k for k in self.fifo if k not in keys)
+            return
+        self.heap = [entry for entry in self.heap if entry[2] not in keys]
+        heapq.heapify(self.heap)
+        if not self.heap:
+            self.heap, self.budget = None, None
+
     def in_order(self) -> list[int]:
         """Every key, in the order they would be taken."""
         if self.heap is None:
@@ -205,17 +215,14 @@ class FairQueue:
         self.size -= len(out)
         return out
 
-    def remove(self, keys: set[int], budgets: Callable[[int], int]) -> None:
+    def remove(self, keys: set[int]) -> None:
         """Drop keys wherever they wait (cancel); cost is linear, cancels are rare."""
         self.front = deque(k for k in self.front if k not in keys)
         for client in list(self.by_client):
-            kept = [k for k in self.by_client[client].in_order() if k not in keys]
-            if not kept:
+            lane = self.by_client[client]
+            lane.discard(keys)
+            if not lane:
                 del self.by_client[client]
-                continue
-            lane = self.by_client[client] = Lane(self.longest_first)
-            for key in kept:
-                lane.push(key, budgets(key))
         self.size = len(self.front) + sum(len(lane) for lane in self.by_client.values())
 
     def drain_all(self) -> list[int]:
@@ -379,7 +386,7 @@ class Router:
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise P.ValidationError("ids", "must be a list of item ids")
         keys = {self.by_client_id[(client, i)] for i in ids if (client, i) in self.by_client_id}
-        self.queue.remove(keys, self._budget)
+        self.queue.remove(keys)
         self.probation = deque(k for k in self.probation if k not in keys)
         by_worker: dict[bytes, list[int]] = {}
         for key in keys:
@@ -392,11 +399,6 @@ class Router:
         for identity, worker_keys in by_worker.items():
             self.backend.send_multipart([identity, *P.pack(P.CANCEL, {"keys": worker_keys})])
         self._finish_with_error(keys, P.E_CANCELLED, "cancelled by the client")
-
-    def _budget(self, key: int) -> int:
-        """An item's max_new_tokens (its place in a longest-first lane)."""
-        params = self.entries[key].job[3]
-        return int(params.get("max_new_tokens", P.DEFAULT_PARAMS["max_new_tokens"]))
 
     def reply(self, client: bytes, command: bytes, body: dict[str, Any]) -> None:
         self.frontend.send_multipart([client, *P.pack(command, body)])

@@ -176,28 +176,29 @@ class Daemon:
             self.router.handle_backend(now)
         housekeeping = self.child_exited or now >= self.housekeeping_due
         if housekeeping:
-            self.child_exited = False
-            self.housekeeping_due = now + HOUSEKEEPING_S
-            self._reap(now)
+            self._housekeep(now)
         if self.drain_deadline is None:
-            if housekeeping:
-                self._kill_unresponsive(now)
-                self.supervisor.restart_due(now)
-                self._check_all_failed()
             self.router.dispatch()
         else:
             self._continue_draining(now)
         if housekeeping:
-            self._notify_systemd(now)
+            self._notify_systemd(now)  # after dispatch: STATUS counts what just went out
         if self.metrics is not None and now >= self.metrics_due:
             self.metrics_due = now + METRICS_EVERY_S
             self.metrics.refresh(self.status(now))
 
-    def _reap(self, now: float) -> None:
+    def _housekeep(self, now: float) -> None:
+        """Reap exited workers; unless draining, kill the unresponsive and restart."""
+        self.child_exited = False
+        self.housekeeping_due = now + HOUSEKEEPING_S
         for exit_ in self.supervisor.reap_workers(now):
             self.router.worker_lost(
                 exit_.slot, exit_.pid, exit_.cause, exit_.crashed, exit_.blames_work
             )
+        if self.drain_deadline is None:
+            self._kill_unresponsive(now)
+            self.supervisor.restart_due(now)
+            self._check_all_failed()
 
     def _kill_unresponsive(self, now: float) -> None:
         loading = {

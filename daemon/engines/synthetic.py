@@ -166,8 +166,9 @@ class SyntheticEngine(Engine):
         eos = False
         if self.opts["eos_from_prompt"]:
             match = _EOS_AT.search(text)
-            if match is not None and int(match.group(1)) < length:
-                length, eos = max(1, int(match.group(1))), True
+            eos_at = int(match.group(1)) if match is not None else length
+            if eos_at < length:
+                length, eos = max(1, eos_at), True
         words = synthetic_words(text, job.params.seed, length)
         self._waiting[job.key] = _Active(job, words, prompt_tokens, eos)
 

@@ -47,7 +47,7 @@ def test_remove_and_drain():
     for key in range(6):
         queue.push(b"a" if key % 2 else b"b", key)
     queue.push_front([9])
-    queue.remove({1, 2, 9}, budgets=lambda key: 0)
+    queue.remove({1, 2, 9})
     assert queue.size == 4
     assert sorted(queue.drain_all()) == [0, 3, 4, 5]
     assert queue.size == 0
@@ -84,5 +84,5 @@ def test_remove_keeps_the_budget_order_of_what_is_left():
     budgets = {0: 5, 1: 500, 2: 50, 3: 5000}
     for key, budget in budgets.items():
         queue.push(b"a", key, budget)
-    queue.remove({3}, budgets=budgets.__getitem__)
+    queue.remove({3})
     assert queue.drain_all() == [1, 2, 0]
