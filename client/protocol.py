@@ -22,21 +22,25 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # docs/protocol.md
 MAGIC = b"EXG"
 MAGIC_VERSION = MAGIC + bytes([PROTOCOL_VERSION])
 
 # --- client <-> router -----------------------------------------------------------
-SUBMIT = b"S"  # client -> router: {"req", "items": [item...], "stream"?}
-CANCEL = b"C"  # client -> router: {"req"?, "ids": [...]} (no ids: every item of req)
+HELLO = b"H"  # client -> router: {"req", "name"?, "host"?, "pid"?}; answered with WELCOME
+SUBMIT = b"S"  # client -> router: {"req", "items": [item...], "stream"?, "priority"?}
+CANCEL = b"C"  # client -> router: {"req"?, "ids"} | {"all": true} | {"client"} | {"clients": "all"}
 STATUS = b"?"  # client -> router: {}
+ACK = b"a"  # client -> router: {"seq", "resend"?}: every RESULTS up to seq arrived
 ACCEPTED = b"A"  # router -> client: {"req", "n", "queued"}
 RESULTS = b"R"  # router -> client: {"req"?, "results": [result...]}
 CHUNKS = b"K"  # router/worker -> client/router: {"req"?, "chunks": [[id or key, text]...]}
 ERROR = b"E"  # router -> client: {"req"?, "code", "message", "field"?}
 STATUS_REPLY = b"!"  # router -> client: the status document
 PING = b"p"  # client -> router: {"req"?}; liveness while waiting for long results
-PONG = b"P"  # router -> client: {"req"?, "draining"}
+PONG = b"P"  # router -> client: {"req"?, "instance", "draining", "seq", "known"}
+WELCOME = b"W"  # router -> client: {"req", "instance", "model", "engine", "client", "limits"}
+CANCELLED = b"c"  # router -> client: {"req", "cancelled", "clients"} (another client's work)
 
 # --- worker <-> router -----------------------------------------------------------
 READY = b"r"  # worker -> router: {"slot","pid","engine","capacity","load_s",...}
@@ -49,7 +53,7 @@ DONE = b"d"  # worker -> router: {"done": [[key, text, finish_reason, prompt_tok
 FATAL = b"f"  # worker -> router: {"slot","pid","code","message"} then exit
 STOP = b"x"  # router -> worker: finish nothing more, exit now
 
-CLIENT_COMMANDS = frozenset({SUBMIT, CANCEL, STATUS, PING})
+CLIENT_COMMANDS = frozenset({HELLO, SUBMIT, CANCEL, STATUS, PING, ACK})
 
 # --- error codes that cross the wire (see exgen.client.errors) --------------------
 E_BAD_REQUEST = "bad_request"
@@ -61,11 +65,21 @@ E_ENGINE = "engine_error"
 E_CANCELLED = "cancelled"
 E_PROTOCOL = "protocol"
 E_INTERNAL = "internal"
+E_TIMEOUT = "timeout"  # an item's deadline (timeout_s) passed
+E_MODEL_NOT_FOUND = "model_not_found"  # strict model names: the item names another model
+E_FORBIDDEN = "forbidden"  # cancelling work that is not the caller's to cancel
+E_TOO_LARGE = "too_large"  # a result too large for the wire
 
 # --- limits ----------------------------------------------------------------------
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # ZMQ_MAXMSGSIZE on the client socket
 MAX_ITEMS_PER_SUBMIT = 10_000
-MAX_ID_CHARS = 256
+MAX_ID_CHARS = 256  # a caller's item ids (and request ids)
+MAX_WIRE_ID_CHARS = 320  # an item id on the wire: room for a library's own prefix
+MAX_MESSAGES_PER_SUBMIT = 100_000  # chat messages in all the items of one submit
+MAX_TIMEOUT_S = 1e7
+MAX_MODEL_CHARS = 256
+MAX_CLIENT_NAME_CHARS = 200
+PRIORITIES = ("interactive", "batch")  # dispatched in this order
 MAX_PROMPT_CHARS = 1_000_000
 MAX_MESSAGES = 1_000
 MAX_NEW_TOKENS = 1_000_000
@@ -89,7 +103,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "stop": [],
 }
 PARAM_NAMES = frozenset(DEFAULT_PARAMS)
-ITEM_KEYS = frozenset({"id", "prompt", "messages", "params"})
+ITEM_KEYS = frozenset({"id", "prompt", "messages", "params", "timeout_s", "model"})
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 
 
@@ -146,6 +160,8 @@ class Item:
     prompt: str | None
     messages: list[dict[str, str]] | None
     params: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float | None = None  # deadline from acceptance
+    model: str | None = None  # the model the request names (strict_model checks it)
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "params": self.params}
@@ -153,6 +169,10 @@ class Item:
             out["messages"] = self.messages
         else:
             out["prompt"] = self.prompt
+        if self.timeout_s is not None:
+            out["timeout_s"] = self.timeout_s
+        if self.model is not None:
+            out["model"] = self.model
         return out
 
 
@@ -269,11 +289,17 @@ def _validate_messages(path: str, value: Any) -> list[dict[str, str]]:
     return out
 
 
-def validate_item(raw: Any, where: str, checked_params: dict[str, Any] | None = None) -> Item:
-    """One item; ``checked_params``: its params, already validated (they are not again)."""
+def validate_item(
+    raw: Any,
+    where: str,
+    checked_params: dict[str, Any] | None = None,
+    id_limit: int = MAX_ID_CHARS,
+) -> Item:
+    """One caller's item; ``checked_params``: its params, already validated (they are
+    not again). ``id_limit``: a caller's ids are shorter than the wire allows."""
     if not isinstance(raw, dict):
         raise ValidationError(where, "must be a map")
-    return _validate_item_fields(raw, where, _check_item_id(raw, where), checked_params)
+    return _validate_item_fields(raw, where, _check_item_id(raw, where, id_limit), checked_params)
 
 
 def _validate_item_fields(
@@ -297,7 +323,19 @@ def _validate_item_fields(
     params = checked_params
     if params is None:
         params = validate_params(raw.get("params"), f"{where}.params")
-    return Item(item_id, prompt, checked_messages, params)
+    item = Item(item_id, prompt, checked_messages, params)
+    timeout_s, model = raw.get("timeout_s"), raw.get("model")
+    if timeout_s is not None:
+        item.timeout_s = float(_check_number(f"{where}.timeout_s", timeout_s, 0.0, MAX_TIMEOUT_S))
+        if item.timeout_s <= 0:
+            raise ValidationError(f"{where}.timeout_s", "must be greater than 0")
+    if model is not None:
+        if not isinstance(model, str) or not model or len(model) > MAX_MODEL_CHARS:
+            raise ValidationError(
+                f"{where}.model", f"must be a non-empty string of at most {MAX_MODEL_CHARS} chars"
+            )
+        item.model = model
+    return item
 
 
 @dataclass(slots=True)
@@ -305,17 +343,18 @@ class Submit:
     req: str
     items: list[Item]
     stream: bool
+    priority: str = PRIORITIES[0]
     # Items whose id is fine but whose content is not: (id, error). Answered one by
     # one so a single bad line never costs the rest of a batch its work.
     rejected: list[tuple[str, ValidationError]] = field(default_factory=list)
 
 
-def _check_item_id(raw: Any, where: str) -> str:
+def _check_item_id(raw: Any, where: str, limit: int = MAX_WIRE_ID_CHARS) -> str:
     item_id = raw.get("id") if isinstance(raw, dict) else None
     if not isinstance(item_id, str) or not item_id:
         raise ValidationError(f"{where}.id", "must be a non-empty string")
-    if len(item_id) > MAX_ID_CHARS:
-        raise ValidationError(f"{where}.id", f"longer than {MAX_ID_CHARS} characters")
+    if len(item_id) > limit:
+        raise ValidationError(f"{where}.id", f"longer than {limit} characters")
     return item_id
 
 
@@ -339,7 +378,10 @@ def validate_submit(body: dict[str, Any]) -> Submit:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ValidationError("stream", "must be true or false")
-    submit = Submit(req, [], stream)
+    priority = body.get("priority", PRIORITIES[0])
+    if priority not in PRIORITIES:
+        raise ValidationError("priority", f"must be one of {', '.join(PRIORITIES)}")
+    submit = Submit(req, [], stream, priority)
     seen: set[str] = set()
     for i, raw in enumerate(items):
         where = f"items[{i}]"

@@ -46,7 +46,7 @@ def rejected_field(body: dict[str, Any]) -> str:
         (submit([{"prompt": "no id"}]), "items[0].id"),
         (submit([{"id": "", "prompt": "x"}]), "items[0].id"),
         (submit([{"id": 5, "prompt": "x"}]), "items[0].id"),
-        (submit([{"id": "i" * (P.MAX_ID_CHARS + 1), "prompt": "x"}]), "items[0].id"),
+        (submit([{"id": "i" * (P.MAX_WIRE_ID_CHARS + 1), "prompt": "x"}]), "items[0].id"),
         (submit([{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}]), "items[1].id"),
     ],
 )
@@ -222,3 +222,38 @@ def test_validation_never_raises_anything_but_validation_error(body):
         return
     for _, error in result.rejected:
         assert error.field.startswith("items[")
+
+
+# --- version 2 item fields -------------------------------------------------------
+
+
+def test_deadline_model_and_priority_are_checked_and_kept():
+    body = submit([{"id": "a", "prompt": "x", "timeout_s": 2.5, "model": "m"}])
+    body["priority"] = "batch"
+    checked = P.validate_submit(body)
+    assert checked.priority == "batch"
+    assert (checked.items[0].timeout_s, checked.items[0].model) == (2.5, "m")
+    assert checked.items[0].to_wire()["timeout_s"] == 2.5
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [({"timeout_s": 0}, "timeout_s"), ({"timeout_s": "1"}, "timeout_s"), ({"model": ""}, "model")],
+)
+def test_bad_deadline_or_model_rejects_that_item(extra, field):
+    checked = P.validate_submit(submit([{"id": "a", "prompt": "x", **extra}]))
+    assert checked.rejected[0][1].field == f"items[0].{field}"
+
+
+def test_unknown_priority_is_refused():
+    body = submit([{"id": "a", "prompt": "x"}])
+    body["priority"] = "urgent"
+    with pytest.raises(P.ValidationError, match="priority"):
+        P.validate_submit(body)
+
+
+def test_a_callers_id_limit_is_below_the_wires():
+    with pytest.raises(P.ValidationError, match="longer than 256"):
+        P.validate_item({"id": "i" * (P.MAX_ID_CHARS + 1), "prompt": "x"}, "item")
+    wire_id = "i" * P.MAX_WIRE_ID_CHARS
+    assert P.validate_submit(submit([{"id": wire_id, "prompt": "x"}])).items
