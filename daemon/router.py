@@ -348,6 +348,7 @@ class Router:
                 "n": accepted,
                 "queued": self.queue.size,
                 "instance": self.instance,
+                "model": self.model_name,
             },
         )
 
