@@ -37,7 +37,9 @@ from exgen.client.keys import CurveKeys
 logger = logging.getLogger(__name__)
 
 SUBMIT_BATCH = 512  # items per submit frame: big enough to amortise, small enough to interleave
-PING_INTERVAL_S = 2.0
+PING_INTERVAL_S = 1.0  # of silence, while results are owed (docs/protocol.md)
+ACK_EVERY = 64  # RESULTS messages per acknowledgement, at most
+ACK_DELAY_S = 0.2  # an acknowledgement waits at most this long
 BUSY_BACKOFF_S = (0.05, 2.0)  # first and largest wait after a busy reply
 # Errors that name items the daemon did not run: the items are sent again, not failed.
 RETRYABLE_CODES = frozenset({P.E_BUSY, P.E_DRAINING})
@@ -155,6 +157,7 @@ class _Session:
         defaults: dict[str, Any],
         window: int,
         stream: bool,
+        receipts: _Receipts | None = None,
     ) -> None:
         self.source = iter(items)
         self.defaults = P.validate_params(defaults, "params") if defaults else {}
@@ -178,6 +181,8 @@ class _Session:
         self.unacked: dict[str, tuple[float, list[str]]] = {}
         self.pings: dict[str, float] = {}
         self.ping_counter = itertools.count()
+        # Per connection, not per call: RESULTS are numbered per client session.
+        self.delivery = receipts if receipts is not None else _Receipts()
 
     @property
     def finished(self) -> bool:
@@ -223,6 +228,10 @@ class _Session:
         return {"req": req}
 
     def _on_pong(self, body: dict[str, Any]) -> None:
+        self._note_session(body.get("session"))
+        if not body.get("known", True) and self.outstanding:
+            self._session_lost("the daemon no longer knows this client's items")
+        self.delivery.check_gap(body.get("seq"))
         sent_at = self.pings.pop(str(body.get("req")), None)
         if sent_at is None:
             return
@@ -261,6 +270,8 @@ class _Session:
     def on_message(self, command: bytes, body: dict[str, Any], now: float) -> None:
         self._note_instance(body.get("instance"))
         if command == P.RESULTS:
+            self._note_session(body.get("session"))
+            self.delivery.received(body.get("seq"), now)
             for res in body.get("results", ()):
                 pending = self.outstanding.pop(str(res.get("id")), None)
                 if pending is not None:  # else a duplicate after a resend: drop it
@@ -272,6 +283,7 @@ class _Session:
         elif command == P.ERROR:
             self._on_error(body, now)
         elif command == P.ACCEPTED:
+            self._note_session(body.get("session"))
             self.unacked.pop(str(body.get("req")), None)
             self.busy_wait = BUSY_BACKOFF_S[0]
         elif command == P.PONG:
@@ -314,6 +326,23 @@ class _Session:
             self._queue_resend(list(self.outstanding))
         self.instance = instance
 
+    def _note_session(self, session: Any) -> None:
+        """A new session means the daemon forgot this client (its lease ran out while
+        the client was away): what was accepted and not answered must go again."""
+        if not isinstance(session, int) or session == self.delivery.session:
+            return
+        if self.delivery.session is not None:
+            self._session_lost("the daemon started a new session for this client")
+        self.delivery.new_session(session)
+
+    def _session_lost(self, why: str) -> None:
+        logger.warning("%s; resending %d items", why, len(self.outstanding))
+        self._queue_resend(list(self.outstanding))
+
+    def ack_body(self, now: float, force: bool = False) -> dict[str, Any] | None:
+        """An ACK to send now, if one is due (``force``: whatever is unacknowledged)."""
+        return self.delivery.ack_body(now, force)
+
     def _queue_resend(self, ids: Iterable[str]) -> None:
         """Queue outstanding items to send again, each once (a submit refuses repeats)."""
         queued = {w["id"] for w in self.resend}
@@ -322,6 +351,51 @@ class _Session:
             if pending is not None and item_id not in queued:
                 self.resend.append(pending.wire)
                 queued.add(item_id)
+
+
+class _Receipts:
+    """Which RESULTS messages of this session arrived: what to acknowledge, and whether
+    some were lost on the link (a PONG names a seq we have not seen)."""
+
+    def __init__(self) -> None:
+        self.session: int | None = None
+        self.contiguous = 0  # every seq up to this arrived
+        self.ahead: set[int] = set()
+        self.acked = 0
+        self.first_unacked_at: float | None = None
+        self.resend = False
+
+    def new_session(self, session: int) -> None:
+        self.__init__()  # type: ignore[misc]
+        self.session = session
+
+    def received(self, seq: Any, now: float) -> None:
+        if not isinstance(seq, int) or seq <= self.contiguous:
+            return  # a redelivery of what we have
+        self.ahead.add(seq)
+        while self.contiguous + 1 in self.ahead:
+            self.contiguous += 1
+            self.ahead.discard(self.contiguous)
+        if self.first_unacked_at is None:
+            self.first_unacked_at = now
+
+    def check_gap(self, seq: Any) -> None:
+        if isinstance(seq, int) and seq > self.contiguous:
+            self.resend = True  # sent before this PONG, on the same pipe: lost
+
+    def ack_body(self, now: float, force: bool = False) -> dict[str, Any] | None:
+        if self.session is None:
+            return None
+        due = self.contiguous > self.acked and (
+            force
+            or self.contiguous - self.acked >= ACK_EVERY
+            or now - (self.first_unacked_at or now) >= ACK_DELAY_S
+        )
+        if not (due or self.resend):
+            return None
+        body = {"session": self.session, "seq": self.contiguous, "resend": self.resend}
+        self.acked, self.resend, self.first_unacked_at = self.contiguous, False, None
+        return body
 
 
 class _Base:
@@ -335,6 +409,7 @@ class _Base:
         self.curve = curve if curve is not None else CurveKeys.from_env()
         # A fixed identity, so that replies still find us after ZMQ reconnects.
         self.identity = f"c-{uuid.uuid4().hex}".encode()
+        self._receipts = _Receipts()
         self._req_counter = itertools.count()
 
     def _configure(self, sock: zmq.Socket[Any]) -> None:
@@ -402,14 +477,14 @@ class Client(_Base):
 
     def iter_results(self, items: Iterable[Mapping[str, Any]], **params: Any) -> Iterator[Result]:
         """Each Result as soon as it completes (any order); items are sent lazily."""
-        session = _Session(items, params, self.window, stream=False)
+        session = _Session(items, params, self.window, False, self._receipts)
         for kind, value in self._drive(session):
             if kind == "result":
                 yield value
 
     def stream(self, prompt: str | list[dict[str, str]], **params: Any) -> Iterator[str]:
         """Text chunks of one generation as they are produced."""
-        session = _Session([_stream_item(prompt)], params, 1, stream=True)
+        session = _Session([_stream_item(prompt)], params, 1, True, self._receipts)
         sent = ""
         for kind, value in self._drive(session):
             if kind == "chunk":
@@ -497,17 +572,25 @@ class Client(_Base):
             while session.ready:
                 yield "result", session.ready.popleft()
             if session.finished:
+                self._send_ack(session.ack_body(time.monotonic(), force=True))
                 return
-            if self._sock.poll(200):
+            heard = False
+            if self._sock.poll(min(200, ACK_DELAY_S * 1000)):
                 while self._sock.poll(0):
                     self._receive_one(session)
                 last_heard = time.monotonic()
-            elif session.outstanding:
+                heard = True
+            self._send_ack(session.ack_body(time.monotonic()))
+            if not heard and session.outstanding:
                 now = time.monotonic()
                 self._check_alive(last_heard, now)
                 if now - last_ping > PING_INTERVAL_S:
                     self._send(P.pack(P.PING, session.ping_body(now)))
                     last_ping = now
+
+    def _send_ack(self, ack: dict[str, Any] | None) -> None:
+        if ack is not None:
+            self._send(P.pack(P.ACK, ack))
 
     def _receive_one(self, session: _Session) -> None:
         command, body = _parse(self._sock.recv_multipart())
@@ -550,14 +633,14 @@ class AsyncClient(_Base):
     async def iter_results(
         self, items: Iterable[Mapping[str, Any]], **params: Any
     ) -> AsyncIterator[Result]:
-        session = _Session(items, params, self.window, stream=False)
+        session = _Session(items, params, self.window, False, self._receipts)
         async with self._lock:
             async for kind, value in self._drive(session):
                 if kind == "result":
                     yield value
 
     async def stream(self, prompt: str | list[dict[str, str]], **params: Any) -> AsyncIterator[str]:
-        session = _Session([_stream_item(prompt)], params, 1, stream=True)
+        session = _Session([_stream_item(prompt)], params, 1, True, self._receipts)
         sent = ""
         async with self._lock:
             async for kind, value in self._drive(session):
@@ -576,6 +659,10 @@ class AsyncClient(_Base):
     async def cancel(self, ids: Iterable[str]) -> None:
         """Best effort: a cancel that cannot be sent now is dropped."""
         await self._send(P.pack(P.CANCEL, {"ids": list(ids)}))
+
+    async def _send_ack(self, ack: dict[str, Any] | None) -> None:
+        if ack is not None:
+            await self._send(P.pack(P.ACK, ack))
 
     async def _send(self, frames: list[bytes]) -> bool:
         try:
@@ -620,13 +707,17 @@ class AsyncClient(_Base):
             while session.ready:
                 yield "result", session.ready.popleft()
             if session.finished:
+                await self._send_ack(session.ack_body(time.monotonic(), force=True))
                 return
-            if await self._sock.poll(200):
+            heard = False
+            if await self._sock.poll(min(200, ACK_DELAY_S * 1000)):
                 while await self._sock.poll(0):
                     command, reply = _parse(await self._sock.recv_multipart())
                     session.on_message(command, reply, time.monotonic())
                 last_heard = time.monotonic()
-            elif session.outstanding:
+                heard = True
+            await self._send_ack(session.ack_body(time.monotonic()))
+            if not heard and session.outstanding:
                 now = time.monotonic()
                 self._check_alive(last_heard, now)
                 if now - last_ping > PING_INTERVAL_S:

@@ -61,6 +61,16 @@ class Settings:
     prefetch: int = 2  # items beyond a worker's capacity it may hold
     order: str = "longest-first"  # within a client's queue: ORDERS
     max_attempts: int = 3  # worker crashes an item may cause before it fails
+    max_queue_bytes: int = 512 * 2**20  # bytes of waiting items before "busy"
+    unread_budget_bytes: int = 64 * 2**20  # a client's unacknowledged results: past it,
+    #                                         its items wait instead of being dispatched
+    results_message_bytes: int = 2**20  # results grouped into RESULTS messages of at most this
+    max_result_bytes: int = 16 * 2**20  # one result larger than this: a too_large error
+    # Clients.
+    client_heartbeat_s: float = 1.0  # ZMTP heartbeats and lease probes to clients
+    client_grace_s: float = 3.0  # unreachable this long: its work is cancelled
+    model_name: str | None = None  # the served model's name (default: from the model)
+    strict_model: bool = False  # an item naming another model: model_not_found
     # Lifecycle.
     drain_timeout_s: float = 60.0
     heartbeat_interval_s: float = 1.0
@@ -252,6 +262,22 @@ def check_settings(settings: Settings) -> None:
         raise ConfigError("max_queue must be at least 1")
     if settings.gpus is not None:
         parse_gpus(settings.gpus)
+    _check_budgets(settings)
+
+
+def _check_budgets(settings: Settings) -> None:
+    from exgen.client.protocol import MAX_MESSAGE_BYTES
+
+    for name in ("max_queue_bytes", "unread_budget_bytes", "results_message_bytes"):
+        if getattr(settings, name) < 1024:
+            raise ConfigError(f"{name} must be at least 1024")
+    if not 1024 <= settings.max_result_bytes <= MAX_MESSAGE_BYTES // 2:
+        raise ConfigError(
+            f"max_result_bytes must be between 1024 and {MAX_MESSAGE_BYTES // 2} "
+            "(half the clients' message size limit)"
+        )
+    if settings.client_heartbeat_s <= 0 or settings.client_grace_s <= 0:
+        raise ConfigError("client_heartbeat_s and client_grace_s must be more than 0")
 
 
 def _check_durations(settings: Settings) -> None:
