@@ -231,7 +231,7 @@ class _Session:
         self._note_session(body.get("session"))
         if not body.get("known", True) and self.outstanding:
             self._session_lost("the daemon no longer knows this client's items")
-        self.delivery.check_gap(body.get("seq"))
+        self.delivery.check_gap(body.get("seq"), body.get("acked"))
         sent_at = self.pings.pop(str(body.get("req")), None)
         if sent_at is None:
             return
@@ -379,9 +379,12 @@ class _Receipts:
         if self.first_unacked_at is None:
             self.first_unacked_at = now
 
-    def check_gap(self, seq: Any) -> None:
+    def check_gap(self, seq: Any, acked: Any) -> None:
         if isinstance(seq, int) and seq > self.contiguous:
             self.resend = True  # sent before this PONG, on the same pipe: lost
+        if isinstance(acked, int) and acked < self.contiguous:
+            self.acked = min(self.acked, acked)  # the router lacks some ACK: send it now
+            self.first_unacked_at = -ACK_DELAY_S
 
     def ack_body(self, now: float, force: bool = False) -> dict[str, Any] | None:
         if self.session is None:
@@ -389,7 +392,8 @@ class _Receipts:
         due = self.contiguous > self.acked and (
             force
             or self.contiguous - self.acked >= ACK_EVERY
-            or now - (self.first_unacked_at or now) >= ACK_DELAY_S
+            or now - (now if self.first_unacked_at is None else self.first_unacked_at)
+            >= ACK_DELAY_S
         )
         if not (due or self.resend):
             return None

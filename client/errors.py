@@ -13,6 +13,10 @@
         ├── WorkerDied              the item crashed workers too many times (poison?)
         ├── EngineError             the engine failed this item
         ├── Cancelled               the item was cancelled
+        ├── DeadlineExceeded        the item's timeout_s passed (waited and ran how long)
+        ├── ModelNotFound           the item names a model the daemon does not serve (strict)
+        ├── Forbidden               cancelling work that is not the caller's to cancel
+        ├── TooLarge                the result is too large for the wire
         └── InternalError           a bug in exgen; please report it
 
 Per-item failures arrive on :class:`exgen.client.Result` as ``result.error`` (an
@@ -91,6 +95,22 @@ class Cancelled(RequestFailed):
     code = P.E_CANCELLED
 
 
+class DeadlineExceeded(RequestFailed):
+    code = P.E_TIMEOUT
+
+
+class ModelNotFound(RequestFailed):
+    code = P.E_MODEL_NOT_FOUND
+
+
+class Forbidden(RequestFailed):
+    code = P.E_FORBIDDEN
+
+
+class TooLarge(RequestFailed):
+    code = P.E_TOO_LARGE
+
+
 class InternalError(RequestFailed):
     code = P.E_INTERNAL
 
@@ -105,6 +125,10 @@ ERRORS_BY_CODE: dict[str, type[RequestFailed]] = {
         WorkerDied,
         EngineError,
         Cancelled,
+        DeadlineExceeded,
+        ModelNotFound,
+        Forbidden,
+        TooLarge,
         InternalError,
     )
 }

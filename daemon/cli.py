@@ -132,6 +132,10 @@ def run_daemon(settings: cfg.Settings) -> int:
         gpus = detect_gpus()
         gpu_slots = [[g] for g in gpus] or None
     slots = plan_slots(settings, gpu_slots)
+    try:
+        daemon = Daemon(settings, listen, slots, engine, model)
+    except (AddressInUse, CurveSetupError) as exc:
+        raise CliError(str(exc)) from None  # one line, and nothing logged before it
     logger.info(
         "engine %s, model %s, %d slot(s)%s",
         engine,
@@ -139,10 +143,6 @@ def run_daemon(settings: cfg.Settings) -> int:
         len(slots),
         "" if gpu_slots else " on CPU",
     )
-    try:
-        daemon = Daemon(settings, listen, slots, engine, model)
-    except (AddressInUse, CurveSetupError) as exc:
-        raise CliError(str(exc)) from None
     return daemon.run()
 
 

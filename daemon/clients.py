@@ -49,7 +49,10 @@ class ClientRecord:
     unread_bytes: int = 0
     reachable: bool = True
     disconnected_at: float | None = None
-    paused: bool = False  # dispatch of its items stopped: too many unread results
+    over_budget: bool = False  # its unread results passed the unread budget
+    unacked_since: float | None = None  # results handed to ZMQ and not acknowledged since
+    paused: bool = False  # its items are not dispatched (see Delivery.update_pause)
+    pause_reason: str = ""
     rate: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))
 
     def tokens_per_s(self, now: float, window_s: float = 10.0) -> float:
@@ -154,6 +157,7 @@ class ClientRegistry:
         record.acked = max(record.acked, seq)
         if resend:
             record.sent_upto = min(record.sent_upto, seq)
+        record.unacked_since = None
 
     def forget(self, identity: bytes) -> None:
         self.by_identity.pop(identity, None)

@@ -20,6 +20,7 @@ expired (the router cancels its work).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +77,7 @@ class Delivery:
         if record.reachable:
             record.reachable = False
             logger.info("client %s unreachable (gone, or its link reconnecting)", _who(record))
+            self.update_pause(record, time.monotonic())  # before the next dispatch
 
     def reachable_again(self, record: ClientRecord) -> None:
         """The client sent something: what it is owed and has not got can go again."""
@@ -131,11 +133,14 @@ class Delivery:
                     self.blocked.add(record.identity)  # the pipe is full: next tick
                 return
             record.sent_upto = seq
+            if record.unacked_since is None:
+                record.unacked_since = time.monotonic()
         self.blocked.discard(record.identity)
 
     def acknowledge(self, record: ClientRecord, body: dict[str, Any]) -> None:
         session, seq, resend = body.get("session"), body.get("seq"), body.get("resend", False)
         if session != record.session:
+            logger.debug("client %s: an ACK for another session, ignored", _who(record))
             return  # an acknowledgement for a session the router has forgotten
         if type(seq) is not int or not isinstance(resend, bool):
             raise P.ValidationError("seq", "must be an integer (with resend true or false)")
@@ -150,30 +155,70 @@ class Delivery:
         self._check_budget(record)
 
     def _check_budget(self, record: ClientRecord) -> None:
-        """Past the unread budget a client's items stop being dispatched (they wait)."""
         budget = self.settings.unread_budget_bytes
-        if not record.paused and record.unread_bytes > budget:
-            record.paused = True
-            self.queue.pause(record.identity)
-            logger.info(
-                "client %s has %d bytes of unread results: its items wait until it reads",
-                _who(record),
-                record.unread_bytes,
-            )
-        elif record.paused and record.unread_bytes <= budget * RESUME_FRACTION:
-            record.paused = False
-            self.queue.resume(record.identity)
+        if not record.over_budget and record.unread_bytes > budget:
+            record.over_budget = True
+        elif record.over_budget and record.unread_bytes <= budget * RESUME_FRACTION:
+            record.over_budget = False
+        self.update_pause(record, time.monotonic())
+
+    def update_pause(self, record: ClientRecord, now: float) -> None:
+        """A client's items wait (are not dispatched) while it cannot take results:
+
+        - its unread results passed the unread budget (it reads too slowly or not at all);
+        - it is unreachable (gone, or its link reconnecting);
+        - it has not acknowledged anything for ``client_heartbeat_s`` while results are
+          owed to it (a stopped process: its connection looks alive until the ZMTP
+          heartbeats time out, seconds later). The library acknowledges within
+          ``ACK_DELAY_S`` of reading, so a live reader is never held by this.
+
+        What already runs goes on; at most that is lost if the client never comes back.
+        """
+        stale = (
+            record.unacked_since is not None
+            and now - record.unacked_since > self.settings.client_heartbeat_s
+        )
+        reason = (
+            "unread budget"
+            if record.over_budget
+            else "unreachable"
+            if not record.reachable
+            else "not acknowledging"
+            if stale
+            else ""
+        )
+        if bool(reason) != record.paused:
+            record.paused = bool(reason)
+            if record.paused:
+                self.queue.pause(record.identity)
+                logger.info(
+                    "client %s: its items wait (%s; %d bytes unread)",
+                    _who(record),
+                    reason,
+                    record.unread_bytes,
+                )
+            else:
+                self.queue.resume(record.identity)
+        record.pause_reason = reason
 
     # --- leases ------------------------------------------------------------------
 
     def pong(self, record: ClientRecord, req: str | None, extra: dict[str, Any]) -> str:
-        body = {"req": req, "session": record.session, "seq": record.sent_upto, **extra}
+        body = {
+            "req": req,
+            "session": record.session,
+            "seq": record.sent_upto,
+            "acked": record.acked,
+            **extra,
+        }
         return self._send(record.identity, P.pack(P.PONG, body))
 
     def probe(
         self, now: float, has_work: Callable[[ClientRecord], bool], extra: dict[str, Any]
     ) -> list[ClientRecord]:
         """Probe the clients that have work; those unreachable past the grace: expired."""
+        for record in self.clients:
+            self.update_pause(record, now)
         if now < self.next_probe_at:
             return []
         self.next_probe_at = now + self.settings.client_heartbeat_s

@@ -8,26 +8,21 @@ what is due, dispatch, tell systemd how things stand.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import os
 import shutil
 import signal
 import socket
-import stat
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 
-from exgen.client import protocol as P
-from exgen.daemon import control, curve, modelstore
+from exgen.daemon import curve, modelstore
 from exgen.daemon import supervisor as sup
 from exgen.daemon.config import Settings
-from exgen.daemon.delivery import SNDHWM
+from exgen.daemon.listen import ListenError, access_mode, bind_frontend
 from exgen.daemon.router import Router
 from exgen.daemon.sdnotify import Notifier
 from exgen.daemon.slots import SlotTable
@@ -47,8 +42,7 @@ METRICS_EVERY_S = 1.0
 EXIT_NO_WORKERS = 3
 
 
-class AddressInUse(RuntimeError):
-    pass
+AddressInUse = ListenError  # the name the CLI knows
 
 
 class Daemon:
@@ -58,8 +52,7 @@ class Daemon:
         self.settings = settings
         self.listen = listen
         self.ctx = zmq.Context()
-        self.auth: ThreadAuthenticator | None = None
-        self.frontend = self._bind_frontend(listen)
+        self.frontend, self.auth = bind_frontend(self.ctx, settings, listen)
         self.rundir = Path(tempfile.mkdtemp(prefix="exgen-"))  # mode 0700: workers only
         try:
             self._wire(slots, engine, model)
@@ -86,7 +79,7 @@ class Daemon:
         self.table = SlotTable(slots)
         self.router = Router(self.settings, self.frontend, self.backend, self.table)
         self.router.model_name = self.settings.model_name or modelstore.served_name(model, engine)
-        self.router.access = self._access_mode()
+        self.router.access = access_mode(self.listen, self.auth)
         if self.auth is not None:
             self.router.allowed_users = curve.allowed_user_ids(self.settings)
         self.supervisor = sup.Supervisor(self.settings, self.table, backend_address, engine, model)
@@ -94,43 +87,6 @@ class Daemon:
         self.metrics = self._start_metrics(self.settings.metrics_listen)
 
     # --- sockets ---------------------------------------------------------------------
-
-    def _bind_frontend(self, listen: str) -> zmq.Socket[Any]:
-        sock = self.ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client keeps its identity
-        # Sends fail loudly (EAGAIN: the pipe is full; EHOSTUNREACH: no such client)
-        # instead of dropping: Delivery keeps what could not go (docs/protocol.md).
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.SNDHWM, SNDHWM)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        # ZMTP heartbeats: a frozen or vanished client's connection is closed by ZMQ's
-        # I/O thread (its own answers them while its program is busy), and the lease
-        # probes then find it unreachable.
-        heartbeat_ms = int(self.settings.client_heartbeat_s * 1000)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * heartbeat_ms)
-        sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * heartbeat_ms)
-        self.auth = curve.secure_frontend(self.ctx, sock, self.settings)
-        if listen.startswith("ipc://"):
-            self._prepare_ipc(Path(listen[len("ipc://") :]))
-        sock.bind(listen)
-        if listen.startswith("ipc://"):
-            # Owner and group only: the default address is for this machine's users
-            # that the operator let in, not everyone.
-            os.chmod(listen[len("ipc://") :], 0o660)
-        return sock
-
-    def _access_mode(self) -> str:
-        """Who counts as a local user, for cancelling other clients' work (control.py)."""
-        if self.auth is not None:
-            return control.CURVE
-        if self.listen.startswith("tcp://"):
-            host = self.listen[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
-            if host != "localhost" and not _is_loopback(host):
-                return control.PEER
-        return control.LOCAL
 
     def _start_metrics(self, listen: str | None) -> Metrics | None:
         if listen is None:
@@ -146,13 +102,6 @@ class Daemon:
             raise AddressInUse(f"metrics endpoint {listen}: {exc.strerror or exc}") from None
         self.router.latencies = metrics.latencies
         return metrics
-
-    def _prepare_ipc(self, path: Path) -> None:
-        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-        if path.exists():
-            if stat.S_ISSOCK(path.stat().st_mode) and _socket_answers(path):
-                raise AddressInUse(f"another exgen daemon is already listening at ipc://{path}")
-            path.unlink()  # a stale socket left by a daemon that was killed
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -199,6 +148,9 @@ class Daemon:
         if clients:
             self.router.handle_frontend(now)
         self.router.handle_backend(now, workers)
+        # Results out before dispatching: a client found gone while sending them
+        # gets no more of its items started.
+        self.router.flush_results()
         housekeeping = self.child_exited or now >= self.housekeeping_due
         if housekeeping:
             self._housekeep(now)
@@ -347,24 +299,6 @@ class Daemon:
 
     def status(self, now: float) -> dict[str, Any]:
         return self.router.status(now)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _socket_answers(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 def _drain_wakeups(sock: socket.socket) -> None:

@@ -56,7 +56,7 @@ def describe_clients(router: Router, now: float) -> list[dict[str, Any]]:
                 "unread": record.unread,
                 "tokens_per_s": round(record.tokens_per_s(now), 1),
                 "connected": record.reachable,
-                "paused": record.paused,
+                "paused": record.pause_reason or None,
                 "idle_s": round(now - record.last_seen, 1),
             }
         )
