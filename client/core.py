@@ -1,0 +1,904 @@
+"""The sans-IO core of one client connection: every call on a client, multiplexed.
+
+:class:`Core` owns what one DEALER socket carries: any number of concurrent calls
+(:class:`Call`: ``iter_results``, ``generate``, ``stream``) and requests
+(:class:`Request`: ``status``, ``ping``, cancels of other clients) share it. It does
+no I/O: the shells in ``client.py`` (:class:`~exgen.client.Client`, blocking, and
+:class:`~exgen.client.AsyncClient`, asyncio) hand it what arrives and send what
+:meth:`Core.poll_out` returns, so both behave alike by construction.
+
+- **Routing.** Each call has a short tag; its item ids go on the wire as
+  ``TAG.ID`` (a caller's ids are at most ``MAX_ID_CHARS``, the wire allows
+  ``MAX_WIRE_ID_CHARS``), and a result finds its call by the tag, the tag stripped.
+  Requests are matched by their ``req``. So a status or ping is answered while a
+  stream runs, and three generate calls run at once.
+- **Flow control.** At most ``window`` items per call are outstanding (an ordered
+  call: taken and not yet handed to the caller), so a 100,000-line iterator is
+  read lazily. A ``busy`` or ``draining`` answer names items the daemon did not
+  take: they are sent again after a growing pause.
+- **Nothing lost.** A daemon that restarted (``instance`` changed) or forgot this
+  client (PONG ``known: false``) gets every accepted, unanswered item again, with
+  the same ids; a submit the daemon never answered before a later ping's pong is
+  sent again. A result for an id already answered is dropped: each id once.
+- **Results owed until acknowledged** (docs/protocol.md, "The delivery contract"):
+  RESULTS carry ``seq``; the core acknowledges cumulatively (``ACK``) every
+  ``ACK_EVERY`` messages or ``ACK_DELAY_S``, asks for a resend when a gap shows (a
+  seq skipped, or a PONG naming a seq not seen), and pings every
+  ``PING_INTERVAL_S`` of silence while work is outstanding. A daemon that sends no
+  ``seq`` is never acknowledged.
+- **Abandoned calls cancel.** :meth:`Core.end_call` on a call with work still out
+  queues a CANCEL for it (the shells call it when an iterator is closed, broken out
+  of, or interrupted).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from exgen.client import errors
+from exgen.client import protocol as P
+from exgen.client.transport import HANDSHAKE_FAILURES
+
+logger = logging.getLogger(__name__)
+
+SUBMIT_BATCH = 512  # items per submit frame: big enough to amortise, small enough to interleave
+PING_INTERVAL_S = 1.0  # docs/protocol.md: at least every second of silence with work out
+BUSY_BACKOFF_S = (0.05, 2.0)  # first and largest wait after a busy reply
+ACK_EVERY = 64  # RESULTS messages acknowledged at once at full speed
+ACK_DELAY_S = 0.2  # the longest a received RESULTS message waits for its ACK
+RESEND_RETRY_S = 1.0  # a resend asked for and not answered is asked for again
+CANCEL_BATCH = P.MAX_ITEMS_PER_SUBMIT  # ids per CANCEL frame
+MAX_WAKEUP_S = 0.2  # the longest a shell sleeps before looking at the timers again
+TAG_SEP = "."  # between a call's tag and a caller's id on the wire
+# Errors that name items the daemon did not run: the items are sent again, not failed.
+RETRYABLE_CODES = frozenset({P.E_BUSY, P.E_DRAINING})
+
+
+@dataclass(slots=True)
+class Result:
+    """One prompt's outcome. ``error`` is set (and ``text`` empty) when it failed.
+
+    ``model``: the name of the model the daemon serves (what wrote the text).
+    ``queued_s`` / ``run_s``: how long the daemon held it waiting and running, when
+    it says. ``latency_s``: from the item's last send to its result, on this side.
+    """
+
+    id: str
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    slot: int | None = None
+    error: errors.RequestFailed | None = None
+    latency_s: float = 0.0
+    model: str | None = None
+    queued_s: float | None = None
+    run_s: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def raise_for_error(self) -> Result:
+        if self.error is not None:
+            raise self.error
+        return self
+
+    @classmethod
+    def from_wire(
+        cls,
+        body: Mapping[str, Any],
+        latency_s: float = 0.0,
+        item_id: str | None = None,
+        model: str | None = None,
+    ) -> Result:
+        if item_id is None:
+            item_id = str(body.get("id", ""))
+        err = body.get("error")
+        return cls(
+            item_id,
+            str(body.get("text") or ""),
+            body.get("finish_reason"),
+            int(body.get("prompt_tokens") or 0),
+            int(body.get("completion_tokens") or 0),
+            body.get("slot"),
+            errors.error_from_wire(err, item_id) if isinstance(err, dict) else None,
+            latency_s,
+            model,
+            body.get("queued_s"),
+            body.get("run_s"),
+        )
+
+
+def local_error(item_id: str, exc: errors.RequestFailed) -> Result:
+    """A Result for an item that failed on this side (it was never sent)."""
+    exc.item_id = item_id
+    return Result(item_id, "", P.FINISH_ERROR, error=exc)
+
+
+class Place:
+    """An ordered call's item in input order; holds its result once it came."""
+
+    __slots__ = ("result",)
+
+    def __init__(self, result: Result | None = None) -> None:
+        self.result = result
+
+
+@dataclass(slots=True)
+class _Sent:
+    wire: dict[str, Any]
+    sent_at: float
+    place: Place | None = None
+
+
+@dataclass(slots=True)
+class _Submit:
+    """A submit frame the daemon has not yet answered (ACCEPTED or ERROR)."""
+
+    req: str
+    call: Call
+    order: int  # frames leave in the order of these numbers (Core.counter)
+    ids: list[str]
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """Frames for the shell to send; ``submit`` is set for a submit frame."""
+
+    frames: list[bytes]
+    submit: _Submit | None = None
+
+
+class Call:
+    """One iter_results / generate / stream call: its items, window and results."""
+
+    def __init__(
+        self,
+        tag: str,
+        items: Iterable[Mapping[str, Any] | Result],
+        params: Mapping[str, Any],
+        *,
+        window: int,
+        stream: bool = False,
+        ordered: bool = False,
+        timeout_s: float | None = None,
+    ) -> None:
+        if not isinstance(window, int) or window < 1:
+            raise errors.BadRequest(f"window must be a whole number >= 1, got {window!r}")
+        try:
+            self.defaults = P.validate_params(dict(params), "params") if params else {}
+        except P.ValidationError as exc:
+            raise errors.from_validation(exc) from None
+        if timeout_s is not None and (
+            isinstance(timeout_s, bool)
+            or not isinstance(timeout_s, int | float)
+            or not 0 < timeout_s <= P.MAX_TIMEOUT_S
+        ):
+            raise errors.BadRequest(
+                f"timeout_s must be a number of seconds in (0, {P.MAX_TIMEOUT_S:g}]",
+                field="timeout_s",
+            )
+        self.tag = tag
+        self.prefix = tag + TAG_SEP
+        self.source: Iterator[Mapping[str, Any] | Result] = iter(items)
+        self.timeout_s = timeout_s
+        self.window = window
+        # Refill the window in large submits, not one per handful of results: every
+        # submit costs a frame, a validation pass and an ACCEPTED reply at the router.
+        self.low_water = min(SUBMIT_BATCH, max(1, window // 4))
+        self.stream = stream
+        self.ordered = ordered
+        self.exhausted = False
+        self.outstanding: dict[str, _Sent] = {}  # wire id -> what was sent
+        self.taken: set[str] = set()  # every wire id taken from the source: no repeats
+        self.ready: deque[Result] = deque()  # results to hand to the caller
+        self.order: deque[Place] = deque()  # ordered calls: input order, not yet handed
+        self.chunks: deque[str] = deque()  # streamed text not yet handed
+        self.resend: deque[dict[str, Any]] = deque()  # busy or reconnect: send again
+        self.busy_until = 0.0
+        self.busy_wait = BUSY_BACKOFF_S[0]
+        self.error: BaseException | None = None  # raised to the caller at its next step
+
+    @property
+    def finished(self) -> bool:
+        return (
+            self.exhausted
+            and not self.outstanding
+            and not self.resend
+            and not self.ready
+            and not self.chunks
+            and not self.order
+        )
+
+    @property
+    def has_news(self) -> bool:
+        """Something for the caller: a result, a chunk, an error, or the end."""
+        return bool(self.ready or self.chunks or self.error is not None or self.finished)
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            self.exhausted = True
+            raise error
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+
+    # --- sending ------------------------------------------------------------------
+
+    def next_batch(self, now: float) -> list[dict[str, Any]]:
+        """The items of this call's next submit; empty when the window is full."""
+        if now < self.busy_until or self.error is not None:
+            return []
+        batch: list[dict[str, Any]] = []
+        outstanding = self.outstanding
+        while self.resend and len(batch) < SUBMIT_BATCH:
+            again = self.resend.popleft()
+            if again["id"] in outstanding:  # else answered meanwhile
+                batch.append(again)
+        # An ordered call's window counts every item not yet handed to the caller.
+        held = self.order if self.ordered else outstanding
+        if not batch and held and self.window - len(held) < self.low_water:
+            return []  # results free room a few at a time: wait for a full-size submit
+        while not self.exhausted and len(batch) < SUBMIT_BATCH and len(held) < self.window:
+            wire = self._take_item()
+            if wire is not None:
+                batch.append(wire)
+                place = None
+                if self.ordered:
+                    place = Place()
+                    self.order.append(place)
+                outstanding[wire["id"]] = _Sent(wire, now, place)
+        for wire in batch:
+            outstanding[wire["id"]].sent_at = now
+        return batch
+
+    def _take_item(self) -> dict[str, Any] | None:
+        """One item from the source, validated; a bad one becomes an error Result."""
+        try:
+            raw = next(self.source)
+        except StopIteration:
+            self.exhausted = True
+            return None
+        if isinstance(raw, Result):  # the caller's own answer, handed back in its place
+            self._answer_locally(raw)
+            return None
+        if not isinstance(raw, Mapping):
+            raise errors.BadRequest(
+                f"an item must be a map with prompt or messages, not {type(raw).__name__}",
+                field="item",
+            )
+        raw = dict(raw)
+        own = raw.get("params")
+        checked = None
+        if own:
+            raw["params"] = {**self.defaults, **own} if isinstance(own, dict) else own
+        else:  # the common case: the call's defaults, validated once for every item
+            raw["params"] = checked = self.defaults
+        if self.timeout_s is not None and raw.get("timeout_s") is None:
+            raw["timeout_s"] = self.timeout_s
+        item_id = raw.get("id")
+        try:
+            item = P.validate_item(raw, "item", checked)
+        except P.ValidationError as exc:
+            if not isinstance(item_id, str) or not item_id:
+                raise errors.from_validation(exc) from None
+            self._answer_locally(local_error(item_id, errors.from_validation(exc, item_id)))
+            return None
+        wire = item.to_wire()
+        wire_id = wire["id"] = self.prefix + item.id
+        if wire_id in self.taken:
+            raise errors.BadRequest(f"duplicate id {item.id!r}", field="id", item_id=item.id)
+        self.taken.add(wire_id)
+        return wire
+
+    def _answer_locally(self, result: Result) -> None:
+        if self.ordered:
+            self.order.append(Place(result))
+            self._release_in_order()
+        else:
+            self.ready.append(result)
+
+    def queue_resend(self, wire_ids: Iterable[str]) -> None:
+        """Send outstanding items again, each once (a submit refuses repeats)."""
+        queued = {w["id"] for w in self.resend}
+        for wire_id in wire_ids:
+            sent = self.outstanding.get(wire_id)
+            if sent is not None and wire_id not in queued:
+                self.resend.append(sent.wire)
+                queued.add(wire_id)
+
+    def drop_unencodable(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Items msgpack cannot encode (a lone surrogate) answered as bad requests."""
+        good = []
+        for wire in batch:
+            where = unencodable_field(wire)
+            if where is None:
+                good.append(wire)
+                continue
+            message = (
+                f"{where} holds a character that cannot be encoded as UTF-8 (a lone surrogate?)"
+            )
+            self._answer(
+                wire["id"], P.result_error(wire["id"], P.E_BAD_REQUEST, message, where), 0.0
+            )
+        return good
+
+    # --- receiving ----------------------------------------------------------------
+
+    def on_result(
+        self, wire_id: str, body: Mapping[str, Any], now: float, model: str | None
+    ) -> None:
+        sent = self.outstanding.pop(wire_id, None)
+        if sent is None:
+            return  # answered already (a redelivery, or a resend answered twice)
+        result = Result.from_wire(body, now - sent.sent_at, wire_id[len(self.prefix) :], model)
+        if sent.place is None:
+            self.ready.append(result)
+        else:
+            sent.place.result = result
+            self._release_in_order()
+
+    def _answer(self, wire_id: str, body: Mapping[str, Any], now: float) -> None:
+        self.on_result(wire_id, body, now, None)
+
+    def _release_in_order(self) -> None:
+        order = self.order
+        while order and order[0].result is not None:
+            result = order.popleft().result
+            assert result is not None
+            self.ready.append(result)
+
+    def on_item_error(self, wire_ids: list[str], body: Mapping[str, Any], now: float) -> None:
+        code = str(body.get("code"))
+        if code in RETRYABLE_CODES:
+            # Not accepted (busy), or handed back unstarted by a daemon that is
+            # stopping (draining): send the same items again after a growing pause,
+            # to this daemon or to the one that replaces it.
+            self.queue_resend(wire_ids)
+            self.busy_until = now + self.busy_wait
+            self.busy_wait = min(self.busy_wait * 2, BUSY_BACKOFF_S[1])
+            return
+        err = {"code": code, "message": body.get("message", ""), "field": body.get("field")}
+        for wire_id in wire_ids:
+            self._answer(wire_id, {**P.result_error(wire_id, code, ""), "error": err}, now)
+
+    def cancel_frames(self) -> list[Outgoing]:
+        """CANCEL frames for every item this call still has at the daemon."""
+        ids = list(self.outstanding)
+        return [
+            Outgoing(P.pack(P.CANCEL, {"ids": ids[i : i + CANCEL_BATCH]}))
+            for i in range(0, len(ids), CANCEL_BATCH)
+        ]
+
+
+class Request:
+    """One request answered by one reply (status, ping, another client's cancel)."""
+
+    __slots__ = ("error", "expect", "order", "reply", "req", "sent_at")
+
+    def __init__(self, req: str, order: int, expect: bytes, sent_at: float) -> None:
+        self.req = req
+        self.order = order  # frames leave in the order of these numbers (Core.counter)
+        self.expect = expect
+        self.sent_at = sent_at
+        self.reply: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.reply is not None or self.error is not None
+
+    @property
+    def has_news(self) -> bool:
+        return self.done
+
+    def result(self) -> dict[str, Any]:
+        if self.error is not None:
+            raise self.error
+        assert self.reply is not None
+        return self.reply
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.error = error
+
+
+def unencodable_field(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string msgpack cannot encode, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "item"
+        return None
+    if isinstance(value, dict):
+        items: Iterable[tuple[str, Any]] = (
+            (f"{path}.{k}" if path else str(k), v) for k, v in value.items()
+        )
+    elif isinstance(value, list):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for where, inner in items:
+        found = unencodable_field(inner, where)
+        if found is not None:
+            return found
+    return None
+
+
+class Core:
+    """The state of one connection and every call on it. No sockets here."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float | None,
+        connect_timeout: float | None,
+        hello: dict[str, Any] | None = None,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.hello = hello
+        self.calls: dict[str, Call] = {}
+        self.requests: dict[str, Request] = {}
+        self.submits: dict[str, _Submit] = {}  # sent, not yet ACCEPTED or refused
+        self.pings: dict[str, int] = {}  # the core's own pings: req -> send order
+        self.hellos: set[str] = set()
+        self.control: deque[Outgoing] = deque()  # frames queued for the next poll_out
+        self.touched: set[Call | Request] = set()  # given news since take_touched()
+        self.counter = itertools.count()
+        self.instance: str | None = None  # the daemon run we are talking to
+        self.model: str | None = None  # the model it serves (WELCOME, ACCEPTED)
+        self.welcome: dict[str, Any] | None = None
+        self.last_heard = 0.0
+        self.last_ping = 0.0
+        self.working_since: float | None = None  # since when work has been outstanding
+        self.first_send_at: float | None = None
+        self.handshakes = 0
+        self.reached = False  # a connection was made (the ZMTP handshake may still fail)
+        self.handshake_failure: str | None = None
+        # The delivery contract: RESULTS seq seen without a gap, and acknowledged.
+        self.seq_seen = 0
+        self.seq_acked = 0
+        self.ack_due_at: float | None = None
+        self.resend_asked: tuple[int, float] | None = None  # (seq_seen then, when)
+
+    # --- calls and requests --------------------------------------------------------
+
+    def open_call(
+        self, items: Iterable[Mapping[str, Any] | Result], params: Mapping[str, Any], **kw: Any
+    ) -> Call:
+        call = Call(self._tag(), items, params, **kw)
+        self.calls[call.tag] = call
+        return call
+
+    def end_call(self, call: Call) -> bool:
+        """The caller is done with ``call``; True when work of it had to be cancelled."""
+        if self.calls.pop(call.tag, None) is None:
+            return False
+        for req in [r for r, s in self.submits.items() if s.call is call]:
+            del self.submits[req]
+        cancels = call.cancel_frames()
+        self.control.extend(cancels)
+        if cancels:
+            logger.info(
+                "cancelling %d unfinished items of an abandoned call", len(call.outstanding)
+            )
+        call.outstanding.clear()
+        call.resend.clear()
+        return bool(cancels)
+
+    def open_request(
+        self, command: bytes, body: dict[str, Any], expect: bytes, now: float
+    ) -> Request:
+        order = next(self.counter)
+        req = f"q{order}"
+        request = Request(req, order, expect, now)
+        self.requests[req] = request
+        self.control.append(Outgoing(P.pack(command, {**body, "req": req})))
+        return request
+
+    def end_request(self, request: Request) -> None:
+        self.requests.pop(request.req, None)
+
+    def cancel_ids(self, ids: Iterable[str]) -> int:
+        """Cancel a caller's items, wherever a call of this client has them out."""
+        wanted = set(ids)
+        wire_ids = [
+            call.prefix + item_id
+            for call in self.calls.values()
+            for item_id in wanted
+            if call.prefix + item_id in call.outstanding
+        ]
+        for i in range(0, len(wire_ids), CANCEL_BATCH):
+            self.control.append(Outgoing(P.pack(P.CANCEL, {"ids": wire_ids[i : i + CANCEL_BATCH]})))
+        return len(wire_ids)
+
+    def say_hello(self) -> None:
+        """HELLO (again): names this client in the daemon's status; after a reconnect."""
+        if self.hello is None:
+            return
+        req = f"hello-{next(self.counter)}"
+        self.hellos.add(req)
+        self.control.append(Outgoing(P.pack(P.HELLO, {**self.hello, "req": req})))
+
+    def _tag(self) -> str:
+        n = next(self.counter)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+        tag = ""
+        while True:
+            n, r = divmod(n, 36)
+            tag = digits[r] + tag
+            if n == 0:
+                return tag
+
+    # --- what to send ----------------------------------------------------------------
+
+    def poll_out(self, now: float) -> list[Outgoing]:
+        """Everything to send now: control frames, submits, a ping, an ACK."""
+        out = list(self.control)
+        self.control.clear()
+        for call in list(self.calls.values()):
+            try:
+                self._submits_of(call, now, out)
+            except Exception as exc:  # the caller's iterator failed, or a bad item
+                call.fail(exc)
+                self.touched.add(call)
+        if out:
+            self._note_sending(now)
+        if self._ping_due(now):
+            out.append(Outgoing(P.pack(P.PING, self._ping_body(now))))
+        ack = self._ack_due(now)
+        if ack is not None:
+            out.append(ack)
+        return out
+
+    def _submits_of(self, call: Call, now: float, out: list[Outgoing]) -> None:
+        while True:
+            batch = call.next_batch(now)
+            if not batch:
+                if call.ready or call.finished:
+                    self.touched.add(call)  # answered on this side, or all done
+                return
+            order = next(self.counter)
+            req = f"s{order}"
+            body = {"req": req, "items": batch, "stream": call.stream}
+            try:
+                frames = P.pack(P.SUBMIT, body)
+            except UnicodeEncodeError:
+                body["items"] = batch = call.drop_unencodable(batch)
+                self.touched.add(call)
+                if not batch:
+                    continue
+                frames = P.pack(P.SUBMIT, body)
+            submit = _Submit(req, call, order, [w["id"] for w in batch])
+            self.submits[req] = submit
+            out.append(Outgoing(frames, submit))
+
+    def not_sent(self, outgoing: Outgoing) -> None:
+        """A frame that could not leave (no peer): a submit's items go out again."""
+        submit = outgoing.submit
+        if submit is not None:
+            self.submits.pop(submit.req, None)
+            submit.call.queue_resend(submit.ids)
+
+    def _note_sending(self, now: float) -> None:
+        if self.first_send_at is None:
+            self.first_send_at = now
+        if self.working_since is None:
+            self.working_since = now
+
+    def has_work(self) -> bool:
+        """Whether anything is owed to a caller by the daemon."""
+        if self.requests:
+            return True
+        return any(call.outstanding for call in self.calls.values())
+
+    def _ping_due(self, now: float) -> bool:
+        if not self.has_work():
+            return False
+        return now - max(self.last_heard, self.last_ping) >= PING_INTERVAL_S
+
+    def _ping_body(self, now: float) -> dict[str, Any]:
+        order = next(self.counter)
+        req = f"ping-{order}"
+        self.pings[req] = order
+        self.last_ping = now
+        return {"req": req}
+
+    def _ack_due(self, now: float) -> Outgoing | None:
+        if self.seq_seen <= self.seq_acked or self.ack_due_at is None:
+            return None
+        if self.seq_seen - self.seq_acked < ACK_EVERY and now < self.ack_due_at:
+            return None
+        return self._ack(False)
+
+    def _ack(self, resend: bool) -> Outgoing:
+        self.seq_acked = self.seq_seen
+        self.ack_due_at = None
+        body: dict[str, Any] = {"seq": self.seq_seen}
+        if resend:
+            body["resend"] = True
+        return Outgoing(P.pack(P.ACK, body))
+
+    def _ask_resend(self, now: float) -> None:
+        """Results were lost on the way: every RESULTS above what we hold, again."""
+        asked = self.resend_asked
+        if asked is not None and asked[0] == self.seq_seen and now - asked[1] < RESEND_RETRY_S:
+            return
+        logger.warning("results lost on the link; asking for those after seq %d", self.seq_seen)
+        self.resend_asked = (self.seq_seen, now)
+        self.control.append(self._ack(True))
+
+    # --- what arrives ----------------------------------------------------------------
+
+    def on_frames(self, frames: list[bytes], now: float) -> None:
+        try:
+            command, body = P.unpack(frames)
+        except P.FrameError as exc:
+            self.fail_all(errors.ProtocolMismatch(f"from {self.address}: {exc}"))
+            return
+        self.on_message(command, body, now)
+
+    def on_message(self, command: bytes, body: dict[str, Any], now: float) -> None:
+        self.last_heard = now
+        instance = body.get("instance")
+        if instance is not None and instance != self.instance:
+            self._note_instance(instance)
+        if command == P.RESULTS:
+            self._on_results(body, now)
+        elif command == P.CHUNKS:
+            self._on_chunks(body)
+        elif command == P.ACCEPTED:
+            self._on_accepted(body)
+        elif command == P.ERROR:
+            self._on_error(body, now)
+        elif command == P.PONG:
+            self._on_pong(body, now)
+        elif command == P.WELCOME:
+            self._on_welcome(body)
+        else:
+            self._on_reply(command, body)
+
+    def _on_results(self, body: dict[str, Any], now: float) -> None:
+        seq = body.get("seq")
+        if isinstance(seq, int):
+            self._on_seq(seq, now)
+        calls, model = self.calls, self.model
+        last_tag, call = None, None
+        for res in body.get("results", ()):
+            wire_id = res.get("id")
+            if not isinstance(wire_id, str):
+                continue
+            tag = wire_id.partition(TAG_SEP)[0]
+            if tag != last_tag:
+                last_tag, call = tag, calls.get(tag)
+                if call is not None:
+                    self.touched.add(call)
+            if call is not None:
+                call.on_result(wire_id, res, now, model)
+
+    def _on_seq(self, seq: int, now: float) -> None:
+        if seq == self.seq_seen + 1:
+            self.seq_seen = seq
+            if self.ack_due_at is None:
+                self.ack_due_at = now + ACK_DELAY_S
+        elif seq > self.seq_seen + 1:
+            self._ask_resend(now)  # its results are kept; the resend fills the gap
+        # seq <= seq_seen: a redelivery of what we hold; its results drop as duplicates
+
+    def _on_chunks(self, body: dict[str, Any]) -> None:
+        for wire_id, text in body.get("chunks", ()):
+            call = self.calls.get(str(wire_id).partition(TAG_SEP)[0])
+            if call is not None and wire_id in call.outstanding:
+                call.chunks.append(text)
+                self.touched.add(call)
+
+    def _on_accepted(self, body: dict[str, Any]) -> None:
+        model = body.get("model")
+        if isinstance(model, str) and model:
+            self.model = model
+        submit = self.submits.pop(str(body.get("req")), None)
+        if submit is not None:
+            submit.call.busy_wait = BUSY_BACKOFF_S[0]
+
+    def _on_error(self, body: dict[str, Any], now: float) -> None:
+        req = body.get("req")
+        submit = self.submits.pop(req, None) if isinstance(req, str) else None
+        if isinstance(req, str) and req in self.hellos:
+            self.hellos.discard(req)  # a daemon that does not know HELLO: fine
+            return
+        request = self.requests.get(req) if isinstance(req, str) else None
+        if request is not None:
+            request.fail(errors.error_from_wire(body))
+            self.touched.add(request)
+            return
+        items = body.get("items")
+        if not items and submit is not None:
+            items = submit.ids  # the whole submit refused: each of its items answered
+        if items:
+            self._route_item_error([str(i) for i in items], body, now)
+            return
+        self.fail_all(errors.error_from_wire(body))
+
+    def _route_item_error(self, wire_ids: list[str], body: dict[str, Any], now: float) -> None:
+        by_call: dict[str, list[str]] = {}
+        for wire_id in wire_ids:
+            by_call.setdefault(wire_id.partition(TAG_SEP)[0], []).append(wire_id)
+        for tag, ids in by_call.items():
+            call = self.calls.get(tag)
+            if call is not None:
+                call.on_item_error(ids, body, now)
+                self.touched.add(call)
+
+    def _on_pong(self, body: dict[str, Any], now: float) -> None:
+        req = str(body.get("req"))
+        order = self.pings.pop(req, None)
+        if order is None and req in self.requests:
+            order = self.requests[req].order
+            self._on_reply(P.PONG, body)
+        if order is not None:
+            self._resend_lost_submits(order)
+        seq = body.get("seq")
+        if isinstance(seq, int) and seq > self.seq_seen:
+            self._ask_resend(now)
+        if body.get("known") is False and order is not None:
+            self._on_forgotten(order)
+
+    def _resend_lost_submits(self, ping_order: int) -> None:
+        """The daemon answers in order: a pong for a ping sent after a submit that got
+        no answer means the submit was lost (sent to a daemon that then died)."""
+        for req in [r for r, s in self.submits.items() if s.order < ping_order]:
+            submit = self.submits.pop(req)
+            logger.warning("a submit of %d items got no answer; sending it again", len(submit.ids))
+            submit.call.queue_resend(submit.ids)
+
+    def _on_forgotten(self, ping_order: int) -> None:
+        """The daemon holds nothing for us (our lease expired while we were away):
+        every accepted, unanswered item is submitted again, and we say HELLO again."""
+        self._reset_seq()
+        later = {i for s in self.submits.values() if s.order > ping_order for i in s.ids}
+        total = 0
+        for call in self.calls.values():
+            lost = [i for i in call.outstanding if i not in later]
+            call.queue_resend(lost)
+            total += len(lost)
+        if total:
+            logger.warning("the daemon forgot this client; resending %d items", total)
+        self.say_hello()
+
+    def _on_welcome(self, body: dict[str, Any]) -> None:
+        self.hellos.discard(str(body.get("req")))
+        previous = self.welcome
+        self.welcome = body
+        model = body.get("model")
+        if isinstance(model, str) and model:
+            self.model = model
+        if previous is not None and previous.get("client") != body.get("client"):
+            self._reset_seq()  # a new session: its RESULTS count from 1 again
+
+    def _on_reply(self, command: bytes, body: dict[str, Any]) -> None:
+        request = self.requests.get(str(body.get("req")))
+        if request is not None and command == request.expect and not request.done:
+            request.reply = body
+            self.touched.add(request)
+
+    def _note_instance(self, instance: Any) -> None:
+        """A new daemon run has lost what the old one accepted: send it all again."""
+        if not isinstance(instance, str):
+            return
+        if self.instance is not None:
+            self.submits.clear()  # the old run's answers will never come
+            total = 0
+            for call in self.calls.values():
+                call.queue_resend(list(call.outstanding))
+                total += len(call.outstanding)
+            logger.warning("the exgen daemon restarted; resending %d items", total)
+            self._reset_seq()
+            self.say_hello()
+        self.instance = instance
+
+    def _reset_seq(self) -> None:
+        self.seq_seen = self.seq_acked = 0
+        self.ack_due_at = None
+        self.resend_asked = None
+
+    def on_event(self, event: int, now: float) -> None:
+        """A socket monitor event of our DEALER (transport.MONITORED)."""
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.handshakes += 1
+            self.handshake_failure = None
+            if self.handshakes > 1:  # a reconnect: name ourselves, and look for gaps now
+                self.say_hello()
+                if self.has_work():
+                    self.last_ping = 0.0
+                    self.last_heard = min(self.last_heard, now - PING_INTERVAL_S)
+        elif event == zmq.EVENT_CONNECTED:
+            self.reached = True
+        elif event in HANDSHAKE_FAILURES:
+            self.handshake_failure = HANDSHAKE_FAILURES[event]
+        elif event == zmq.EVENT_CONNECT_RETRIED and not (self.handshakes or self.reached):
+            # Refused, and never reached at all: nobody listens there. (A peer that
+            # took the connection and failed the handshake, a CURVE refusal, is given
+            # the connect timeout: its keys may yet be allowed.)
+            self.fail_all(
+                errors.ConnectionFailed(
+                    f"nothing is listening at {self.address} (connection refused)"
+                ),
+                waiting_only=True,
+            )
+
+    # --- timers ------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Timeouts: the daemon silent too long, or never connected."""
+        if not self.has_work():
+            self.working_since = None
+            return
+        started = self.working_since if self.working_since is not None else now
+        if self._connect_overdue(now, started):
+            why = f": {self.handshake_failure}" if self.handshake_failure else ""
+            self.fail_all(
+                errors.ConnectTimeout(
+                    f"could not connect to {self.address} within {self.connect_timeout:g}s{why}"
+                ),
+                waiting_only=True,
+            )
+            return
+        if self.timeout is None:
+            return
+        silent = now - max(self.last_heard, started)
+        if silent > self.timeout:
+            self.fail_all(self._timeout_error(), waiting_only=True)
+            return
+        for request in self.requests.values():
+            if now - request.sent_at > self.timeout and not request.done:
+                request.fail(self._timeout_error())
+                self.touched.add(request)
+
+    def _connect_overdue(self, now: float, started: float) -> bool:
+        if self.handshakes or self.connect_timeout is None:
+            return False
+        return now - (self.first_send_at or started) > self.connect_timeout
+
+    def _timeout_error(self) -> errors.Timeout:
+        return errors.Timeout(
+            f"no answer from the exgen daemon at {self.address} for {self.timeout:g}s "
+            "(is `exgen serve` running?)"
+        )
+
+    def next_wakeup(self, now: float) -> float:
+        """Seconds until a timer of the core is due (at most MAX_WAKEUP_S)."""
+        wake = MAX_WAKEUP_S
+        if self.ack_due_at is not None:
+            wake = min(wake, self.ack_due_at - now)
+        for call in self.calls.values():
+            if call.busy_until > now:
+                wake = min(wake, call.busy_until - now)
+        return max(wake, 0.0)
+
+    def fail_all(self, error: BaseException, *, waiting_only: bool = False) -> None:
+        """Every call (or every call waiting on the daemon) and request fails with this."""
+        for call in self.calls.values():
+            if not waiting_only or call.outstanding:
+                call.fail(error)
+                self.touched.add(call)
+        for request in self.requests.values():
+            request.fail(error)
+            self.touched.add(request)
+
+    def take_touched(self) -> set[Call | Request]:
+        touched, self.touched = self.touched, set()
+        return touched
