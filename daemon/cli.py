@@ -27,6 +27,7 @@ class CliError(click.ClickException):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="exgen", prog_name="exgen")
 def main() -> None:
     """exgen: push large volumes of LLM prompts through every GPU of a machine."""
 

@@ -38,7 +38,7 @@ def settled(daemon: RunningDaemon, within: float = 3.0) -> dict[str, Any]:
     deadline = time.monotonic() + within
     while True:
         status = daemon.status()
-        if status["queued"] == 0 and status["inflight"] == 0 or time.monotonic() > deadline:
+        if (status["queued"] == 0 and status["inflight"] == 0) or time.monotonic() > deadline:
             return status
         time.sleep(0.05)
 
