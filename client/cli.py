@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -551,7 +551,9 @@ def _write(
     tally.add(result)
 
 
-def _stopped(results: Iterator[Result], tally: Tally, bar: Any, exc: BaseException) -> NoReturn:
+def _stopped(
+    results: Generator[Result, None, None], tally: Tally, bar: Any, exc: BaseException
+) -> NoReturn:
     results.close()  # cancels what is still out at the daemon
     bar.close()
     if isinstance(exc, Stopped):
@@ -566,7 +568,7 @@ def _stopped(results: Iterator[Result], tally: Tally, bar: Any, exc: BaseExcepti
 
 
 def _write_failed(
-    results: Iterator[Result], tally: Tally, bar: Any, exc: B.WriteFailed
+    results: Generator[Result, None, None], tally: Tally, bar: Any, exc: B.WriteFailed
 ) -> NoReturn:
     results.close()
     bar.close()

@@ -27,11 +27,11 @@ import sys
 import time
 import uuid
 from collections.abc import (
-    AsyncIterator,
+    AsyncGenerator,
     Awaitable,
     Callable,
+    Generator,
     Iterable,
-    Iterator,
     Mapping,
     Sequence,
 )
@@ -269,7 +269,7 @@ class Client(_Shell):
         ordered: bool = False,
         timeout_s: float | None = None,
         **params: Any,
-    ) -> Iterator[Result]:
+    ) -> Generator[Result, None, None]:
         """Each Result as it completes (``ordered``: in input order); items sent lazily.
 
         ``params``: sampling defaults for items without their own. ``timeout_s``: a
@@ -289,7 +289,7 @@ class Client(_Shell):
 
     def stream(
         self, prompt: Prompt, *, timeout_s: float | None = None, **params: Any
-    ) -> Iterator[str]:
+    ) -> Generator[str, None, None]:
         """Text chunks of one generation as they are produced."""
         call = self._start_call([_stream_item(prompt)], params, stream=True, timeout_s=timeout_s)
         sent = ""
@@ -529,7 +529,7 @@ class AsyncClient(_Shell):
         ordered: bool = False,
         timeout_s: float | None = None,
         **params: Any,
-    ) -> AsyncIterator[Result]:
+    ) -> AsyncGenerator[Result, None]:
         call = self._start_call(items, params, ordered=ordered, timeout_s=timeout_s)
         async with _AsyncCallScope(call, self._end_call):
             while True:
@@ -542,7 +542,7 @@ class AsyncClient(_Shell):
 
     async def stream(
         self, prompt: Prompt, *, timeout_s: float | None = None, **params: Any
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         call = self._start_call([_stream_item(prompt)], params, stream=True, timeout_s=timeout_s)
         sent = ""
         async with _AsyncCallScope(call, self._end_call):
