@@ -49,6 +49,8 @@ from exgen.client.keys import CurveKeys
 __all__ = ["AsyncClient", "Client", "Result", "default_address", "user_address"]
 
 SYSTEMD_SOCKET = Path("/run/exgen/exgen.sock")
+# What was queued last (an ACK, a cancel) may still leave after close, for this long.
+CLOSE_LINGER_MS = 200
 CANCEL_CONFIRM_S = 1.0  # the longest an abandoned call waits for the daemon to have its cancel
 WAIT_READY_POLL_S = 0.2
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
@@ -116,16 +118,6 @@ def _stream_item(prompt: Prompt) -> dict[str, Any]:
     if isinstance(prompt, list):
         return {"id": "0", "messages": prompt}
     return {"id": "0", "prompt": prompt}
-
-
-def _stream_tail(result: Result, sent: str) -> str:
-    """What the final result adds to the chunks already streamed.
-
-    Engines stream freely and settle the text at the end (a stop string may cut it),
-    so the final text is the truth; chunks past a stop string are not taken back.
-    """
-    result.raise_for_error()
-    return result.text[len(sent) :] if result.text.startswith(sent) else ""
 
 
 def _cancel_body(client: str | None) -> dict[str, Any]:
@@ -241,7 +233,7 @@ class Client(_Shell):
         self._closed = True
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
-        self._sock.close(linger=0)
+        self._sock.close(linger=CLOSE_LINGER_MS)
 
     def __enter__(self) -> Client:
         return self
@@ -292,18 +284,10 @@ class Client(_Shell):
     ) -> Generator[str, None, None]:
         """Text chunks of one generation as they are produced."""
         call = self._start_call([_stream_item(prompt)], params, stream=True, timeout_s=timeout_s)
-        sent = ""
         with self._call_scope(call):
             while True:
                 self._pump(call)
-                while call.chunks:
-                    text = call.chunks.popleft()
-                    sent += text
-                    yield text
-                while call.ready:
-                    tail = _stream_tail(call.ready.popleft(), sent)
-                    if tail:
-                        yield tail
+                yield from call.take_text()
                 call.raise_error()
                 if call.finished:
                     return
@@ -500,7 +484,7 @@ class AsyncClient(_Shell):
             self._reader.cancel()
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
-        self._sock.close(linger=0)
+        self._sock.close(linger=CLOSE_LINGER_MS)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -544,18 +528,11 @@ class AsyncClient(_Shell):
         self, prompt: Prompt, *, timeout_s: float | None = None, **params: Any
     ) -> AsyncGenerator[str, None]:
         call = self._start_call([_stream_item(prompt)], params, stream=True, timeout_s=timeout_s)
-        sent = ""
         async with _AsyncCallScope(call, self._end_call):
             while True:
                 await self._wait(call)
-                while call.chunks:
-                    text = call.chunks.popleft()
-                    sent += text
+                for text in call.take_text():
                     yield text
-                while call.ready:
-                    tail = _stream_tail(call.ready.popleft(), sent)
-                    if tail:
-                        yield tail
                 call.raise_error()
                 if call.finished:
                     return

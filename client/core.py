@@ -202,6 +202,7 @@ class Call:
         self.ready: deque[Result] = deque()  # results to hand to the caller
         self.order: deque[Place] = deque()  # ordered calls: input order, not yet handed
         self.chunks: deque[str] = deque()  # streamed text not yet handed
+        self.streamed = ""  # a stream's text handed so far
         self.resend: deque[dict[str, Any]] = deque()  # busy or reconnect: send again
         self.busy_until = 0.0
         self.busy_wait = BUSY_BACKOFF_S[0]
@@ -222,6 +223,25 @@ class Call:
     def has_news(self) -> bool:
         """Something for the caller: a result, a chunk, an error, or the end."""
         return bool(self.ready or self.chunks or self.error is not None or self.finished)
+
+    def take_text(self) -> list[str]:
+        """A stream's new text: its chunks, then what the final result adds to them.
+
+        Engines stream freely and settle the text at the end (a stop string may cut
+        it), so the final text is the truth; chunks past a stop string are not taken
+        back. A failed result becomes the call's error (raised after these texts).
+        """
+        texts = list(self.chunks)
+        self.chunks.clear()
+        self.streamed += "".join(texts)
+        while self.ready:
+            result = self.ready.popleft()
+            if result.error is not None:
+                self.fail(result.error)
+            elif result.text.startswith(self.streamed) and len(result.text) > len(self.streamed):
+                texts.append(result.text[len(self.streamed) :])
+                self.streamed = result.text
+        return texts
 
     def raise_error(self) -> None:
         if self.error is not None:
@@ -436,6 +456,64 @@ def unencodable_field(value: Any, path: str = "") -> str | None:
     return None
 
 
+class Receipts:
+    """The delivery contract's books (docs/protocol.md): which RESULTS messages came,
+    without a gap, and how far they are acknowledged."""
+
+    __slots__ = ("acked", "asked", "due_at", "seen")
+
+    def __init__(self) -> None:
+        self.seen = 0  # every RESULTS seq up to this one arrived
+        self.acked = 0  # and up to this one is acknowledged
+        self.due_at: float | None = None  # when the oldest unacknowledged one must be
+        self.asked: tuple[int, float] | None = None  # a resend asked for: (seen then, when)
+
+    def arrived(self, seq: int, now: float) -> bool:
+        """Note a RESULTS seq; True when it shows a gap (a message lost before it).
+
+        A seq at or below ``seen`` is a redelivery of what we hold (its results drop as
+        duplicates); one past a gap counts only once the resend has filled the gap.
+        """
+        if seq == self.seen + 1:
+            self.seen = seq
+            if self.due_at is None:
+                self.due_at = now + ACK_DELAY_S
+            return False
+        return seq > self.seen + 1
+
+    def ack_all(self) -> dict[str, Any] | None:
+        """An ACK of everything that came, if anything is unacknowledged (a call ended:
+        the daemon need not hold its last results until the next ACK_DELAY_S)."""
+        return self._ack() if self.seen > self.acked else None
+
+    def ack_due(self, now: float) -> dict[str, Any] | None:
+        """An ACK body when one is due: ACK_EVERY messages, or ACK_DELAY_S, behind."""
+        if self.seen <= self.acked or self.due_at is None:
+            return None
+        if self.seen - self.acked < ACK_EVERY and now < self.due_at:
+            return None
+        return self._ack()
+
+    def resend_request(self, now: float) -> dict[str, Any] | None:
+        """An ACK asking for everything above ``seen`` again, unless just asked."""
+        asked = self.asked
+        if asked is not None and asked[0] == self.seen and now - asked[1] < RESEND_RETRY_S:
+            return None
+        self.asked = (self.seen, now)
+        return {**self._ack(), "resend": True}
+
+    def _ack(self) -> dict[str, Any]:
+        self.acked = self.seen
+        self.due_at = None
+        return {"seq": self.seen}
+
+    def reset(self) -> None:
+        """A new session (a daemon restart, a forgotten lease): seq counts from 1."""
+        self.seen = self.acked = 0
+        self.due_at = None
+        self.asked = None
+
+
 class Core:
     """The state of one connection and every call on it. No sockets here."""
 
@@ -469,11 +547,7 @@ class Core:
         self.handshakes = 0
         self.reached = False  # a connection was made (the ZMTP handshake may still fail)
         self.handshake_failure: str | None = None
-        # The delivery contract: RESULTS seq seen without a gap, and acknowledged.
-        self.seq_seen = 0
-        self.seq_acked = 0
-        self.ack_due_at: float | None = None
-        self.resend_asked: tuple[int, float] | None = None  # (seq_seen then, when)
+        self.receipts = Receipts()
 
     # --- calls and requests --------------------------------------------------------
 
@@ -492,6 +566,9 @@ class Core:
             del self.submits[req]
         cancels = call.cancel_frames()
         self.control.extend(cancels)
+        ack = self.receipts.ack_all()
+        if ack is not None:
+            self.control.append(Outgoing(P.pack(P.ACK, ack)))
         if cancels:
             logger.info(
                 "cancelling %d unfinished items of an abandoned call", len(call.outstanding)
@@ -560,9 +637,9 @@ class Core:
             self._note_sending(now)
         if self._ping_due(now):
             out.append(Outgoing(P.pack(P.PING, self._ping_body(now))))
-        ack = self._ack_due(now)
+        ack = self.receipts.ack_due(now)
         if ack is not None:
-            out.append(ack)
+            out.append(Outgoing(P.pack(P.ACK, ack)))
         return out
 
     def _submits_of(self, call: Call, now: float, out: list[Outgoing]) -> None:
@@ -618,29 +695,12 @@ class Core:
         self.last_ping = now
         return {"req": req}
 
-    def _ack_due(self, now: float) -> Outgoing | None:
-        if self.seq_seen <= self.seq_acked or self.ack_due_at is None:
-            return None
-        if self.seq_seen - self.seq_acked < ACK_EVERY and now < self.ack_due_at:
-            return None
-        return self._ack(False)
-
-    def _ack(self, resend: bool) -> Outgoing:
-        self.seq_acked = self.seq_seen
-        self.ack_due_at = None
-        body: dict[str, Any] = {"seq": self.seq_seen}
-        if resend:
-            body["resend"] = True
-        return Outgoing(P.pack(P.ACK, body))
-
     def _ask_resend(self, now: float) -> None:
         """Results were lost on the way: every RESULTS above what we hold, again."""
-        asked = self.resend_asked
-        if asked is not None and asked[0] == self.seq_seen and now - asked[1] < RESEND_RETRY_S:
-            return
-        logger.warning("results lost on the link; asking for those after seq %d", self.seq_seen)
-        self.resend_asked = (self.seq_seen, now)
-        self.control.append(self._ack(True))
+        ask = self.receipts.resend_request(now)
+        if ask is not None:
+            logger.warning("results lost on the link; asking for those after seq %d", ask["seq"])
+            self.control.append(Outgoing(P.pack(P.ACK, ask)))
 
     # --- what arrives ----------------------------------------------------------------
 
@@ -691,13 +751,8 @@ class Core:
                 call.on_result(wire_id, res, now, model)
 
     def _on_seq(self, seq: int, now: float) -> None:
-        if seq == self.seq_seen + 1:
-            self.seq_seen = seq
-            if self.ack_due_at is None:
-                self.ack_due_at = now + ACK_DELAY_S
-        elif seq > self.seq_seen + 1:
+        if self.receipts.arrived(seq, now):
             self._ask_resend(now)  # its results are kept; the resend fills the gap
-        # seq <= seq_seen: a redelivery of what we hold; its results drop as duplicates
 
     def _on_chunks(self, body: dict[str, Any]) -> None:
         for wire_id, text in body.get("chunks", ()):
@@ -752,7 +807,7 @@ class Core:
         if order is not None:
             self._resend_lost_submits(order)
         seq = body.get("seq")
-        if isinstance(seq, int) and seq > self.seq_seen:
+        if isinstance(seq, int) and seq > self.receipts.seen:
             self._ask_resend(now)
         if body.get("known") is False and order is not None:
             self._on_forgotten(order)
@@ -768,7 +823,7 @@ class Core:
     def _on_forgotten(self, ping_order: int) -> None:
         """The daemon holds nothing for us (our lease expired while we were away):
         every accepted, unanswered item is submitted again, and we say HELLO again."""
-        self._reset_seq()
+        self.receipts.reset()
         later = {i for s in self.submits.values() if s.order > ping_order for i in s.ids}
         total = 0
         for call in self.calls.values():
@@ -787,7 +842,7 @@ class Core:
         if isinstance(model, str) and model:
             self.model = model
         if previous is not None and previous.get("client") != body.get("client"):
-            self._reset_seq()  # a new session: its RESULTS count from 1 again
+            self.receipts.reset()  # a new session: its RESULTS count from 1 again
 
     def _on_reply(self, command: bytes, body: dict[str, Any]) -> None:
         request = self.requests.get(str(body.get("req")))
@@ -806,14 +861,9 @@ class Core:
                 call.queue_resend(list(call.outstanding))
                 total += len(call.outstanding)
             logger.warning("the exgen daemon restarted; resending %d items", total)
-            self._reset_seq()
+            self.receipts.reset()
             self.say_hello()
         self.instance = instance
-
-    def _reset_seq(self) -> None:
-        self.seq_seen = self.seq_acked = 0
-        self.ack_due_at = None
-        self.resend_asked = None
 
     def on_event(self, event: int, now: float) -> None:
         """A socket monitor event of our DEALER (transport.MONITORED)."""
@@ -882,8 +932,8 @@ class Core:
     def next_wakeup(self, now: float) -> float:
         """Seconds until a timer of the core is due (at most MAX_WAKEUP_S)."""
         wake = MAX_WAKEUP_S
-        if self.ack_due_at is not None:
-            wake = min(wake, self.ack_due_at - now)
+        if self.receipts.due_at is not None:
+            wake = min(wake, self.receipts.due_at - now)
         for call in self.calls.values():
             if call.busy_until > now:
                 wake = min(wake, call.busy_until - now)

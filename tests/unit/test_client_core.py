@@ -481,3 +481,37 @@ def test_a_peer_that_took_the_connection_and_failed_the_handshake_gets_the_conne
     c.on_event(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, 0.1)
     c.on_event(zmq.EVENT_CONNECT_RETRIED, 0.2)  # a CURVE refusal looks like this
     assert call.error is None
+
+
+def test_a_call_that_ends_acknowledges_everything_at_once():
+    c = core()
+    call, _ = open_call(c, 2)
+    answer(c, call, "i0", seq=1)
+    answer(c, call, "i1", seq=2)
+    assert acks(sent(c, 1.0)) == []
+    c.end_call(call)
+    assert acks(sent(c, 1.0)) == [{"seq": 2}]
+
+
+def test_a_streams_text_is_its_chunks_then_what_the_final_result_adds():
+    c = core()
+    call = c.open_call([{"id": "0", "prompt": "p"}], {}, window=1, stream=True)
+    [body] = submits(c)
+    wire = body["items"][0]["id"]
+    c.on_message(P.CHUNKS, {"chunks": [[wire, "Once "], [wire, "upon"]]}, 0.1)
+    assert call.take_text() == ["Once ", "upon"]
+    c.on_message(P.RESULTS, {"results": [result(wire, "Once upon a time")]}, 0.2)
+    assert call.take_text() == [" a time"]
+    c.poll_out(0.3)
+    assert call.finished
+
+
+def test_a_failed_stream_hands_its_chunks_over_then_raises():
+    c = core()
+    call = c.open_call([{"id": "0", "prompt": "p"}], {}, window=1, stream=True)
+    wire = submits(c)[0]["items"][0]["id"]
+    c.on_message(P.CHUNKS, {"chunks": [[wire, "half"]]}, 0.1)
+    c.on_message(P.RESULTS, {"results": [P.result_error(wire, P.E_ENGINE, "boom")]}, 0.2)
+    assert call.take_text() == ["half"]
+    with pytest.raises(errors.EngineError):
+        call.raise_error()
