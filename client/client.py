@@ -181,6 +181,9 @@ class _Shell:
         """The served model's name, once the daemon has said it."""
         return self._core.model
 
+    def _socket(self) -> zmq.Socket[Any]:
+        raise NotImplementedError
+
     def _connect_once(self, sock: zmq.Socket[Any]) -> None:
         if self._closed:
             raise errors.ConnectionFailed("this client is closed")
@@ -191,8 +194,15 @@ class _Shell:
         self._connected = True
         self._core.say_hello()
 
-    def _open_call(self, items: Items, params: Mapping[str, Any], **options: Any) -> Call:
-        return self._core.open_call(items, params, window=self.window, **options)
+    def _start_call(self, items: Items, params: Mapping[str, Any], **options: Any) -> Call:
+        """A new call, its arguments checked before anything is connected or sent."""
+        call = self._core.open_call(items, params, window=self.window, **options)
+        try:
+            self._connect_once(self._socket())
+        except BaseException:
+            self._core.end_call(call)
+            raise
+        return call
 
 
 class Client(_Shell):
@@ -234,6 +244,9 @@ class Client(_Shell):
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
         self._sock.close(linger=CLOSE_LINGER_MS)
+
+    def _socket(self) -> zmq.Socket[Any]:
+        return self._sock
 
     def __enter__(self) -> Client:
         return self
@@ -306,19 +319,16 @@ class Client(_Shell):
         listening yet, and models take a while to load. Raises :class:`errors.Timeout`.
         """
         deadline = time.monotonic() + timeout
-        with _short_fuses(self._core):
-            while True:
-                try:
-                    status = self.status()
-                except errors.ConnectionFailed:
-                    status = {}
-                if workers_ready(status, count):
-                    return status
-                if time.monotonic() >= deadline:
-                    raise errors.Timeout(
-                        f"exgen workers at {self.address} not ready in {timeout:g}s"
-                    )
-                time.sleep(WAIT_READY_POLL_S)
+        while True:
+            try:  # one-second fuses, retried: the daemon may not be listening yet
+                status = self._request(P.STATUS, {}, P.STATUS_REPLY, timeout=1.0)
+            except errors.ConnectionFailed:
+                status = {}
+            if workers_ready(status, count):
+                return status
+            if time.monotonic() >= deadline:
+                raise errors.Timeout(f"exgen workers at {self.address} not ready in {timeout:g}s")
+            time.sleep(WAIT_READY_POLL_S)
 
     def cancel(self, ids: Iterable[str]) -> int:
         """Cancel these items of this client's calls; they end as Cancelled. How many."""
@@ -336,9 +346,6 @@ class Client(_Shell):
 
     # --- the pump -----------------------------------------------------------------
 
-    def _start_call(self, items: Items, params: Mapping[str, Any], **options: Any) -> Call:
-        self._connect_once(self._sock)
-        return self._open_call(items, params, **options)
 
     def _call_scope(self, call: Call) -> _CallScope:
         return _CallScope(call, self._end_call)
@@ -356,9 +363,11 @@ class Client(_Shell):
                 self._core.end_request(request)
         self._flush()
 
-    def _request(self, command: bytes, body: dict[str, Any], expect: bytes) -> dict[str, Any]:
+    def _request(
+        self, command: bytes, body: dict[str, Any], expect: bytes, timeout: float | None = None
+    ) -> dict[str, Any]:
         self._connect_once(self._sock)
-        request = self._core.open_request(command, body, expect, time.monotonic())
+        request = self._core.open_request(command, body, expect, time.monotonic(), timeout)
         try:
             self._pump(request)
             return request.result()
@@ -438,20 +447,6 @@ class _AsyncCallScope:
             pass
 
 
-class _short_fuses:
-    """wait_ready's status calls: one second each, retried, no connect timeout."""
-
-    def __init__(self, core: Core) -> None:
-        self.core = core
-        self.saved = (core.timeout, core.connect_timeout)
-
-    def __enter__(self) -> None:
-        self.core.timeout, self.core.connect_timeout = 1.0, None
-
-    def __exit__(self, *exc: object) -> None:
-        self.core.timeout, self.core.connect_timeout = self.saved
-
-
 class AsyncClient(_Shell):
     """The asyncio twin of :class:`Client`: the same methods, awaited; any number of
     calls at once on one client (``asyncio.gather`` of generate calls runs them
@@ -485,6 +480,9 @@ class AsyncClient(_Shell):
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
         self._sock.close(linger=CLOSE_LINGER_MS)
+
+    def _socket(self) -> zmq.Socket[Any]:
+        return self._sock
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -545,19 +543,16 @@ class AsyncClient(_Shell):
 
     async def wait_ready(self, timeout: float = 300.0, count: int | None = None) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
-        with _short_fuses(self._core):
-            while True:
-                try:
-                    status = await self.status()
-                except errors.ConnectionFailed:
-                    status = {}
-                if workers_ready(status, count):
-                    return status
-                if time.monotonic() >= deadline:
-                    raise errors.Timeout(
-                        f"exgen workers at {self.address} not ready in {timeout:g}s"
-                    )
-                await asyncio.sleep(WAIT_READY_POLL_S)
+        while True:
+            try:  # one-second fuses, retried: the daemon may not be listening yet
+                status = await self._request(P.STATUS, {}, P.STATUS_REPLY, timeout=1.0)
+            except errors.ConnectionFailed:
+                status = {}
+            if workers_ready(status, count):
+                return status
+            if time.monotonic() >= deadline:
+                raise errors.Timeout(f"exgen workers at {self.address} not ready in {timeout:g}s")
+            await asyncio.sleep(WAIT_READY_POLL_S)
 
     async def cancel(self, ids: Iterable[str]) -> int:
         n = self._core.cancel_ids(ids)
@@ -569,9 +564,6 @@ class AsyncClient(_Shell):
 
     # --- the reader task and the waiting callers ----------------------------------
 
-    def _start_call(self, items: Items, params: Mapping[str, Any], **options: Any) -> Call:
-        self._connect_once(self._sock)
-        return self._open_call(items, params, **options)
 
     async def _end_call(self, call: Call, confirm: bool) -> None:
         self._events.pop(call, None)
@@ -588,9 +580,11 @@ class AsyncClient(_Shell):
                 self._events.pop(request, None)
         self._kick()
 
-    async def _request(self, command: bytes, body: dict[str, Any], expect: bytes) -> dict[str, Any]:
+    async def _request(
+        self, command: bytes, body: dict[str, Any], expect: bytes, timeout: float | None = None
+    ) -> dict[str, Any]:
         self._connect_once(self._sock)
-        request = self._core.open_request(command, body, expect, time.monotonic())
+        request = self._core.open_request(command, body, expect, time.monotonic(), timeout)
         try:
             await self._wait(request)
             return request.result()

@@ -188,7 +188,12 @@ class Call:
             )
         self.tag = tag
         self.prefix = tag + TAG_SEP
-        self.source: Iterator[Mapping[str, Any] | Result] = iter(items)
+        try:
+            self.source: Iterator[Mapping[str, Any] | Result] = iter(items)
+        except TypeError:
+            raise errors.BadRequest(
+                f"items must be an iterable of maps, not {type(items).__name__}", field="items"
+            ) from None
         self.timeout_s = timeout_s
         self.window = window
         # Refill the window in large submits, not one per handful of results: every
@@ -404,10 +409,13 @@ class Call:
 class Request:
     """One request answered by one reply (status, ping, another client's cancel)."""
 
-    __slots__ = ("error", "expect", "order", "reply", "req", "sent_at")
+    __slots__ = ("error", "expect", "order", "reply", "req", "sent_at", "timeout")
 
-    def __init__(self, req: str, order: int, expect: bytes, sent_at: float) -> None:
+    def __init__(
+        self, req: str, order: int, expect: bytes, sent_at: float, timeout: float | None = None
+    ) -> None:
         self.req = req
+        self.timeout = timeout
         self.order = order  # frames leave in the order of these numbers (Core.counter)
         self.expect = expect
         self.sent_at = sent_at
@@ -578,11 +586,17 @@ class Core:
         return bool(cancels)
 
     def open_request(
-        self, command: bytes, body: dict[str, Any], expect: bytes, now: float
+        self,
+        command: bytes,
+        body: dict[str, Any],
+        expect: bytes,
+        now: float,
+        timeout: float | None = None,
     ) -> Request:
+        """A request answered by one reply; ``timeout``: its own (default: the core's)."""
         order = next(self.counter)
         req = f"q{order}"
-        request = Request(req, order, expect, now)
+        request = Request(req, order, expect, now, timeout)
         self.requests[req] = request
         self.control.append(Outgoing(P.pack(command, {**body, "req": req})))
         return request
@@ -907,25 +921,25 @@ class Core:
                 waiting_only=True,
             )
             return
+        for request in self.requests.values():
+            limit = request.timeout if request.timeout is not None else self.timeout
+            if limit is not None and now - request.sent_at > limit and not request.done:
+                request.fail(self._timeout_error(limit))
+                self.touched.add(request)
         if self.timeout is None:
             return
         silent = now - max(self.last_heard, started)
         if silent > self.timeout:
-            self.fail_all(self._timeout_error(), waiting_only=True)
-            return
-        for request in self.requests.values():
-            if now - request.sent_at > self.timeout and not request.done:
-                request.fail(self._timeout_error())
-                self.touched.add(request)
+            self.fail_all(self._timeout_error(self.timeout), waiting_only=True)
 
     def _connect_overdue(self, now: float, started: float) -> bool:
         if self.handshakes or self.connect_timeout is None:
             return False
         return now - (self.first_send_at or started) > self.connect_timeout
 
-    def _timeout_error(self) -> errors.Timeout:
+    def _timeout_error(self, seconds: float) -> errors.Timeout:
         return errors.Timeout(
-            f"no answer from the exgen daemon at {self.address} for {self.timeout:g}s "
+            f"no answer from the exgen daemon at {self.address} for {seconds:g}s "
             "(is `exgen serve` running?)"
         )
 
