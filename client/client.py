@@ -346,7 +346,6 @@ class Client(_Shell):
 
     # --- the pump -----------------------------------------------------------------
 
-
     def _call_scope(self, call: Call) -> _CallScope:
         return _CallScope(call, self._end_call)
 
@@ -563,7 +562,6 @@ class AsyncClient(_Shell):
         return await self._request(P.CANCEL, _cancel_body(client), P.CANCELLED)
 
     # --- the reader task and the waiting callers ----------------------------------
-
 
     async def _end_call(self, call: Call, confirm: bool) -> None:
         self._events.pop(call, None)

@@ -268,23 +268,29 @@ class Call:
         outstanding = self.outstanding
         while self.resend and len(batch) < SUBMIT_BATCH:
             again = self.resend.popleft()
-            if again["id"] in outstanding:  # else answered meanwhile
+            sent = outstanding.get(again["id"])
+            if sent is not None:  # else answered meanwhile
+                sent.sent_at = now
                 batch.append(again)
         # An ordered call's window counts every item not yet handed to the caller.
         held = self.order if self.ordered else outstanding
-        if not batch and held and self.window - len(held) < self.low_water:
+        room = min(SUBMIT_BATCH - len(batch), self.window - len(held))
+        if not batch and held and room < self.low_water:
             return []  # results free room a few at a time: wait for a full-size submit
-        while not self.exhausted and len(batch) < SUBMIT_BATCH and len(held) < self.window:
-            wire = self._take_item()
-            if wire is not None:
-                batch.append(wire)
-                place = None
-                if self.ordered:
-                    place = Place()
-                    self.order.append(place)
+        take, order, append = self._take_item, self.order, batch.append
+        while room > 0 and not self.exhausted:
+            wire = take()
+            if wire is None:
+                room = min(room, self.window - len(held))  # answered on this side: held too
+                continue
+            append(wire)
+            room -= 1
+            if self.ordered:
+                place = Place()
+                order.append(place)
                 outstanding[wire["id"]] = _Sent(wire, now, place)
-        for wire in batch:
-            outstanding[wire["id"]].sent_at = now
+            else:
+                outstanding[wire["id"]] = _Sent(wire, now)
         return batch
 
     def _take_item(self) -> dict[str, Any] | None:
@@ -294,14 +300,15 @@ class Call:
         except StopIteration:
             self.exhausted = True
             return None
-        if isinstance(raw, Result):  # the caller's own answer, handed back in its place
-            self._answer_locally(raw)
-            return None
-        if not isinstance(raw, Mapping):
-            raise errors.BadRequest(
-                f"an item must be a map with prompt or messages, not {type(raw).__name__}",
-                field="item",
-            )
+        if type(raw) is not dict:  # the common case first: isinstance of an ABC is slow
+            if isinstance(raw, Result):  # the caller's own answer, handed back in its place
+                self._answer_locally(raw)
+                return None
+            if not isinstance(raw, Mapping):
+                raise errors.BadRequest(
+                    f"an item must be a map with prompt or messages, not {type(raw).__name__}",
+                    field="item",
+                )
         raw = dict(raw)
         own = raw.get("params")
         checked = None
@@ -359,6 +366,28 @@ class Call:
         return good
 
     # --- receiving ----------------------------------------------------------------
+
+    def on_results(
+        self, results: Iterable[Mapping[str, Any]], now: float, model: str | None
+    ) -> None:
+        """Many results at once: on_result with its lookups hoisted (the hot path)."""
+        if self.ordered:
+            for res in results:
+                self.on_result(str(res.get("id")), res, now, model)
+            return
+        pop, append, cut, make = (
+            self.outstanding.pop,
+            self.ready.append,
+            len(self.prefix),
+            Result.from_wire,
+        )
+        for res in results:
+            wire_id = res.get("id")
+            if not isinstance(wire_id, str):
+                continue
+            sent = pop(wire_id, None)
+            if sent is not None:  # else answered already (a redelivery, a resend answered twice)
+                append(make(res, now - sent.sent_at, wire_id[cut:], model))
 
     def on_result(
         self, wire_id: str, body: Mapping[str, Any], now: float, model: str | None
@@ -751,7 +780,13 @@ class Core:
         if isinstance(seq, int):
             self._on_seq(seq, now)
         calls, model = self.calls, self.model
-        last_tag, call = None, None
+        if len(calls) == 1:  # the common case: no routing (another call's id is not out)
+            [only] = calls.values()
+            self.touched.add(only)
+            only.on_results(body.get("results", ()), now, model)
+            return
+        last_tag: str | None = None
+        call: Call | None = None
         for res in body.get("results", ()):
             wire_id = res.get("id")
             if not isinstance(wire_id, str):
