@@ -633,6 +633,8 @@ def generate(
             sys.exit(128 + code)  # the stream's iterator has cancelled the prompt
         except BrokenPipeError:
             sys.exit(128 + signal.SIGPIPE)
+        except OSError as exc:  # stdout on a full disk: the stream's prompt is cancelled
+            fail(f"cannot write the output: {exc.strerror or exc}", EXIT_OUTPUT)
 
 
 def _one_final_newline_less(text: str) -> str:

@@ -680,3 +680,18 @@ class _AnyReq:
 
 
 ANY_REQ = _AnyReq()
+
+
+def test_generate_into_a_full_disk_is_exit_4(router: FakeRouter) -> None:
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "exgen.client.cli", "generate", "hello"]
+    with open("/dev/full", "w") as full:
+        run = subprocess.run(
+            [*command, "--connect", router.address],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,
+        )  # fmt: skip
+    assert run.returncode == 4, run.stderr
+    assert "cannot write the output: No space left on device" in run.stderr
+    assert "Traceback" not in run.stderr
