@@ -62,6 +62,16 @@ class Settings:
     prefetch: int = 2  # items beyond a worker's capacity it may hold
     order: str = "longest-first"  # within a client's queue: ORDERS
     max_attempts: int = 3  # worker crashes an item may cause before it fails
+    max_queue_bytes: int = 512 * 2**20  # bytes of waiting items before "busy"
+    unread_budget_bytes: int = 64 * 2**20  # a client's unacknowledged results: past it,
+    #                                         its items wait instead of being dispatched
+    results_message_bytes: int = 2**20  # results grouped into RESULTS messages of at most this
+    max_result_bytes: int = 16 * 2**20  # one result larger than this: a too_large error
+    # Clients.
+    client_heartbeat_s: float = 1.0  # ZMTP heartbeats and lease probes to clients
+    client_grace_s: float = 3.0  # unreachable this long: its work is cancelled
+    model_name: str | None = None  # the served model's name (default: from the model)
+    strict_model: bool = False  # an item naming another model: model_not_found
     # Lifecycle.
     drain_timeout_s: float = 60.0
     heartbeat_interval_s: float = 1.0
@@ -260,6 +270,22 @@ def settings_problems(settings: Settings) -> Iterator[str]:
         yield "max_queue must be at least 1"
     if settings.gpus is not None:
         yield from _problem_of(parse_gpus, settings.gpus)
+    yield from _budget_problems(settings)
+
+
+def _budget_problems(settings: Settings) -> Iterator[str]:
+    from exgen.client.protocol import MAX_MESSAGE_BYTES
+
+    for name in ("max_queue_bytes", "unread_budget_bytes", "results_message_bytes"):
+        if getattr(settings, name) < 1024:
+            yield f"{name} must be at least 1024"
+    if not 1024 <= settings.max_result_bytes <= MAX_MESSAGE_BYTES // 2:
+        yield (
+            f"max_result_bytes must be between 1024 and {MAX_MESSAGE_BYTES // 2} "
+            "(half the clients' message size limit)"
+        )
+    if settings.client_heartbeat_s <= 0 or settings.client_grace_s <= 0:
+        yield "client_heartbeat_s and client_grace_s must be more than 0"
 
 
 def _problem_of(parse: Callable[[str], Any], text: str) -> Iterator[str]:

@@ -58,6 +58,22 @@ def default_model_path() -> Path:
     raise ModelNotFound(f"the default model is not installed: {DEMO_INSTALL}")
 
 
+def served_name(model: str | None, engine: str) -> str:
+    """The name the daemon serves a model under (OpenAI's ``model``) when the settings
+    give none: the default model's store name, else the directory's or file's name."""
+    if engine == "synthetic":
+        return "synthetic"
+    if model is None:
+        return DEFAULT_MODEL_NAME.split(" ")[0]
+    path = Path(model)
+    try:
+        if path == default_model_path():
+            return DEFAULT_MODEL_NAME.split(" ")[0]
+    except ModelNotFound:
+        pass
+    return path.stem if path.is_file() else path.name
+
+
 def cache_dir() -> Path:
     """Where converted models are kept: EXGEN_CACHE_DIR, systemd's CACHE_DIRECTORY,
     $XDG_CACHE_HOME/exgen, else ~/.cache/exgen."""

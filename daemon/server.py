@@ -8,6 +8,7 @@ what is due, dispatch, tell systemd how things stand.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
@@ -23,9 +24,10 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from exgen.client import protocol as P
-from exgen.daemon import curve
+from exgen.daemon import control, curve, modelstore
 from exgen.daemon import supervisor as sup
 from exgen.daemon.config import Settings
+from exgen.daemon.delivery import SNDHWM
 from exgen.daemon.router import Router
 from exgen.daemon.sdnotify import Notifier
 from exgen.daemon.slots import SlotTable
@@ -83,6 +85,10 @@ class Daemon:
         self.backend.bind(backend_address)
         self.table = SlotTable(slots)
         self.router = Router(self.settings, self.frontend, self.backend, self.table)
+        self.router.model_name = self.settings.model_name or modelstore.served_name(model, engine)
+        self.router.access = self._access_mode()
+        if self.auth is not None:
+            self.router.allowed_users = curve.allowed_user_ids(self.settings)
         self.supervisor = sup.Supervisor(self.settings, self.table, backend_address, engine, model)
         self.notifier = Notifier()
         self.metrics = self._start_metrics(self.settings.metrics_listen)
@@ -94,8 +100,18 @@ class Daemon:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client keeps its identity
-        sock.setsockopt(zmq.SNDHWM, 0)
+        # Sends fail loudly (EAGAIN: the pipe is full; EHOSTUNREACH: no such client)
+        # instead of dropping: Delivery keeps what could not go (docs/protocol.md).
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.SNDHWM, SNDHWM)
         sock.setsockopt(zmq.RCVHWM, 0)
+        # ZMTP heartbeats: a frozen or vanished client's connection is closed by ZMQ's
+        # I/O thread (its own answers them while its program is busy), and the lease
+        # probes then find it unreachable.
+        heartbeat_ms = int(self.settings.client_heartbeat_s * 1000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * heartbeat_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * heartbeat_ms)
         self.auth = curve.secure_frontend(self.ctx, sock, self.settings)
         if listen.startswith("ipc://"):
             self._prepare_ipc(Path(listen[len("ipc://") :]))
@@ -105,6 +121,16 @@ class Daemon:
             # that the operator let in, not everyone.
             os.chmod(listen[len("ipc://") :], 0o660)
         return sock
+
+    def _access_mode(self) -> str:
+        """Who counts as a local user, for cancelling other clients' work (control.py)."""
+        if self.auth is not None:
+            return control.CURVE
+        if self.listen.startswith("tcp://"):
+            host = self.listen[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+            if host != "localhost" and not _is_loopback(host):
+                return control.PEER
+        return control.LOCAL
 
     def _start_metrics(self, listen: str | None) -> Metrics | None:
         if listen is None:
@@ -149,7 +175,9 @@ class Daemon:
                 ready = dict(poller.poll(TICK_MS))
                 if wake_r.fileno() in ready:
                     _drain_wakeups(wake_r)
-                self.tick(time.monotonic(), self.frontend in ready, self.backend in ready)
+                started = time.monotonic()
+                self.tick(started, self.frontend in ready, self.backend in ready)
+                self.router.note_turn(started, time.monotonic())
         finally:
             self.shutdown()
             signal.set_wakeup_fd(-1)
@@ -170,8 +198,7 @@ class Daemon:
             self.handle_signal(self.signals.pop(0))
         if clients:
             self.router.handle_frontend(now)
-        if workers:
-            self.router.handle_backend(now)
+        self.router.handle_backend(now, workers)
         housekeeping = self.child_exited or now >= self.housekeeping_due
         if housekeeping:
             self._housekeep(now)
@@ -194,6 +221,8 @@ class Daemon:
             self.router.worker_lost(
                 exit_.slot, exit_.pid, exit_.cause, exit_.crashed, exit_.blames_work
             )
+        self.router.check_leases(now)
+        self.router.expire_deadlines(now)
         if self.drain_deadline is None:
             self._kill_unresponsive(now)
             self.supervisor.restart_due(now)
@@ -222,7 +251,9 @@ class Daemon:
                 self.exit_code = 0
         elif signum == signal.SIGHUP:
             if self.auth is not None:
-                curve.reload_allowed(self.auth, self.settings)
+                allowed = curve.reload_allowed(self.auth, self.settings)
+                if allowed is not None:
+                    self.router.allowed_users = allowed
             else:
                 logger.info("SIGHUP: nothing to reload; send SIGTERM to drain and stop")
         elif signum == signal.SIGCHLD:
@@ -316,6 +347,13 @@ class Daemon:
 
     def status(self, now: float) -> dict[str, Any]:
         return self.router.status(now)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _socket_answers(path: Path) -> bool:
