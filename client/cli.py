@@ -130,6 +130,11 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
     ctx.meta[f"exgen.{param.name}"] = value
 
 
+def command_name() -> str:
+    """This run as the daemon's status shows it: `exgen-client ARGS...`."""
+    return " ".join(["exgen-client", *sys.argv[1:]])
+
+
 def open_client(address: str, timeout: float) -> Client:
     """A Client with the options' CURVE keys (else the environment's) and connect timeout."""
     meta = click.get_current_context().meta
@@ -141,7 +146,13 @@ def open_client(address: str, timeout: float) -> Client:
             if server_key is None or client_key is None:
                 raise click.UsageError("--server-key and --client-key go together")
             curve = CurveKeys.from_files(server_key, client_key)
-        return Client(address, timeout=timeout, connect_timeout=connect_timeout, curve=curve)
+        return Client(
+            address,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            curve=curve,
+            name=command_name(),
+        )
     except errors.BadKeyFile as exc:
         fail(str(exc), EXIT_USAGE)
     except errors.ConnectionFailed as exc:  # a malformed address
@@ -676,8 +687,8 @@ STATUS_COLUMNS = (
     ("tok/s", "tokens_per_s"),
     ("load", "load_s"),
 )
-CLIENT_COLUMNS = (
-    ("client", "name"),
+CLIENT_COLUMNS = (  # the name last: a command line is long, and nothing follows it
+    ("client", "id"),
     ("host", "host"),
     ("pid", "pid"),
     ("queued", "queued"),
@@ -686,8 +697,9 @@ CLIENT_COLUMNS = (
     ("failed", "failed"),
     ("tok/s", "tokens_per_s"),
     ("idle", "idle_s"),
+    ("name", "name"),
 )
-CLIENT_NAME_WIDTH = 48  # a command line can be long; the table keeps its shape
+CLIENT_ID_CHARS = 12  # of a client's id in the table: enough for `cancel` to name it
 
 
 @cli.command(epilog=EXIT_HELP)
@@ -774,8 +786,8 @@ def _cell(key: str, value: Any) -> str:
         return f"{float(value):.1f}"
     if key in ("load_s", "idle_s"):
         return f"{float(value):.1f}s"
-    if key == "name":
-        return _shorten(str(value), CLIENT_NAME_WIDTH)
+    if key == "id":
+        return str(value)[:CLIENT_ID_CHARS]
     return str(value)
 
 

@@ -66,8 +66,7 @@ class Result:
     """One prompt's outcome. ``error`` is set (and ``text`` empty) when it failed.
 
     ``model``: the name of the model the daemon serves (what wrote the text).
-    ``queued_s`` / ``run_s``: how long the daemon held it waiting and running, when
-    it says. ``latency_s``: from the item's last send to its result, on this side.
+    ``latency_s``: from the item's last send to its result, on this side.
     """
 
     id: str
@@ -79,8 +78,6 @@ class Result:
     error: errors.RequestFailed | None = None
     latency_s: float = 0.0
     model: str | None = None
-    queued_s: float | None = None
-    run_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -112,8 +109,6 @@ class Result:
             errors.error_from_wire(err, item_id) if isinstance(err, dict) else None,
             latency_s,
             model,
-            body.get("queued_s"),
-            body.get("run_s"),
         )
 
 
@@ -494,12 +489,16 @@ def unencodable_field(value: Any, path: str = "") -> str | None:
 
 
 class Receipts:
-    """The delivery contract's books (docs/protocol.md): which RESULTS messages came,
-    without a gap, and how far they are acknowledged."""
+    """The delivery contract's books (docs/protocol.md): the session the daemon keeps
+    for this client, which of its RESULTS messages came without a gap, and how far
+    they are acknowledged. Nothing is acknowledged before a session is known (a
+    daemon that numbers nothing is never sent an ACK)."""
 
-    __slots__ = ("acked", "asked", "due_at", "seen")
+    __slots__ = ("acked", "asked", "due_at", "highest", "seen", "session")
 
     def __init__(self) -> None:
+        self.session: int | None = None
+        self.highest = 0  # the highest RESULTS seq that arrived
         self.seen = 0  # every RESULTS seq up to this one arrived
         self.acked = 0  # and up to this one is acknowledged
         self.due_at: float | None = None  # when the oldest unacknowledged one must be
@@ -511,6 +510,7 @@ class Receipts:
         A seq at or below ``seen`` is a redelivery of what we hold (its results drop as
         duplicates); one past a gap counts only once the resend has filled the gap.
         """
+        self.highest = max(self.highest, seq)
         if seq == self.seen + 1:
             self.seen = seq
             if self.due_at is None:
@@ -518,14 +518,20 @@ class Receipts:
             return False
         return seq > self.seen + 1
 
-    def ack_all(self) -> dict[str, Any] | None:
+    def ack_all(self, nothing_owed: bool) -> dict[str, Any] | None:
         """An ACK of everything that came, if anything is unacknowledged (a call ended:
-        the daemon need not hold its last results until the next ACK_DELAY_S)."""
-        return self._ack() if self.seen > self.acked else None
+        the daemon need not hold its last results until the next ACK_DELAY_S). With
+        ``nothing_owed`` (no call waits on anything) a gap no longer matters: what came
+        after it is acknowledged too, so the daemon drops what is lost in it."""
+        if nothing_owed:
+            self.seen = max(self.seen, self.highest)
+        if self.session is None or self.seen <= self.acked:
+            return None
+        return self._ack()
 
     def ack_due(self, now: float) -> dict[str, Any] | None:
         """An ACK body when one is due: ACK_EVERY messages, or ACK_DELAY_S, behind."""
-        if self.seen <= self.acked or self.due_at is None:
+        if self.session is None or self.seen <= self.acked or self.due_at is None:
             return None
         if self.seen - self.acked < ACK_EVERY and now < self.due_at:
             return None
@@ -534,6 +540,8 @@ class Receipts:
     def resend_request(self, now: float) -> dict[str, Any] | None:
         """An ACK asking for everything above ``seen`` again, unless just asked."""
         asked = self.asked
+        if self.session is None:
+            return None
         if asked is not None and asked[0] == self.seen and now - asked[1] < RESEND_RETRY_S:
             return None
         self.asked = (self.seen, now)
@@ -542,11 +550,12 @@ class Receipts:
     def _ack(self) -> dict[str, Any]:
         self.acked = self.seen
         self.due_at = None
-        return {"seq": self.seen}
+        return {"session": self.session, "seq": self.seen}
 
-    def reset(self) -> None:
+    def start(self, session: int | None) -> None:
         """A new session (a daemon restart, a forgotten lease): seq counts from 1."""
-        self.seen = self.acked = 0
+        self.session = session
+        self.seen = self.acked = self.highest = 0
         self.due_at = None
         self.asked = None
 
@@ -603,7 +612,7 @@ class Core:
             del self.submits[req]
         cancels = call.cancel_frames()
         self.control.extend(cancels)
-        ack = self.receipts.ack_all()
+        ack = self.receipts.ack_all(not self.has_work())
         if ack is not None:
             self.control.append(Outgoing(P.pack(P.ACK, ack)))
         if cancels:
@@ -760,6 +769,9 @@ class Core:
         instance = body.get("instance")
         if instance is not None and instance != self.instance:
             self._note_instance(instance)
+        session = body.get("session")
+        if session is not None and session != self.receipts.session:
+            self._note_session(session, command, body)
         if command == P.RESULTS:
             self._on_results(body, now)
         elif command == P.CHUNKS:
@@ -869,10 +881,32 @@ class Core:
             logger.warning("a submit of %d items got no answer; sending it again", len(submit.ids))
             submit.call.queue_resend(submit.ids)
 
+    def _note_session(self, session: Any, command: bytes, body: dict[str, Any]) -> None:
+        """Another session than ours: the daemon forgot this client (its lease ran out
+        while the client was away). Every item out is submitted again, but those of
+        the ACCEPTED that says so (they are the new session's), and we say HELLO."""
+        if type(session) is not int:
+            return
+        previous = self.receipts.session
+        self.receipts.start(session)
+        if previous is None:
+            return  # the first session we hear of
+        submit = self.submits.get(str(body.get("req"))) if command == P.ACCEPTED else None
+        new = set(submit.ids) if submit is not None else set()
+        total = 0
+        for call in self.calls.values():
+            lost = [i for i in call.outstanding if i not in new]
+            call.queue_resend(lost)
+            total += len(lost)
+        logger.warning(
+            "the daemon started a new session for this client; resending %d items", total
+        )
+        if command != P.WELCOME:
+            self.say_hello()
+
     def _on_forgotten(self, ping_order: int) -> None:
-        """The daemon holds nothing for us (our lease expired while we were away):
-        every accepted, unanswered item is submitted again, and we say HELLO again."""
-        self.receipts.reset()
+        """The daemon holds nothing for us (a lost submit; our lease expired while we
+        were away): every accepted, unanswered item is submitted again."""
         later = {i for s in self.submits.values() if s.order > ping_order for i in s.ids}
         total = 0
         for call in self.calls.values():
@@ -880,18 +914,14 @@ class Core:
             call.queue_resend(lost)
             total += len(lost)
         if total:
-            logger.warning("the daemon forgot this client; resending %d items", total)
-        self.say_hello()
+            logger.warning("the daemon holds nothing for this client; resending %d items", total)
 
     def _on_welcome(self, body: dict[str, Any]) -> None:
         self.hellos.discard(str(body.get("req")))
-        previous = self.welcome
         self.welcome = body
         model = body.get("model")
         if isinstance(model, str) and model:
             self.model = model
-        if previous is not None and previous.get("client") != body.get("client"):
-            self.receipts.reset()  # a new session: its RESULTS count from 1 again
 
     def _on_reply(self, command: bytes, body: dict[str, Any]) -> None:
         request = self.requests.get(str(body.get("req")))
@@ -910,7 +940,7 @@ class Core:
                 call.queue_resend(list(call.outstanding))
                 total += len(call.outstanding)
             logger.warning("the exgen daemon restarted; resending %d items", total)
-            self.receipts.reset()
+            self.receipts.start(None)
             self.say_hello()
         self.instance = instance
 

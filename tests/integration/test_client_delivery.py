@@ -24,6 +24,7 @@ from exgen.client.core import ACK_EVERY
 pytestmark = pytest.mark.timeout(60)
 
 RESULTS_PER_MESSAGE = 4
+SESSION = {"session": 41}
 
 
 class ContractRouter:
@@ -62,17 +63,18 @@ class ContractRouter:
                 self._submit(peer, body)
             elif command == P.PING:
                 pong = {"req": body.get("req"), "instance": "i1", "draining": False}
-                self._send(peer, P.PONG, {**pong, "seq": self.seq, "known": True})
+                self._send(peer, P.PONG, {**pong, **SESSION, "seq": self.seq, "known": True})
             elif command == P.ACK:
                 self._ack(peer, body)
             elif command == P.HELLO:
-                self._send(peer, P.WELCOME, {"req": body["req"], "instance": "i1", "client": "c1"})
+                welcome = {"req": body["req"], "instance": "i1", "client": "c1", **SESSION}
+                self._send(peer, P.WELCOME, welcome)
 
     def _submit(self, peer: bytes, body: dict[str, Any]) -> None:
         # A resubmit of ids it holds is answered once, as the real router does.
         items = [it for it in body["items"] if it["id"] not in self.seen_ids]
         self.seen_ids.update(it["id"] for it in items)
-        accepted = {"req": body["req"], "n": len(items), "queued": 0, "instance": "i1"}
+        accepted = {"req": body["req"], "n": len(items), "queued": 0, "instance": "i1", **SESSION}
         self._send(peer, P.ACCEPTED, {**accepted, "model": "m"})
         for i in range(0, len(items), RESULTS_PER_MESSAGE):
             self.seq += 1
@@ -81,12 +83,14 @@ class ContractRouter:
                  "prompt_tokens": 1, "completion_tokens": 3, "slot": 0, "error": None}
                 for it in items[i : i + RESULTS_PER_MESSAGE]
             ]  # fmt: skip
-            self.owed[self.seq] = {"seq": self.seq, "results": results}
+            self.owed[self.seq] = {**SESSION, "seq": self.seq, "results": results}
             self.results_messages += 1
             self._send(peer, P.RESULTS, self.owed[self.seq])
 
     def _ack(self, peer: bytes, body: dict[str, Any]) -> None:
         self.acks.append(body)
+        if body.get("session") != SESSION["session"]:
+            return  # another session's: ignored, as the real router does
         upto = int(body["seq"])
         for seq in [s for s in self.owed if s <= upto]:
             del self.owed[seq]
@@ -131,7 +135,10 @@ class CuttingProxy:
                     continue
                 if sock not in pairs:
                     continue
-                data = sock.recv(65536)
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
                 other = pairs[sock]
                 if sock in from_router and data:
                     from_router[sock] += len(data)
@@ -139,13 +146,16 @@ class CuttingProxy:
                         other.sendall(data[: len(data) // 2])  # half a message, then gone
                         data = b""
                         self.cuts += 1
-                if not data:
-                    for end in (sock, other):
-                        pairs.pop(end, None)
-                        from_router.pop(end, None)
-                        end.close()
-                    continue
-                other.sendall(data)
+                if data:
+                    try:
+                        other.sendall(data)
+                        continue
+                    except OSError:
+                        pass  # the other end went: close the pair
+                for end in (sock, other):
+                    pairs.pop(end, None)
+                    from_router.pop(end, None)
+                    end.close()
         for sock in pairs:
             sock.close()
 
@@ -171,3 +181,43 @@ def test_results_lost_to_a_reset_link_are_asked_for_and_delivered_once():
     assert len(router.acks) * (ACK_EVERY // 4) < router.results_messages, (
         f"{len(router.acks)} ACKs for {router.results_messages} RESULTS messages: not batched"
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_real_daemon_behind_a_link_that_resets_mid_stream(daemon_factory):
+    port = free_port()
+    daemon = daemon_factory(
+        "--engine", "synthetic", "--workers", "2", "--listen", f"tcp://127.0.0.1:{port}",
+        ready=False,
+    )  # fmt: skip
+    daemon.address = f"tcp://127.0.0.1:{port}"  # the later --listen wins
+    daemon.wait_ready()
+    proxy = CuttingProxy(port, cut_after=200_000)
+    items = [{"id": f"r{k}", "prompt": f"prompt {k}"} for k in range(5000)]
+    try:
+        with Client(f"tcp://127.0.0.1:{proxy.port}", timeout=30, name="behind the proxy") as client:
+            results = list(client.iter_results(items, max_new_tokens=8))
+        status = acknowledged(daemon, "behind the proxy")  # the last ACK crosses the proxy
+    finally:
+        proxy.close()
+    assert proxy.cuts == 1, "the link was never cut: the test proved nothing"
+    assert Counter(r.id for r in results) == Counter(i["id"] for i in items), "lost or doubled"
+    assert all(r.ok and r.completion_tokens == 8 for r in results)
+    assert status["queued"] == 0 and status["inflight"] == 0
+
+
+def acknowledged(daemon: Any, name: str, within: float = 5.0) -> dict[str, Any]:
+    """The status once the named client holds no unread results (fails past ``within``)."""
+    deadline = time.monotonic() + within
+    while True:
+        status = daemon.status()
+        mine = [c for c in status["clients"] if c["name"] == name]
+        if not mine or mine[0]["unread"] == 0:  # gone: the router forgets a client it owes nothing
+            return status
+        assert time.monotonic() < deadline, f"results left unacknowledged: {mine}"
+        time.sleep(0.05)

@@ -648,10 +648,11 @@ def test_status_shows_the_connected_clients(router: FakeRouter) -> None:
     lines = text.splitlines()
     header = lines.index(next(x for x in lines if x.startswith("client")))
     assert lines[header].split() == [
-        "client", "host", "pid", "queued", "running", "done", "failed", "tok/s", "idle"
+        "client", "host", "pid", "queued", "running", "done", "failed", "tok/s", "idle", "name"
     ]  # fmt: skip
-    assert "exgen-client submit big.jsonl" in lines[header + 1]
-    assert lines[header + 1].split()[-6:] == ["120", "8", "4000", "2", "950.5", "0.3s"]
+    row = lines[header + 1]
+    assert row.split()[:9] == ["c-1", "node1", "777", "120", "8", "4000", "2", "950.5", "0.3s"]
+    assert row.endswith("exgen-client submit big.jsonl -o out.jsonl"), "the whole name, last"
     doc = json.loads(run("status", "--json", "--connect", router.address).stdout)
     assert doc["clients"][0]["name"] == "exgen-client submit big.jsonl -o out.jsonl"
 

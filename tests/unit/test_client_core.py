@@ -45,7 +45,12 @@ def open_call(c: Core, n: int = 3, window: int = 100, **kw: Any) -> tuple[Call, 
     return call, submits(c)
 
 
+SESSION = 7  # the daemon's number for this client's session
+
+
 def answer(c: Core, call: Call, *ids: str, now: float = 1.0, **extra: Any) -> None:
+    if "seq" in extra:
+        extra.setdefault("session", SESSION)
     c.on_message(P.RESULTS, {"results": [result(call.prefix + i) for i in ids], **extra}, now)
 
 
@@ -254,7 +259,7 @@ def test_a_pong_for_a_ping_sent_before_the_submit_proves_nothing():
     assert submits(c, 0.7) == []
 
 
-def test_a_forgotten_session_resubmits_what_was_accepted_and_says_hello_again():
+def test_a_daemon_that_holds_nothing_gets_what_it_accepted_again():
     c = core(hello={"name": "me"})
     call, [first] = open_call(c)
     c.on_message(P.ACCEPTED, {"req": first["req"], "n": 3, "instance": "a"}, 0.1)
@@ -263,8 +268,8 @@ def test_a_forgotten_session_resubmits_what_was_accepted_and_says_hello_again():
     [(_, ping)] = sent(c, 1.5)
     c.on_message(P.PONG, {"req": ping["req"], "instance": "a", "seq": 0, "known": False}, 1.6)
     out = sent(c, 1.7)
-    assert [cmd for cmd, _ in out] == [P.HELLO, P.SUBMIT]
-    assert sorted(wire_ids([out[1][1]])) == [call.prefix + "i1", call.prefix + "i2"]
+    assert [cmd for cmd, _ in out] == [P.SUBMIT]
+    assert sorted(wire_ids([out[0][1]])) == [call.prefix + "i1", call.prefix + "i2"]
 
 
 def test_a_forgotten_session_does_not_resend_what_left_after_the_ping():
@@ -425,10 +430,10 @@ def test_results_are_acknowledged_in_batches_not_one_by_one():
         answer(c, call, f"i{seq}", now=1.0, seq=seq)
         assert acks(sent(c, 1.0)) == [], f"acknowledged after {seq} messages"
     answer(c, call, "i0", now=1.0, seq=ACK_EVERY)
-    assert acks(sent(c, 1.0)) == [{"seq": ACK_EVERY}]
+    assert acks(sent(c, 1.0)) == [{"session": SESSION, "seq": ACK_EVERY}]
     answer(c, call, "i100", now=2.0, seq=ACK_EVERY + 1)
     assert acks(sent(c, 2.0 + ACK_DELAY_S / 2)) == []
-    assert acks(sent(c, 2.0 + ACK_DELAY_S)) == [{"seq": ACK_EVERY + 1}]
+    assert acks(sent(c, 2.0 + ACK_DELAY_S)) == [{"session": SESSION, "seq": ACK_EVERY + 1}]
 
 
 def test_a_daemon_without_seq_is_never_acknowledged():
@@ -445,33 +450,35 @@ def test_a_skipped_seq_asks_for_a_resend_once_and_the_resend_fills_the_gap():
     answer(c, call, "i2", seq=3)  # seq 2 (i1) was lost on the link
     answer(c, call, "i3", seq=4)
     out = acks(sent(c, 1.0))
-    assert out == [{"seq": 1, "resend": True}], "asked once, from what arrived without a gap"
+    assert out == [{"session": SESSION, "seq": 1, "resend": True}], "asked once, after no gap"
     answer(c, call, "i1", now=1.1, seq=2)
     answer(c, call, "i2", now=1.1, seq=3)  # redelivered: dropped as duplicates
     answer(c, call, "i3", now=1.1, seq=4)
     assert sorted(r.id for r in call.ready) == ["i0", "i1", "i2", "i3"]
-    assert acks(sent(c, 1.1 + ACK_DELAY_S)) == [{"seq": 4}]
+    assert acks(sent(c, 1.1 + ACK_DELAY_S)) == [{"session": SESSION, "seq": 4}]
 
 
 def test_a_pong_naming_a_seq_not_seen_asks_for_a_resend():
     c = core()
     call, _ = open_call(c)
     answer(c, call, "i0", seq=1)
-    c.on_message(P.PONG, {"instance": "a", "seq": 3, "known": True}, 1.0)
-    assert acks(sent(c, 1.0)) == [{"seq": 1, "resend": True}]
-    c.on_message(P.PONG, {"instance": "a", "seq": 3, "known": True}, 1.5)
+    probe = {"req": None, "instance": "a", "session": SESSION, "seq": 3, "known": True}
+    c.on_message(P.PONG, probe, 1.0)
+    assert acks(sent(c, 1.0)) == [{"session": SESSION, "seq": 1, "resend": True}]
+    c.on_message(P.PONG, probe, 1.5)
     assert acks(sent(c, 1.5)) == [], "not asked again at once"
-    c.on_message(P.PONG, {"instance": "a", "seq": 3, "known": True}, 2.6)
-    assert acks(sent(c, 2.6)) == [{"seq": 1, "resend": True}], "asked again when nothing came"
+    c.on_message(P.PONG, probe, 2.6)
+    again = acks(sent(c, 2.6))
+    assert again == [{"session": SESSION, "seq": 1, "resend": True}], "asked again: nothing came"
 
 
 def test_a_new_instance_counts_seq_from_the_start():
     c = core()
     call, _ = open_call(c)
     answer(c, call, "i0", seq=1, instance="a")
-    c.on_message(P.PONG, {"instance": "b", "seq": 0, "known": False}, 1.5)
-    answer(c, call, "i1", now=2.0, seq=1, instance="b")
-    assert acks(sent(c, 2.0 + ACK_DELAY_S)) == [{"seq": 1}]
+    c.on_message(P.PONG, {"instance": "b", "session": 8, "seq": 0, "known": False}, 1.5)
+    answer(c, call, "i1", now=2.0, seq=1, instance="b", session=8)
+    assert acks(sent(c, 2.0 + ACK_DELAY_S)) == [{"session": 8, "seq": 1}]
 
 
 def test_a_peer_that_took_the_connection_and_failed_the_handshake_gets_the_connect_timeout():
@@ -490,7 +497,7 @@ def test_a_call_that_ends_acknowledges_everything_at_once():
     answer(c, call, "i1", seq=2)
     assert acks(sent(c, 1.0)) == []
     c.end_call(call)
-    assert acks(sent(c, 1.0)) == [{"seq": 2}]
+    assert acks(sent(c, 1.0)) == [{"session": SESSION, "seq": 2}]
 
 
 def test_a_streams_text_is_its_chunks_then_what_the_final_result_adds():
@@ -515,3 +522,57 @@ def test_a_failed_stream_hands_its_chunks_over_then_raises():
     assert call.take_text() == ["half"]
     with pytest.raises(errors.EngineError):
         call.raise_error()
+
+
+def test_a_new_session_on_an_accepted_resends_all_but_that_submits_items():
+    c = core(hello={"name": "me"})
+    a, [first] = open_call(c, 3)
+    c.on_message(P.ACCEPTED, {"req": first["req"], "n": 3, "instance": "i", "session": 1}, 0.1)
+    answer(c, a, "i0", seq=1, session=1)
+    b = c.open_call(items(2, "b"), {}, window=10)
+    [second] = submits(c, 0.2)
+    # The lease ran out meanwhile: this submit opened a new session.
+    c.on_message(P.ACCEPTED, {"req": second["req"], "n": 2, "instance": "i", "session": 2}, 0.3)
+    out = sent(c, 0.4)
+    assert [cmd for cmd, _ in out] == [P.HELLO, P.SUBMIT], "named again, and resent"
+    assert sorted(wire_ids([out[1][1]])) == [a.prefix + "i1", a.prefix + "i2"]
+    assert b.outstanding, "the new session's own items are not resent"
+    answer(c, a, "i1", now=0.5, seq=1, session=2)
+    assert acks(sent(c, 0.5 + ACK_DELAY_S)) == [{"session": 2, "seq": 1}]
+
+
+def test_a_probe_from_a_new_session_resends_everything_out():
+    c = core()
+    call, [first] = open_call(c, 2)
+    c.on_message(P.ACCEPTED, {"req": first["req"], "n": 2, "instance": "i", "session": 1}, 0.1)
+    c.on_message(P.PONG, {"req": None, "instance": "i", "session": 5, "seq": 0, "known": True}, 0.2)
+    assert sorted(wire_ids(submits(c, 0.3))) == [call.prefix + "i0", call.prefix + "i1"]
+
+
+def test_no_ack_goes_to_a_daemon_without_sessions():
+    c = core()
+    call, _ = open_call(c, 2)
+    c.on_message(P.RESULTS, {"seq": 1, "results": [result(call.prefix + "i0")]}, 1.0)
+    assert acks(sent(c, 5.0)) == []
+
+
+def test_when_nothing_is_owed_any_more_a_gap_is_acknowledged_past():
+    c = core()
+    a, _ = open_call(c, 2)
+    answer(c, a, "i0", seq=1)
+    answer(c, a, "i1", seq=3)  # seq 2 was lost, but it held nothing this client waits on
+    sent(c, 1.0)  # (the resend asked for)
+    c.end_call(a)
+    assert acks(sent(c, 1.1)) == [{"session": SESSION, "seq": 3}]
+
+
+def test_while_another_call_waits_a_gap_is_not_acknowledged_past():
+    c = core()
+    a, _ = open_call(c, 1)
+    b, _ = open_call(c, 1)
+    answer(c, a, "i0", seq=1)
+    answer(c, a, "i0", seq=3)  # seq 2 may hold b's result
+    sent(c, 1.0)
+    c.end_call(a)
+    assert acks(sent(c, 1.1)) == [], "acknowledged what may hold another call's result"
+    assert b.outstanding
