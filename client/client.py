@@ -184,6 +184,16 @@ class _Shell:
     def _socket(self) -> zmq.Socket[Any]:
         raise NotImplementedError
 
+    def _ready(
+        self, status: Mapping[str, Any], count: int | None, deadline: float, timeout: float
+    ) -> bool:
+        """wait_ready's verdict on one status: ready, not yet, or Timeout past the deadline."""
+        if workers_ready(status, count):
+            return True
+        if time.monotonic() >= deadline:
+            raise errors.Timeout(f"exgen workers at {self.address} not ready in {timeout:g}s")
+        return False
+
     def _connect_once(self, sock: zmq.Socket[Any]) -> None:
         if self._closed:
             raise errors.ConnectionFailed("this client is closed")
@@ -324,10 +334,8 @@ class Client(_Shell):
                 status = self._request(P.STATUS, {}, P.STATUS_REPLY, timeout=1.0)
             except errors.ConnectionFailed:
                 status = {}
-            if workers_ready(status, count):
+            if self._ready(status, count, deadline, timeout):
                 return status
-            if time.monotonic() >= deadline:
-                raise errors.Timeout(f"exgen workers at {self.address} not ready in {timeout:g}s")
             time.sleep(WAIT_READY_POLL_S)
 
     def cancel(self, ids: Iterable[str]) -> int:
@@ -547,10 +555,8 @@ class AsyncClient(_Shell):
                 status = await self._request(P.STATUS, {}, P.STATUS_REPLY, timeout=1.0)
             except errors.ConnectionFailed:
                 status = {}
-            if workers_ready(status, count):
+            if self._ready(status, count, deadline, timeout):
                 return status
-            if time.monotonic() >= deadline:
-                raise errors.Timeout(f"exgen workers at {self.address} not ready in {timeout:g}s")
             await asyncio.sleep(WAIT_READY_POLL_S)
 
     async def cancel(self, ids: Iterable[str]) -> int:
