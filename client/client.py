@@ -155,7 +155,9 @@ class _Shell:
         self.window = window
         # CURVE (a daemon listening beyond this machine): given, else from the environment.
         self.curve = curve if curve is not None else CurveKeys.from_env()
-        self.identity = f"c-{uuid.uuid4().hex}".encode()
+        # Random bytes (a ZMQ identity may not start with a zero byte: hence the "c"), so
+        # the id the daemon's status shows, its hex, is random from its first digits.
+        self.identity = b"c" + uuid.uuid4().bytes
         hello = {"name": name or command_line(), "host": socket.gethostname(), "pid": os.getpid()}
         self._core = Core(
             self.address, timeout=timeout, connect_timeout=connect_timeout, hello=hello
