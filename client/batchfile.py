@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from exgen.client import protocol as P
-from exgen.client.core import unencodable_field
+from exgen.client.calls import unencodable_field
 
 logger = logging.getLogger(__name__)
 

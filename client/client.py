@@ -1,6 +1,6 @@
 """The client library: :class:`Client` (blocking) and :class:`AsyncClient` (asyncio).
 
-Both are thin I/O shells over one sans-IO core (:mod:`exgen.client.core`) that owns
+Both are thin I/O shells over one sans-IO core (:mod:`exgen.client.core`, calls in :mod:`exgen.client.calls`) that owns
 the connection: any number of concurrent calls share one DEALER socket, results find
 their call by id, and ``status``/``ping``/``cancel`` never wait behind a stream. The
 core also holds the send window, busy back-off, resending after a daemon restart,
