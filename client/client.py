@@ -1,10 +1,11 @@
 """The client library: :class:`Client` (blocking) and :class:`AsyncClient` (asyncio).
 
-Both are thin I/O shells over one sans-IO core (:mod:`exgen.client.core`, calls in :mod:`exgen.client.calls`) that owns
-the connection: any number of concurrent calls share one DEALER socket, results find
-their call by id, and ``status``/``ping``/``cancel`` never wait behind a stream. The
-core also holds the send window, busy back-off, resending after a daemon restart,
-duplicate suppression and the acknowledgement of results; see its docstring.
+Both are thin I/O shells over one sans-IO core (:mod:`exgen.client.core`; one call is
+a ``Call`` of :mod:`exgen.client.calls`) that owns the connection: any number of
+concurrent calls share one DEALER socket, results find their call by id, and
+``status``/``ping``/``cancel`` never wait behind a stream. The core also holds the
+send window, busy back-off, resending after a daemon restart, duplicate suppression
+and the acknowledgement of results; see its docstring.
 
 A call's iterator that is abandoned (``break``, an exception, ``close()``, Ctrl-C;
 ``aclose()`` for the async ones) cancels the work it still has at the daemon, and
