@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from exgen.client import Client, errors
+from exgen.client import Client, CurveKeys, errors
 from tests.conftest import EXGEN_CLIENT, RunningDaemon
 
 pytestmark = pytest.mark.timeout(120)
@@ -164,3 +164,53 @@ def test_a_strict_daemon_refuses_another_model_per_line(daemon_factory, tmp_path
     assert records["unnamed"]["response"]["status_code"] == 200
     other = records["other"]["response"]
     assert other["status_code"] == 404 and other["body"]["error"]["code"] == "model_not_found"
+
+
+def test_cancelling_another_keys_work_over_curve_is_a_one_line_refusal(daemon_factory, tmp_path):
+    from tests.integration.test_access import free_port, keygen
+
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    allowed.mkdir()
+    for name in ("server", "alice", "bob"):
+        keygen(keys, name)
+    for name in ("alice", "bob"):
+        (allowed / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
+    daemon = daemon_factory(
+        "--engine", "synthetic", "--engine-opt", "token_ms=20",
+        "--listen", f"tcp://127.0.0.1:{free_port()}",
+        "--curve-secret-key", str(keys / "server.key_secret"),
+        "--curve-allowed-dir", str(allowed),
+        ready=False,
+    )  # fmt: skip
+    daemon.address = next(a for a in daemon.proc.args if str(a).startswith("tcp://"))
+    alice_keys = CurveKeys.from_files(keys / "server.key", keys / "alice.key_secret")
+    daemon.client = lambda **kw: Client(daemon.address, curve=alice_keys, **kw)  # type: ignore[method-assign]
+    daemon.wait_ready()
+    alice = [
+        "--server-key",
+        str(keys / "server.key"),
+        "--client-key",
+        str(keys / "alice.key_secret"),
+    ]
+    bob = ["--server-key", str(keys / "server.key"), "--client-key", str(keys / "bob.key_secret")]
+    write_prompts(tmp_path / "big.jsonl", 300)
+    out = tmp_path / "big-results.jsonl"
+    submit = subprocess.Popen(
+        [*EXGEN_CLIENT, "submit", str(tmp_path / "big.jsonl"), "-o", str(out), *alice,
+         "--connect", daemon.address],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        while not out.exists() or len(out.read_text().splitlines()) < 5:
+            assert submit.poll() is None, submit.communicate()
+            time.sleep(0.05)
+        refused = cli("cancel", "--all", *bob, address=daemon.address)
+        assert refused.returncode == 1, refused.stderr
+        [line] = refused.stderr.strip().splitlines()
+        assert line.startswith("exgen-client: not allowed: "), line
+        assert submit.poll() is None, "bob cancelled alice's work"
+        mine = cli("cancel", "--all", *alice, address=daemon.address)  # her other terminal
+        assert mine.returncode == 0 and "big.jsonl" in mine.stdout, mine.stderr
+    finally:
+        submit.terminate()
+        submit.communicate(timeout=30)
