@@ -725,13 +725,13 @@ def status(as_json: bool, address: str | None, timeout: float) -> None:
 def cancel(
     client_name: str | None, everyone: bool, as_json: bool, address: str | None, timeout: float
 ) -> None:
-    """Cancel a connected client's work: CLIENT is its name or id (see `status`).
+    """Cancel a connected client's work: CLIENT is its name, pid or id (see `status`).
 
     Local users may cancel anyone's work; over CURVE, only that of clients with the
     same key.
     """
     if (client_name is None) == (not everyone):
-        raise click.UsageError("give one CLIENT (a name or id from `status`) or --all")
+        raise click.UsageError("give one CLIENT (a name, pid or id from `status`) or --all")
     address = address or default_address()
     with daemon_errors(address, timeout), open_client(address, timeout) as client:
         try:
