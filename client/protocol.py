@@ -23,6 +23,8 @@ from typing import Any
 
 import msgpack
 
+from exgen.client.exgen_error import ExgenError
+
 PROTOCOL_VERSION = 2  # docs/protocol.md
 MAGIC = b"EXG"
 MAGIC_VERSION = MAGIC + bytes([PROTOCOL_VERSION])
@@ -99,7 +101,7 @@ ITEM_KEYS = frozenset({"id", "prompt", "messages", "params", "timeout_s", "model
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 
 
-class ValidationError(ValueError):
+class ValidationError(ExgenError, ValueError):
     """A well-formed request with a bad field; ``field`` names it (dotted path)."""
 
     def __init__(self, field_name: str, message: str) -> None:

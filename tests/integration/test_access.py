@@ -44,7 +44,7 @@ def test_default_ipc_socket_is_owner_and_group_only(tmp_path):
     sock_path = tmp_path / "xdg" / "exgen" / "exgen.sock"
     try:
         with Client(f"ipc://{sock_path}", timeout=20) as client:
-            client.status()
+            client.wait_ready(timeout=20)  # no daemon yet is an error at once, not a wait
         assert stat.S_IMODE(sock_path.stat().st_mode) == 0o660
         assert stat.S_IMODE(sock_path.parent.stat().st_mode) == 0o750
     finally:
