@@ -1,0 +1,756 @@
+"""The steps of bench/gpu_check.py, each run in its own process (``--step NAME``).
+
+A step writes its numbers to ``<workdir>/steps/NAME.json`` as it goes, so a step
+killed at its time box still leaves what it finished. Rows a..g of the table come
+from the ``rows`` entry of these documents.
+
+The comparisons alternate rounds (in-process recipe, then exgen, then again), with
+both loaded side by side, so that whatever else loads the machine hits both sides;
+the ratio is the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from benchlib import Daemon, running_daemon
+from gpu_check import Plan
+from gpu_model import make_model
+
+RATIO_GOAL = 0.95  # exgen with one slot against the lone process
+RESTART_GOAL = 2.0  # restart time against the worker's load time
+RELEASED_SHARE = 0.9  # of the killed worker's GPU memory, freed before it is back
+
+
+class StepSkipped(Exception):
+    """The step cannot run here; the reason goes to the table."""
+
+
+class Record:
+    """The step's JSON document, rewritten after every change."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.doc: dict[str, Any] = {"status": "running", "rows": {}}
+        self.flush()
+
+    def set(self, **fields: Any) -> None:
+        self.doc.update(fields)
+        self.flush()
+
+    def row(self, key: str, status: str, summary: str, goal: str = "", **numbers: Any) -> None:
+        self.doc["rows"][key] = {"status": status, "summary": summary, "goal": goal, **numbers}
+        self.flush()
+        print(f"row {key}: {status}: {summary} {goal}", flush=True)
+
+    def flush(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.doc, indent=2, default=str) + "\n")
+        tmp.replace(self.path)
+
+
+@dataclass
+class Ctx:
+    plan: Plan
+    rec: Record
+    deadline: float  # time.time() by which the step should be done
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+
+# --- measuring through exgen ----------------------------------------------------------
+
+
+def daemon_args(plan: Plan, engine: str, slots: int) -> list[str]:
+    args = ["--log-level", "info"]
+    if engine != "synthetic":
+        args += ["--model", plan.model_dir]
+    if plan.gpus is not None and engine != "synthetic":
+        # Slots of one GPU each; "0;0" asks for two slots on GPU 0.
+        args += ["--gpus", ";".join([plan.gpus] * slots) if slots > 1 else plan.gpus]
+    return args
+
+
+@contextlib.contextmanager
+def serve(plan: Plan, engine: str, slots: int, timeout: float) -> Iterator[tuple[Daemon, float]]:
+    """``exgen serve`` ready (and the seconds that took), its log copied to ours."""
+    opts = plan.engine_opts.get(engine, {})
+    started = time.monotonic()
+    with running_daemon(
+        slots, engine, opts, *daemon_args(plan, engine, slots), timeout=timeout
+    ) as daemon:
+        try:
+            yield daemon, time.monotonic() - started
+        finally:
+            print(f"--- daemon log ---\n{daemon.log.read_text(errors='replace')[-8000:]}")
+
+
+@dataclass
+class Submitted:
+    tokens: int
+    seconds: float  # as exgen-client measured it (from its summary line)
+    wall_s: float
+    ids: Counter[str]
+    errors: list[str]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+SUMMARY = re.compile(r"(\d+) done, (\d+) failed.* in ([0-9.]+)s \(")
+
+
+def submit_command(plan: Plan, daemon: Daemon, out: Path, max_new: int) -> list[str]:
+    return [*plan.client, "submit", plan.prompts_file, "-o", str(out), "--connect",
+            daemon.address, "--timeout", "600", "--no-progress",
+            "--max-new-tokens", str(max_new)]  # fmt: skip
+
+
+def read_results(out: Path, proc_stderr: str, wall: float) -> Submitted:
+    ids: Counter[str] = Counter()
+    errors: list[str] = []
+    tokens = 0
+    for line in out.read_text().splitlines() if out.exists() else []:
+        row = json.loads(line)
+        ids[row["id"]] += 1
+        tokens += int(row.get("completion_tokens") or 0)
+        if row.get("error"):
+            errors.append(f"{row['id']}: {row['error']}")
+    match = SUMMARY.search(proc_stderr)
+    # The client's own clock starts after its imports; its summary rounds to 0.1 s, too
+    # coarse for a run under a second (dry runs), where the wall time is taken instead.
+    seconds = float(match.group(3)) if match else wall
+    if seconds < 1.0:
+        seconds = wall
+    return Submitted(tokens, seconds, wall, ids, errors)
+
+
+def submit(plan: Plan, daemon: Daemon, tag: str, max_new: int, timeout: float) -> Submitted:
+    """The workload through ``exgen-client submit``, as a user runs it."""
+    out = Path(plan.workdir) / f"results-{tag}.jsonl"
+    out.unlink(missing_ok=True)
+    started = time.monotonic()
+    proc = subprocess.run(
+        submit_command(plan, daemon, out, max_new), capture_output=True, text=True, timeout=timeout
+    )
+    result = read_results(out, proc.stderr, time.monotonic() - started)
+    print(f"exgen-client submit ({tag}): exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    return result
+
+
+def workload(plan: Plan) -> list[str]:
+    lines = Path(plan.prompts_file).read_text().splitlines()
+    return [json.loads(line)["prompt"] for line in lines if line.strip()]
+
+
+def check_once(result: Submitted, expected: int) -> str | None:
+    """What is wrong with the results as a user sees them, or None."""
+    dupes = [i for i, n in result.ids.items() if n > 1]
+    if dupes:
+        return f"{len(dupes)} ids answered twice (e.g. {dupes[0]})"
+    if len(result.ids) != expected:
+        return f"{expected - len(result.ids)} of {expected} ids missing"
+    if result.errors:
+        return f"{len(result.errors)} errors, e.g. {result.errors[0]}"
+    return None
+
+
+# --- GPU memory ----------------------------------------------------------------------------
+
+
+def gpu_used_mib() -> float | None:
+    """Memory in use on GPU 0, by every process (nvidia-smi; torch as a fallback)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout  # fmt: skip
+        return float(out.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        free, total = torch.cuda.mem_get_info(0)
+        return float((total - free) / 2**20)
+    return None
+
+
+def gpu_pids() -> set[int] | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout  # fmt: skip
+        return {int(x) for x in out.split()}
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+class MemorySampler(threading.Thread):
+    """The lowest GPU memory seen while it runs (every 0.2 s)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.low: float | None = None
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            used = gpu_used_mib()
+            if used is not None:
+                self.low = used if self.low is None else min(self.low, used)
+            self.halt.wait(0.2)
+
+
+# --- in-process recipes: what a user runs without exgen ---------------------------------------
+
+
+class Recipe(Protocol):
+    label: str
+
+    def load(self) -> float: ...
+
+    def run(self, prompts: list[str], max_new: int) -> dict[str, float]: ...
+
+
+def measured(tokens: int, seconds: float) -> dict[str, float]:
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
+
+
+class SyntheticRecipe:
+    """Dry run: the synthetic engine driven in-process (bench/overhead.py's loop)."""
+
+    label = "synthetic engine in-process (dry-run stand-in)"
+
+    def __init__(self, opts: dict[str, str]) -> None:
+        self.opts = opts
+
+    def load(self) -> float:
+        return 0.0
+
+    def run(self, prompts: list[str], max_new: int) -> dict[str, float]:
+        from overhead import synthetic_direct
+
+        out = synthetic_direct(self.opts, len(prompts), max_new)
+        return measured(int(out["tokens"]), out["seconds"])
+
+
+class Exl2Recipe:
+    """The ExLlamaV2 dynamic generator alone: every prompt enqueued, iterate to the end,
+    greedy, stopping on the model's EOS ids; the engine's default cache and batch."""
+
+    label = "ExLlamaV2DynamicGenerator in-process"
+
+    def __init__(self, model_dir: str) -> None:
+        self.model_dir = model_dir
+
+    def load(self) -> float:
+        from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer
+        from exllamav2.attn import has_flash_attn_with_paged
+        from exllamav2.generator import ExLlamaV2DynamicGenerator
+
+        from exgen.daemon.engines.exl_common import PAGE_SIZE, parse_options, round_up
+
+        started = time.monotonic()
+        opts = parse_options({}, "exllamav2")
+        config = ExLlamaV2Config(self.model_dir)
+        config.arch_compat_overrides()
+        self.paged = bool(has_flash_attn_with_paged)
+        tokens = opts.cache_tokens if self.paged else round_up(config.max_seq_len, PAGE_SIZE)
+        model = ExLlamaV2(config)
+        model.load()
+        cache = ExLlamaV2Cache(model, max_seq_len=tokens)
+        self.tokenizer: Any = ExLlamaV2Tokenizer(config)
+        self.generator = ExLlamaV2DynamicGenerator(
+            model=model, cache=cache, tokenizer=self.tokenizer, paged=self.paged,
+            max_batch_size=opts.max_batch_size if self.paged else 1,
+        )  # fmt: skip
+        self.stop = stop_ids(self.model_dir, self.tokenizer.eos_token_id)
+        return time.monotonic() - started
+
+    def run(self, prompts: list[str], max_new: int) -> dict[str, float]:
+        from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
+
+        settings = ExLlamaV2Sampler.Settings.greedy()
+        started = time.monotonic()
+        for i, prompt in enumerate(prompts):
+            ids = self.tokenizer.encode(prompt, add_bos=True, encode_special_tokens=True)
+            self.generator.enqueue(ExLlamaV2DynamicJob(
+                input_ids=ids, max_new_tokens=max_new, gen_settings=settings,
+                stop_conditions=self.stop, identifier=i,
+            ))  # fmt: skip
+        return measured(drive(self.generator), time.monotonic() - started)
+
+
+class Exl3Recipe:
+    """The ExLlamaV3 generator alone, the same way (ArgmaxSampler: greedy)."""
+
+    label = "ExLlamaV3 Generator in-process"
+
+    def __init__(self, model_dir: str) -> None:
+        self.model_dir = model_dir
+
+    def load(self) -> float:
+        from exllamav3 import Cache, Config, Generator, Model, Tokenizer
+
+        from exgen.daemon.engines.exl_common import parse_options
+
+        started = time.monotonic()
+        opts = parse_options({}, "exllamav3")
+        config = Config.from_directory(self.model_dir)
+        model = Model.from_config(config)
+        cache = Cache(model, max_num_tokens=opts.cache_tokens)
+        model.load(device="cuda:0", progressbar=False)
+        self.tokenizer: Any = Tokenizer.from_config(config)
+        self.generator = Generator(
+            model=model, cache=cache, tokenizer=self.tokenizer,
+            max_batch_size=opts.max_batch_size, max_chunk_size=opts.max_chunk_size,
+        )  # fmt: skip
+        self.stop = stop_ids(self.model_dir, self.tokenizer.eos_token_id)
+        return time.monotonic() - started
+
+    def run(self, prompts: list[str], max_new: int) -> dict[str, float]:
+        from exllamav3 import ArgmaxSampler, Job
+
+        started = time.monotonic()
+        for i, prompt in enumerate(prompts):
+            ids = self.tokenizer.encode(prompt, add_bos=True, encode_special_tokens=True)
+            self.generator.enqueue(Job(
+                input_ids=ids, max_new_tokens=max_new, sampler=ArgmaxSampler(),
+                stop_conditions=self.stop, identifier=i,
+            ))  # fmt: skip
+        return measured(drive(self.generator), time.monotonic() - started)
+
+
+def stop_ids(model_dir: str, eos: int | None) -> list[int | str]:
+    from exgen.daemon.engines.exl_common import eos_token_ids
+
+    return list(eos_token_ids(Path(model_dir), eos))
+
+
+def drive(generator: Any) -> int:
+    """iterate() until every job is done; the tokens generated."""
+    tokens = 0
+    while generator.num_remaining_jobs():
+        for result in generator.iterate():
+            if result.get("stage") == "streaming" and result.get("eos"):
+                tokens += int(result.get("new_tokens") or 0)
+    return tokens
+
+
+class SeedsHFRecipe:
+    """The seeds' transformers recipe (bench/seeds_accelerate.py: left-padded batches of
+    16, greedy), one process on the GPU in bf16 (CPU fp32 in a dry run)."""
+
+    label = "seeds' recipe in-process (batches of 16)"
+
+    def __init__(self, model_dir: str, dry: bool) -> None:
+        self.model_dir = model_dir
+        self.dry = dry
+
+    def load(self) -> float:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        started = time.monotonic()
+        dtype, device = (torch.float32, "cpu") if self.dry else (torch.bfloat16, "cuda")
+        if self.dry:
+            torch.set_num_threads(1)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model: Any = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
+        self.model = model.to(device)
+        self.model.eval()
+        return time.monotonic() - started
+
+    def run(self, prompts: list[str], max_new: int) -> dict[str, float]:
+        from seeds_accelerate import _generate
+
+        started = time.monotonic()
+        counts = _generate(self.tokenizer, self.model, prompts, max_new)
+        if not self.dry:
+            import torch
+
+            torch.cuda.synchronize()
+        return measured(sum(counts), time.monotonic() - started)
+
+
+# --- the comparison + kill step ------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    """Rows for one engine: in-process (a), through exgen (b), kill -9 (d)."""
+
+    engine: str
+    recipe: Recipe
+    rows: tuple[str, str, str]  # table keys for in-process, daemon, kill
+    label: str
+    rounds: list[dict[str, float]] = field(default_factory=list)
+
+
+def compare(ctx: Ctx, comp: Comparison) -> None:
+    plan = ctx.plan
+    prompts = workload(plan)
+    mem0 = gpu_used_mib()
+    with serve(plan, comp.engine, 1, timeout=max(30.0, ctx.left() - 30)) as (daemon, ready_s):
+        worker = daemon.status()["workers"][0]
+        mem1 = gpu_used_mib()
+        ctx.rec.set(daemon={"ready_s": round(ready_s, 2), "worker": worker, "gpu_mib": mem1})
+        recipe_load = comp.recipe.load()
+        mem2 = gpu_used_mib()
+        facts = {"paged": getattr(comp.recipe, "paged", None)}
+        ctx.rec.set(
+            inprocess={"label": comp.recipe.label, "load_s": round(recipe_load, 2), **facts}
+        )
+        alternate_rounds(ctx, comp, daemon, prompts)
+        memory = {"before_daemon": mem0, "daemon_ready": mem1, "both_loaded": mem2}
+        kill_test(ctx, comp, daemon, ready_s, worker, memory)
+
+
+def alternate_rounds(ctx: Ctx, comp: Comparison, daemon: Daemon, prompts: list[str]) -> None:
+    plan = ctx.plan
+    key_b = comp.rows[1]
+    for r in range(plan.rounds):
+        started = time.monotonic()
+        a = comp.recipe.run(prompts, plan.max_new_tokens)
+        b = submit(plan, daemon, f"{comp.engine}-{r}", plan.max_new_tokens, ctx.left())
+        problem = check_once(b, len(prompts))
+        if problem:
+            ctx.rec.row(key_b, "failed", f"exgen-client submit: {problem}")
+            raise StepSkipped(f"results wrong: {problem}")
+        comp.rounds.append({"inprocess": a["tokens_per_s"], "exgen": b.tokens_per_s,
+                            "inprocess_tokens": a["tokens"], "exgen_tokens": b.tokens,
+                            "ratio": b.tokens_per_s / a["tokens_per_s"]})  # fmt: skip
+        report_rounds(ctx, comp)
+        spent = time.monotonic() - started
+        if ctx.left() < 2.5 * spent + 30:  # keep time for the kill test
+            break
+
+
+def judge(ctx: Ctx, met: bool) -> str:
+    """A goal's verdict; a dry run's numbers (stand-ins on a CPU) judge nothing."""
+    if ctx.plan.dry_run:
+        return "not judged (dry run)"
+    return "met" if met else "NOT met"
+
+
+def report_rounds(ctx: Ctx, comp: Comparison) -> None:
+    key_a, key_b, _ = comp.rows
+    rs = comp.rounds
+    a = statistics.median(r["inprocess"] for r in rs)
+    b = statistics.median(r["exgen"] for r in rs)
+    ratio = statistics.median(r["ratio"] for r in rs)
+    n = f"median of {len(rs)} round{'s' if len(rs) > 1 else ''}"
+    tokens = rs[-1]["inprocess_tokens"], rs[-1]["exgen_tokens"]
+    ctx.rec.row(key_a, "ok", f"{a:.1f} tok/s ({comp.recipe.label}; {n}; {tokens[0]} tokens)",
+                tokens_per_s=a, runs=[r["inprocess"] for r in rs])  # fmt: skip
+    verdict = judge(ctx, ratio >= RATIO_GOAL)
+    ctx.rec.row(key_b, "ok", f"{b:.1f} tok/s, ratio {ratio:.3f} ({n}; {tokens[1]} tokens)",
+                goal=f"ratio >= {RATIO_GOAL}: {verdict}", tokens_per_s=b, ratio=ratio,
+                ratios=[r["ratio"] for r in rs])  # fmt: skip
+
+
+def kill_test(ctx: Ctx, comp: Comparison, daemon: Daemon, ready_s: float,
+              worker: dict[str, Any], memory: dict[str, float | None]) -> None:  # fmt: skip
+    """kill -9 the worker mid-job: it comes back, its memory is freed, nothing is lost."""
+    plan = ctx.plan
+    key = comp.rows[2]
+    out = Path(plan.workdir) / f"results-{comp.engine}-kill.jsonl"
+    out.unlink(missing_ok=True)
+    started = time.monotonic()
+    cmd = submit_command(plan, daemon, out, plan.kill_max_new_tokens)
+    client = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        victim, done_at_kill = kill_mid_job(daemon, client, out, ctx)
+        sampler = MemorySampler()
+        sampler.start()
+        killed_at = time.monotonic()
+        back = wait_back(daemon, victim, client, ctx)
+        sampler.halt.set()
+        _, stderr = client.communicate(timeout=max(10.0, ctx.left()))
+    finally:
+        if client.poll() is None:
+            client.kill()
+    result = read_results(out, stderr, time.monotonic() - started)
+    memory |= {"lowest_after_kill": sampler.low, "after_restart": gpu_used_mib()}
+    report_kill(ctx, key, worker, back, killed_at, result, memory, done_at_kill, victim)
+
+
+def kill_mid_job(daemon: Daemon, client: subprocess.Popen[str], out: Path,
+                 ctx: Ctx) -> tuple[int, int]:  # fmt: skip
+    """SIGKILL the worker once it has work in flight and has answered some (or ran a
+    while: an engine that batches statically answers all at once)."""
+    first_busy = None
+    while ctx.left() > 0:
+        if client.poll() is not None:
+            raise StepSkipped("the job ended before the kill could land (make it longer)")
+        w = daemon.status()["workers"][0]
+        if w.get("inflight", 0) > 0:
+            first_busy = first_busy or time.monotonic()
+            answered = count_lines(out)
+            if answered >= 1 or time.monotonic() - first_busy > ctx.plan.kill_after_s:
+                os.kill(int(w["pid"]), signal.SIGKILL)
+                print(f"kill -9 {w['pid']} with {w['inflight']} in flight, {answered} answered")
+                return int(w["pid"]), answered
+        time.sleep(0.05)
+    raise StepSkipped("no time left to kill the worker")
+
+
+def count_lines(path: Path) -> int:
+    try:
+        return sum(1 for _ in path.open())
+    except FileNotFoundError:
+        return 0
+
+
+def completed(worker: dict[str, Any]) -> int:
+    return int(worker.get("completed") or 0)
+
+
+def wait_back(
+    daemon: Daemon, victim: int, client: subprocess.Popen[str], ctx: Ctx
+) -> dict[str, Any]:
+    """When a new process was ready in the slot, and when it first answered."""
+    killed = time.monotonic()
+    ready_at: float | None = None
+    served_at: float | None = None
+    base = 0
+    worker: dict[str, Any] = {}
+    while ctx.left() > 0:
+        worker = daemon.status()["workers"][0]
+        if ready_at is None:
+            if worker.get("state") == "ready" and worker.get("pid") not in (None, victim):
+                ready_at, base = time.monotonic(), completed(worker)
+        elif completed(worker) > base:
+            served_at = time.monotonic()
+            break
+        elif client.poll() is not None:
+            break
+        time.sleep(0.1)
+    if ready_at is None:
+        raise StepSkipped("the killed worker did not come back in the step's time")
+    return {"worker": worker, "restart_s": ready_at - killed,
+            "serving_s": None if served_at is None else served_at - killed}  # fmt: skip
+
+
+def report_kill(ctx: Ctx, key: str, first: dict[str, Any], back: dict[str, Any], killed_at: float,
+                result: Submitted, memory: dict[str, float | None], done_at_kill: int,
+                victim: int) -> None:  # fmt: skip
+    expected = ctx.plan.prompts
+    load_s = float(first.get("load_s") or 0.0)
+    restart = float(back["restart_s"])
+    ratio = restart / load_s if load_s > 0 else None
+    problems = [p for p in (check_once(result, expected), memory_problem(memory, victim)) if p]
+    if done_at_kill >= expected:
+        problems.append("every result was in before the kill")
+    verdict = "n/a" if ratio is None else judge(ctx, ratio < RESTART_GOAL)
+    summary = (
+        f"killed with {done_at_kill}/{expected} answered; back in {restart:.1f}s "
+        f"(load {load_s:.1f}s, x{ratio or 0:.2f}); {len(result.ids)} results, each once: "
+        f"{'yes' if not check_once(result, expected) else 'NO'}; {memory_text(memory)}"
+    )
+    ctx.rec.set(kill={"restart_s": restart, "load_s": load_s, "ratio": ratio, "memory": memory,
+                      "serving_s": back["serving_s"], "new_worker": back["worker"],
+                      "answered_at_kill": done_at_kill})  # fmt: skip
+    ctx.rec.row(key, "failed" if problems else "ok", summary + "".join(f"; {p}" for p in problems),
+                goal=f"restart < {RESTART_GOAL}x load: {verdict}", restart_s=restart,
+                load_s=load_s, ratio=ratio)  # fmt: skip
+
+
+def memory_problem(memory: dict[str, float | None], victim: int) -> str | None:
+    """The killed worker's GPU memory must be freed: seen dropping by most of what the
+    worker took, and no more in use after the restart than before the kill."""
+    m0, m1, m2 = memory["before_daemon"], memory["daemon_ready"], memory["both_loaded"]
+    low, after = memory["lowest_after_kill"], memory["after_restart"]
+    if None in (m0, m1, m2, low, after):
+        return None  # no GPU (a dry run) or no way to read it
+    assert m0 is not None and m1 is not None and m2 is not None
+    assert low is not None and after is not None
+    worker = m1 - m0
+    pids = gpu_pids()
+    if pids is not None and victim in pids:
+        return f"the killed pid {victim} still holds GPU memory"
+    if worker > 0 and m2 - low < RELEASED_SHARE * worker:
+        return f"only {m2 - low:.0f} of the worker's {worker:.0f} MiB freed after the kill"
+    if after > m2 + 0.1 * max(worker, 1.0):
+        return f"{after - m2:.0f} MiB more in use after the restart than before the kill"
+    return None
+
+
+def memory_text(memory: dict[str, float | None]) -> str:
+    m0, m1, m2, low = (memory[k] for k in ("before_daemon", "daemon_ready", "both_loaded",
+                                           "lowest_after_kill"))  # fmt: skip
+    if None in (m0, m1, m2, low):
+        return "GPU memory: n/a (no GPU)"
+    assert m0 is not None and m1 is not None and m2 is not None and low is not None
+    return f"worker held {m1 - m0:.0f} MiB, {m2 - low:.0f} MiB freed after the kill"
+
+
+# --- the steps ---------------------------------------------------------------------------------
+
+
+def step_model(ctx: Ctx) -> None:
+    plan = ctx.plan
+    device = "cpu" if plan.dry_run else "cuda"
+    doc = make_model(Path(plan.model_dir), plan.shape, device=device)
+    size = doc["bytes"] / 2**20
+    summary = f"{plan.shape}: {doc['parameters'] / 1e6:,.1f}M parameters, {size:,.0f} MiB fp16"
+    summary += " (reused)" if doc["reused"] else f", made in {doc['seconds']}s"
+    ctx.rec.set(model=doc, summary=summary)
+
+
+def exllama_comparison(ctx: Ctx, role: str, rows: tuple[str, str, str]) -> Comparison:
+    plan = ctx.plan
+    engine = plan.engines[role]
+    recipe: Recipe
+    if engine == "synthetic":
+        recipe = SyntheticRecipe(plan.engine_opts["synthetic"])
+    elif engine == "exllamav2":
+        recipe = Exl2Recipe(plan.model_dir)
+    else:
+        recipe = Exl3Recipe(plan.model_dir)
+    return Comparison(engine, recipe, rows, role)
+
+
+def step_exl2(ctx: Ctx) -> None:
+    compare(ctx, exllama_comparison(ctx, "exl2", ("a", "b", "d")))
+
+
+def step_exl3(ctx: Ctx) -> None:
+    comp = exllama_comparison(ctx, "exl3", ("e-in", "e-exgen", "e-kill"))
+    try:
+        compare(ctx, comp)
+    finally:
+        fold_rows(ctx, "e", ("e-in", "e-exgen", "e-kill"))
+
+
+def step_hf(ctx: Ctx) -> None:
+    plan = ctx.plan
+    comp = Comparison("transformers", SeedsHFRecipe(plan.model_dir, plan.dry_run),
+                      ("f-seeds", "f-exgen", "f-kill"), "hf")  # fmt: skip
+    try:
+        compare(ctx, comp)
+    finally:
+        fold_rows(ctx, "f", ("f-seeds", "f-exgen", "f-kill"))
+
+
+def fold_rows(ctx: Ctx, key: str, parts: tuple[str, ...]) -> None:
+    """One table row from a comparison's three (in-process, exgen, kill)."""
+    rows = ctx.rec.doc["rows"]
+    got = [rows[p] for p in parts if p in rows]
+    if not got:
+        return
+    bad = [r["status"] for r in got if r["status"] != "ok"]
+    status = bad[0] if bad else ("ok" if len(got) == len(parts) else "failed")
+    summary = " | ".join(r["summary"] for r in got)
+    if len(got) < len(parts):
+        summary += " | (not all parts ran)"
+    goal = "; ".join(r["goal"] for r in got if r["goal"])
+    rows[key] = {"status": status, "summary": summary, "goal": goal}
+    ctx.rec.flush()
+
+
+def step_two_slots(ctx: Ctx) -> None:
+    plan = ctx.plan
+    engine = plan.engines["exl2"]
+    try:
+        with serve(plan, engine, 2, timeout=max(20.0, ctx.left() - 20)) as (daemon, ready_s):
+            result = submit(plan, daemon, f"{engine}-two-slots", plan.max_new_tokens, ctx.left())
+            workers = daemon.status()["workers"]
+    except RuntimeError as exc:  # the daemon refused or exited: its own words say why
+        reason = refusal(str(exc))
+        ctx.rec.row("c", "refused", f"exgen serve {' '.join(daemon_args(plan, engine, 2))}: "
+                    f"{reason}")  # fmt: skip
+        ctx.rec.set(status="refused", reason=reason)
+        return
+    problem = check_once(result, plan.prompts)
+    per_slot = {w["slot"]: w.get("completed") for w in workers}
+    summary = (f"{result.tokens_per_s:.1f} tok/s over 2 slots (ready in {ready_s:.1f}s); "
+               f"answered per slot {per_slot}")  # fmt: skip
+    ctx.rec.row("c", "failed" if problem else "ok", summary + (f"; {problem}" if problem else ""),
+                tokens_per_s=result.tokens_per_s, per_slot=per_slot)  # fmt: skip
+
+
+def refusal(text: str) -> str:
+    """The line of a daemon's log that says why it stopped."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for marker in ("Error:", "error", "no worker could start", "unavailable"):
+        hit = [ln for ln in lines if marker in ln]
+        if hit:
+            return hit[-1][:300]
+    return (lines or ["exited"])[-1][:300]
+
+
+def gpu_tests(ctx: Ctx, engine: str) -> None:
+    plan = ctx.plan
+    cmd = [sys.executable, "-m", "pytest", "tests/gpu", "-m", "gpu", "-k", engine, "-q", "-rs",
+           "-p", "no:cacheprovider", "-W", "default",
+           "-o", f"timeout={max(30, int(ctx.left()) - 10)}"]  # fmt: skip
+    env = {**os.environ, "EXGEN_GPU_MODEL": plan.model_dir}
+    proc = subprocess.run(cmd, cwd=plan.root, env=env, capture_output=True, text=True,
+                          timeout=max(20.0, ctx.left()))  # fmt: skip
+    print(proc.stdout[-6000:], proc.stderr[-2000:])
+    summary = pytest_summary(proc.stdout)
+    if proc.returncode not in (0, 5) or "failed" in summary or "error" in summary:
+        ctx.rec.row("g", "failed", f"{engine}: {summary}")
+    else:
+        skipped = skip_reasons(proc.stdout)
+        ctx.rec.row("g", "ok", f"{engine}: {summary}" + (f" ({skipped})" if skipped else ""))
+
+
+def pytest_summary(stdout: str) -> str:
+    lines = [ln.strip("= ") for ln in stdout.splitlines() if re.search(r"\d+ (passed|skipped|"
+             r"failed|error|deselected)", ln)]  # fmt: skip
+    return lines[-1] if lines else "no summary line"
+
+
+def skip_reasons(stdout: str) -> str:
+    reasons = {m.group(1).strip() for m in re.finditer(r"SKIPPED \[\d+\] [^:]+:\d+: (.*)", stdout)}
+    return "; ".join(sorted(reasons))[:200]
+
+
+STEP_FUNCS: dict[str, Callable[[Ctx], None]] = {
+    "model": step_model,
+    "hf": step_hf,
+    "exl2": step_exl2,
+    "two_slots": step_two_slots,
+    "exl3": step_exl3,
+    "gpu_tests_v2": lambda ctx: gpu_tests(ctx, "exllamav2"),
+    "gpu_tests_v3": lambda ctx: gpu_tests(ctx, "exllamav3"),
+}
+
+
+def run_step(name: str, plan: Plan, deadline: float) -> int:
+    rec = Record(Path(plan.workdir) / "steps" / f"{name}.json")
+    ctx = Ctx(plan, rec, deadline)
+    try:
+        STEP_FUNCS[name](ctx)
+    except StepSkipped as exc:
+        rec.set(status="failed", reason=str(exc))
+    except Exception as exc:  # any failure: the reason in the table, the trace in the log
+        traceback.print_exc()
+        text = str(exc).strip().splitlines()
+        rec.set(status="failed", reason=f"{type(exc).__name__}: {text[0] if text else ''}"[:300])
+    if rec.doc["status"] == "running":
+        rec.set(status="ok")
+    return 0
