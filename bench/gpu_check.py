@@ -215,7 +215,6 @@ def install(plan: Plan, log: Log) -> dict[str, Any]:
         _pip(log, [*pip, "--no-compile", *map(str, wheels)], "wheels")
         result["wheels"] = [w.name for w in wheels]
     _pip(log, [*pip, "--no-build-isolation", str(ROOT)], "exgen")
-    shutil.rmtree(ROOT / "build", ignore_errors=True)  # setuptools' leftovers in the tree
     if not plan.dry_run:  # a dry run keeps this interpreter's environment (the venv)
         plan.site = str(site)
         os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -570,7 +569,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def make_plan(args: argparse.Namespace, workdir: Path, out_dir: Path) -> Plan:
     dry = bool(args.dry_run)
-    synthetic = {"capacity": "2", "token_ms": "5", "boot_s": "0.5"}
+    synthetic = {"capacity": "2", "token_ms": "1", "boot_s": "0.5"}
     engines = {"exl2": "synthetic", "exl3": "synthetic", "hf": "transformers"}
     if not dry:
         engines = {"exl2": "exllamav2", "exl3": "exllamav3", "hf": "transformers"}
@@ -585,8 +584,8 @@ def make_plan(args: argparse.Namespace, workdir: Path, out_dir: Path) -> Plan:
         prompts_file=str(workdir / "prompts.jsonl"),
         prompts=args.prompts or (4 if dry else 32),
         max_new_tokens=args.max_new_tokens or (8 if dry else 100),
-        kill_max_new_tokens=args.max_new_tokens or (200 if dry else 100),
-        kill_after_s=0.3 if dry else 1.0,
+        kill_max_new_tokens=args.max_new_tokens or (800 if dry else 100),
+        kill_after_s=0.1 if dry else 1.0,
         rounds=args.rounds or (2 if dry else 3),
         gpus=None if dry else "0",
         engines=engines,
