@@ -68,6 +68,7 @@ QUIET_ENV = {
 }
 HOPPER_ARCH = "9.0"  # the H200: build the extensions for this one architecture only
 LOG_TAIL = 6000  # characters of a daemon or build log copied into the main log
+BUILD_LOG_MAX = 4_000_000  # characters of a build log kept in $OUT (files come back <= 16 MiB)
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,13 @@ def install(plan: Plan, log: Log) -> dict[str, Any]:
     else:
         _pip(log, [*pip, "--no-compile", *map(str, wheels)], "wheels")
         result["wheels"] = [w.name for w in wheels]
-    _pip(log, [*pip, "--no-build-isolation", str(ROOT)], "exgen")
+    try:
+        _pip(log, [*pip, "--no-build-isolation", str(ROOT)], "exgen")
+        result["exgen"] = "installed from this tree"
+    except StepError as exc:  # an old setuptools there, say: run the tree itself
+        link_exgen(site)
+        result["exgen"] = f"linked from this tree ({exc})"
+        log.line(f"exgen: {result['exgen']}", show=True)
     if not plan.dry_run:  # a dry run keeps this interpreter's environment (the venv)
         plan.site = str(site)
         os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -229,6 +236,22 @@ def _pip(log: Log, cmd: list[str], what: str) -> None:
     if code != 0:
         raise StepError(f"pip install of {what} failed (exit {code}); see the log")
     log.line(f"installed {what} in {seconds:.1f}s")
+
+
+def link_exgen(site: Path) -> None:
+    """exgen.client and exgen.daemon as links into this tree, with enough metadata
+    for importlib.metadata; the CLIs then run as ``python -m``."""
+    package = site / "exgen"
+    package.mkdir(parents=True, exist_ok=True)
+    for name in ("client", "daemon"):
+        link = package / name
+        if link.is_dir() and not link.is_symlink():
+            shutil.rmtree(link)
+        link.unlink(missing_ok=True)
+        link.symlink_to(ROOT / name, target_is_directory=True)
+    info = site / "exgen-0.0.0.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: exgen\nVersion: 0.0.0+tree\n")
 
 
 VERSION_DISTS = (
@@ -386,7 +409,10 @@ def finish_builds(plan: Plan, builds: dict[str, Build], log: Log) -> dict[str, A
             stop_group(build.proc, grace=2.0)
             build.note = f"stopped at the end of the run ({progress}); a rerun resumes it"
         if build.log_path is not None and build.log_path.exists():
-            log.block(f"build {build.name}", build.log_path.read_text(errors="replace"))
+            text = build.log_path.read_text(errors="replace")
+            log.block(f"build {build.name}", text)
+            # The whole compiler output (its end, within what $OUT brings back).
+            (Path(plan.out_dir) / build.log_path.name).write_text(text[-BUILD_LOG_MAX:])
         seconds = (build.ended or time.monotonic()) - build.started if build.started else None
         report[build.name] = {
             "ok": build.ok,
