@@ -474,6 +474,8 @@ def run_one(plan: Plan, spec: StepSpec, later: list[StepSpec], builds: dict[str,
         reason = build_reason(plan, build)
         if reason:
             return {"status": "skipped", "reason": reason, "seconds": time.monotonic() - started}
+        # The build is over: a lock left now is one a killed step held while loading.
+        clear_stale_lock(Path(os.environ.get("TORCH_EXTENSIONS_DIR", "")), spec.needs)
     box -= time.monotonic() - started
     log.line(f"-> {spec.name}: {spec.title} (time box {box:.0f}s)", show=True)
     return run_step_process(plan, spec, box, log) | {"seconds": time.monotonic() - started}
@@ -540,9 +542,12 @@ def _row_doc(step: dict[str, Any], key: str) -> dict[str, Any]:
     return row
 
 
+SEVERITY = ("failed", "timeout", "refused", "skipped", "not run", "ok")  # worst first
+
+
 def _merge_rows(key: str, parts: list[dict[str, Any]]) -> dict[str, str]:
     statuses = [p["status"] for p in parts]
-    status = "ok" if all(s == "ok" for s in statuses) else next(s for s in statuses if s != "ok")
+    status = min(statuses, key=lambda s: SEVERITY.index(s) if s in SEVERITY else 0)
     text = "; ".join(filter(None, (p.get("summary") or p.get("reason") or "" for p in parts)))
     goal = "; ".join(filter(None, (p.get("goal", "") for p in parts)))
     return {"row": key, "what": ROW_TITLES[key], "status": status, "result": text, "goal": goal}
