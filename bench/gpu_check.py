@@ -474,8 +474,8 @@ def run_one(plan: Plan, spec: StepSpec, later: list[StepSpec], builds: dict[str,
         reason = build_reason(plan, build)
         if reason:
             return {"status": "skipped", "reason": reason, "seconds": time.monotonic() - started}
-        # The build is over: a lock left now is one a killed step held while loading.
-        clear_stale_lock(Path(os.environ.get("TORCH_EXTENSIONS_DIR", "")), spec.needs)
+        if build.proc is not None:  # over: a lock left now is a killed step's
+            clear_stale_lock(Path(os.environ["TORCH_EXTENSIONS_DIR"]), spec.needs)
     box -= time.monotonic() - started
     log.line(f"-> {spec.name}: {spec.title} (time box {box:.0f}s)", show=True)
     return run_step_process(plan, spec, box, log) | {"seconds": time.monotonic() - started}
@@ -645,6 +645,22 @@ def write_prompts(plan: Plan) -> None:
             f.write(json.dumps({"id": row["id"], "prompt": row["prompt"]}) + "\n")
 
 
+def machine_facts() -> dict[str, Any]:
+    """The card, driver, compiler and host the numbers were measured on."""
+    facts: dict[str, Any] = {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}
+    queries = {
+        "gpu": ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+        "nvcc": ["nvcc", "--version"],
+    }
+    for name, cmd in queries.items():
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        facts[name] = out.splitlines()[-1] if out else "none"
+    return facts
+
+
 def run_install(plan: Plan, log: Log) -> dict[str, Any]:
     started = time.monotonic()
     try:
@@ -683,6 +699,8 @@ def orchestrate(args: argparse.Namespace) -> int:
     os.environ.update(QUIET_ENV)
     report: dict[str, Any] = {"mode": "dry-run" if plan.dry_run else "gpu", "budget_s": budget,
                               "started": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    report["machine"] = machine_facts()
+    log.line(f"machine: {report['machine']}", show=True)
     report["install"] = run_install(plan, log)
     plan.client = client_command(plan)
     write_prompts(plan)
