@@ -649,7 +649,11 @@ def machine_facts() -> dict[str, Any]:
     """The card, driver, compiler and host the numbers were measured on."""
     facts: dict[str, Any] = {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}
     queries = {
-        "gpu": ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+        "gpu": [
+            "nvidia-smi",
+            "--query-gpu=name,memory.total,driver_version",
+            "--format=csv,noheader",
+        ],
         "nvcc": ["nvcc", "--version"],
     }
     for name, cmd in queries.items():
