@@ -309,14 +309,44 @@ class Build:
 
 
 def build_env(workdir: Path) -> dict[str, str]:
-    """What the JIT builds need: one architecture, every core, a known cache dir.
-    (torch finds nvcc itself: $CUDA_HOME, then nvcc on PATH, then /usr/local/cuda.)"""
-    return {
+    """What the JIT builds need: one architecture, every core, a known cache dir, and
+    the cuBLAS/cuSPARSE headers (exllamav2 includes cublas_v2.h; torch's CUDA headers,
+    cusparse.h). torch finds nvcc itself ($CUDA_HOME, nvcc on PATH, /usr/local/cuda)."""
+    env = {
         "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST") or HOPPER_ARCH,
         "MAX_JOBS": os.environ.get("MAX_JOBS") or str(os.cpu_count() or 8),
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR")
         or str(workdir / "torch_extensions"),
     }
+    extra = pip_cuda_includes()
+    if extra:
+        env["CPATH"] = os.pathsep.join([*extra, *filter(None, [os.environ.get("CPATH")])])
+    return env
+
+
+def toolkit_include() -> Path | None:
+    """The include directory of the CUDA toolkit torch will build with."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = shutil.which("nvcc")
+    for root in filter(
+        None, [home, nvcc and Path(nvcc).resolve().parent.parent, "/usr/local/cuda"]
+    ):
+        if (Path(root) / "include" / "cuda_runtime.h").is_file():
+            return Path(root) / "include"
+    return None
+
+
+def pip_cuda_includes() -> list[str]:
+    """Header directories of the pip CUDA libraries (nvidia/*/include), when the
+    toolkit itself lacks cuBLAS's headers: nvcc and g++ then find them on CPATH."""
+    inc = toolkit_include()
+    if inc is not None and (inc / "cublas_v2.h").is_file() and (inc / "cusparse.h").is_file():
+        return []
+    dirs: list[str] = []
+    for base in map(Path, filter(None, sys.path)):
+        if any(base.glob("nvidia/*/include/cublas_v2.h")):
+            dirs += [str(p) for p in sorted(base.glob("nvidia/*/include"))]
+    return list(dict.fromkeys(dirs))
 
 
 def start_builds(plan: Plan, log: Log) -> dict[str, Build]:
@@ -659,6 +689,9 @@ def machine_facts() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             out = ""
         facts[name] = out.splitlines()[-1] if out else "none"
+    inc = toolkit_include()
+    facts["cuda_include"] = str(inc) if inc else "none"
+    facts["cublas_header"] = bool(inc and (inc / "cublas_v2.h").is_file())
     return facts
 
 
