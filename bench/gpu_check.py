@@ -328,11 +328,11 @@ def toolkit_include() -> Path | None:
     """The include directory of the CUDA toolkit torch will build with."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     nvcc = shutil.which("nvcc")
-    for root in filter(
-        None, [home, nvcc and Path(nvcc).resolve().parent.parent, "/usr/local/cuda"]
-    ):
-        if (Path(root) / "include" / "cuda_runtime.h").is_file():
-            return Path(root) / "include"
+    roots = [Path(home)] if home else []
+    roots += [Path(nvcc).resolve().parent.parent] if nvcc else []
+    for root in [*roots, Path("/usr/local/cuda")]:
+        if (root / "include" / "cuda_runtime.h").is_file():
+            return root / "include"
     return None
 
 
@@ -395,6 +395,19 @@ def build_progress(plan: Plan, name: str) -> str:
             sources = sum(1 for p in src.rglob("*") if p.suffix in (".cu", ".cpp"))
             break
     return f"{built} of ~{sources} objects built" if sources else f"{built} objects built"
+
+
+BUILDS_ENV = "EXGEN_GPU_CHECK_BUILDS"  # builds still compiling, for a step to pause
+
+
+def running_builds(builds: dict[str, Build]) -> str:
+    """``name:pgid`` of each build still compiling (a step may SIGSTOP it while it
+    times something, and must SIGCONT it after)."""
+    for b in builds.values():
+        b.poll()
+    return ",".join(
+        f"{b.name}:{b.proc.pid}" for b in builds.values() if b.proc is not None and not b.done
+    )
 
 
 def await_build(build: Build, until: float) -> None:
@@ -505,6 +518,7 @@ def run_one(plan: Plan, spec: StepSpec, later: list[StepSpec], builds: dict[str,
             clear_stale_lock(Path(os.environ["TORCH_EXTENSIONS_DIR"]), spec.needs)
     box -= time.monotonic() - started
     log.line(f"-> {spec.name}: {spec.title} (time box {box:.0f}s)", show=True)
+    os.environ[BUILDS_ENV] = running_builds(builds)
     return run_step_process(plan, spec, box, log) | {"seconds": time.monotonic() - started}
 
 
