@@ -397,7 +397,7 @@ def build_progress(plan: Plan, name: str) -> str:
     return f"{built} of ~{sources} objects built" if sources else f"{built} objects built"
 
 
-BUILDS_ENV = "EXGEN_GPU_CHECK_BUILDS"  # builds still compiling, for a step to pause
+BUILDS_ENV = "GPU_CHECK_BUILDS"  # builds still compiling, for a step to pause
 
 
 def running_builds(builds: dict[str, Build]) -> str:

@@ -432,7 +432,7 @@ class Comparison:
 def builds_paused(ctx: Ctx, names: tuple[str, ...]) -> Iterator[None]:
     """SIGSTOP these background JIT builds (nvcc on every core) while something is
     timed, so the numbers are the engine's, not the compiler's; SIGCONT after."""
-    running = [e for e in os.environ.get("EXGEN_GPU_CHECK_BUILDS", "").split(",") if e]
+    running = [e for e in os.environ.get("GPU_CHECK_BUILDS", "").split(",") if e]
     groups: dict[str, int] = {}
     for entry in running:
         name, _, group = entry.partition(":")
@@ -828,6 +828,16 @@ STEP_FUNCS: dict[str, Callable[[Ctx], None]] = {
 }
 
 
+def failure_reason(exc: BaseException) -> str:
+    """One line for the table: the exception's, or, where that only introduces a log
+    (a daemon that exited early), the log's line that says why."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    head = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    if len(lines) > 1 and lines[0].endswith(":"):
+        head += " " + refusal("\n".join(lines[1:]))
+    return head[:300]
+
+
 def run_step(name: str, plan: Plan, deadline: float) -> int:
     rec = Record(Path(plan.workdir) / "steps" / f"{name}.json")
     ctx = Ctx(plan, rec, deadline)
@@ -837,8 +847,7 @@ def run_step(name: str, plan: Plan, deadline: float) -> int:
         rec.set(status="failed", reason=str(exc))
     except Exception as exc:  # any failure: the reason in the table, the trace in the log
         traceback.print_exc()
-        text = str(exc).strip().splitlines()
-        rec.set(status="failed", reason=f"{type(exc).__name__}: {text[0] if text else ''}"[:300])
+        rec.set(status="failed", reason=failure_reason(exc))
     if rec.doc["status"] == "running":
         rec.set(status="ok")
     return 0
