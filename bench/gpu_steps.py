@@ -255,19 +255,38 @@ class SyntheticRecipe:
         return measured(int(out["tokens"]), out["seconds"])
 
 
-class Exl2Recipe:
-    """The ExLlamaV2 dynamic generator alone: every prompt enqueued, iterate to the end,
+class ExlRecipe:
+    """An exllama generator alone: every prompt enqueued, ``iterate()`` to the end,
     greedy, stopping on the model's EOS ids; the engine's default cache and batch."""
 
-    label = "ExLlamaV2DynamicGenerator in-process"
+    label = "exllama generator in-process"
 
     def __init__(self, model_dir: str) -> None:
         self.model_dir = model_dir
+        self.tokenizer: Any = None
+        self.generator: Any = None
+        self.stop: list[int | str] = []
+
+    def job(self, ids: Any, max_new: int, key: int) -> Any:
+        raise NotImplementedError
+
+    def run(self, prompts: list[str], max_new: int) -> dict[str, float]:
+        started = time.monotonic()
+        for key, prompt in enumerate(prompts):
+            ids = self.tokenizer.encode(prompt, add_bos=True, encode_special_tokens=True)
+            self.generator.enqueue(self.job(ids, max_new, key))
+        return measured(drive(self.generator), time.monotonic() - started)
+
+
+class Exl2Recipe(ExlRecipe):
+    """ExLlamaV2's dynamic generator (unpaged, one job at a time, without flash-attn)."""
+
+    label = "ExLlamaV2DynamicGenerator in-process"
 
     def load(self) -> float:
         from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer
         from exllamav2.attn import has_flash_attn_with_paged
-        from exllamav2.generator import ExLlamaV2DynamicGenerator
+        from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2Sampler
 
         from exgen.daemon.engines.exl_common import PAGE_SIZE, parse_options, round_up
 
@@ -280,35 +299,28 @@ class Exl2Recipe:
         model = ExLlamaV2(config)
         model.load()
         cache = ExLlamaV2Cache(model, max_seq_len=tokens)
-        self.tokenizer: Any = ExLlamaV2Tokenizer(config)
+        self.tokenizer = ExLlamaV2Tokenizer(config)
         self.generator = ExLlamaV2DynamicGenerator(
             model=model, cache=cache, tokenizer=self.tokenizer, paged=self.paged,
             max_batch_size=opts.max_batch_size if self.paged else 1,
         )  # fmt: skip
+        self.settings = ExLlamaV2Sampler.Settings.greedy()
         self.stop = stop_ids(self.model_dir, self.tokenizer.eos_token_id)
         return time.monotonic() - started
 
-    def run(self, prompts: list[str], max_new: int) -> dict[str, float]:
-        from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
+    def job(self, ids: Any, max_new: int, key: int) -> Any:
+        from exllamav2.generator import ExLlamaV2DynamicJob
 
-        settings = ExLlamaV2Sampler.Settings.greedy()
-        started = time.monotonic()
-        for i, prompt in enumerate(prompts):
-            ids = self.tokenizer.encode(prompt, add_bos=True, encode_special_tokens=True)
-            self.generator.enqueue(ExLlamaV2DynamicJob(
-                input_ids=ids, max_new_tokens=max_new, gen_settings=settings,
-                stop_conditions=self.stop, identifier=i,
-            ))  # fmt: skip
-        return measured(drive(self.generator), time.monotonic() - started)
+        return ExLlamaV2DynamicJob(
+            input_ids=ids, max_new_tokens=max_new, gen_settings=self.settings,
+            stop_conditions=self.stop, identifier=key,
+        )  # fmt: skip
 
 
-class Exl3Recipe:
-    """The ExLlamaV3 generator alone, the same way (ArgmaxSampler: greedy)."""
+class Exl3Recipe(ExlRecipe):
+    """ExLlamaV3's generator (always paged: its own attention kernels), ArgmaxSampler."""
 
     label = "ExLlamaV3 Generator in-process"
-
-    def __init__(self, model_dir: str) -> None:
-        self.model_dir = model_dir
 
     def load(self) -> float:
         from exllamav3 import Cache, Config, Generator, Model, Tokenizer
@@ -321,7 +333,7 @@ class Exl3Recipe:
         model = Model.from_config(config)
         cache = Cache(model, max_num_tokens=opts.cache_tokens, max_batch_size=opts.max_batch_size)
         model.load(device="cuda:0", progressbar=False)
-        self.tokenizer: Any = Tokenizer.from_config(config)
+        self.tokenizer = Tokenizer.from_config(config)
         self.generator = Generator(
             model=model, cache=cache, tokenizer=self.tokenizer,
             max_batch_size=opts.max_batch_size, max_chunk_size=opts.max_chunk_size,
@@ -329,17 +341,13 @@ class Exl3Recipe:
         self.stop = stop_ids(self.model_dir, self.tokenizer.eos_token_id)
         return time.monotonic() - started
 
-    def run(self, prompts: list[str], max_new: int) -> dict[str, float]:
+    def job(self, ids: Any, max_new: int, key: int) -> Any:
         from exllamav3 import ArgmaxSampler, Job
 
-        started = time.monotonic()
-        for i, prompt in enumerate(prompts):
-            ids = self.tokenizer.encode(prompt, add_bos=True, encode_special_tokens=True)
-            self.generator.enqueue(Job(
-                input_ids=ids, max_new_tokens=max_new, sampler=ArgmaxSampler(),
-                stop_conditions=self.stop, identifier=i,
-            ))  # fmt: skip
-        return measured(drive(self.generator), time.monotonic() - started)
+        return Job(
+            input_ids=ids, max_new_tokens=max_new, sampler=ArgmaxSampler(),
+            stop_conditions=self.stop, identifier=key,
+        )  # fmt: skip
 
 
 def stop_ids(model_dir: str, eos: int | None) -> list[int | str]:
