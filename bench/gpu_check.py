@@ -49,9 +49,11 @@ import tempfile
 import textwrap
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
+
+from gpu_model import SHAPES  # the standard library only, like this module
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -115,7 +117,6 @@ class Plan:
     engine_opts: dict[str, dict[str, str]]  # engine -> --engine-opt values
     client: list[str]  # the exgen-client command
     site: str | None = None  # where install put exgen and the wheels
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
     def load(path: Path) -> Plan:
@@ -154,9 +155,9 @@ class Log:
 # --- subprocesses that can be time-boxed -----------------------------------------------
 
 
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {**os.environ, **(extra or {})}
-    env.pop("EXGEN_ADDRESS", None)
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("EXGEN_ADDRESS", None)  # the steps start their own daemons
     return env
 
 
@@ -187,15 +188,17 @@ def _copy_lines(proc: subprocess.Popen[bytes], log: Log, tag: str) -> None:
 
 
 def stop_group(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
-    """SIGTERM the process group (a daemon drains), then SIGKILL what is left."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """SIGTERM the process group (a daemon drains), then SIGKILL whatever of the group
+    is left, even once its leader is gone: a daemon left running would hold the GPU
+    through the next step (its workers die with it, PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5.0)
 
 
 # --- install ---------------------------------------------------------------------------
@@ -626,7 +629,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="CPU stand-ins; for CI")
     p.add_argument("--budget-s", type=float, help=f"whole run (default {GPU_BUDGET_S}s on GPU)")
-    p.add_argument("--shape", help="model shape (bench/gpu_model.py; default llama-3.2-1b)")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default llama-3.2-1b)")
     p.add_argument("--prompts", type=int, help="of examples/prompts.jsonl (default 32)")
     p.add_argument("--max-new-tokens", type=int, help="per prompt (default 100, the seeds')")
     p.add_argument("--rounds", type=int, help="alternating rounds per comparison (default 3)")
