@@ -112,7 +112,7 @@ class Plan:
     kill_max_new_tokens: int
     kill_after_s: float  # kill once the worker has been busy this long (or answered one)
     rounds: int
-    gpus: str | None  # "0" on the GPU machine; None: CPU worker slots
+    gpus: str | None  # the GPU the slots use ("0"); None: CPU worker slots
     engines: dict[str, str]  # role -> engine: exl2/exl3 (synthetic in a dry run), hf
     engine_opts: dict[str, dict[str, str]]  # engine -> --engine-opt values
     client: list[str]  # the exgen-client command
@@ -662,7 +662,9 @@ def make_plan(args: argparse.Namespace, workdir: Path, out_dir: Path) -> Plan:
         kill_max_new_tokens=args.max_new_tokens or (800 if dry else 100),
         kill_after_s=0.1 if dry else 1.0,
         rounds=args.rounds or (2 if dry else 3),
-        gpus=None if dry else "0",
+        # A dry run asks for GPU 0 too (its transformers worker then finds no CUDA and
+        # runs on the CPU), so that the --gpus path is the one exercised here.
+        gpus="0",
         engines=engines,
         engine_opts={"synthetic": synthetic, "transformers": hf_opts},
         client=[],

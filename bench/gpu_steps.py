@@ -78,14 +78,17 @@ class Ctx:
 # --- measuring through exgen ----------------------------------------------------------
 
 
-def daemon_args(plan: Plan, engine: str, slots: int) -> list[str]:
+def gpu_slots(plan: Plan, engine: str, slots: int) -> str | None:
+    """``--gpus`` for ``slots`` slots of the one GPU ("0", or "0;0" for two); None for
+    CPU slots (the synthetic engine has no use for a GPU)."""
+    if plan.gpus is None or engine == "synthetic":
+        return None
+    return ";".join([plan.gpus] * slots)
+
+
+def daemon_args(plan: Plan, engine: str) -> list[str]:
     args = ["--log-level", "info"]
-    if engine != "synthetic":
-        args += ["--model", plan.model_dir]
-    if plan.gpus is not None and engine != "synthetic":
-        # Slots of one GPU each; "0;0" asks for two slots on GPU 0.
-        args += ["--gpus", ";".join([plan.gpus] * slots) if slots > 1 else plan.gpus]
-    return args
+    return args if engine == "synthetic" else [*args, "--model", plan.model_dir]
 
 
 @contextlib.contextmanager
@@ -93,8 +96,9 @@ def serve(plan: Plan, engine: str, slots: int, timeout: float) -> Iterator[tuple
     """``exgen serve`` ready (and the seconds that took), its log copied to ours."""
     opts = plan.engine_opts.get(engine, {})
     started = time.monotonic()
+    gpus = gpu_slots(plan, engine, slots)
     with running_daemon(
-        slots, engine, opts, *daemon_args(plan, engine, slots), timeout=timeout
+        slots, engine, opts, *daemon_args(plan, engine), timeout=timeout, gpus=gpus
     ) as daemon:
         try:
             yield daemon, time.monotonic() - started
@@ -775,8 +779,9 @@ def step_two_slots(ctx: Ctx) -> None:
             workers = daemon.status()["workers"]
     except RuntimeError as exc:  # the daemon refused or exited: its own words say why
         reason = refusal(str(exc))
-        ctx.rec.row("c", "refused", f"exgen serve {' '.join(daemon_args(plan, engine, 2))}: "
-                    f"{reason}")  # fmt: skip
+        slots = gpu_slots(plan, engine, 2)
+        how = f"--gpus '{slots}'" if slots else "--workers 2"
+        ctx.rec.row("c", "refused", f"exgen serve {how}: {reason}")
         ctx.rec.set(status="refused", reason=reason)
         return
     problem = check_once(result, plan.prompts)

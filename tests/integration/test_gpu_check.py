@@ -12,8 +12,10 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,3 +86,40 @@ def test_the_comparisons_have_numbers(dry_run: dict) -> None:
         row = steps[name]["rows"][key]
         assert row["tokens_per_s"] > 0 and row["ratio"] > 0, row
         assert "not judged (dry run)" in row["goal"]
+
+
+def test_two_slots_on_one_gpu_reports_the_daemons_refusal(dry_run: dict, tmp_path: Path) -> None:
+    """On the GPU, row c asks for --gpus "0;0". exgen refuses a GPU in two slots today
+    (config.parse_gpus); the row must carry that reason, not a traceback. (When exgen
+    allows it, this step runs the workload over both slots instead.)"""
+    plan = json.loads((dry_run["work"] / "plan.json").read_text())
+    plan |= {"workdir": str(tmp_path), "engines": {**plan["engines"], "exl2": "transformers"}}
+    (tmp_path / "steps").mkdir()
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    cmd = [sys.executable, "bench/gpu_check.py", "--step", "two_slots",
+           "--plan", str(tmp_path / "plan.json"), "--deadline", str(time.time() + 60)]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90, check=True)
+    doc = json.loads((tmp_path / "steps" / "two_slots.json").read_text())
+    assert doc["status"] == "refused", doc
+    summary = doc["rows"]["c"]["summary"]
+    assert "--gpus '0;0'" in summary and "more than one slot" in summary, summary
+
+
+def test_kill_memory_verdicts() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_steps import KillMemory
+
+    def memory(**kw: Any) -> KillMemory:  # the daemon took 4000 MiB
+        return KillMemory(1000.0, 5000.0, **kw)
+
+    freed = memory(before_kill=9000.0, lowest_after_kill=5400.0, after_restart=9100.0)
+    assert freed.problem() is None and "4000 MiB" in freed.text()
+    kept = memory(before_kill=9000.0, lowest_after_kill=8500.0, after_restart=9100.0)
+    assert "only 500 of the worker's 4000 MiB" in (kept.problem() or "")
+    doubled = memory(before_kill=9000.0, lowest_after_kill=5000.0, after_restart=13000.0)
+    assert "more in use after the restart" in (doubled.problem() or "")
+    listed = memory(victim_listed_after=True)
+    assert "still listed" in (listed.problem() or "")
+    per_process = memory(victim_mib=3000.0, before_kill=9000.0, lowest_after_kill=6500.0)
+    assert per_process.problem() is None  # judged on what the pid held, not the daemon's total
+    assert KillMemory(None, None).problem() is None and "n/a" in KillMemory(None, None).text()
