@@ -413,6 +413,13 @@ def running_builds(builds: dict[str, Build]) -> str:
     )
 
 
+def resume_builds(builds: dict[str, Build]) -> None:
+    for b in builds.values():
+        if b.proc is not None and not b.done:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(b.proc.pid, signal.SIGCONT)
+
+
 def await_build(build: Build, until: float) -> None:
     while build.proc is not None and not build.done and time.monotonic() < until:
         build.poll()
@@ -522,7 +529,11 @@ def run_one(plan: Plan, spec: StepSpec, later: list[StepSpec], builds: dict[str,
     box -= time.monotonic() - started
     log.line(f"-> {spec.name}: {spec.title} (time box {box:.0f}s)", show=True)
     os.environ[BUILDS_ENV] = running_builds(builds)
-    return run_step_process(plan, spec, box, log) | {"seconds": time.monotonic() - started}
+    try:
+        doc = run_step_process(plan, spec, box, log)
+    finally:
+        resume_builds(builds)  # a step killed while it had them paused cannot
+    return doc | {"seconds": time.monotonic() - started}
 
 
 def run_step_process(plan: Plan, spec: StepSpec, box: float, log: Log) -> dict[str, Any]:
