@@ -712,6 +712,7 @@ def machine_facts() -> dict[str, Any]:
             "--format=csv,noheader",
         ],
         "nvcc": ["nvcc", "--version"],
+        "ninja": ["ninja", "--version"],
     }
     for name, cmd in queries.items():
         try:
@@ -761,6 +762,8 @@ def orchestrate(args: argparse.Namespace) -> int:
         else "GPU run"  # fmt: skip
     log.line(f"gpu_check: {mode}; budget {budget:.0f}s; work dir {workdir}", show=True)
     os.environ.update(QUIET_ENV)
+    # torch's JIT runs `ninja`: the pip one sits beside this interpreter, maybe off PATH.
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
     report: dict[str, Any] = {"mode": "dry-run" if plan.dry_run else "gpu", "budget_s": budget,
                               "started": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     report["machine"] = machine_facts()
