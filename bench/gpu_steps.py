@@ -777,8 +777,10 @@ def step_two_slots(ctx: Ctx) -> None:
         with serve(plan, engine, 2, timeout=max(20.0, ctx.left() - 20)) as (daemon, ready_s):
             result = submit(plan, daemon, f"{engine}-two-slots", plan.max_new_tokens, ctx.left())
             workers = daemon.status()["workers"]
-    except RuntimeError as exc:  # the daemon refused or exited: its own words say why
-        reason = refusal(str(exc))
+    except RuntimeError as exc:
+        if "exited early" not in str(exc):
+            raise  # not a refusal: a failure like any other
+        reason = refusal(str(exc))  # the daemon's own words say why
         slots = gpu_slots(plan, engine, 2)
         how = f"--gpus '{slots}'" if slots else "--workers 2"
         ctx.rec.row("c", "refused", f"exgen serve {how}: {reason}")
