@@ -55,7 +55,8 @@ clean:
 # installs them there (docs/gpus.md). exllamav3 imports pydantic (which wants
 # typing-extensions >= 4.16) and its loader marisa-trie; exllamav2 needs none of its
 # own requirements beyond what is there (fastparquet and websockets: conversion, server).
-GPU_WHEELS ?= pyzmq==27.3.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+# msgspec: the router's bounded decoding of client frames (daemon/decode.py).
+GPU_WHEELS ?= pyzmq==27.3.0 msgspec==0.23.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
 	typing-inspection==0.4.5 typing-extensions==4.16.0 marisa-trie==1.4.1 $(EXLLAMA_PINS)
 # A device run carries at most 64 MiB: these wheels and every tracked file together.
 GPU_CARRY_MAX_MB ?= 64

@@ -88,21 +88,20 @@ def test_the_comparisons_have_numbers(dry_run: dict) -> None:
         assert "not judged (dry run)" in row["goal"]
 
 
-def test_two_slots_on_one_gpu_reports_the_daemons_refusal(dry_run: dict, tmp_path: Path) -> None:
-    """On the GPU, row c asks for --gpus "0;0". exgen refuses a GPU in two slots today
-    (config.parse_gpus); the row must carry that reason, not a traceback. (When exgen
-    allows it, this step runs the workload over both slots instead.)"""
+def test_two_slots_on_one_gpu_serve_the_workload_over_both(dry_run: dict, tmp_path: Path) -> None:
+    """On the GPU, row c asks for --gpus "0;0": two slots sharing the one card; the
+    workload runs over both (here on the CPU, the same path)."""
     plan = json.loads((dry_run["work"] / "plan.json").read_text())
     plan |= {"workdir": str(tmp_path), "engines": {**plan["engines"], "exl2": "transformers"}}
     (tmp_path / "steps").mkdir()
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     cmd = [sys.executable, "bench/gpu_check.py", "--step", "two_slots",
-           "--plan", str(tmp_path / "plan.json"), "--deadline", str(time.time() + 60)]  # fmt: skip
-    subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90, check=True)
+           "--plan", str(tmp_path / "plan.json"), "--deadline", str(time.time() + 120)]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150, check=True)
     doc = json.loads((tmp_path / "steps" / "two_slots.json").read_text())
-    assert doc["status"] == "refused", doc
-    summary = doc["rows"]["c"]["summary"]
-    assert "--gpus '0;0'" in summary and "more than one slot" in summary, summary
+    row = doc["rows"]["c"]
+    assert row["status"] == "ok", doc
+    assert len(row["per_slot"]) == 2, row
 
 
 def test_kill_memory_verdicts() -> None:

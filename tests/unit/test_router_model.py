@@ -130,14 +130,20 @@ class RouterModel(RuleBasedStateMachine):
                         model.answers.setdefault(result["id"], []).append(_outcome(result))
             elif command == P.PONG and body.get("seq", 0) > model.contiguous:
                 self._ack(model, resend=True)
+            elif command == P.PONG and body.get("known") is False:
+                self._resubmit(model)  # the router holds nothing of ours: all again
 
     def _new_session(self, model: ClientModel, session: int) -> None:
         """The router forgot this client (its link was down past the grace): like the
         library, submit again whatever has no answer yet."""
         first = model.session is None
         model.session, model.contiguous = session, 0
+        if not first:
+            self._resubmit(model)
+
+    def _resubmit(self, model: ClientModel) -> None:
         unanswered = sorted(model.submitted - set(model.answers))
-        if not first and unanswered:
+        if unanswered:
             items = [{"id": i, "prompt": i} for i in unanswered]
             self._client_says(model.identity, P.SUBMIT, {"req": "again", "items": items})
 
