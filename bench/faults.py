@@ -97,7 +97,9 @@ def daemon(*extra: str, env: dict[str, str] | None = None, tcp: bool = False) ->
             "--engine-opt", f"token_ms={TOKEN_MS}", "--engine-opt", f"capacity={CAPACITY}",
             "--engine-opt", "max_seq_len=100000", *extra,
         ]  # fmt: skip
-        full_env = {**os.environ, **(env or {})}
+        # A daemon before protocol 2 knows none of the budgets (and refuses unknown
+        # settings): it runs with what it has.
+        full_env = {**os.environ, **(env if P.PROTOCOL_VERSION >= 2 else {})}
         full_env.pop("EXGEN_ADDRESS", None)
         with open(Path(tmp) / "log", "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
