@@ -58,19 +58,54 @@ def usable_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def default_cpu_workers(cores: int) -> int:
+MAX_DEFAULT_CPU_WORKERS = 8
+# Workers' model copies may take at most this share of the memory available at start.
+CPU_WEIGHTS_MEMORY_SHARE = 0.5
+
+
+def default_cpu_workers(
+    cores: int, available: int | None = None, model_bytes: int | None = None
+) -> int:
     """CPU worker slots when none are asked for: one single-threaded worker per core.
 
-    Measured on 2 cores (bench/RESULTS.md, CPU layout): one worker with a thread per
-    core loses most of its speed when another process takes a core (every OpenMP
-    barrier waits for the descheduled thread), while one worker per core, each with
-    one thread, only loses that core's share. Capped, as each worker holds a copy of
-    the model: past 8 cores a worker gets several threads instead.
+    Measured on 2 cores (bench/RESULTS.md, CPU worker layout): one worker with a
+    thread per core loses most of its speed when another process takes a core (each
+    OpenMP barrier waits for the descheduled thread), while one worker per core, each
+    with one thread, only loses that core's share. Each worker holds a copy of the
+    model, so there are at most 8 (past that a worker gets several threads) and
+    their copies fit in half the available memory.
     """
-    return max(1, min(cores, MAX_DEFAULT_CPU_WORKERS))
+    workers = min(cores, MAX_DEFAULT_CPU_WORKERS)
+    if available is not None and model_bytes:
+        workers = min(workers, int(available * CPU_WEIGHTS_MEMORY_SHARE) // model_bytes)
+    return max(1, workers)
 
 
-MAX_DEFAULT_CPU_WORKERS = 8
+def model_memory_bytes(path: Path) -> int | None:
+    """About what one loaded copy of the model at ``path`` takes (bf16/fp32 weights):
+    a GGUF is dequantised (4x its file: 4-bit to 16-bit), safetensors are read as they
+    are, but up to twice that in fp32. None where nothing is found."""
+    if path.is_file():
+        return path.stat().st_size * 4 if path.suffix == ".gguf" else path.stat().st_size * 2
+    if not path.is_dir():
+        return None
+    ggufs = list(path.glob("*.gguf"))
+    if ggufs:
+        return max(p.stat().st_size for p in ggufs) * 4
+    weights = [p for pattern in ("*.safetensors", "*.bin") for p in path.glob(pattern)]
+    return sum(p.stat().st_size for p in weights) * 2 or None
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def cpu_layout(cpu_slots: int, cores: int) -> CpuLayout:

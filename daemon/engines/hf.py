@@ -47,7 +47,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from exgen.client import protocol as P
 from exgen.daemon import modelstore
@@ -61,11 +61,8 @@ from exgen.daemon.engines.base import (
     JobRejected,
     take_options,
 )
-from exgen.daemon.engines.cpu_layout import cpu_flags, native_bf16
+from exgen.daemon.engines.cpu_layout import available_memory_bytes, cpu_flags, native_bf16
 from exgen.daemon.engines.hf_decode import DecodeBatch, Model, Row, logits_processors
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -363,17 +360,6 @@ def _batch_key(waiting: _Waiting) -> tuple[Any, ...]:
     return key
 
 
-def _left_pad(
-    torch: Any, batch: list[_Waiting], width: int, pad_id: int, device: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = [[pad_id] * (width - len(w.input_ids)) + w.input_ids for w in batch]
-    mask = [[0] * (width - len(w.input_ids)) + [1] * len(w.input_ids) for w in batch]
-    return (
-        torch.tensor(ids, dtype=torch.long, device=device),
-        torch.tensor(mask, dtype=torch.long, device=device),
-    )
-
-
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else exc.__class__.__name__
@@ -535,18 +521,6 @@ def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int | None:
     if len(sizes) != 3:
         return None
     return 2 * math.prod(sizes) * dtype_bytes
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def kv_token_budget(per_token: int | None, available: int | None) -> int | None:

@@ -12,13 +12,16 @@ with transformers' batched generate).
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from exgen.client import errors
 from exgen.daemon import modelstore
+from exgen.daemon.engines import cpu_layout
 from exgen.daemon.engines.cpu_layout import cpu_flags, native_bf16
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -84,7 +87,7 @@ def direct_generate(reference: Any, prompt: str | list[dict[str, str]], max_new:
 def demo_daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from tests.conftest import start_daemon
 
-    daemon = start_daemon(tmp_path_factory.mktemp("e2e"), "--workers", "2")
+    daemon = start_daemon(tmp_path_factory.mktemp("e2e"))  # no options: the CPU default
     try:
         daemon.wait_ready(timeout=300)
         yield daemon
@@ -155,5 +158,20 @@ def test_prompt_longer_than_context_fails_alone(demo_daemon):
 
 def test_status_shows_load_time(demo_daemon):
     workers = demo_daemon.status()["workers"]
-    assert len(workers) == 2
     assert all(w["state"] == "ready" and w["load_s"] > 0 for w in workers)
+
+
+def test_cpu_default_is_a_single_threaded_worker_per_core(demo_daemon):
+    """`exgen serve` with no options on a machine without GPUs (bench/RESULTS.md, CPU
+    worker layout): one worker per core (up to 8; the demo model fits many times)."""
+    cores = cpu_layout.usable_cores()
+    workers = demo_daemon.status()["workers"]
+    assert len(workers) == min(cores, cpu_layout.MAX_DEFAULT_CPU_WORKERS)
+    for worker in workers:
+        env = dict(
+            entry.split("=", 1)
+            for entry in Path(f"/proc/{worker['pid']}/environ").read_text().split("\0")
+            if "=" in entry
+        )
+        if "OMP_NUM_THREADS" not in os.environ:
+            assert env["OMP_NUM_THREADS"] == str(max(1, cores // len(workers)))

@@ -10,6 +10,7 @@ from exgen.daemon.engines.cpu_layout import (
     cpu_flags,
     cpu_layout,
     default_cpu_workers,
+    model_memory_bytes,
     native_bf16,
     worker_env,
 )
@@ -36,6 +37,25 @@ def test_default_is_one_worker_per_core_capped() -> None:
     assert default_cpu_workers(1) == 1
     assert default_cpu_workers(2) == 2
     assert default_cpu_workers(64) == MAX_DEFAULT_CPU_WORKERS
+
+
+def test_default_workers_fit_their_model_copies_in_half_the_memory() -> None:
+    gib = 2**30
+    assert default_cpu_workers(2, available=20 * gib, model_bytes=gib // 2) == 2
+    assert default_cpu_workers(8, available=20 * gib, model_bytes=4 * gib) == 2
+    assert default_cpu_workers(8, available=20 * gib, model_bytes=16 * gib) == 1
+    assert default_cpu_workers(4, available=None, model_bytes=16 * gib) == 4  # unknown: cores
+
+
+def test_model_memory_estimate(tmp_path: Path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"x" * 100)
+    assert model_memory_bytes(tmp_path / "m.gguf") == 400  # 4-bit weights to 16-bit
+    weights = tmp_path / "hf"
+    weights.mkdir()
+    (weights / "model-1.safetensors").write_bytes(b"x" * 10)
+    (weights / "model-2.safetensors").write_bytes(b"x" * 20)
+    assert model_memory_bytes(weights) == 60  # bf16 on disk may load as fp32
+    assert model_memory_bytes(tmp_path / "absent") is None
 
 
 def test_cores_are_shared_evenly_between_workers() -> None:
