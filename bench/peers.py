@@ -470,7 +470,8 @@ def render(table: dict[str, dict[str, Any]], rounds: int, host: dict[str, Any]) 
         "`vllm.LLM.generate`, `served` its OpenAI server with one request per prompt. "
         "llama-server: one server, a slot per prompt, one thread (t1) or a thread per "
         "core (tall), on the shipped Q4_1 GGUF and its F16 / Q8_0 conversions. "
-        "CPU ms/token: every process of the server and the client, during generation. Ratio: exgen ÷ the configuration, the "
+        "CPU ms/token: every process of the server and the client, during generation. "
+        "Ratio: exgen ÷ the configuration, the "
         "median of per-round ratios (both measured in the same round). Texts identical: "
         "prompts whose text equals exgen's in the same round (the fewest over the rounds).",
         "",
