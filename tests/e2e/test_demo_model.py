@@ -54,10 +54,10 @@ def reference() -> Any:
 
     path = modelstore.default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    # GGUF weights dequantised to fp32, then cast: what the engine's cached copy holds.
+    # Loaded in that dtype (a .to() afterwards would also round the rotary frequencies).
     model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    ).to(getattr(torch, engine_dtype()))
+        path.parent, gguf_file=path.name, dtype=getattr(torch, engine_dtype())
+    )
     model.eval()
     return model, tokenizer
 
