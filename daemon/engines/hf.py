@@ -69,10 +69,10 @@ logger = logging.getLogger(__name__)
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MODES = ("static",)
-# CPU tokens/s grows with the batch (demo model, 2 cores, 100 new tokens, measured
-# back to back: 12.5 at 1, 100-126 at 16, 151 at 40, 178 at 80): a step streams every
-# weight from memory once, whatever the batch. The KV budget below keeps a large model
-# from running the host out of memory with it.
+# CPU tokens/s grows with the batch (demo model, 2 cores, 100 new tokens, fp32 with
+# generate(), measured back to back: 12.5 at 1, 100-126 at 16, 151 at 40, 178 at 80): a
+# step streams every weight from memory once, whatever the batch. The KV budget below
+# keeps a large model from running the host out of memory with it.
 DEFAULT_BATCH_CPU = 64
 DEFAULT_BATCH_GPU = 32
 # On CPU a batch's KV cache may take at most this share of the memory available at
