@@ -1,0 +1,88 @@
+"""The status document (``exgen-client status --json``, metrics, systemd STATUS).
+
+Read-only views of the rooms; nothing here changes state.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from exgen.client import protocol as P
+from exgen.daemon.slots import Slot
+
+if TYPE_CHECKING:
+    from exgen.daemon.router import Router
+
+
+def describe_router(router: Router, now: float) -> dict[str, Any]:
+    ledger = router.ledger
+    return {
+        "instance": router.instance,
+        "protocol": P.PROTOCOL_VERSION,
+        "uptime_s": round(now - router.started, 3),
+        "draining": router.draining,
+        "queued": router.queue.size,
+        "inflight": ledger.inflight,
+        "completed": ledger.completed,
+        "failed": ledger.failed,
+        "engine": router.engine_name,
+        "model": router.model_name,
+        "workers": [
+            describe_slot(slot, len(ledger.held_by(slot.id)), now) for slot in router.table
+        ],
+        "clients": describe_clients(router, now),
+    }
+
+
+def describe_clients(router: Router, now: float) -> list[dict[str, Any]]:
+    ledger = router.ledger
+    running: dict[bytes, int] = {}
+    for keys in ledger.held.values():  # what runs is small: capacity x slots
+        for key in keys:
+            client = ledger.entries[key].client
+            running[client] = running.get(client, 0) + 1
+    out = []
+    for record in router.clients:
+        out.append(
+            {
+                "id": record.identity.hex(),
+                "name": record.name,
+                "host": record.host,
+                "pid": record.pid,
+                "queued": router.queue.waiting(record.identity),
+                "running": running.get(record.identity, 0),
+                "done": record.done,
+                "failed": record.failed,
+                "unread": record.unread,
+                "tokens_per_s": round(record.tokens_per_s(now), 1),
+                "connected": record.reachable,
+                "paused": record.pause_reason or None,
+                "idle_s": round(now - record.last_seen, 1),
+            }
+        )
+    return out
+
+
+def describe_slot(slot: Slot, inflight: int, now: float) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "slot": slot.id,
+        "devices": slot.devices if slot.devices is not None else "cpu",
+        "pid": slot.pid,
+        "state": slot.state,
+        "restarts": slot.restarts,
+        "last_exit": slot.last_exit,
+        "boot_error": slot.boot_error,
+        **slot.totals(),
+        "inflight": inflight,
+        "tokens_per_s": 0.0,
+    }
+    serving = slot.serving
+    if serving is not None:
+        doc.update(
+            tokens_per_s=round(serving.tokens_per_s(now), 1),
+            capacity=serving.capacity,
+            engine=serving.engine,
+            load_s=serving.load_s,
+            max_seq_len=serving.max_seq_len,
+        )
+    return doc
