@@ -104,8 +104,12 @@ def daemon(*extra: str, env: dict[str, str] | None = None, tcp: bool = False) ->
         with open(Path(tmp) / "log", "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
         try:
-            with Client(address, timeout=60) as client:
-                client.wait_ready(timeout=60)
+            try:
+                with Client(address, timeout=60) as client:
+                    client.wait_ready(timeout=60)
+            except Exception:
+                print((Path(tmp) / "log").read_text()[-2000:], file=sys.stderr)
+                raise
             yield Daemon(address, proc)
         finally:
             proc.send_signal(signal.SIGTERM)
