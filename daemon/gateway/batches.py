@@ -177,8 +177,9 @@ class BatchManager:
             for batch_id, runner in list(self.runners.items()):
                 runner.commit_if_due()
                 row = self.store.get_batch(batch_id)
-                overdue = row is not None and row["expires_at"] is not None
-                if overdue and row["expires_at"] <= now and row["status"] != "cancelling":
+                if row is None or row["expires_at"] is None or row["status"] == "cancelling":
+                    continue
+                if row["expires_at"] <= now:
                     if runner.stop_reason is None:
                         logger.info("batch %s: completion window passed, expiring", batch_id)
                     runner.stop("expired")

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,7 +187,7 @@ class Completions:
             raise from_request_failed(result.error)
         return response_body(parsed.line, result, self.upstream.model)
 
-    async def stream(self, parsed: Parsed) -> AsyncIterator[str | Result]:
+    async def stream(self, parsed: Parsed) -> AsyncGenerator[str | Result, None]:
         """Text chunks, then the Result; the first event arrives before any byte is sent,
         so an error the daemon answers at once still gets its own HTTP status."""
         item = item_for(parsed.line, self.timeout_s)

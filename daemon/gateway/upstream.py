@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from typing import Any
 
 from exgen.client import errors
@@ -45,7 +45,7 @@ class _PrioritySession(_Session):
 class RouterClient(AsyncClient):
     async def results(
         self, items: Iterable[Mapping[str, Any]], priority: str = "interactive"
-    ) -> AsyncIterator[Result]:
+    ) -> AsyncGenerator[Result, None]:
         """iter_results with a priority; items carry their own validated params."""
         session = _PrioritySession(items, {}, self.window, False, priority=priority)
         async with self._lock:
@@ -53,7 +53,7 @@ class RouterClient(AsyncClient):
                 if kind == "result":
                     yield value
 
-    async def stream_item(self, item: Mapping[str, Any]) -> AsyncIterator[str | Result]:
+    async def stream_item(self, item: Mapping[str, Any]) -> AsyncGenerator[str | Result, None]:
         """Text chunks of one item as they come, then its Result (the whole text)."""
         session = _Session([item], {}, 1, True)
         sent = ""
