@@ -66,7 +66,7 @@ class HttpDaemon:
                 return proc.pid
         raise AssertionError("no gateway process")
 
-    def kill_all(self) -> None:
+    def kill_all(self) -> list[psutil.Process]:
         """SIGKILL to the supervisor, the gateway and the workers, all at once."""
         procs = self.processes()
         for proc in procs:
@@ -76,6 +76,7 @@ class HttpDaemon:
                 pass
         self.daemon.proc.wait(10)
         psutil.wait_procs(procs, timeout=10)
+        return procs
 
     def stop(self) -> int:
         return self.daemon.stop()
@@ -108,6 +109,7 @@ def start_http_daemon(
     tmp_path: Path, *args: str, state_dir: Path | None = None, env: dict[str, str] | None = None
 ) -> HttpDaemon:
     port = free_port()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     state = state_dir or tmp_path / "state"
     daemon = start_daemon(
         tmp_path, *args, "--http", f"127.0.0.1:{port}", "--http-state-dir", str(state), env=env
