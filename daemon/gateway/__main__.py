@@ -92,6 +92,10 @@ def serve(options: GatewayOptions) -> int:
     )
     server = uvicorn.Server(config)
     signal.signal(signal.SIGHUP, lambda *_: app.state.gateway.keys.reload())
+    # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again with
+    # the handlers it found: these make that a no-op, so a commanded stop exits 0.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
     logger.info("listening on http://%s:%d (router %s)", host, port, options.router)
     server.run()
     if not server.started:
