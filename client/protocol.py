@@ -34,7 +34,7 @@ STATUS = b"?"  # client -> router: {}
 ACK = b"a"  # client -> router: {"seq", "resend"?}: every RESULTS up to seq arrived
 ACCEPTED = b"A"  # router -> client: {"req", "n", "queued"}
 RESULTS = b"R"  # router -> client: {"req"?, "results": [result...]}
-CHUNKS = b"K"  # router/worker -> client/router: {"req"?, "chunks": [[id or key, text]...]}
+CHUNKS = b"K"  # router -> client: {"chunks": [[id, text]...]}
 ERROR = b"E"  # router -> client: {"req"?, "code", "message", "field"?}
 STATUS_REPLY = b"!"  # router -> client: the status document
 PING = b"p"  # client -> router: {"req"?}; liveness while waiting for long results
@@ -42,16 +42,7 @@ PONG = b"P"  # router -> client: {"req"?, "instance", "draining", "seq", "known"
 WELCOME = b"W"  # router -> client: {"req", "instance", "model", "engine", "client", "limits"}
 CANCELLED = b"c"  # router -> client: {"req", "cancelled", "clients"} (another client's work)
 
-# --- worker <-> router -----------------------------------------------------------
-READY = b"r"  # worker -> router: {"slot","pid","engine","capacity","load_s",...}
-HEARTBEAT = b"h"  # worker -> router: {"slot","pid","inflight","progress","tokens"}
-WORK = b"w"  # router -> worker: {"jobs": [[key, prompt, messages, params, stream]...]}
-DONE = b"d"  # worker -> router: {"done": [[key, text, finish_reason, prompt_tokens,
-#             completion_tokens]...], "failed": [[key, code, message]...]}
-# Router <-> worker rows are arrays, not maps: both ends are the same install, and
-# at tens of thousands of prompts a second the per-item maps showed in the profile.
-FATAL = b"f"  # worker -> router: {"slot","pid","code","message"} then exit
-STOP = b"x"  # router -> worker: finish nothing more, exit now
+# The router <-> worker commands and rows are the daemon's: exgen.daemon.wire.
 
 CLIENT_COMMANDS = frozenset({HELLO, SUBMIT, CANCEL, STATUS, PING, ACK})
 

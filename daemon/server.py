@@ -29,6 +29,7 @@ from exgen.daemon.config import Settings
 from exgen.daemon.gateway.keeper import GatewayKeeper  # issue 13: the HTTP gateway
 from exgen.daemon.router import Router
 from exgen.daemon.sdnotify import Notifier
+from exgen.daemon.slots import SlotTable
 
 if TYPE_CHECKING:
     from exgen.daemon.metrics import Metrics
@@ -81,12 +82,9 @@ class Daemon:
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.backend.bind(backend_address)
-        self.router = Router(self.settings, self.frontend, self.backend)
-        self.supervisor = sup.Supervisor(self.settings, slots, backend_address, engine, model)
-        self.router.on_worker_ready = self.supervisor.mark_ready
-        self.router.on_boot_error = self.supervisor.note_boot_error
-        self.supervisor.did_work = self.router.did_work
-        self.router.status_provider = self.status
+        self.table = SlotTable(slots)
+        self.router = Router(self.settings, self.frontend, self.backend, self.table)
+        self.supervisor = sup.Supervisor(self.settings, self.table, backend_address, engine, model)
         self.notifier = Notifier()
         self.metrics = self._start_metrics(self.settings.metrics_listen)
         self.gateway = GatewayKeeper.from_settings(self.settings, self.listen)  # issue 13
@@ -184,6 +182,7 @@ class Daemon:
             self.router.dispatch()
         else:
             self._continue_draining(now)
+        self.router.flush_results()
         if housekeeping:
             self._notify_systemd(now)  # after dispatch: STATUS counts what just went out
         if self.metrics is not None and now >= self.metrics_due:
@@ -205,13 +204,8 @@ class Daemon:
             self._check_all_failed()
 
     def _kill_unresponsive(self, now: float) -> None:
-        loading = {
-            s.id: (s.pid, s.spawned_at)
-            for s in self.supervisor.slots.values()
-            if s.pid is not None and s.state == sup.STARTING
-        }
-        for kill in self.router.check_liveness(now, loading):
-            self.supervisor.kill_worker(kill.slot, kill.pid, kill.cause)
+        for kill in self.router.find_unresponsive(now):
+            self.supervisor.kill_worker(kill.slot, kill.pid, kill.cause, kill.blames_work)
 
     def _check_all_failed(self) -> None:
         if not self.supervisor.all_boot_failed:
@@ -260,7 +254,7 @@ class Daemon:
 
     def shutdown(self) -> None:
         self.gateway.stop()  # issue 13: first, so it records no item the stop fails
-        keys = list(self.router.entries)
+        keys = list(self.router.ledger.entries)
         if keys:
             self.router.release(keys, "the daemon stopped before this item finished")
         self.supervisor.stop_all(signal.SIGTERM)
@@ -327,23 +321,7 @@ class Daemon:
         )
 
     def status(self, now: float) -> dict[str, Any]:
-        doc = self.router.status(now)
-        workers = []
-        for slot in self.supervisor.slots.values():
-            workers.append(
-                {
-                    "slot": slot.id,
-                    "devices": slot.devices if slot.devices is not None else "cpu",
-                    "pid": slot.pid,
-                    "state": slot.state,
-                    "restarts": slot.restarts,
-                    "last_exit": slot.last_exit,
-                    "boot_error": slot.boot_error,
-                    **self.router.worker_status(slot.id, now),
-                }
-            )
-        doc["workers"] = workers
-        return doc
+        return self.router.status(now)
 
 
 def _socket_answers(path: Path) -> bool:

@@ -16,49 +16,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from exgen.daemon import policy
 from exgen.daemon.config import Settings
+from exgen.daemon.slots import FAILED, READY, RESTARTING, STARTING, STOPPED, Slot, SlotTable
 from exgen.daemon.worker import WorkerSpec
+
+__all__ = ["FAILED", "READY", "RESTARTING", "STARTING", "STOPPED", "Exit", "Slot", "Supervisor"]
 
 logger = logging.getLogger("exgen.supervisor")
 
-STARTING = "starting"
-READY = "ready"
-RESTARTING = "restarting"
-FAILED = "failed"
-STOPPED = "stopped"
-
 VMSTAT = Path("/proc/vmstat")
-
-
-@dataclass(slots=True)
-class Slot:
-    id: int
-    devices: list[int] | None  # None: a CPU slot
-    proc: subprocess.Popen[bytes] | None = None
-    last_pid: int | None = None  # the process before this one, for the restart line
-    state: str = STARTING
-    restarts: int = 0
-    deaths: deque[float] = field(default_factory=deque)
-    next_start_at: float = 0.0
-    spawned_at: float = 0.0
-    kill_cause: str | None = None  # why we killed it, reported at its exit
-    stopping: bool = False  # a commanded stop: its exit is not a crash
-    boot_error: str | None = None
-    last_exit: str | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None
 
 
 @dataclass(slots=True)
@@ -90,17 +60,19 @@ def plan_slots(settings: Settings, gpu_slots: list[list[int]] | None) -> list[Sl
 
 
 class Supervisor:
+    """Process lifecycle of the slots in ``table`` (whose records it shares with the
+    router): spawn, reap, restart with back-off, kill, stop."""
+
     def __init__(
-        self, settings: Settings, slots: list[Slot], backend: str, engine: str, model: str | None
+        self, settings: Settings, table: SlotTable, backend: str, engine: str, model: str | None
     ) -> None:
         self.settings = settings
-        self.slots = {slot.id: slot for slot in slots}
+        self.table = table
+        self.slots = table.by_id
         self.backend = backend
         self.engine = engine
         self.model = model
         self.oom_kills = read_oom_kills()
-        # Set by the daemon: whether the worker (slot, pid) finished any work.
-        self.did_work: Callable[[int, int], bool] = lambda slot, pid: False
 
     def start_all(self) -> None:
         for slot in self.slots.values():
@@ -137,7 +109,9 @@ class Supervisor:
         slot.state = STARTING
         slot.spawned_at = time.monotonic()
         slot.kill_cause = None
+        slot.kill_blames_work = True
         slot.stopping = False
+        slot.loading_beat = 0.0
         devices = ",".join(map(str, slot.devices)) if slot.devices else "cpu"
         logger.info("spawn slot %d pid %d devices %s", slot.id, slot.proc.pid, devices)
 
@@ -145,18 +119,6 @@ class Supervisor:
         cpu_slots = sum(1 for s in self.slots.values() if not s.devices)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         return max(1, (cores or 1) // max(1, cpu_slots))
-
-    def mark_ready(self, slot_id: int, pid: int) -> bool:
-        slot = self.slots.get(slot_id)
-        if slot is None or slot.pid != pid:
-            return False
-        slot.state = READY
-        return True
-
-    def note_boot_error(self, slot_id: int, message: str) -> None:
-        slot = self.slots.get(slot_id)
-        if slot is not None:
-            slot.boot_error = message
 
     def reap_workers(self, now: float) -> list[Exit]:
         exited = [
@@ -186,7 +148,9 @@ class Supervisor:
         slot.last_pid = pid
         cause = slot.kill_cause or policy.describe_exit(returncode, oom_kill_seen)
         killed_by_us = slot.kill_cause is not None
-        blames_work = policy.death_blames_work(returncode, killed_by_us, oom_kill_seen)
+        blames_work = slot.kill_blames_work and policy.death_blames_work(
+            returncode, killed_by_us, oom_kill_seen
+        )
         slot.last_exit = cause
         if slot.stopping:
             slot.state = STOPPED
@@ -199,7 +163,7 @@ class Supervisor:
                 "exit slot %d pid %d: boot error: %s — not restarting", slot.id, pid, reason
             )
             return Exit(slot.id, pid, f"boot error: {reason}", crashed=False)
-        self._schedule_restart(slot, now, productive=self.did_work(slot.id, pid))
+        self._schedule_restart(slot, now, productive=self._did_work(slot, pid))
         logger.warning(
             "exit slot %d pid %d: %s — restart %d in %.1fs",
             slot.id,
@@ -246,12 +210,19 @@ class Supervisor:
                 )
                 self.spawn_worker(slot)
 
-    def kill_worker(self, slot_id: int, pid: int, cause: str) -> None:
+    @staticmethod
+    def _did_work(slot: Slot, pid: int) -> bool:
+        """Whether the worker ``pid`` finished any item (it was not crash-looping)."""
+        serving = slot.serving
+        return serving is not None and serving.pid == pid and serving.completed + serving.failed > 0
+
+    def kill_worker(self, slot_id: int, pid: int, cause: str, blames_work: bool = True) -> None:
         """SIGKILL a hung or frozen worker; its exit is reported with ``cause``."""
         slot = self.slots.get(slot_id)
         if slot is None or slot.proc is None or slot.proc.pid != pid:
             return
         slot.kill_cause = cause
+        slot.kill_blames_work = blames_work
         logger.warning("kill slot %d pid %d: %s", slot_id, pid, cause)
         self._signal(slot, signal.SIGKILL)
 
@@ -294,4 +265,4 @@ class Supervisor:
         return sorted({s.boot_error for s in self.slots.values() if s.boot_error})
 
     def count(self, state: str) -> int:
-        return sum(1 for s in self.slots.values() if s.state == state)
+        return self.table.count(state)

@@ -30,7 +30,7 @@ from typing import Any
 import zmq
 
 from exgen.client import protocol as P
-from exgen.daemon import policy
+from exgen.daemon import policy, wire
 from exgen.daemon.engines import engine_class
 from exgen.daemon.engines.base import (
     Chunk,
@@ -39,7 +39,6 @@ from exgen.daemon.engines.base import (
     Event,
     Failed,
     Finished,
-    Job,
     JobRejected,
 )
 from exgen.daemon.logs import setup_logging
@@ -108,16 +107,16 @@ def heartbeat_loop(ctx: zmq.Context[Any], spec: WorkerSpec, progress: Progress) 
     sock.connect(spec.backend)
     pid = os.getpid()
     while True:
-        body = {
-            "slot": spec.slot,
-            "pid": pid,
-            "state": progress.state,
-            "progress": progress.steps + (progress.engine.decode_steps if progress.engine else 0),
-            "pending": progress.pending,
-            "tokens": progress.tokens,
-        }
+        beat = wire.Beat(
+            slot=spec.slot,
+            pid=pid,
+            state=progress.state,
+            progress=progress.steps + (progress.engine.decode_steps if progress.engine else 0),
+            pending=progress.pending,
+            tokens=progress.tokens,
+        )
         try:
-            sock.send_multipart(P.pack(P.HEARTBEAT, body), flags=zmq.NOBLOCK)
+            sock.send_multipart(wire.pack_heartbeat(beat), flags=zmq.NOBLOCK)
         except zmq.Again:
             pass  # the router is not reading; it will notice the silence itself
         time.sleep(spec.heartbeat_interval_s)
@@ -154,8 +153,8 @@ class Worker:
         self.sock.connect(spec.backend)
         self.engine: Engine | None = None
 
-    def send(self, command: bytes, body: dict[str, Any]) -> None:
-        self.sock.send_multipart(P.pack(command, body))
+    def send(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart(frames)
 
     def boot(self) -> Engine:
         """Load the engine and say READY; a boot error is reported then fatal."""
@@ -167,16 +166,16 @@ class Worker:
         except EngineUnavailable as exc:
             self.fail_boot(str(exc))
         load_s = time.monotonic() - started
-        ready = {
-            "slot": self.spec.slot,
-            "pid": self.pid,
-            "engine": engine.name,
-            "capacity": engine.capacity,
-            "max_seq_len": engine.max_seq_len,
-            "load_s": round(load_s, 3),
-            "describe": engine.describe(),
-        }
-        self.send(P.READY, ready)
+        ready = wire.Ready(
+            slot=self.spec.slot,
+            pid=self.pid,
+            engine=engine.name,
+            capacity=engine.capacity,
+            max_seq_len=engine.max_seq_len,
+            load_s=round(load_s, 3),
+            describe=engine.describe(),
+        )
+        self.send(wire.pack_ready(ready))
         self.progress.engine = engine
         self.progress.state = "ready"
         logger.info(
@@ -186,9 +185,7 @@ class Worker:
 
     def fail_boot(self, message: str) -> None:
         logger.error("boot error: %s", message)
-        self.send(
-            P.FATAL, {"slot": self.spec.slot, "pid": self.pid, "code": "boot", "message": message}
-        )
+        self.send(wire.pack_fatal(wire.Fatal(self.spec.slot, self.pid, "boot", message)))
         self.sock.close(linger=2000)  # let FATAL reach the router before we go
         sys.exit(policy.EXIT_BOOT_ERROR)
 
@@ -216,20 +213,19 @@ class Worker:
         """Take every waiting message; True when told to stop."""
         while readable(self.sock):
             command, body = P.unpack(self.sock.recv_multipart())
-            if command == P.WORK:
-                self.add_jobs(engine, body["jobs"])
-            elif command == P.CANCEL:
-                for key in body.get("keys", ()):
+            if command == wire.WORK:
+                self.add_jobs(engine, body)
+            elif command == wire.CANCEL:
+                for key in wire.decode_cancel(body):
                     engine.cancel(key)
-            elif command == P.STOP:
+            elif command == wire.STOP:
                 logger.info("stop requested")
                 return True
         return False
 
-    def add_jobs(self, engine: Engine, jobs: list[list[Any]]) -> None:
+    def add_jobs(self, engine: Engine, body: dict[str, Any]) -> None:
         rejected: list[Event] = []
-        for body in jobs:
-            job = Job.from_row(body)
+        for job in wire.decode_work(body):
             try:
                 engine.add(job)
             except JobRejected as exc:
@@ -239,29 +235,21 @@ class Worker:
             self.send_events(rejected)
 
     def send_events(self, events: list[Event]) -> None:
-        done: list[list[Any]] = []
-        failed: list[list[Any]] = []
-        chunks: list[list[Any]] = []
+        finished: list[Finished] = []
+        failed: list[Failed] = []
+        chunks: list[Chunk] = []
         for event in events:
             if isinstance(event, Finished):
                 self.progress.tokens += event.completion_tokens
-                done.append(
-                    [
-                        event.key,
-                        event.text,
-                        event.finish_reason,
-                        event.prompt_tokens,
-                        event.completion_tokens,
-                    ]
-                )
+                finished.append(event)
             elif isinstance(event, Failed):
-                failed.append([event.key, event.code, event.message])
+                failed.append(event)
             elif isinstance(event, Chunk):
-                chunks.append([event.key, event.text])
+                chunks.append(event)
         if chunks:
-            self.send(P.CHUNKS, {"chunks": chunks})
-        if done or failed:
-            self.send(P.DONE, {"done": done, "failed": failed})
+            self.send(wire.pack_chunks(chunks))
+        if finished or failed:
+            self.send(wire.pack_done(finished, failed))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -80,12 +80,6 @@ class Job:
     params: SamplingParams
     stream: bool = False
 
-    @classmethod
-    def from_row(cls, row: list[Any]) -> Job:
-        """A WORK row: [key, prompt, messages, params, stream] (protocol.WORK)."""
-        key, prompt, messages, params, stream = row
-        return cls(key, prompt, messages, SamplingParams.from_wire(params or {}), bool(stream))
-
 
 @dataclass(slots=True)
 class Chunk:

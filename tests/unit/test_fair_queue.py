@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from exgen.daemon.router import FairQueue
+from exgen.daemon.fairqueue import FairQueue
 
 
 def test_clients_are_served_in_turn():
@@ -29,7 +29,7 @@ def test_requeued_items_go_first_in_their_order():
     queue = FairQueue()
     for key in range(5):
         queue.push(b"a", key)
-    queue.push_front(reversed([50, 51]))
+    queue.push_front([50, 51])
     assert queue.take(3) == [50, 51, 0]
 
 

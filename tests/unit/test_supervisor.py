@@ -12,6 +12,7 @@ import pytest
 from exgen.daemon import policy
 from exgen.daemon import supervisor as sup
 from exgen.daemon.config import Settings
+from exgen.daemon.slots import Serving, SlotTable
 
 
 class FakeProc:
@@ -32,7 +33,7 @@ class FakeProc:
 def make(settings: Settings | None = None) -> sup.Supervisor:
     supervisor = sup.Supervisor(
         settings or Settings(restart_backoff_s=0.5, restart_backoff_max_s=4.0),
-        [sup.Slot(0, None)],
+        SlotTable([sup.Slot(0, None)]),
         "ipc://unused",
         "synthetic",
         None,
@@ -88,7 +89,9 @@ def test_a_worker_that_did_work_starts_the_back_off_over():
     for now in (0.0, 1.0, 3.0):
         die(supervisor, now)
         supervisor.restart_due(now + 10)
-    supervisor.did_work = lambda slot_id, pid: True
+    assert slot.pid is not None
+    slot.serving = Serving(slot.pid, b"w", 1, "synthetic", 0.0, None, {}, 20.0, 20.0)
+    slot.serving.completed = 1  # the worker finished an item before it died
     die(supervisor, 20.0)
     assert slot.next_start_at - 20.0 == 0.5
     assert slot.state == sup.RESTARTING
@@ -116,7 +119,7 @@ def test_a_commanded_stop_is_not_a_crash():
 
 def test_a_boot_error_is_never_retried():
     supervisor = make()
-    supervisor.note_boot_error(0, "no such model")
+    supervisor.slots[0].boot_error = "no such model"  # the worker's FATAL, as the router records it
     exit_ = die(supervisor, 0.0, returncode=policy.EXIT_BOOT_ERROR)
     assert not exit_.crashed and "no such model" in exit_.cause
     supervisor.restart_due(1000.0)

@@ -1,0 +1,191 @@
+"""The ledger: every accepted item, from acceptance until its one answer.
+
+It is the one source of truth for *who holds what*: an entry's ``slot`` is the slot
+whose worker runs it (None while it waits), and ``held`` indexes the same facts by
+slot. A worker's answer settles an entry only if the ledger says that slot holds it,
+so a late result from a worker already given up for dead can never make a duplicate.
+
+Blame: only a death that could have been caused by the work counts towards an
+item's attempts. An item that shared two crashes goes on probation (it runs alone);
+it fails only when its attempts are used up *and* it ran alone when the last one
+came (``policy.poison_verdict``), so the items that merely shared a poison prompt's
+batch are never failed with it.
+
+No sockets, no clocks (``now`` is passed in): tested in-process, with hypothesis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from exgen.daemon import policy
+
+# What an entry costs the router beyond its row's bytes (the Entry, its id, the
+# client-id index), measured with tracemalloc on 100,000 accepted items.
+ENTRY_OVERHEAD_BYTES = 360
+
+
+@dataclass(slots=True)
+class Entry:
+    key: int
+    client: bytes
+    item_id: str
+    job: bytes  # the encoded WORK row (wire.encode_job)
+    accepted_at: float
+    budget: int  # max_new_tokens: the waiting room's order
+    tier: int = 0  # protocol.PRIORITIES index
+    deadline: float | None = None  # accepted_at + timeout_s
+    attempts: int = 0
+    slot: int | None = None  # the slot whose worker holds it; None: waiting
+    dispatched_at: float | None = None  # when it last went to a worker
+    causes: list[str] | None = None  # why the workers it was on died (poison verdicts)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.job) + len(self.item_id) + ENTRY_OVERHEAD_BYTES
+
+
+@dataclass(slots=True)
+class Released:
+    """What a dead worker's items became: back in line, on probation, or failed."""
+
+    requeue: list[int] = field(default_factory=list)
+    probation: list[int] = field(default_factory=list)
+    failed: list[Entry] = field(default_factory=list)
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.entries: dict[int, Entry] = {}
+        self.by_client_id: dict[tuple[bytes, str], int] = {}
+        self.held: dict[int, set[int]] = {}  # slot -> keys its worker runs
+        self.by_client: dict[bytes, set[int]] = {}
+        self.next_key = 0
+        self.completed = 0
+        self.failed = 0
+        self.nbytes = 0  # rows and entries of everything accepted and not answered
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def inflight(self) -> int:
+        return sum(len(keys) for keys in self.held.values())
+
+    def knows(self, client: bytes, item_id: str) -> bool:
+        return (client, item_id) in self.by_client_id
+
+    def key_of(self, client: bytes, item_id: str) -> int | None:
+        return self.by_client_id.get((client, item_id))
+
+    def keys_of(self, client: bytes) -> set[int]:
+        return set(self.by_client.get(client, ()))
+
+    def count_of(self, client: bytes) -> int:
+        return len(self.by_client.get(client, ()))
+
+    def accept(self, client: bytes, item_id: str, job: bytes, now: float, budget: int) -> Entry:
+        """A new entry; ``job`` is the encoded row and must carry the returned key."""
+        entry = Entry(self.next_key, client, item_id, job, now, budget)
+        self.next_key += 1
+        self.entries[entry.key] = entry
+        self.by_client_id[(client, item_id)] = entry.key
+        self.by_client.setdefault(client, set()).add(entry.key)
+        self.nbytes += entry.nbytes
+        return entry
+
+    def reserve_key(self) -> int:
+        """The key the next ``accept`` will use (the row is encoded with it first)."""
+        return self.next_key
+
+    def assign(self, keys: list[int], slot: int, now: float) -> list[bytes]:
+        """These waiting keys now run on ``slot``: their rows, for the WORK message."""
+        held = self.held.setdefault(slot, set())
+        rows = []
+        for key in keys:
+            entry = self.entries[key]
+            entry.slot = slot
+            entry.dispatched_at = now
+            held.add(key)
+            rows.append(entry.job)
+        return rows
+
+    def held_by(self, slot: int) -> set[int]:
+        return self.held.get(slot, set())
+
+    def holder(self, key: int) -> int | None:
+        entry = self.entries.get(key)
+        return entry.slot if entry is not None else None
+
+    def settle(self, key: int, slot: int, ok: bool) -> Entry | None:
+        """The entry ``slot``'s answer settles, counted and forgotten; else None."""
+        entry = self.entries.get(key)
+        if entry is None or entry.slot != slot:
+            return None  # cancelled, or a late result from a worker given up for dead
+        self.forget(entry)
+        if ok:
+            self.completed += 1
+        else:
+            self.failed += 1
+        return entry
+
+    def finish(self, keys: Iterable[int]) -> list[Entry]:
+        """Entries answered by the router itself (cancel, deadline, poison): forgotten,
+        counted as failed. Returns those that were still open."""
+        out = []
+        for key in keys:
+            entry = self.entries.get(key)
+            if entry is not None:
+                self.forget(entry)
+                self.failed += 1
+                out.append(entry)
+        return out
+
+    def drop(self, keys: Iterable[int]) -> list[Entry]:
+        """Entries nobody will be answered for (their client is gone; a handed-back
+        item): forgotten, not counted."""
+        out = []
+        for key in keys:
+            entry = self.entries.get(key)
+            if entry is not None:
+                self.forget(entry)
+                out.append(entry)
+        return out
+
+    def forget(self, entry: Entry) -> None:
+        del self.entries[entry.key]
+        self.by_client_id.pop((entry.client, entry.item_id), None)
+        own = self.by_client.get(entry.client)
+        if own is not None:
+            own.discard(entry.key)
+            if not own:
+                del self.by_client[entry.client]
+        if entry.slot is not None:
+            self.held.get(entry.slot, set()).discard(entry.key)
+        self.nbytes -= entry.nbytes
+
+    def release_slot(
+        self, slot: int, crashed: bool, blames_work: bool, max_attempts: int, cause: str
+    ) -> Released:
+        """A slot's worker is gone: each item it held is requeued, put on probation or
+        failed as poison (failed entries are forgotten; the caller answers them)."""
+        keys = sorted(self.held.pop(slot, set()))
+        out = Released()
+        alone = len(keys) == 1
+        for key in keys:
+            entry = self.entries[key]
+            entry.slot = None
+            if crashed and blames_work:
+                entry.attempts += 1
+                entry.causes = [*(entry.causes or ()), cause]
+            verdict = policy.poison_verdict(entry.attempts, max_attempts, alone)
+            if verdict == policy.FAIL:
+                self.forget(entry)
+                self.failed += 1
+                out.failed.append(entry)
+            elif verdict == policy.PROBATION:
+                out.probation.append(key)
+            else:
+                out.requeue.append(key)
+        return out

@@ -1,0 +1,173 @@
+"""The router <-> worker wire: commands and their rows, each encoder beside its decoder.
+
+Both ends are the same install, so the rows are positional arrays, not maps: at tens
+of thousands of prompts a second per-item maps showed in the router's profile. The
+framing (magic + version, one-byte command, msgpack body) is the client protocol's
+(``protocol.pack``/``unpack``); what is inside the bodies is defined here only.
+
+A job's WORK row is encoded once, when the router accepts the item, and kept as
+bytes: the router never looks inside it again, a waiting item costs about its wire
+size (a chat item decoded into dicts cost ~18x), and a WORK message is the rows'
+bytes joined under one header.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from exgen.client import protocol as P
+from exgen.daemon.engines.base import Chunk, Failed, Finished, Job, SamplingParams
+
+READY = b"r"  # worker -> router: Ready
+HEARTBEAT = b"h"  # worker -> router: Beat
+WORK = b"w"  # router -> worker: {"jobs": [[key, prompt, messages, params, stream]...]}
+DONE = b"d"  # worker -> router: {"done": [[key, text, finish, prompt_t, completion_t]...],
+#                                "failed": [[key, code, message]...]}
+CHUNKS = b"K"  # worker -> router: {"chunks": [[key, text]...]}
+CANCEL = b"C"  # router -> worker: {"keys": [key...]}
+FATAL = b"f"  # worker -> router: {"slot", "pid", "code", "message"}, then exit
+STOP = b"x"  # router -> worker: finish nothing more, exit now
+
+_JOBS_KEY = msgpack.packb("jobs")
+
+
+# --- WORK ------------------------------------------------------------------------
+
+
+def encode_job(key: int, item: P.Item, stream: bool) -> bytes:
+    """A validated item's WORK row, encoded once at accept."""
+    row = [key, item.prompt, item.messages, item.params, stream]
+    return msgpack.packb(row, use_bin_type=True)
+
+
+def pack_work(rows: list[bytes]) -> list[bytes]:
+    """The WORK message for these encoded rows (joined, not re-encoded)."""
+    body = b"\x81" + _JOBS_KEY + _array_header(len(rows)) + b"".join(rows)
+    return [P.MAGIC_VERSION, WORK, body]
+
+
+def decode_work(body: dict[str, Any]) -> list[Job]:
+    jobs = []
+    for key, prompt, messages, params, stream in body["jobs"]:
+        jobs.append(Job(key, prompt, messages, SamplingParams.from_wire(params or {}), stream))
+    return jobs
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x90 | n])
+    if n < 0x10000:
+        return b"\xdc" + struct.pack(">H", n)
+    return b"\xdd" + struct.pack(">I", n)
+
+
+# --- DONE and CHUNKS -----------------------------------------------------------------
+
+
+def pack_done(finished: list[Finished], failed: list[Failed]) -> list[bytes]:
+    done = [
+        [e.key, e.text, e.finish_reason, e.prompt_tokens, e.completion_tokens] for e in finished
+    ]
+    bad = [[e.key, e.code, e.message] for e in failed]
+    return P.pack(DONE, {"done": done, "failed": bad})
+
+
+def decode_done(body: dict[str, Any]) -> tuple[list[Finished], list[Failed]]:
+    finished = [Finished(int(k), str(t), str(f), int(p), int(c)) for k, t, f, p, c in body["done"]]
+    failed = [Failed(int(k), str(code), str(message)) for k, code, message in body["failed"]]
+    return finished, failed
+
+
+def pack_chunks(chunks: list[Chunk]) -> list[bytes]:
+    return P.pack(CHUNKS, {"chunks": [[c.key, c.text] for c in chunks]})
+
+
+def decode_chunks(body: dict[str, Any]) -> list[Chunk]:
+    return [Chunk(int(key), str(text)) for key, text in body["chunks"]]
+
+
+# --- CANCEL and STOP ---------------------------------------------------------------
+
+
+def pack_cancel(keys: list[int]) -> list[bytes]:
+    return P.pack(CANCEL, {"keys": keys})
+
+
+def decode_cancel(body: dict[str, Any]) -> list[int]:
+    return [int(key) for key in body.get("keys", ())]
+
+
+# --- READY, HEARTBEAT, FATAL ---------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Ready:
+    slot: int
+    pid: int
+    engine: str
+    capacity: int
+    max_seq_len: int | None
+    load_s: float
+    describe: dict[str, Any]
+
+
+def pack_ready(ready: Ready) -> list[bytes]:
+    return P.pack(READY, {name: getattr(ready, name) for name in Ready.__slots__})
+
+
+def decode_ready(body: dict[str, Any]) -> Ready:
+    max_seq_len = body.get("max_seq_len")
+    return Ready(
+        slot=int(body["slot"]),
+        pid=int(body["pid"]),
+        engine=str(body.get("engine")),
+        capacity=max(1, int(body["capacity"])),
+        max_seq_len=int(max_seq_len) if max_seq_len is not None else None,
+        load_s=float(body.get("load_s", 0.0)),
+        describe=dict(body.get("describe") or {}),
+    )
+
+
+@dataclass(slots=True)
+class Beat:
+    slot: int
+    pid: int
+    state: str  # "loading" or "ready"
+    progress: int  # engine steps + decode steps: stalls when a step is wedged
+    pending: int
+    tokens: int
+
+
+def pack_heartbeat(beat: Beat) -> list[bytes]:
+    return P.pack(HEARTBEAT, {name: getattr(beat, name) for name in Beat.__slots__})
+
+
+def decode_heartbeat(body: dict[str, Any]) -> Beat:
+    return Beat(
+        slot=int(body["slot"]),
+        pid=int(body["pid"]),
+        state=str(body.get("state", "")),
+        progress=int(body.get("progress", 0)),
+        pending=int(body.get("pending", 0)),
+        tokens=int(body.get("tokens", 0)),
+    )
+
+
+@dataclass(slots=True)
+class Fatal:
+    slot: int
+    pid: int
+    code: str
+    message: str
+
+
+def pack_fatal(fatal: Fatal) -> list[bytes]:
+    return P.pack(FATAL, {name: getattr(fatal, name) for name in Fatal.__slots__})
+
+
+def decode_fatal(body: dict[str, Any]) -> Fatal:
+    return Fatal(int(body["slot"]), int(body["pid"]), str(body["code"]), str(body["message"]))
