@@ -358,6 +358,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per request otherwise
     os.environ.pop("EXGEN_HTTP_URL", None)
     doc = {"machine": machine(), **run(parse_args(argv))}
     emit(doc)
