@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ from openai.types import Batch, FileObject
 
 from tests.conftest import EXGEN_CLIENT
 from tests.integration.http_support import (
-    SYNTHETIC,
     HttpDaemon,
     batch_lines,
     request,
@@ -25,20 +23,6 @@ from tests.integration.http_support import (
 )
 
 FINAL = ("completed", "failed", "expired", "cancelled")
-
-
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpDaemon]:
-    tmp = tmp_path_factory.mktemp("batches")
-    daemon = start_http_daemon(tmp, *SYNTHETIC, "--workers", "2")
-    daemon.wait_healthy()
-    yield daemon
-    assert daemon.stop() == 0
-
-
-@pytest.fixture
-def sdk(gateway: HttpDaemon) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0)
 
 
 def wait_final(sdk: openai.OpenAI, batch_id: str, timeout: float = 60) -> Batch:
@@ -56,6 +40,23 @@ def upload(sdk: openai.OpenAI, tmp_path: Path, text: str) -> FileObject:
     path.write_text(text)
     with path.open("rb") as f:
         return sdk.files.create(file=f, purpose="batch")
+
+
+def create_batch(sdk: openai.OpenAI, tmp_path: Path, text: str, window: str = "24h") -> str:
+    file = upload(sdk, tmp_path, text)
+    return sdk.batches.create(
+        input_file_id=file.id,
+        endpoint="/v1/chat/completions",
+        completion_window=window,  # type: ignore[arg-type]
+    ).id
+
+
+def slow_daemon(tmp_path: Path, token_ms: int) -> tuple[HttpDaemon, openai.OpenAI]:
+    daemon = start_http_daemon(
+        tmp_path, "--engine", "synthetic", "--engine-opt", f"token_ms={token_ms}", "--workers", "1"
+    )
+    daemon.wait_healthy()
+    return daemon, openai.OpenAI(base_url=daemon.base_url, api_key="x", max_retries=0)
 
 
 def records(text: str) -> list[dict[str, Any]]:
@@ -120,11 +121,7 @@ def test_a_file_breaking_the_rules_fails_with_errors_per_line(
         good[1],  # duplicate custom_id
         json.dumps({"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {}}),
     ]
-    file = upload(sdk, tmp_path, "\n".join(lines) + "\n")
-    batch = sdk.batches.create(
-        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
-    done = wait_final(sdk, batch.id)
+    done = wait_final(sdk, create_batch(sdk, tmp_path, "\n".join(lines) + "\n"))
     assert done.status == "failed" and done.failed_at
     assert done.errors is not None and done.errors.data is not None
     found = {(e.line, e.code) for e in done.errors.data}
@@ -143,11 +140,7 @@ def test_a_bad_request_body_fails_alone_in_the_error_file(
     bad = json.loads(lines[2])
     bad["body"]["temperature"] = "hot"
     lines[2] = json.dumps(bad)
-    file = upload(sdk, tmp_path, "\n".join(lines) + "\n")
-    batch = sdk.batches.create(
-        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
-    done = wait_final(sdk, batch.id)
+    done = wait_final(sdk, create_batch(sdk, tmp_path, "\n".join(lines) + "\n"))
     assert done.status == "completed"
     assert done.request_counts is not None
     assert (done.request_counts.completed, done.request_counts.failed) == (3, 1)
@@ -179,20 +172,13 @@ def test_create_refuses_what_it_cannot_run(
 
 
 def test_cancel_keeps_what_is_done_and_answers_the_rest(tmp_path: Path) -> None:
-    daemon = start_http_daemon(
-        tmp_path, "--engine", "synthetic", "--engine-opt", "token_ms=5", "--workers", "1"
-    )
-    daemon.wait_healthy()
-    sdk = openai.OpenAI(base_url=daemon.base_url, api_key="x", max_retries=0)
-    file = upload(sdk, tmp_path, batch_lines(400, max_tokens=10))
-    batch = sdk.batches.create(
-        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
-    while (sdk.batches.retrieve(batch.id).request_counts or Batch).completed < 10:  # type: ignore[union-attr]
+    daemon, sdk = slow_daemon(tmp_path, token_ms=5)
+    batch_id = create_batch(sdk, tmp_path, batch_lines(400, max_tokens=10))
+    while (sdk.batches.retrieve(batch_id).request_counts or Batch).completed < 10:  # type: ignore[union-attr]
         time.sleep(0.05)
-    cancelling = sdk.batches.cancel(batch.id)
+    cancelling = sdk.batches.cancel(batch_id)
     assert cancelling.status == "cancelling" and cancelling.cancelling_at
-    done = wait_final(sdk, batch.id)
+    done = wait_final(sdk, batch_id)
     assert done.status == "cancelled" and done.cancelled_at
     counts = done.request_counts
     assert counts is not None and 10 <= counts.completed < 400
@@ -204,30 +190,13 @@ def test_cancel_keeps_what_is_done_and_answers_the_rest(tmp_path: Path) -> None:
     ids = [r["custom_id"] for r in output + errors]
     assert sorted(ids) == sorted(f"req-{i}" for i in range(400))
     with pytest.raises(openai.ConflictError):
-        sdk.batches.cancel(wait_final(sdk, _tiny_batch(sdk, tmp_path)).id)
+        sdk.batches.cancel(wait_final(sdk, create_batch(sdk, tmp_path, batch_lines(1))).id)
     assert daemon.stop() == 0
 
 
-def _tiny_batch(sdk: openai.OpenAI, tmp_path: Path) -> str:
-    file = upload(sdk, tmp_path, batch_lines(1))
-    return sdk.batches.create(
-        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
-    ).id
-
-
 def test_a_batch_past_its_window_expires(tmp_path: Path) -> None:
-    daemon = start_http_daemon(
-        tmp_path, "--engine", "synthetic", "--engine-opt", "token_ms=20", "--workers", "1"
-    )
-    daemon.wait_healthy()
-    sdk = openai.OpenAI(base_url=daemon.base_url, api_key="x", max_retries=0)
-    file = upload(sdk, tmp_path, batch_lines(200, max_tokens=20))
-    batch = sdk.batches.create(
-        input_file_id=file.id,
-        endpoint="/v1/chat/completions",
-        completion_window="2s",  # type: ignore[arg-type]
-    )
-    done = wait_final(sdk, batch.id)
+    daemon, sdk = slow_daemon(tmp_path, token_ms=20)
+    done = wait_final(sdk, create_batch(sdk, tmp_path, batch_lines(200, max_tokens=20), "2s"))
     assert done.status == "expired" and done.expired_at
     counts = done.request_counts
     assert counts is not None and counts.completed + counts.failed == 200

@@ -6,22 +6,13 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.http_support import SYNTHETIC, HttpDaemon, batch_lines, start_http_daemon
+from tests.integration.http_support import HttpDaemon, batch_lines
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-
-
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpDaemon]:
-    daemon = start_http_daemon(tmp_path_factory.mktemp("curl"), *SYNTHETIC)
-    daemon.wait_healthy()
-    yield daemon
-    assert daemon.stop() == 0
 
 
 def curl(*args: str) -> str:

@@ -9,7 +9,6 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -17,23 +16,9 @@ import pytest
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from tests.integration.http_support import SYNTHETIC, HttpDaemon, request, start_http_daemon
+from tests.integration.http_support import HttpDaemon, request, start_http_daemon
 
 CHAT = [{"role": "user", "content": "Tell me about rivers"}]
-
-
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpDaemon]:
-    tmp = tmp_path_factory.mktemp("http")
-    daemon = start_http_daemon(tmp, *SYNTHETIC, "--workers", "2")
-    daemon.wait_healthy()
-    yield daemon
-    assert daemon.stop() == 0
-
-
-@pytest.fixture
-def sdk(gateway: HttpDaemon) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0)
 
 
 def test_chat_completion_validates_as_the_sdks_type(sdk: openai.OpenAI) -> None:
