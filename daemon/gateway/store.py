@@ -15,12 +15,13 @@ each custom_id ends up in the output exactly once.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 PENDING, OK, FAILED = 0, 1, 2  # a line's state
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
@@ -63,9 +64,26 @@ def connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+class StateDirInUse(OSError):
+    """Another gateway runs on this state directory: two would run each batch twice."""
+
+
+def _lock_exclusively(path: Path) -> IO[bytes]:
+    """Held while the store is open; the kernel drops it when the process dies."""
+    handle = open(path, "ab")  # noqa: SIM115 (kept open: it is the lock)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StateDirInUse(f"{path.parent} is in use by another exgen gateway") from None
+    return handle
+
+
 class Store:
     def __init__(self, state_dir: str | Path) -> None:
         self.root = Path(state_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_exclusively(self.root / "lock")
         self.files_dir = self.root / "files"
         self.batches_dir = self.root / "batches"
         self.files_dir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +94,7 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+        self._lock.close()
 
     def batch_dir(self, batch_id: str) -> Path:
         return self.batches_dir / batch_id

@@ -241,6 +241,15 @@ def test_validate_file_records_offsets_and_the_store_commits(tmp_path: Path) -> 
     too_many = validate_file(store.db_path, "b", path, CHAT_URL, 3)
     assert too_many.errors[0]["code"] == "too_many_requests"
     assert list(store.iter_pending("b")) == []  # a failed validation leaves no lines
+    store.close()
+
+
+def test_one_gateway_per_state_dir(tmp_path: Path) -> None:
+    store = S.Store(tmp_path)
+    with pytest.raises(S.StateDirInUse, match="in use by another exgen gateway"):
+        S.Store(tmp_path)
+    store.close()
+    S.Store(tmp_path).close()
 
 
 def test_batches_list_newest_first_with_after(tmp_path: Path) -> None:
@@ -249,6 +258,7 @@ def test_batches_list_newest_first_with_after(tmp_path: Path) -> None:
         store.add_batch(batch_row(f"b{i}", "completed"))
     assert [r["id"] for r in store.list_batches(None, 2)] == ["b4", "b3"]
     assert [r["id"] for r in store.list_batches("b3", 10)] == ["b2", "b1", "b0"]
+    store.close()
 
 
 # --- the keeper ------------------------------------------------------------------------------

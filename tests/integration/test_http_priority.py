@@ -1,0 +1,52 @@
+"""A chat request made during a big batch is answered about as fast as on an idle
+daemon: batch lines go to the router in the ``batch`` lane (and from their own client),
+so an interactive request never waits behind the batch's queue."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import openai
+
+from tests.integration.http_support import batch_lines, start_http_daemon
+
+# One worker of 8, 5 ms a token: a 20-token batch line takes 0.1 s, so the 4,000
+# lines queue for about 50 s; a 4-token chat request takes about 20 ms.
+ENGINE = ("--engine", "synthetic", "--engine-opt", "token_ms=5", "--workers", "1")
+
+
+def chat_latency(sdk: openai.OpenAI, samples: int) -> float:
+    took = []
+    for i in range(samples):
+        started = time.perf_counter()
+        sdk.chat.completions.create(
+            model="x", messages=[{"role": "user", "content": f"quick {i}"}], max_tokens=4
+        )
+        took.append(time.perf_counter() - started)
+    return statistics.median(took)
+
+
+def test_a_chat_request_during_a_batch_is_not_queued_behind_it(tmp_path: Path) -> None:
+    daemon = start_http_daemon(tmp_path, *ENGINE)
+    daemon.wait_healthy()
+    sdk = openai.OpenAI(base_url=daemon.base_url, api_key="x", max_retries=0)
+    idle = chat_latency(sdk, 10)
+    path = tmp_path / "batch.jsonl"
+    path.write_text(batch_lines(4000, max_tokens=20))
+    with path.open("rb") as f:
+        file = sdk.files.create(file=f, purpose="batch")
+    batch = sdk.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    while (sdk.batches.retrieve(batch.id).request_counts or batch).completed < 50:  # type: ignore[union-attr]
+        time.sleep(0.1)
+    busy = chat_latency(sdk, 10)
+    counts = sdk.batches.retrieve(batch.id).request_counts
+    assert counts is not None and counts.completed < 3000, "the batch ended too soon to tell"
+    # Behind the batch's queue it would wait tens of seconds; beside it, a slot frees
+    # every ~12 ms and the request takes one (plus the worker's small prefetch).
+    assert busy < 4 * idle + 0.3, f"idle {idle * 1e3:.0f} ms, during the batch {busy * 1e3:.0f} ms"
+    sdk.batches.cancel(batch.id)
+    assert daemon.stop() == 0
