@@ -12,6 +12,7 @@ from pathlib import Path
 
 from exgen.daemon.cli import is_loopback
 from exgen.daemon.config import Settings, parse_host_port
+from exgen.daemon.gateway.store import StateDirInUse, lock_exclusively
 
 
 class GatewayUnusable(ValueError):
@@ -78,6 +79,9 @@ class GatewayOptions:
             raise GatewayUnusable(f"http_api_keys_file {self.api_keys_file}: cannot read it")
         try:
             Path(self.state_dir).mkdir(parents=True, exist_ok=True)
+            lock_exclusively(Path(self.state_dir) / "lock").close()
+        except StateDirInUse as exc:
+            raise GatewayUnusable(f"http_state_dir: {exc}") from None
         except OSError as exc:
             raise GatewayUnusable(f"http_state_dir {self.state_dir}: {exc.strerror}") from None
         try:

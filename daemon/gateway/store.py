@@ -68,7 +68,7 @@ class StateDirInUse(OSError):
     """Another gateway runs on this state directory: two would run each batch twice."""
 
 
-def _lock_exclusively(path: Path) -> IO[bytes]:
+def lock_exclusively(path: Path) -> IO[bytes]:
     """Held while the store is open; the kernel drops it when the process dies."""
     handle = open(path, "ab")  # noqa: SIM115 (kept open: it is the lock)
     try:
@@ -83,7 +83,7 @@ class Store:
     def __init__(self, state_dir: str | Path) -> None:
         self.root = Path(state_dir)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock_exclusively(self.root / "lock")
+        self._lock = lock_exclusively(self.root / "lock")
         self.files_dir = self.root / "files"
         self.batches_dir = self.root / "batches"
         self.files_dir.mkdir(parents=True, exist_ok=True)

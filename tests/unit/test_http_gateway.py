@@ -248,6 +248,8 @@ def test_one_gateway_per_state_dir(tmp_path: Path) -> None:
     store = S.Store(tmp_path)
     with pytest.raises(S.StateDirInUse, match="in use by another exgen gateway"):
         S.Store(tmp_path)
+    with pytest.raises(GatewayUnusable, match="in use by another exgen gateway"):
+        options(tmp_path).preflight()
     store.close()
     S.Store(tmp_path).close()
 
