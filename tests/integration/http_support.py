@@ -3,6 +3,7 @@ the processes (supervisor, gateway, workers) to kill."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -62,8 +63,9 @@ class HttpDaemon:
 
     def gateway_pid(self) -> int:
         for proc in self.processes()[1:]:
-            if "exgen.daemon.gateway" in " ".join(proc.cmdline()):
-                return proc.pid
+            with contextlib.suppress(psutil.Error):  # one just killed is a zombie a while
+                if "exgen.daemon.gateway" in " ".join(proc.cmdline()):
+                    return proc.pid
         raise AssertionError("no gateway process")
 
     def kill_all(self) -> list[psutil.Process]:

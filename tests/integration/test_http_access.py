@@ -112,8 +112,8 @@ def test_busy_is_429_with_retry_after_and_slow_is_504(guarded: tuple[HttpDaemon,
     assert time.monotonic() - begin < 3
 
 
-def test_no_worker_ready_is_503(tmp_path: Path) -> None:
-    daemon = start_http_daemon(tmp_path, "--engine", "synthetic", "--engine-opt", "boot_s=60")
+def test_no_worker_ready_is_503(http_daemon: Any) -> None:
+    daemon = http_daemon("--engine", "synthetic", "--engine-opt", "boot_s=60")
     deadline = time.monotonic() + 30
     status: int | None = None
     while time.monotonic() < deadline:

@@ -19,7 +19,6 @@ from tests.integration.http_support import (
     HttpDaemon,
     batch_lines,
     request,
-    start_http_daemon,
 )
 
 FINAL = ("completed", "failed", "expired", "cancelled")
@@ -51,9 +50,9 @@ def create_batch(sdk: openai.OpenAI, tmp_path: Path, text: str, window: str = "2
     ).id
 
 
-def slow_daemon(tmp_path: Path, token_ms: int) -> tuple[HttpDaemon, openai.OpenAI]:
-    daemon = start_http_daemon(
-        tmp_path, "--engine", "synthetic", "--engine-opt", f"token_ms={token_ms}", "--workers", "1"
+def slow_daemon(start: Any, token_ms: int) -> tuple[HttpDaemon, openai.OpenAI]:
+    daemon = start(
+        "--engine", "synthetic", "--engine-opt", f"token_ms={token_ms}", "--workers", "1"
     )
     daemon.wait_healthy()
     return daemon, openai.OpenAI(base_url=daemon.base_url, api_key="x", max_retries=0)
@@ -171,8 +170,8 @@ def test_create_refuses_what_it_cannot_run(
         assert (got, reply["error"]["param"]) == (status, param), reply
 
 
-def test_cancel_keeps_what_is_done_and_answers_the_rest(tmp_path: Path) -> None:
-    daemon, sdk = slow_daemon(tmp_path, token_ms=5)
+def test_cancel_keeps_what_is_done_and_answers_the_rest(tmp_path: Path, http_daemon: Any) -> None:
+    daemon, sdk = slow_daemon(http_daemon, token_ms=5)
     batch_id = create_batch(sdk, tmp_path, batch_lines(400, max_tokens=10))
     while (sdk.batches.retrieve(batch_id).request_counts or Batch).completed < 10:  # type: ignore[union-attr]
         time.sleep(0.05)
@@ -194,8 +193,8 @@ def test_cancel_keeps_what_is_done_and_answers_the_rest(tmp_path: Path) -> None:
     assert daemon.stop() == 0
 
 
-def test_a_batch_past_its_window_expires(tmp_path: Path) -> None:
-    daemon, sdk = slow_daemon(tmp_path, token_ms=20)
+def test_a_batch_past_its_window_expires(tmp_path: Path, http_daemon: Any) -> None:
+    daemon, sdk = slow_daemon(http_daemon, token_ms=20)
     done = wait_final(sdk, create_batch(sdk, tmp_path, batch_lines(200, max_tokens=20), "2s"))
     assert done.status == "expired" and done.expired_at
     counts = done.request_counts

@@ -10,12 +10,13 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 from openai.types import Batch
 
-from tests.integration.http_support import HttpDaemon, batch_lines, start_http_daemon
+from tests.integration.http_support import HttpDaemon, batch_lines
 
 ZERO_COST = ("--engine", "synthetic", "--engine-opt", "token_ms=0", "--workers", "2")
 
@@ -63,10 +64,10 @@ def sdk_for(daemon: HttpDaemon) -> openai.OpenAI:
 
 
 @pytest.mark.slow
-def test_kill_9_of_the_whole_daemon_mid_batch(tmp_path: Path) -> None:
+def test_kill_9_of_the_whole_daemon_mid_batch(tmp_path: Path, http_daemon: Any) -> None:
     total = 20_000
     state = tmp_path / "state"
-    first = start_http_daemon(tmp_path / "run1", *ZERO_COST, state_dir=state)
+    first = http_daemon(*ZERO_COST, state_dir=state)
     first.wait_healthy()
     inputs = tmp_path / "batch.jsonl"
     inputs.write_text(batch_lines(total))
@@ -79,7 +80,7 @@ def test_kill_9_of_the_whole_daemon_mid_batch(tmp_path: Path) -> None:
     assert len(killed) == 4  # supervisor, gateway, two workers
     assert not any(p.is_running() for p in killed)
 
-    second = start_http_daemon(tmp_path / "run2", *ZERO_COST, state_dir=state)
+    second = http_daemon(*ZERO_COST, state_dir=state)
     second.wait_healthy()
     sdk = sdk_for(second)
     resumed = sdk.batches.retrieve(batch_id)
@@ -90,11 +91,11 @@ def test_kill_9_of_the_whole_daemon_mid_batch(tmp_path: Path) -> None:
     assert second.stop() == 0
 
 
-def test_the_gateway_restarted_by_the_keeper_resumes_the_batch(tmp_path: Path) -> None:
+def test_the_gateway_restarted_by_the_keeper_resumes_the_batch(
+    tmp_path: Path, http_daemon: Any
+) -> None:
     total = 3000
-    daemon = start_http_daemon(
-        tmp_path, "--engine", "synthetic", "--engine-opt", "token_ms=1", "--workers", "2"
-    )
+    daemon = http_daemon("--engine", "synthetic", "--engine-opt", "token_ms=1", "--workers", "2")
     daemon.wait_healthy()
     inputs = tmp_path / "batch.jsonl"
     inputs.write_text(batch_lines(total))

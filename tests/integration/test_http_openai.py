@@ -9,14 +9,14 @@ import asyncio
 import json
 import socket
 import time
-from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from tests.integration.http_support import HttpDaemon, request, start_http_daemon
+from tests.integration.http_support import HttpDaemon, request
 
 CHAT = [{"role": "user", "content": "Tell me about rivers"}]
 
@@ -147,11 +147,10 @@ def test_metrics_count_requests_by_route(gateway: HttpDaemon, sdk: openai.OpenAI
     assert "exgen_http_daemon_workers_ready 2.0" in text
 
 
-def test_a_caller_that_disconnects_frees_its_worker(tmp_path: Path) -> None:
+def test_a_caller_that_disconnects_frees_its_worker(http_daemon: Any) -> None:
     """One slot of capacity 1; a 1000-token stream (20 s) abandoned after its first
     chunk must not hold the slot: the next request is answered at once."""
-    daemon = start_http_daemon(
-        tmp_path,
+    daemon = http_daemon(
         "--engine",
         "synthetic",
         "--engine-opt",

@@ -7,10 +7,11 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import openai
 
-from tests.integration.http_support import batch_lines, start_http_daemon
+from tests.integration.http_support import batch_lines
 
 # One worker of 8, 5 ms a token: a 20-token batch line takes 0.1 s, so the 4,000
 # lines queue for about 50 s; a 4-token chat request takes about 20 ms.
@@ -28,8 +29,10 @@ def chat_latency(sdk: openai.OpenAI, samples: int) -> float:
     return statistics.median(took)
 
 
-def test_a_chat_request_during_a_batch_is_not_queued_behind_it(tmp_path: Path) -> None:
-    daemon = start_http_daemon(tmp_path, *ENGINE)
+def test_a_chat_request_during_a_batch_is_not_queued_behind_it(
+    tmp_path: Path, http_daemon: Any
+) -> None:
+    daemon = http_daemon(*ENGINE)
     daemon.wait_healthy()
     sdk = openai.OpenAI(base_url=daemon.base_url, api_key="x", max_retries=0)
     idle = chat_latency(sdk, 10)
