@@ -9,28 +9,37 @@ Input, one JSON object a line (blank lines are skipped; line numbers count them)
 
 Params of plain and chat lines sit at the top level (or in a ``"params"`` map) under
 the names of :data:`protocol.PARAM_NAMES`; ``max_tokens`` is an alias of
-``max_new_tokens``. In an OpenAI body, ``max_tokens`` / ``max_completion_tokens``,
+``max_new_tokens``. ``timeout_s`` (top level) is the line's deadline in seconds.
+In an OpenAI body, ``max_tokens`` / ``max_completion_tokens``,
 ``temperature``, ``top_p``, ``seed`` and ``stop`` are mapped, and the common
 extensions ``top_k``, ``min_p`` and ``repetition_penalty`` are accepted as vLLM does.
 A line's params override the command line's defaults.
 
 Strictness, on purpose: an unknown key rejects the line with a message naming it (a
 typo like ``temprature`` must not silently run a whole file greedily). OpenAI body
-fields that cannot change the text (``model``, ``user``, ``metadata``, ``store``,
-``service_tier``, ...) are ignored; fields that would change it and that exgen cannot
-honour (``n`` > 1, ``stream``, ``logprobs``, ``tools``, penalties, ...) reject the
-line unless they hold their neutral value (``n: 1``, ``stream: false``, ...).
+fields that cannot change the text (``user``, ``metadata``, ``store``,
+``service_tier``, ...) are ignored; ``model`` is sent with the item (a daemon with
+``strict_model`` refuses a line naming another model, as a 404); fields that would
+change it and that exgen cannot honour (``n`` > 1, ``stream``, ``logprobs``,
+``tools``, penalties, ...) reject the line unless they hold their neutral value
+(``n: 1``, ``stream: false``, ...).
 
 A missing ``id`` becomes ``line-N`` (N the 1-based line number, stable across
-``--resume`` as long as the file is unchanged). A repeated id rejects the later line.
+``--resume`` as long as the file is unchanged). A repeated id rejects the later line,
+whose error keeps the id and names the line (``"line": N``). A string that cannot be
+encoded as UTF-8 (a lone surrogate such as ``"\ud800"``, escaped in the JSON) rejects
+its line alone, naming the field.
 Every problem is a :class:`LineError` — never a silently dropped line — and is also
 written to the output, so the output accounts for every input line.
 
 Output: plain/chat lines get ``{"id", "text", "finish_reason", "prompt_tokens",
 "completion_tokens", "error"}`` (``error``: null or ``{"code", "message"}``). Timing
 and slot are left out so that two greedy runs give identical files. OpenAI lines get
-the OpenAI batch output shape (:func:`format_result`). A malformed line is answered
-with an error whose object also carries ``"line"``.
+the OpenAI batch output shape (:func:`format_result`): ``body.model`` is the model
+the daemon serves, whatever the line asked for; a failed OpenAI line has OpenAI's
+error-file shape (``response.status_code`` 400/404/500 with ``body.error``; a
+cancelled or timed-out line ``response: null`` and ``error``). A malformed line is
+answered with an error whose object also carries ``"line"``.
 
 Resume (:func:`prepare_resume`): ids with a successful result count as done; error
 lines and a truncated last line are removed, so a resumed run retries failures and
@@ -51,6 +60,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from exgen.client import protocol as P
+from exgen.client.calls import unencodable_field
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +73,9 @@ DEFAULT_MODEL_NAME = "exgen"  # echoed as OpenAI "model" when the line names non
 PARAM_ALIASES: dict[str, str] = {name: name for name in P.PARAM_NAMES} | {
     "max_tokens": "max_new_tokens"
 }
-_PLAIN_KEYS = frozenset({"id", "prompt", "messages", "params"}) | frozenset(PARAM_ALIASES)
+_PLAIN_KEYS = frozenset({"id", "prompt", "messages", "params", "timeout_s"}) | frozenset(
+    PARAM_ALIASES
+)
 
 # OpenAI body fields mapped onto exgen params.
 OPENAI_PARAM_ALIASES: dict[str, str] = {
@@ -81,7 +93,6 @@ OPENAI_PARAM_ALIASES: dict[str, str] = {
 # OpenAI body fields that cannot change the generated text: accepted and ignored.
 OPENAI_IGNORED = frozenset(
     {
-        "model",
         "user",
         "metadata",
         "store",
@@ -124,7 +135,8 @@ class BatchLine:
     messages: list[dict[str, str]] | None = None
     params: dict[str, Any] = field(default_factory=dict)
     url: str | None = None  # set for OpenAI lines: which endpoint they address
-    model: str | None = None  # an OpenAI body's "model", echoed back
+    model: str | None = None  # an OpenAI body's "model": sent, for strict daemons
+    timeout_s: float | None = None  # the line's own deadline
 
     @property
     def is_openai(self) -> bool:
@@ -137,6 +149,10 @@ class BatchLine:
             item["messages"] = self.messages
         else:
             item["prompt"] = self.prompt
+        if self.model is not None:
+            item["model"] = self.model
+        if self.timeout_s is not None:
+            item["timeout_s"] = self.timeout_s
         return item
 
 
@@ -178,11 +194,12 @@ def read_batch(lines: Iterable[bytes | str]) -> Iterator[Entry]:
         if isinstance(entry, BatchLine):
             openai_seen = entry.is_openai
             if entry.id in seen:
-                # Answered under its line number: the id belongs to the earlier line.
+                # Its error keeps the id and names its line: the other answer for the
+                # id is the earlier line's.
                 yield LineError(
                     line_no,
                     f"duplicate id {entry.id!r} (already used by an earlier line)",
-                    fallback_id(line_no),
+                    entry.id,
                     entry.is_openai,
                 )
                 continue
@@ -217,11 +234,23 @@ def parse_line(raw: bytes | str, line_no: int, *, openai_default: bool = False) 
     is_openai = bool(_OPENAI_LINE_KEYS & obj.keys())
     item_id = _usable_id(obj.get("custom_id" if is_openai else "id"), line_no)
     try:
+        _check_encodable(obj, raw)
         if is_openai:
             return _parse_openai(obj, line_no)
         return _parse_plain(obj, line_no)
     except _Malformed as exc:
         return LineError(line_no, str(exc), item_id, is_openai)
+
+
+def _check_encodable(obj: dict[str, Any], raw: bytes | str) -> None:
+    """A lone surrogate (only a JSON ``\\uD8xx``-``\\uDFxx`` escape can make one) cannot
+    be sent: the line is refused naming the field, and costs the others nothing."""
+    text = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
+    if b"\\ud" not in text and b"\\uD" not in text:
+        return  # the common case: no escape of that range, nothing to walk
+    where = unencodable_field(obj)
+    if where is not None:
+        raise _Malformed(f"{where}: holds a lone surrogate, which cannot be encoded as UTF-8")
 
 
 def _usable_id(value: Any, line_no: int) -> str:
@@ -302,8 +331,12 @@ def _parse_plain(obj: dict[str, Any], line_no: int) -> BatchLine:
         written |= inner_written
     raw = {"id": item_id, "params": params}
     raw |= {"prompt": obj["prompt"]} if "prompt" in obj else {"messages": obj["messages"]}
+    if obj.get("timeout_s") is not None:
+        raw["timeout_s"] = obj["timeout_s"]
     item = _validate(raw, written, "")
-    return BatchLine(line_no, item.id, item.prompt, item.messages, item.params)
+    return BatchLine(
+        line_no, item.id, item.prompt, item.messages, item.params, timeout_s=item.timeout_s
+    )
 
 
 def _parse_openai(obj: dict[str, Any], line_no: int) -> BatchLine:
@@ -331,8 +364,10 @@ def _parse_openai(obj: dict[str, Any], line_no: int) -> BatchLine:
         raw["messages"] = _openai_messages(body["messages"])
     else:
         raw["prompt"] = _openai_prompt(body.get("prompt"))
-    item = _validate(raw, written, "body.")
     model = body.get("model")
+    if model is not None:
+        raw["model"] = model
+    item = _validate(raw, written, "body.")
     return BatchLine(
         line_no,
         item.id,
@@ -340,13 +375,15 @@ def _parse_openai(obj: dict[str, Any], line_no: int) -> BatchLine:
         item.messages,
         item.params,
         url=url,
-        model=model if isinstance(model, str) else None,
+        model=item.model,
     )
 
 
 def _check_openai_body_keys(body: Mapping[str, Any], url: str) -> None:
     text_key = "messages" if url == CHAT_URL else "prompt"
-    known = {text_key} | OPENAI_PARAM_ALIASES.keys() | OPENAI_IGNORED | OPENAI_NEUTRAL.keys()
+    known = (
+        {text_key, "model"} | OPENAI_PARAM_ALIASES.keys() | OPENAI_IGNORED | OPENAI_NEUTRAL.keys()
+    )
     for key, value in body.items():
         if key in OPENAI_NEUTRAL:
             allowed, reason = OPENAI_NEUTRAL[key]
@@ -420,6 +457,20 @@ class ResultLike(Protocol):
     def error(self) -> Any: ...
 
 
+# An OpenAI line's failure as an HTTP answer would have it: (status, error type). The
+# codes not here (cancelled, timeout) are not answers of the API but of the batch
+# run, and go in the line's "error" with "response": null, as OpenAI's batch does.
+OPENAI_HTTP_ERRORS: dict[str, tuple[int, str]] = {
+    P.E_BAD_REQUEST: (400, "invalid_request_error"),
+    P.E_PROMPT_TOO_LONG: (400, "invalid_request_error"),
+    P.E_MODEL_NOT_FOUND: (404, "invalid_request_error"),
+    P.E_TOO_LARGE: (500, "server_error"),
+    P.E_WORKER_DIED: (500, "server_error"),
+    P.E_ENGINE: (500, "server_error"),
+    P.E_INTERNAL: (500, "server_error"),
+}
+
+
 def _error_object(error: Any) -> dict[str, Any]:
     code = getattr(error, "code", P.E_INTERNAL)
     message = getattr(error, "message", None) or str(error)
@@ -435,8 +486,8 @@ def format_result(
 ) -> dict[str, Any]:
     """The output line for one result, in the shape of its input line.
 
-    ``default_model``: the OpenAI ``model`` for lines whose body names none (the CLI
-    passes the daemon's model name).
+    OpenAI bodies name the model that wrote the text: the result's (the daemon's
+    served model), else ``default_model`` (the CLI passes the daemon's status).
     """
     error = None if result.error is None else _error_object(result.error)
     if not line.is_openai:
@@ -449,11 +500,29 @@ def format_result(
             "error": error,
         }
     if error is not None:
-        return _openai_line(line.id, None, error)
+        return _openai_failure(line.id, error, getattr(result.error, "field", None))
     created = int(time.time() if now is None else now)
-    body = _openai_body(line, result, created, line.model or default_model)
-    response = {"status_code": 200, "request_id": f"req_{uuid.uuid4().hex}", "body": body}
-    return _openai_line(line.id, response, None)
+    model = getattr(result, "model", None) or default_model
+    body = _openai_body(line, result, created, model)
+    return _openai_line(line.id, _openai_response(200, body), None)
+
+
+def _openai_failure(custom_id: str, error: dict[str, Any], param: str | None) -> dict[str, Any]:
+    """A failed OpenAI line in the shape of OpenAI's batch error file."""
+    http = OPENAI_HTTP_ERRORS.get(error["code"])
+    if http is None:
+        return _openai_line(custom_id, None, error)
+    status, kind = http
+    if error["code"] == P.E_MODEL_NOT_FOUND:
+        param = "model"
+    body = {
+        "error": {"message": error["message"], "type": kind, "param": param, "code": error["code"]}
+    }
+    return _openai_line(custom_id, _openai_response(status, body), None)
+
+
+def _openai_response(status: int, body: dict[str, Any]) -> dict[str, Any]:
+    return {"status_code": status, "request_id": f"req_{uuid.uuid4().hex}", "body": body}
 
 
 def _openai_line(
@@ -505,22 +574,47 @@ def format_line_error(err: LineError) -> dict[str, Any]:
     }
 
 
-class ResultWriter:
-    """Writes one JSON line per answer and flushes it, so a crash loses nothing written."""
+class WriteFailed(Exception):
+    """An output file could not be written (disk full, I/O error, closed pipe)."""
 
-    def __init__(self, stream: IO[str], *, default_model: str = DEFAULT_MODEL_NAME) -> None:
+    def __init__(self, name: str, cause: OSError) -> None:
+        super().__init__(f"cannot write {name}: {cause.strerror or cause}")
+        self.name = name
+        self.cause = cause
+
+
+class ResultWriter:
+    """Writes one JSON line per answer and flushes it, so a crash loses nothing written.
+
+    With ``errors`` given, failed lines (and malformed ones) go there instead.
+    """
+
+    def __init__(
+        self,
+        stream: IO[str],
+        *,
+        errors: IO[str] | None = None,
+        default_model: str = DEFAULT_MODEL_NAME,
+    ) -> None:
         self.stream = stream
+        self.errors = errors
         self.default_model = default_model
 
-    def write(self, record: Mapping[str, Any]) -> None:
-        self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.stream.flush()
+    def write(self, record: Mapping[str, Any], stream: IO[str] | None = None) -> None:
+        out = self.stream if stream is None else stream
+        try:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+        except OSError as exc:
+            raise WriteFailed(getattr(out, "name", "the output"), exc) from exc
 
     def write_result(self, line: BatchLine, result: ResultLike) -> None:
-        self.write(format_result(line, result, default_model=self.default_model))
+        failed = result.error is not None
+        record = format_result(line, result, default_model=self.default_model)
+        self.write(record, self.errors if failed else None)
 
     def write_line_error(self, err: LineError) -> None:
-        self.write(format_line_error(err))
+        self.write(format_line_error(err), self.errors)
 
 
 # --- resume ----------------------------------------------------------------------

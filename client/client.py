@@ -1,47 +1,64 @@
 """The client library: :class:`Client` (blocking) and :class:`AsyncClient` (asyncio).
 
-Both speak to the router over one DEALER socket and share one sans-IO core,
-:class:`_Session`, that owns the bookkeeping: which items are outstanding, the send
-window, busy back-off, resending after a reconnect, and duplicate suppression.
+Both are thin I/O shells over one sans-IO core (:mod:`exgen.client.core`; one call is
+a ``Call`` of :mod:`exgen.client.calls`) that owns the connection: any number of
+concurrent calls share one DEALER socket, results find their call by id, and
+``status``/``ping``/``cancel`` never wait behind a stream. The core also holds the
+send window, busy back-off, resending after a daemon restart, duplicate suppression
+and the acknowledgement of results; see its docstring.
 
-Flow control is credit-like: at most ``window`` items are outstanding at once, so a
-100,000-line iterator is sent lazily and neither side's memory grows with the file.
-A ``busy`` reply (the router's queue is full) makes the client wait and resend.
+A call's iterator that is abandoned (``break``, an exception, ``close()``, Ctrl-C;
+``aclose()`` for the async ones) cancels the work it still has at the daemon, and
+waits up to ``CANCEL_CONFIRM_S`` for the daemon to have it, so that a program that
+exits next leaves nothing running for nobody.
 
-If the daemon stops answering pings (it was restarted, say), the client reconnects
-with back-off and resends every item that was sent but not answered, with the same
-ids; a result for an id already delivered is dropped, so each id is yielded once.
+Connecting: an ipc socket is checked before it is used (its directory must be this
+user's or root's, see :mod:`exgen.client.transport`); a missing socket, or nothing
+listening, is a :class:`errors.ConnectionFailed` at once; an address where no
+connection completes (a TCP host that never answers) is a
+:class:`errors.ConnectTimeout` after ``connect_timeout`` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import logging
 import os
+import socket
+import sys
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import zmq
 import zmq.asyncio
 
-from exgen.client import errors
+from exgen.client import errors, transport
 from exgen.client import protocol as P
+from exgen.client.core import Call, Core, Request, Result
 from exgen.client.keys import CurveKeys
 
-logger = logging.getLogger(__name__)
+__all__ = ["AsyncClient", "Client", "Result", "default_address", "user_address"]
 
-SUBMIT_BATCH = 512  # items per submit frame: big enough to amortise, small enough to interleave
-PING_INTERVAL_S = 2.0
-BUSY_BACKOFF_S = (0.05, 2.0)  # first and largest wait after a busy reply
-# Errors that name items the daemon did not run: the items are sent again, not failed.
-RETRYABLE_CODES = frozenset({P.E_BUSY, P.E_DRAINING})
 SYSTEMD_SOCKET = Path("/run/exgen/exgen.sock")
+# What was queued last (an ACK, a cancel) may still leave after close, for this long.
+CLOSE_LINGER_MS = 200
+CANCEL_CONFIRM_S = 1.0  # the longest an abandoned call waits for the daemon to have its cancel
+WAIT_READY_POLL_S = 0.2
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+
+T = TypeVar("T")
+Items = Iterable[Mapping[str, Any] | Result]
+Prompt = str | list[dict[str, str]]
 
 
 def default_address() -> str:
@@ -61,51 +78,12 @@ def user_address() -> str:
     return f"ipc://{base / 'exgen.sock'}"
 
 
-@dataclass(slots=True)
-class Result:
-    """One prompt's outcome. ``error`` is set (and ``text`` empty) when it failed."""
-
-    id: str
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    slot: int | None = None
-    error: errors.RequestFailed | None = None
-    latency_s: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def raise_for_error(self) -> Result:
-        if self.error is not None:
-            raise self.error
-        return self
-
-    @classmethod
-    def from_wire(cls, body: Mapping[str, Any], latency_s: float = 0.0) -> Result:
-        item_id = str(body.get("id", ""))
-        err = body.get("error")
-        return cls(
-            id=item_id,
-            text=str(body.get("text") or ""),
-            finish_reason=body.get("finish_reason"),
-            prompt_tokens=int(body.get("prompt_tokens") or 0),
-            completion_tokens=int(body.get("completion_tokens") or 0),
-            slot=body.get("slot"),
-            error=errors.error_from_wire(err, item_id) if isinstance(err, dict) else None,
-            latency_s=latency_s,
-        )
-
-
-def _as_item(prompt: str | Mapping[str, Any], item_id: str) -> dict[str, Any]:
-    """A str prompt, or a mapping with prompt/messages (and maybe id, params)."""
-    if isinstance(prompt, str):
-        return {"id": item_id, "prompt": prompt}
-    item = dict(prompt)
-    item.setdefault("id", item_id)
-    return item
+def command_line() -> str:
+    """This process's command line, as a client name in the daemon's status."""
+    argv = [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
+    name = " ".join(argv)
+    limit = P.MAX_CLIENT_NAME_CHARS
+    return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
 def workers_ready(status: Mapping[str, Any], count: int | None = None) -> bool:
@@ -115,259 +93,142 @@ def workers_ready(status: Mapping[str, Any], count: int | None = None) -> bool:
     return bool(workers) and ready >= (count or len(workers))
 
 
-def _stream_item(prompt: str | list[dict[str, str]]) -> dict[str, Any]:
+def _as_item(prompt: str | Mapping[str, Any], item_id: str) -> dict[str, Any]:
+    """A str prompt, or a mapping with prompt/messages (and maybe id, params)."""
+    if isinstance(prompt, str):
+        return {"id": item_id, "prompt": prompt}
+    if not isinstance(prompt, Mapping):
+        raise errors.BadRequest(
+            f"a prompt must be a string or a map, not {type(prompt).__name__}", field="prompts"
+        )
+    item = dict(prompt)
+    item.setdefault("id", item_id)
+    return item
+
+
+def _generate_items(prompts: Sequence[str | Mapping[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(prompts, str | bytes):
+        raise errors.BadRequest(
+            "prompts must be a list of prompts, not one string", field="prompts"
+        )
+    return [_as_item(p, str(i)) for i, p in enumerate(prompts)]
+
+
+def _stream_item(prompt: Prompt) -> dict[str, Any]:
     """The one item of a stream() call: chat messages or a plain prompt."""
     if isinstance(prompt, list):
         return {"id": "0", "messages": prompt}
     return {"id": "0", "prompt": prompt}
 
 
-def _parse(frames: list[bytes]) -> tuple[bytes, dict[str, Any]]:
-    """A reply from the daemon; frames of another protocol are ProtocolMismatch."""
-    try:
-        return P.unpack(frames)
-    except P.FrameError as exc:
-        raise errors.ProtocolMismatch(str(exc)) from None
+def _cancel_body(client: str | None) -> dict[str, Any]:
+    if client is None:
+        return {"clients": "all"}
+    if not isinstance(client, str) or not client:
+        raise errors.BadRequest("a client to cancel is named by a non-empty string", field="client")
+    return {"client": client}
 
 
-def _stream_tail(result: Result, sent: str) -> str:
-    """What the final result adds to the chunks already streamed.
-
-    Engines stream freely and settle the text at the end (a stop string may cut it),
-    so the final text is the truth; chunks past a stop string are not taken back.
-    """
-    result.raise_for_error()
-    return result.text[len(sent) :] if result.text.startswith(sent) else ""
+def _future(awaitable: Awaitable[T]) -> asyncio.Future[T]:
+    """What zmq.asyncio's socket calls return: a Future (typed as an Awaitable)."""
+    return cast("asyncio.Future[T]", awaitable)
 
 
-@dataclass(slots=True)
-class _Outstanding:
-    wire: dict[str, Any]
-    sent_at: float
-
-
-class _Session:
-    """Sans-IO state of one iter_results call: what to send next, what came back."""
+class _Shell:
+    """What both clients share: options, identity, the core, the socket's checks."""
 
     def __init__(
         self,
-        items: Iterable[Mapping[str, Any]],
-        defaults: dict[str, Any],
+        address: str | None,
+        timeout: float | None,
         window: int,
-        stream: bool,
-    ) -> None:
-        self.source = iter(items)
-        self.defaults = P.validate_params(defaults, "params") if defaults else {}
-        self.window = window
-        # Refill the window in large submits, not one per handful of results: every
-        # submit costs a frame, a validation pass and an ACCEPTED reply at the router.
-        self.low_water = min(SUBMIT_BATCH, max(1, window // 4))
-        self.stream = stream
-        self.exhausted = False
-        self.outstanding: dict[str, _Outstanding] = {}
-        self.delivered: set[str] = set()
-        self.ready: deque[Result] = deque()  # results to hand to the caller
-        self.chunks: deque[tuple[str, str]] = deque()
-        self.resend: deque[dict[str, Any]] = deque()  # busy or reconnect: send again
-        self.busy_until = 0.0
-        self.busy_wait = BUSY_BACKOFF_S[0]
-        self.instance: str | None = None  # the daemon run we are talking to
-        # Submits not yet acknowledged, and pings not yet answered, by request id. The
-        # router answers in order, so a pong for a ping sent after a submit that got
-        # no ACCEPTED means that submit was lost (sent to a daemon that then died).
-        self.unacked: dict[str, tuple[float, list[str]]] = {}
-        self.pings: dict[str, float] = {}
-        self.ping_counter = itertools.count()
-
-    @property
-    def finished(self) -> bool:
-        return (
-            self.exhausted
-            and not self.outstanding
-            and not self.resend
-            and not self.ready
-            and not self.chunks
-        )
-
-    def next_submit(self, now: float) -> dict[str, Any] | None:
-        """The next submit body to send, or None when the window is full or all is sent."""
-        if now < self.busy_until:
-            return None
-        batch: list[dict[str, Any]] = []
-        while self.resend and len(batch) < SUBMIT_BATCH:
-            batch.append(self.resend.popleft())
-        room = self.window - len(self.outstanding)
-        if not batch and self.outstanding and room < self.low_water:
-            return None  # results free room a few at a time: wait for a full-size submit
-        while not self.exhausted and len(batch) < min(SUBMIT_BATCH, room):
-            wire = self._next_valid_item()
-            if wire is not None:
-                batch.append(wire)
-                self.outstanding[wire["id"]] = _Outstanding(wire, now)
-        if not batch:
-            return None
-        for wire in batch:
-            self.outstanding[wire["id"]].sent_at = now
-        req = uuid.uuid4().hex
-        self.unacked[req] = (now, [wire["id"] for wire in batch])
-        return {"req": req, "items": batch, "stream": self.stream}
-
-    def unsent(self, body: dict[str, Any]) -> None:
-        """A submit that could not leave (no daemon connected): its items go out again."""
-        self.unacked.pop(body["req"], None)
-        self.resend.extendleft(reversed(body["items"]))
-
-    def ping_body(self, now: float) -> dict[str, Any]:
-        req = f"ping-{next(self.ping_counter)}"
-        self.pings[req] = now
-        return {"req": req}
-
-    def _on_pong(self, body: dict[str, Any]) -> None:
-        sent_at = self.pings.pop(str(body.get("req")), None)
-        if sent_at is None:
-            return
-        lost = [req for req, (at, _) in self.unacked.items() if at <= sent_at]
-        for req in lost:
-            ids = self.unacked.pop(req)[1]
-            logger.warning("a submit of %d items got no answer; sending it again", len(ids))
-            self._queue_resend(ids)
-
-    def _next_valid_item(self) -> dict[str, Any] | None:
-        """Take one item from the source; a bad one becomes an error Result at once."""
-        try:
-            raw = next(self.source)
-        except StopIteration:
-            self.exhausted = True
-            return None
-        raw = dict(raw)
-        own = raw.get("params")
-        checked = None
-        if own:
-            raw["params"] = {**self.defaults, **own} if isinstance(own, dict) else own
-        else:  # the common case: the call's defaults, validated once for every item
-            raw["params"] = checked = self.defaults
-        item_id = raw.get("id")
-        try:
-            item = P.validate_item(raw, "item", checked)
-        except P.ValidationError as exc:
-            if not isinstance(item_id, str) or not item_id:
-                raise errors.BadRequest(exc.message, field=exc.field) from None
-            self._deliver(P.result_error(item_id, P.E_BAD_REQUEST, exc.message, exc.field), 0.0)
-            return None
-        if item.id in self.outstanding or item.id in self.delivered:
-            raise errors.BadRequest(f"duplicate id {item.id!r}", field="id", item_id=item.id)
-        return item.to_wire()
-
-    def on_message(self, command: bytes, body: dict[str, Any], now: float) -> None:
-        self._note_instance(body.get("instance"))
-        if command == P.RESULTS:
-            for res in body.get("results", ()):
-                pending = self.outstanding.pop(str(res.get("id")), None)
-                if pending is not None:  # else a duplicate after a resend: drop it
-                    self._deliver(res, now - pending.sent_at)
-        elif command == P.CHUNKS:
-            for item_id, text in body.get("chunks", ()):
-                if item_id in self.outstanding:
-                    self.chunks.append((item_id, text))
-        elif command == P.ERROR:
-            self._on_error(body, now)
-        elif command == P.ACCEPTED:
-            self.unacked.pop(str(body.get("req")), None)
-            self.busy_wait = BUSY_BACKOFF_S[0]
-        elif command == P.PONG:
-            self._on_pong(body)
-
-    def _on_error(self, body: dict[str, Any], now: float) -> None:
-        self.unacked.pop(str(body.get("req")), None)
-        code = body.get("code")
-        items = body.get("items") or []
-        if code in RETRYABLE_CODES and items:
-            # Not accepted (busy), or handed back unstarted by a daemon that is
-            # stopping (draining): send the same items again after a growing pause,
-            # to this daemon or to the one that replaces it.
-            self._queue_resend(items)
-            self.busy_until = now + self.busy_wait
-            self.busy_wait = min(self.busy_wait * 2, BUSY_BACKOFF_S[1])
-            return
-        # A request-level error that is not retryable fails every item it named.
-        for item_id in items:
-            pending = self.outstanding.pop(item_id, None)
-            if pending is not None:
-                err = {"code": code, "message": body.get("message", ""), "field": body.get("field")}
-                self._deliver({**P.result_error(item_id, str(code), ""), "error": err}, 0.0)
-        if not items:
-            raise errors.error_from_wire(body)
-
-    def _deliver(self, res: Mapping[str, Any], latency: float) -> None:
-        item_id = str(res.get("id"))
-        if item_id in self.delivered:
-            return
-        self.delivered.add(item_id)
-        self.ready.append(Result.from_wire(res, latency))
-
-    def _note_instance(self, instance: Any) -> None:
-        """A new daemon run has lost what the old one accepted: send it all again."""
-        if not isinstance(instance, str):
-            return
-        if self.instance is not None and instance != self.instance:
-            logger.warning("the exgen daemon restarted; resending %d items", len(self.outstanding))
-            self._queue_resend(list(self.outstanding))
-        self.instance = instance
-
-    def _queue_resend(self, ids: Iterable[str]) -> None:
-        """Queue outstanding items to send again, each once (a submit refuses repeats)."""
-        queued = {w["id"] for w in self.resend}
-        for item_id in ids:
-            pending = self.outstanding.get(item_id)
-            if pending is not None and item_id not in queued:
-                self.resend.append(pending.wire)
-                queued.add(item_id)
-
-
-class _Base:
-    def __init__(
-        self, address: str | None, timeout: float | None, window: int, curve: CurveKeys | None
+        curve: CurveKeys | None,
+        connect_timeout: float | None,
+        name: str | None,
     ) -> None:
         self.address = address or default_address()
-        self.timeout = timeout
+        transport.check_address(self.address)
+        if not isinstance(window, int) or window < 1:
+            raise errors.BadRequest(f"window must be a whole number >= 1, got {window!r}")
+        for option, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
+            if value is not None and not value > 0:
+                raise errors.BadRequest(f"{option} must be more than 0 (or None)", field=option)
         self.window = window
         # CURVE (a daemon listening beyond this machine): given, else from the environment.
         self.curve = curve if curve is not None else CurveKeys.from_env()
-        # A fixed identity, so that replies still find us after ZMQ reconnects.
-        self.identity = f"c-{uuid.uuid4().hex}".encode()
-        self._req_counter = itertools.count()
+        # Random bytes (a ZMQ identity may not start with a zero byte: hence the "c"), so
+        # the id the daemon's status shows, its hex, is random from its first digits.
+        self.identity = b"c" + uuid.uuid4().bytes
+        hello = {"name": name or command_line(), "host": socket.gethostname(), "pid": os.getpid()}
+        self._core = Core(
+            self.address, timeout=timeout, connect_timeout=connect_timeout, hello=hello
+        )
+        self._connected = False
+        self._closed = False
 
-    def _configure(self, sock: zmq.Socket[Any]) -> None:
-        sock.setsockopt(zmq.IDENTITY, self.identity)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        if self.curve is not None:
-            self.curve.apply(sock)
-        sock.connect(self.address)
+    @property
+    def timeout(self) -> float | None:
+        """How long the daemon may stay silent while a call waits on it."""
+        return self._core.timeout
 
-    # Sends never block: a DEALER with no daemon connected (down, restarting, or one
-    # that refused our CURVE keys) would otherwise wait forever, past any timeout.
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._core.timeout = value
 
-    def _check_alive(self, last_heard: float, now: float) -> None:
-        if self.timeout is not None and now - last_heard > self.timeout:
-            raise errors.Timeout(
-                f"no answer from the exgen daemon at {self.address} for {self.timeout:g}s "
-                "(is `exgen serve` running?)"
-            )
+    @property
+    def connect_timeout(self) -> float | None:
+        return self._core.connect_timeout
+
+    @property
+    def model(self) -> str | None:
+        """The served model's name, once the daemon has said it."""
+        return self._core.model
+
+    def _socket(self) -> zmq.Socket[Any]:
+        raise NotImplementedError
+
+    def _ready(
+        self, status: Mapping[str, Any], count: int | None, deadline: float, timeout: float
+    ) -> bool:
+        """wait_ready's verdict on one status: ready, not yet, or Timeout past the deadline."""
+        if workers_ready(status, count):
+            return True
+        if time.monotonic() >= deadline:
+            raise errors.Timeout(f"exgen workers at {self.address} not ready in {timeout:g}s")
+        return False
+
+    def _connect_once(self, sock: zmq.Socket[Any]) -> None:
+        if self._closed:
+            raise errors.ConnectionFailed("this client is closed")
+        if self._connected:
+            return
+        transport.check_ipc(self.address)
+        transport.connect(sock, self.address)
+        self._connected = True
+        self._core.say_hello()
+
+    def _start_call(self, items: Items, params: Mapping[str, Any], **options: Any) -> Call:
+        """A new call, its arguments checked before anything is connected or sent."""
+        call = self._core.open_call(items, params, window=self.window, **options)
+        try:
+            self._connect_once(self._socket())
+        except BaseException:
+            self._core.end_call(call)
+            raise
+        return call
 
 
-class Client(_Base):
-    """Blocking client. Not thread-safe: one thread per Client.
+class Client(_Shell):
+    """Blocking client. Not thread-safe: one thread per Client; calls may interleave.
 
-    ``timeout``: how long the daemon may stay silent (it answers pings every
-    couple of seconds while work is in progress) before :class:`errors.Timeout`.
-    ``curve``: keys for a daemon that requires CURVE (:class:`exgen.client.keys.CurveKeys`;
-    default: from $EXGEN_SERVER_KEY and $EXGEN_CLIENT_KEY when set). A daemon that
-    does not accept the keys never answers: the symptom is :class:`errors.Timeout`.
+    ``timeout``: how long the daemon may stay silent (it answers pings every second)
+    before a call fails with :class:`errors.Timeout`; None waits forever.
+    ``connect_timeout``: how long a connection may take to complete before
+    :class:`errors.ConnectTimeout` (a TCP address that never answers).
+    ``window``: items outstanding at once, per call. ``curve``: keys for a daemon
+    that requires CURVE (:class:`exgen.client.keys.CurveKeys`; default: from
+    $EXGEN_SERVER_KEY and $EXGEN_CLIENT_KEY when set). ``name``: this client in the
+    daemon's status (default: the command line).
     """
 
     def __init__(
@@ -377,14 +238,28 @@ class Client(_Base):
         timeout: float | None = 30.0,
         window: int = 4096,
         curve: CurveKeys | None = None,
+        connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
+        name: str | None = None,
     ) -> None:
-        super().__init__(address, timeout, window, curve)
+        super().__init__(address, timeout, window, curve, connect_timeout, name)
         self._ctx: zmq.Context[Any] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
-        self._configure(self._sock)
+        transport.configure(self._sock, self.identity, self.curve)
+        self._monitor = self._sock.get_monitor_socket(transport.MONITORED)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
 
     def close(self) -> None:
-        self._sock.close(linger=0)
+        if self._closed:
+            return
+        self._closed = True
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
+        self._sock.close(linger=CLOSE_LINGER_MS)
+
+    def _socket(self) -> zmq.Socket[Any]:
+        return self._sock
 
     def __enter__(self) -> Client:
         return self
@@ -394,31 +269,57 @@ class Client(_Base):
 
     # --- public API ---------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[str | Mapping[str, Any]], **params: Any) -> list[Result]:
+    def generate(
+        self,
+        prompts: Sequence[str | Mapping[str, Any]],
+        *,
+        timeout_s: float | None = None,
+        **params: Any,
+    ) -> list[Result]:
         """Results in input order. ``prompts``: strings, or maps with prompt/messages."""
-        items = [_as_item(p, str(i)) for i, p in enumerate(prompts)]
-        by_id = {r.id: r for r in self.iter_results(items, **params)}
-        return [by_id[item["id"]] for item in items]
+        items = _generate_items(prompts)
+        return list(self.iter_results(items, ordered=True, timeout_s=timeout_s, **params))
 
-    def iter_results(self, items: Iterable[Mapping[str, Any]], **params: Any) -> Iterator[Result]:
-        """Each Result as soon as it completes (any order); items are sent lazily."""
-        session = _Session(items, params, self.window, stream=False)
-        for kind, value in self._drive(session):
-            if kind == "result":
-                yield value
+    def iter_results(
+        self,
+        items: Items,
+        *,
+        ordered: bool = False,
+        timeout_s: float | None = None,
+        **params: Any,
+    ) -> Generator[Result, None, None]:
+        """Each Result as it completes (``ordered``: in input order); items sent lazily.
 
-    def stream(self, prompt: str | list[dict[str, str]], **params: Any) -> Iterator[str]:
+        ``params``: sampling defaults for items without their own. ``timeout_s``: a
+        deadline per item (its own ``timeout_s`` wins); past it the item fails with
+        :class:`errors.DeadlineExceeded`. An item that is a :class:`Result` is not
+        sent: it is yielded in its place. Closing the iterator cancels what is out.
+        """
+        call = self._start_call(items, params, ordered=ordered, timeout_s=timeout_s)
+        with self._call_scope(call):
+            while True:
+                self._pump(call)
+                while call.ready:
+                    yield call.ready.popleft()
+                call.raise_error()
+                if call.finished:
+                    return
+
+    def stream(
+        self, prompt: Prompt, *, timeout_s: float | None = None, **params: Any
+    ) -> Generator[str, None, None]:
         """Text chunks of one generation as they are produced."""
-        session = _Session([_stream_item(prompt)], params, 1, stream=True)
-        sent = ""
-        for kind, value in self._drive(session):
-            if kind == "chunk":
-                sent += value[1]
-                yield value[1]
-            else:
-                yield _stream_tail(value, sent)
+        call = self._start_call([_stream_item(prompt)], params, stream=True, timeout_s=timeout_s)
+        with self._call_scope(call):
+            while True:
+                self._pump(call)
+                yield from call.take_text()
+                call.raise_error()
+                if call.finished:
+                    return
 
     def status(self) -> dict[str, Any]:
+        """The daemon's status document (workers, queue, connected clients)."""
         return self._request(P.STATUS, {}, P.STATUS_REPLY)
 
     def ping(self) -> dict[str, Any]:
@@ -431,91 +332,135 @@ class Client(_Base):
         listening yet, and models take a while to load. Raises :class:`errors.Timeout`.
         """
         deadline = time.monotonic() + timeout
-        saved, self.timeout = self.timeout, 1.0  # short fuses, retried until the deadline
-        try:
-            while True:
-                try:
-                    status = self.status()
-                except errors.ConnectionFailed:
-                    status = {}
-                if workers_ready(status, count):
-                    return status
-                if time.monotonic() >= deadline:
-                    raise errors.Timeout(
-                        f"exgen workers at {self.address} not ready in {timeout:g}s"
-                    )
-                time.sleep(0.2)
-        finally:
-            self.timeout = saved
-
-    def cancel(self, ids: Iterable[str]) -> None:
-        """Best effort: a cancel that cannot be sent now is dropped."""
-        self._send(P.pack(P.CANCEL, {"ids": list(ids)}))
-
-    # --- internals ----------------------------------------------------------------
-
-    def _send(self, frames: list[bytes]) -> bool:
-        try:
-            self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            return False
-        return True
-
-    def _request(self, command: bytes, body: dict[str, Any], expect: bytes) -> dict[str, Any]:
-        req = f"q{next(self._req_counter)}"
-        frames = P.pack(command, {**body, "req": req})
-        deadline = time.monotonic() + (self.timeout if self.timeout is not None else 1e9)
-        while not self._send(frames):
-            self._check_alive(deadline - (self.timeout or 0.0), time.monotonic())
-            time.sleep(0.05)
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._sock.poll(remaining * 1000):
-                self._check_alive(0.0, time.monotonic())
-                continue
-            got, reply = _parse(self._sock.recv_multipart())
-            if reply.get("req") != req:
-                continue  # a late reply to something earlier
-            if got == P.ERROR:
-                raise errors.error_from_wire(reply)
-            if got == expect:
-                return reply
+            try:  # one-second fuses, retried: the daemon may not be listening yet
+                status = self._request(P.STATUS, {}, P.STATUS_REPLY, timeout=1.0)
+            except errors.ConnectionFailed:
+                status = {}
+            if self._ready(status, count, deadline, timeout):
+                return status
+            time.sleep(WAIT_READY_POLL_S)
 
-    def _drive(self, session: _Session) -> Iterator[tuple[str, Any]]:
-        last_heard = time.monotonic()
-        last_ping = 0.0
-        while not session.finished:
-            now = time.monotonic()
-            body = session.next_submit(now)
-            while body is not None:
-                if not self._send(P.pack(P.SUBMIT, body)):
-                    session.unsent(body)
-                    break
-                body = session.next_submit(now)
-            while session.chunks:
-                yield "chunk", session.chunks.popleft()
-            while session.ready:
-                yield "result", session.ready.popleft()
-            if session.finished:
+    def cancel(self, ids: Iterable[str]) -> int:
+        """Cancel these items of this client's calls; they end as Cancelled. How many."""
+        n = self._core.cancel_ids(ids)
+        self._flush()
+        return n
+
+    def cancel_client(self, client: str | None = None) -> dict[str, Any]:
+        """Cancel another client's work (by name or id; None: every client's).
+
+        The daemon's CANCELLED reply: ``cancelled`` (items) and ``clients`` (names).
+        Raises :class:`errors.Forbidden` where that is not this client's to cancel.
+        """
+        return self._request(P.CANCEL, _cancel_body(client), P.CANCELLED)
+
+    # --- the pump -----------------------------------------------------------------
+
+    def _call_scope(self, call: Call) -> _CallScope:
+        return _CallScope(call, self._end_call)
+
+    def _end_call(self, call: Call, confirm: bool) -> None:
+        if self._closed:
+            return
+        if self._core.end_call(call) and confirm:
+            request = self._core.open_request(P.PING, {}, P.PONG, time.monotonic())
+            try:
+                self._pump(request, time.monotonic() + CANCEL_CONFIRM_S)
+            except errors.ExgenError:
+                pass  # the daemon is gone: nothing runs there for us
+            finally:
+                self._core.end_request(request)
+        self._flush()
+
+    def _request(
+        self, command: bytes, body: dict[str, Any], expect: bytes, timeout: float | None = None
+    ) -> dict[str, Any]:
+        self._connect_once(self._sock)
+        request = self._core.open_request(command, body, expect, time.monotonic(), timeout)
+        try:
+            self._pump(request)
+            return request.result()
+        finally:
+            self._core.end_request(request)
+
+    def _flush(self) -> None:
+        sock = self._sock
+        for out in self._core.poll_out(time.monotonic()):
+            try:
+                sock.send_multipart(out.frames, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                # Sends never block: a DEALER with no daemon connected must not wait
+                # forever, past any timeout.
+                self._core.not_sent(out)
+
+    def _pump(self, waiter: Call | Request, deadline: float | None = None) -> None:
+        """Send, receive and run the timers until ``waiter`` has news (or the deadline)."""
+        core, sock, monitor = self._core, self._sock, self._monitor
+        while True:
+            self._flush()
+            core.touched.clear()
+            if waiter.has_news:
                 return
-            if self._sock.poll(200):
-                while self._sock.poll(0):
-                    self._receive_one(session)
-                last_heard = time.monotonic()
-            elif session.outstanding:
-                now = time.monotonic()
-                self._check_alive(last_heard, now)
-                if now - last_ping > PING_INTERVAL_S:
-                    self._send(P.pack(P.PING, session.ping_body(now)))
-                    last_ping = now
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return
+            wake = core.next_wakeup(now)
+            if deadline is not None:
+                wake = min(wake, deadline - now)
+            ready = dict(self._poller.poll(int(wake * 1000)))
+            now = time.monotonic()
+            if monitor in ready:
+                while monitor.poll(0):
+                    core.on_event(transport.parse_event(monitor.recv_multipart())[0], now)
+            if sock in ready:
+                while sock.poll(0):
+                    core.on_frames(sock.recv_multipart(), now)
+            core.tick(now)
 
-    def _receive_one(self, session: _Session) -> None:
-        command, body = _parse(self._sock.recv_multipart())
-        session.on_message(command, body, time.monotonic())
+
+class _CallScope:
+    """Ends a call when its iterator ends: done, broken out of, failed or interrupted.
+
+    A call abandoned with work still out cancels it and waits briefly for the daemon
+    to have the cancel; one that failed because the daemon is unreachable does not.
+    """
+
+    def __init__(self, call: Call, end: Callable[[Call, bool], Any]) -> None:
+        self.call = call
+        self.end = end
+
+    def __enter__(self) -> Call:
+        return self.call
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        confirm = kind is None or not issubclass(kind, errors.ConnectionFailed)
+        try:
+            self.end(self.call, confirm)
+        except zmq.ZMQError:
+            pass  # the socket is already closed (interpreter shutdown)
 
 
-class AsyncClient(_Base):
-    """The asyncio twin of :class:`Client`; same methods, awaited."""
+class _AsyncCallScope:
+    def __init__(self, call: Call, end: Callable[[Call, bool], Any]) -> None:
+        self.call = call
+        self.end = end
+
+    async def __aenter__(self) -> Call:
+        return self.call
+
+    async def __aexit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        confirm = kind is None or not issubclass(kind, errors.ConnectionFailed)
+        try:
+            await self.end(self.call, confirm)
+        except zmq.ZMQError:
+            pass
+
+
+class AsyncClient(_Shell):
+    """The asyncio twin of :class:`Client`: the same methods, awaited; any number of
+    calls at once on one client (``asyncio.gather`` of generate calls runs them
+    concurrently). One reader task per client does the socket's I/O."""
 
     def __init__(
         self,
@@ -524,15 +469,30 @@ class AsyncClient(_Base):
         timeout: float | None = 30.0,
         window: int = 4096,
         curve: CurveKeys | None = None,
+        connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
+        name: str | None = None,
     ) -> None:
-        super().__init__(address, timeout, window, curve)
+        super().__init__(address, timeout, window, curve, connect_timeout, name)
         self._ctx: zmq.asyncio.Context = zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
-        self._configure(self._sock)
-        self._lock = asyncio.Lock()  # one conversation at a time on the socket
+        transport.configure(self._sock, self.identity, self.curve)
+        self._monitor = self._sock.get_monitor_socket(transport.MONITORED)
+        self._reader: asyncio.Task[None] | None = None
+        self._kick_future: asyncio.Future[None] | None = None
+        self._events: dict[Call | Request, asyncio.Event] = {}
 
     def close(self) -> None:
-        self._sock.close(linger=0)
+        if self._closed:
+            return
+        self._closed = True
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
+        self._sock.close(linger=CLOSE_LINGER_MS)
+
+    def _socket(self) -> zmq.Socket[Any]:
+        return self._sock
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -540,32 +500,50 @@ class AsyncClient(_Base):
     async def __aexit__(self, *exc: object) -> None:
         self.close()
 
+    # --- public API ---------------------------------------------------------------
+
     async def generate(
-        self, prompts: Sequence[str | Mapping[str, Any]], **params: Any
+        self,
+        prompts: Sequence[str | Mapping[str, Any]],
+        *,
+        timeout_s: float | None = None,
+        **params: Any,
     ) -> list[Result]:
-        items = [_as_item(p, str(i)) for i, p in enumerate(prompts)]
-        by_id = {r.id: r async for r in self.iter_results(items, **params)}
-        return [by_id[item["id"]] for item in items]
+        items = _generate_items(prompts)
+        return [
+            r async for r in self.iter_results(items, ordered=True, timeout_s=timeout_s, **params)
+        ]
 
     async def iter_results(
-        self, items: Iterable[Mapping[str, Any]], **params: Any
-    ) -> AsyncIterator[Result]:
-        session = _Session(items, params, self.window, stream=False)
-        async with self._lock:
-            async for kind, value in self._drive(session):
-                if kind == "result":
-                    yield value
+        self,
+        items: Items,
+        *,
+        ordered: bool = False,
+        timeout_s: float | None = None,
+        **params: Any,
+    ) -> AsyncGenerator[Result, None]:
+        call = self._start_call(items, params, ordered=ordered, timeout_s=timeout_s)
+        async with _AsyncCallScope(call, self._end_call):
+            while True:
+                await self._wait(call)
+                while call.ready:
+                    yield call.ready.popleft()
+                call.raise_error()
+                if call.finished:
+                    return
 
-    async def stream(self, prompt: str | list[dict[str, str]], **params: Any) -> AsyncIterator[str]:
-        session = _Session([_stream_item(prompt)], params, 1, stream=True)
-        sent = ""
-        async with self._lock:
-            async for kind, value in self._drive(session):
-                if kind == "chunk":
-                    sent += value[1]
-                    yield value[1]
-                else:
-                    yield _stream_tail(value, sent)
+    async def stream(
+        self, prompt: Prompt, *, timeout_s: float | None = None, **params: Any
+    ) -> AsyncGenerator[str, None]:
+        call = self._start_call([_stream_item(prompt)], params, stream=True, timeout_s=timeout_s)
+        async with _AsyncCallScope(call, self._end_call):
+            while True:
+                await self._wait(call)
+                for text in call.take_text():
+                    yield text
+                call.raise_error()
+                if call.finished:
+                    return
 
     async def status(self) -> dict[str, Any]:
         return await self._request(P.STATUS, {}, P.STATUS_REPLY)
@@ -573,62 +551,125 @@ class AsyncClient(_Base):
     async def ping(self) -> dict[str, Any]:
         return await self._request(P.PING, {}, P.PONG)
 
-    async def cancel(self, ids: Iterable[str]) -> None:
-        """Best effort: a cancel that cannot be sent now is dropped."""
-        await self._send(P.pack(P.CANCEL, {"ids": list(ids)}))
+    async def wait_ready(self, timeout: float = 300.0, count: int | None = None) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:  # one-second fuses, retried: the daemon may not be listening yet
+                status = await self._request(P.STATUS, {}, P.STATUS_REPLY, timeout=1.0)
+            except errors.ConnectionFailed:
+                status = {}
+            if self._ready(status, count, deadline, timeout):
+                return status
+            await asyncio.sleep(WAIT_READY_POLL_S)
 
-    async def _send(self, frames: list[bytes]) -> bool:
+    async def cancel(self, ids: Iterable[str]) -> int:
+        n = self._core.cancel_ids(ids)
+        self._kick()
+        return n
+
+    async def cancel_client(self, client: str | None = None) -> dict[str, Any]:
+        return await self._request(P.CANCEL, _cancel_body(client), P.CANCELLED)
+
+    # --- the reader task and the waiting callers ----------------------------------
+
+    async def _end_call(self, call: Call, confirm: bool) -> None:
+        self._events.pop(call, None)
+        if self._closed:
+            return
+        if self._core.end_call(call) and confirm:
+            request = self._core.open_request(P.PING, {}, P.PONG, time.monotonic())
+            try:
+                await asyncio.wait_for(self._wait(request), CANCEL_CONFIRM_S)
+            except (TimeoutError, errors.ExgenError):
+                pass
+            finally:
+                self._core.end_request(request)
+                self._events.pop(request, None)
+        self._kick()
+
+    async def _request(
+        self, command: bytes, body: dict[str, Any], expect: bytes, timeout: float | None = None
+    ) -> dict[str, Any]:
+        self._connect_once(self._sock)
+        request = self._core.open_request(command, body, expect, time.monotonic(), timeout)
         try:
-            await self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            return False
-        return True
+            await self._wait(request)
+            return request.result()
+        finally:
+            self._core.end_request(request)
+            self._events.pop(request, None)
 
-    async def _request(self, command: bytes, body: dict[str, Any], expect: bytes) -> dict[str, Any]:
-        req = f"q{next(self._req_counter)}"
-        frames = P.pack(command, {**body, "req": req})
-        async with self._lock:
-            started = time.monotonic()
-            while not await self._send(frames):
-                self._check_alive(started, time.monotonic())
-                await asyncio.sleep(0.05)
+    async def _wait(self, waiter: Call | Request) -> None:
+        """Until ``waiter`` has news; the reader task does the I/O."""
+        event = self._events.get(waiter)
+        if event is None:
+            event = self._events[waiter] = asyncio.Event()
+        while not waiter.has_news:
+            reader = self._ensure_reader()
+            event.clear()
+            self._kick()
+            waiting = asyncio.ensure_future(event.wait())
+            await asyncio.wait((waiting, reader), return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                waiting.cancel()
+            if reader.done() and not waiter.has_news:
+                reader.result()  # the reader's failure, raised here
+                raise errors.ConnectionFailed("the client's reader stopped")
+
+    def _ensure_reader(self) -> asyncio.Task[None]:
+        loop = asyncio.get_running_loop()
+        reader = self._reader
+        if reader is None or reader.done() or reader.get_loop() is not loop:
+            reader = self._reader = loop.create_task(self._read_forever())
+        return reader
+
+    def _kick(self) -> None:
+        """Wake the reader: there may be something to send."""
+        kick = self._kick_future
+        if kick is not None and not kick.done():
+            kick.set_result(None)
+
+    async def _read_forever(self) -> None:
+        core, sock, monitor = self._core, self._sock, self._monitor
+        loop = asyncio.get_running_loop()
+        incoming = _future(sock.recv_multipart())
+        events = _future(monitor.recv_multipart())
+        try:
             while True:
-                if not await self._sock.poll(200):
-                    self._check_alive(started, time.monotonic())
-                    continue
-                got, reply = _parse(await self._sock.recv_multipart())
-                if reply.get("req") != req:
-                    continue
-                if got == P.ERROR:
-                    raise errors.error_from_wire(reply)
-                if got == expect:
-                    return reply
-
-    async def _drive(self, session: _Session) -> AsyncIterator[tuple[str, Any]]:
-        last_heard = time.monotonic()
-        last_ping = 0.0
-        while not session.finished:
-            now = time.monotonic()
-            body = session.next_submit(now)
-            while body is not None:
-                if not await self._send(P.pack(P.SUBMIT, body)):
-                    session.unsent(body)
-                    break
-                body = session.next_submit(now)
-            while session.chunks:
-                yield "chunk", session.chunks.popleft()
-            while session.ready:
-                yield "result", session.ready.popleft()
-            if session.finished:
-                return
-            if await self._sock.poll(200):
-                while await self._sock.poll(0):
-                    command, reply = _parse(await self._sock.recv_multipart())
-                    session.on_message(command, reply, time.monotonic())
-                last_heard = time.monotonic()
-            elif session.outstanding:
+                self._flush()
+                self._wake_touched()
+                kick = self._kick_future = loop.create_future()
+                wake = core.next_wakeup(time.monotonic())
+                await asyncio.wait(
+                    (incoming, events, kick), timeout=wake, return_when=asyncio.FIRST_COMPLETED
+                )
                 now = time.monotonic()
-                self._check_alive(last_heard, now)
-                if now - last_ping > PING_INTERVAL_S:
-                    await self._send(P.pack(P.PING, session.ping_body(now)))
-                    last_ping = now
+                while events.done():
+                    core.on_event(transport.parse_event(events.result())[0], now)
+                    events = _future(monitor.recv_multipart())
+                while incoming.done():
+                    core.on_frames(incoming.result(), now)
+                    incoming = _future(sock.recv_multipart())
+                core.tick(now)
+        except Exception as exc:
+            core.fail_all(
+                errors.ConnectionFailed(f"the connection to {self.address} failed: {exc}")
+            )
+            raise
+        finally:
+            self._wake_touched(everyone=True)
+            for pending in (incoming, events):
+                if not pending.done():
+                    pending.cancel()
+
+    def _flush(self) -> None:
+        for out in self._core.poll_out(time.monotonic()):
+            sent = _future(self._sock.send_multipart(out.frames, flags=zmq.NOBLOCK))
+            if sent.done() and sent.exception() is not None:
+                self._core.not_sent(out)
+
+    def _wake_touched(self, everyone: bool = False) -> None:
+        touched = self._core.take_touched()
+        for waiter, event in self._events.items():
+            if everyone or waiter in touched:
+                event.set()

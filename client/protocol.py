@@ -16,11 +16,14 @@ light client without pulling in anything else.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+
+from exgen.client.exgen_error import ExgenError
 
 PROTOCOL_VERSION = 2  # docs/protocol.md
 MAGIC = b"EXG"
@@ -98,7 +101,7 @@ ITEM_KEYS = frozenset({"id", "prompt", "messages", "params", "timeout_s", "model
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 
 
-class ValidationError(ValueError):
+class ValidationError(ExgenError, ValueError):
     """A well-formed request with a bad field; ``field`` names it (dotted path)."""
 
     def __init__(self, field_name: str, message: str) -> None:
@@ -118,8 +121,55 @@ def pack(command: bytes, body: dict[str, Any]) -> list[bytes]:
     return [MAGIC_VERSION, command, msgpack.packb(body, use_bin_type=True)]
 
 
+def array_header(n: int) -> bytes:
+    """The msgpack header of an n-element array (for bodies joined from encoded parts)."""
+    if n < 16:
+        return bytes([0x90 | n])
+    if n < 0x10000:
+        return b"\xdc" + struct.pack(">H", n)
+    return b"\xdd" + struct.pack(">I", n)
+
+
+_SESSION_KEY = msgpack.packb("session")
+_SEQ_KEY = msgpack.packb("seq")
+_RESULTS_KEY = msgpack.packb("results")
+
+
+def encode_result(result: dict[str, Any]) -> bytes:
+    return msgpack.packb(result, use_bin_type=True)
+
+
+def results_body(session: int, seq: int, encoded: list[bytes]) -> bytes:
+    """A RESULTS body, ``{"session", "seq", "results"}``, from results encoded one by one
+    (so the router knows each one's size before it groups them)."""
+    return b"".join(
+        [
+            b"\x83",
+            _SESSION_KEY,
+            msgpack.packb(session),
+            _SEQ_KEY,
+            msgpack.packb(seq),
+            _RESULTS_KEY,
+            array_header(len(encoded)),
+            *encoded,
+        ]
+    )
+
+
 def unpack(frames: list[bytes]) -> tuple[bytes, dict[str, Any]]:
     """Parse the three protocol frames; raise FrameError saying what is wrong."""
+    command, payload = unpack_header(frames)
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise FrameError(f"body is not valid msgpack: {exc.__class__.__name__}") from None
+    if not isinstance(body, dict):
+        raise FrameError("body must be a map")
+    return command, body
+
+
+def unpack_header(frames: list[bytes]) -> tuple[bytes, bytes]:
+    """The command and the undecoded body; FrameError for frames of another protocol."""
     if len(frames) != 3:
         raise FrameError(f"expected 3 frames, got {len(frames)}")
     magic, command, payload = frames
@@ -131,13 +181,7 @@ def unpack(frames: list[bytes]) -> tuple[bytes, dict[str, Any]]:
         )
     if len(command) != 1:
         raise FrameError("command frame must be one byte")
-    try:
-        body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise FrameError(f"body is not valid msgpack: {exc.__class__.__name__}") from None
-    if not isinstance(body, dict):
-        raise FrameError("body must be a map")
-    return command, body
+    return command, payload
 
 
 # --- items -----------------------------------------------------------------------
@@ -354,37 +398,56 @@ def validate_submit(body: dict[str, Any]) -> Submit:
 
     Raises ValidationError (naming the field) when the envelope is bad (no req, no
     items, an item without a usable id, duplicate ids); an item with a usable id but
-    bad content lands in ``Submit.rejected`` instead.
+    bad content lands in ``Submit.rejected`` instead. (The router decodes frames with
+    ``exgen.daemon.decode``, which bounds the decoding cost and then comes here, to
+    ``check_envelope`` and ``add_item``.)
     """
-    req = body.get("req")
+    items = body.get("items")
+    submit = check_envelope(
+        body.get("req"), items, body.get("stream", False), body.get("priority", PRIORITIES[0])
+    )
+    assert isinstance(items, list)
+    seen: set[str] = set()
+    for i, raw in enumerate(items):
+        add_item(submit, i, raw, seen)
+    return submit
+
+
+def check_envelope(req: Any, items: Any, stream: Any, priority: Any) -> Submit:
+    """A submit's own fields; the Submit to add its items to."""
     if not isinstance(req, str) or not req or len(req) > MAX_ID_CHARS:
         raise ValidationError(
             "req", f"must be a non-empty string of at most {MAX_ID_CHARS} characters"
         )
-    items = body.get("items")
     if not isinstance(items, list) or not items:
         raise ValidationError("items", "must be a non-empty list")
     if len(items) > MAX_ITEMS_PER_SUBMIT:
         raise ValidationError("items", f"at most {MAX_ITEMS_PER_SUBMIT} items per submit")
-    stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ValidationError("stream", "must be true or false")
-    priority = body.get("priority", PRIORITIES[0])
     if priority not in PRIORITIES:
         raise ValidationError("priority", f"must be one of {', '.join(PRIORITIES)}")
-    submit = Submit(req, [], stream, priority)
-    seen: set[str] = set()
-    for i, raw in enumerate(items):
-        where = f"items[{i}]"
-        item_id = _check_item_id(raw, where)
-        if item_id in seen:
-            raise ValidationError(f"{where}.id", f"duplicate id {item_id!r} in this submit")
-        seen.add(item_id)
-        try:
-            submit.items.append(_validate_item_fields(raw, where, item_id))
-        except ValidationError as exc:
-            submit.rejected.append((item_id, exc))
-    return submit
+    return Submit(req, [], stream, priority)
+
+
+def claim_id(raw: Any, where: str, seen: set[str]) -> str:
+    """The id of item ``raw`` (a map), checked and not yet ``seen`` in this submit."""
+    item_id = _check_item_id(raw, where)
+    if item_id in seen:
+        raise ValidationError(f"{where}.id", f"duplicate id {item_id!r} in this submit")
+    seen.add(item_id)
+    return item_id
+
+
+def add_item(submit: Submit, i: int, raw: Any, seen: set[str]) -> None:
+    """Item ``i`` into ``submit.items``, or ``submit.rejected`` if only its content is
+    bad; ValidationError if it has no usable id or repeats one (the envelope is bad)."""
+    where = f"items[{i}]"
+    item_id = claim_id(raw, where, seen)
+    try:
+        submit.items.append(_validate_item_fields(raw, where, item_id))
+    except ValidationError as exc:
+        submit.rejected.append((item_id, exc))
 
 
 def merged_params(params: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,10 @@
-"""What a client's message does: submit (refuse or accept), cancel, status, ping.
+"""What a client's message does: submit (refuse or accept), acknowledge, ping, hello,
+status; cancelling is ``control.Cancels``.
 
 Admission decides; the router's sockets carry the answers. Refusals come before
 validation where they can: under a flood, checking thousands of items only to
-answer "busy" would become the router's main work.
+answer "busy" would become the router's main work. Every body is decoded at a
+bounded cost first (``decode``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from exgen.client import protocol as P
-from exgen.daemon import wire
+from exgen.daemon import decode, wire
+from exgen.daemon.clients import ClientRecord
+from exgen.daemon.control import Cancels
 
 if TYPE_CHECKING:
     from exgen.daemon.router import Router
@@ -25,37 +29,73 @@ class Admission:
         self.settings = router.settings
         self.ledger = router.ledger
         self.queue = router.queue
+        self.cancels = Cancels(router)
 
-    def client_message(self, frames: list[bytes], now: float) -> None:
+    def client_message(
+        self, frames: list[bytes], now: float, user: str | None = None, peer: str | None = None
+    ) -> None:
+        """One client message; ``user``: its CURVE key (z85) and ``peer``: its address,
+        when the router looks at them (CURVE, or TCP beyond loopback)."""
         router = self.router
         if len(frames) < 2:
             router.garbage_frames += 1
             return
         client, rest = frames[0], frames[1:]
         try:
-            command, body = P.unpack(rest)
+            command, payload = P.unpack_header(rest)
         except P.FrameError as exc:
             self._on_bad_frames(client, rest, exc)
             return
-        router.clients.seen(client, now)
-        req = body.get("req") if isinstance(body.get("req"), str) else None
+        record = router.clients.seen(client, now)
+        record.user, record.peer = user, peer
+        router.delivery.reachable_again(record)
+        req: str | None = None
         try:
             if command == P.SUBMIT:
-                self.submit(client, body, now)
+                envelope = decode.decode_submit(payload)
+                req = envelope.req if isinstance(envelope.req, str) else None
+                self.submit(record, envelope, now)
             elif command == P.CANCEL:
-                self.cancel(client, body)
-            elif command == P.STATUS:
-                router.reply(client, P.STATUS_REPLY, {**router.status(now), "req": req})
-            elif command == P.PING:
-                pong = {"req": req, "instance": router.instance, "draining": router.draining}
-                router.reply(client, P.PONG, pong)
+                body = decode.decode_cancel(payload)
+                req = body["req"] if isinstance(body["req"], str) else None
+                self.cancels.handle(record, body, req)
             else:
-                router.reply_error(
-                    client, P.E_BAD_REQUEST, f"unknown command {command!r}", req=req
-                )
+                body = decode.decode_small(payload)
+                req = body.get("req") if isinstance(body.get("req"), str) else None
+                self._small(record, command, body, req, now)
         except P.ValidationError as exc:
+            req = req or decode.request_id(payload)
             router.reply_error(
                 client, P.E_BAD_REQUEST, exc.message, req=req, field_name=exc.field
+            )
+        except Exception:
+            # A bug of ours met by one client's message must cost that message only,
+            # not the router loop (and everyone's work with it).
+            logger.exception("internal error on a %r message from a client", command)
+            router.reply_error(client, P.E_INTERNAL, "internal error (see the daemon log)", req=req)
+
+    def _small(
+        self,
+        record: ClientRecord,
+        command: bytes,
+        body: dict[str, Any],
+        req: str | None,
+        now: float,
+    ) -> None:
+        router = self.router
+        if command == P.ACK:
+            router.delivery.acknowledge(record, body)
+        elif command == P.PING:
+            known = router.has_work(record)
+            extra = {"instance": router.instance, "draining": router.draining, "known": known}
+            router.delivery.pong(record, req, extra)
+        elif command == P.STATUS:
+            router.reply(record.identity, P.STATUS_REPLY, {**router.status(now), "req": req})
+        elif command == P.HELLO:
+            self.hello(record, body, req)
+        else:
+            router.reply_error(
+                record.identity, P.E_BAD_REQUEST, f"unknown command {command!r}", req=req
             )
 
     def _on_bad_frames(self, client: bytes, frames: list[bytes], exc: P.FrameError) -> None:
@@ -68,26 +108,26 @@ class Admission:
 
     # --- submit ------------------------------------------------------------------
 
-    def submit(self, client: bytes, body: dict[str, Any], now: float) -> None:
-        peeked = _peek_ids(body)
-        if peeked is not None and self._refused(client, body["req"], peeked):
+    def submit(self, record: ClientRecord, envelope: decode.Envelope, now: float) -> None:
+        client = record.identity
+        if isinstance(envelope.req, str) and self._refused(
+            client, envelope.req, envelope.ids(), envelope.raws
+        ):
             return
-        submit = P.validate_submit(body)
-        if self._refused(client, submit.req, [item.id for item in submit.items]):
-            return
+        submit = envelope.submit()
         accepted = 0
+        tier = P.PRIORITIES.index(submit.priority)
         for item in submit.items:
             if self.ledger.knows(client, item.id):
                 continue  # a resend of something we already have: answered once
-            self._accept(client, item, submit.stream, now)
+            if self._wrong_model(item):
+                self._reject(record, item.id, P.E_MODEL_NOT_FOUND, self._model_message(item), now)
+                continue
+            self._accept(client, item, submit.stream, tier, now)
             accepted += 1
+        for item_id, error in submit.rejected:
+            self._reject(record, item_id, P.E_BAD_REQUEST, error.message, now, error.field)
         router = self.router
-        if submit.rejected:
-            results = [
-                P.result_error(i, P.E_BAD_REQUEST, e.message, e.field) for i, e in submit.rejected
-            ]
-            router.reply(client, P.RESULTS, {"req": submit.req, "results": results})
-            self.ledger.failed += len(results)
         router.reply(
             client,
             P.ACCEPTED,
@@ -96,55 +136,99 @@ class Admission:
                 "n": accepted,
                 "queued": self.queue.size,
                 "instance": router.instance,
+                "session": record.session,
                 "model": router.model_name,
             },
         )
 
-    def _refused(self, client: bytes, req: str, ids: list[str]) -> bool:
+    def _reject(
+        self,
+        record: ClientRecord,
+        item_id: str,
+        code: str,
+        message: str,
+        now: float,
+        field: str | None = None,
+    ) -> None:
+        """A per-item error at the door, owed like any other result."""
+        result = P.result_error(item_id, code, message, field)
+        self.router.clients.queue_result(record.identity, result, now)
+        self.ledger.failed += 1
+
+    def _wrong_model(self, item: P.Item) -> bool:
+        return (
+            self.settings.strict_model
+            and item.model is not None
+            and item.model != self.router.model_name
+        )
+
+    def _model_message(self, item: P.Item) -> str:
+        return (
+            f"model {item.model!r} is not served here (this daemon serves "
+            f"{self.router.model_name!r}; strict_model is on)"
+        )
+
+    def _refused(self, client: bytes, req: str, ids: list[str], raws: list[Any]) -> bool:
         """Draining or busy: the items are handed back (the client library resends)."""
         router = self.router
         if router.draining:
             message = "the daemon is shutting down"
             router.reply_error(client, P.E_DRAINING, message, req=req, items=ids)
             return True
-        if self._queue_full(client, len(ids)):
-            message = f"queue full ({self.queue.size} items waiting)"
-            router.reply_error(client, P.E_BUSY, message, req=req, items=ids)
+        size = sum(len(raw) for raw in raws)
+        full = self._queue_full(client, len(ids), size)
+        if full is not None:
+            router.reply_error(client, P.E_BUSY, full, req=req, items=ids)
             return True
         return False
 
-    def _queue_full(self, client: bytes, n: int) -> bool:
-        """Busy? The last tenth of the queue is kept for clients with nothing waiting,
-        so one client flooding the queue full never locks a one-line request out."""
-        limit = self.settings.max_queue
+    def _queue_full(self, client: bytes, n: int, nbytes: int) -> str | None:
+        """Why the queue cannot take these now, or None. The last tenth of each budget
+        is kept for clients with nothing waiting, so one client flooding the queue
+        full never locks a one-line request out."""
+        items, size = self.settings.max_queue, self.settings.max_queue_bytes
         if self.queue.waiting(client) == 0:
-            limit += max(1, limit // 10)
-        return self.queue.size + n > limit
+            items += max(1, items // 10)
+            size += size // 10
+        if self.queue.size + n > items:
+            return f"queue full ({self.queue.size} items waiting)"
+        if self.ledger.nbytes + nbytes > size:
+            return f"queue full ({self.ledger.nbytes // 2**20} MiB of items held)"
+        return None
 
-    def _accept(self, client: bytes, item: P.Item, stream: bool, now: float) -> None:
+    def _accept(self, client: bytes, item: P.Item, stream: bool, tier: int, now: float) -> None:
         key = self.ledger.reserve_key()
         budget = item.params.get("max_new_tokens", P.DEFAULT_PARAMS["max_new_tokens"])
         entry = self.ledger.accept(client, item.id, wire.encode_job(key, item, stream), now, budget)
-        self.queue.push(client, entry.key, budget, entry.tier)
+        entry.tier = tier
+        if item.timeout_s is not None:
+            self.router.add_deadline(entry, item.timeout_s)
+        self.queue.push(client, entry.key, budget, tier)
 
-    # --- cancel ------------------------------------------------------------------
+    # --- sessions ----------------------------------------------------------------
 
-    def cancel(self, client: bytes, body: dict[str, Any]) -> None:
-        ids = body.get("ids")
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise P.ValidationError("ids", "must be a list of item ids")
-        keys = {key for i in ids if (key := self.ledger.key_of(client, i)) is not None}
-        entries = self.router.cancel_keys(keys)
-        self.router.answer_with_error(
-            self.ledger.finish(e.key for e in entries), P.E_CANCELLED, "cancelled by the client"
-        )
-
-
-def _peek_ids(body: dict[str, Any]) -> list[str] | None:
-    """The item ids of a plausible submit, without validating the items; else None."""
-    items = body.get("items")
-    if not isinstance(body.get("req"), str) or not isinstance(items, list):
-        return None
-    if not items or len(items) > P.MAX_ITEMS_PER_SUBMIT:
-        return None
-    return [i["id"] for i in items if isinstance(i, dict) and isinstance(i.get("id"), str)]
+    def hello(self, record: ClientRecord, body: dict[str, Any], req: str | None) -> None:
+        name, host, pid = body.get("name"), body.get("host"), body.get("pid")
+        if isinstance(name, str):
+            record.name = name[: P.MAX_CLIENT_NAME_CHARS]
+        if isinstance(host, str):
+            record.host = host[: P.MAX_CLIENT_NAME_CHARS]
+        if type(pid) is int:
+            record.pid = pid
+        router = self.router
+        welcome = {
+            "req": req,
+            "instance": router.instance,
+            "session": record.session,
+            "client": record.identity.hex(),
+            "model": router.model_name,
+            "engine": router.engine_name,
+            "limits": {
+                "max_items_per_submit": P.MAX_ITEMS_PER_SUBMIT,
+                "max_message_bytes": P.MAX_MESSAGE_BYTES,
+                "results_message_bytes": self.settings.results_message_bytes,
+                "unread_budget_bytes": self.settings.unread_budget_bytes,
+                "client_grace_s": self.settings.client_grace_s,
+            },
+        }
+        router.reply(record.identity, P.WELCOME, welcome)

@@ -27,6 +27,7 @@ class CliError(click.ClickException):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="exgen", prog_name="exgen")
 def main() -> None:
     """exgen: push large volumes of LLM prompts through every GPU of a machine."""
 
@@ -141,6 +142,10 @@ def run_daemon(settings: cfg.Settings) -> int:
         gpus = detect_gpus()
         gpu_slots = [[g] for g in gpus] or None
     slots = plan_slots(settings, gpu_slots)
+    try:
+        daemon = Daemon(settings, listen, slots, engine, model)
+    except (AddressInUse, CurveSetupError) as exc:
+        raise CliError(str(exc)) from None  # one line, and nothing logged before it
     logger.info(
         "engine %s, model %s, %d slot(s)%s",
         engine,
@@ -148,10 +153,6 @@ def run_daemon(settings: cfg.Settings) -> int:
         len(slots),
         "" if gpu_slots else " on CPU",
     )
-    try:
-        daemon = Daemon(settings, listen, slots, engine, model)
-    except (AddressInUse, CurveSetupError) as exc:
-        raise CliError(str(exc)) from None
     return daemon.run()
 
 
@@ -286,7 +287,7 @@ def models_list() -> None:
 
 
 @models.command("inspect")
-@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.argument("model")
 @click.option(
     "--cache-tokens",
     type=int,
@@ -295,10 +296,18 @@ def models_list() -> None:
     help="KV cache size to estimate for.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def models_inspect(path: Path, cache_tokens: int, as_json: bool) -> None:
-    """Format, size, context length, GPU memory estimate and engines for a model."""
+def models_inspect(model: str, cache_tokens: int, as_json: bool) -> None:
+    """Format, size, context length, GPU memory estimate and engines for a model:
+    MODEL is a path, or a name as `exgen models list` prints it."""
     from exgen.daemon import inspect as model_inspect
+    from exgen.daemon import modelstore
 
+    path = Path(model).expanduser()
+    if not path.exists():  # not a path: a name in the store (or the demo model's)
+        try:
+            path = modelstore.resolve_model(model, modelstore.models_dir())
+        except modelstore.ModelNotFound as exc:
+            raise CliError(str(exc)) from None
     try:
         click.echo(model_inspect.inspect_command_output(str(path), cache_tokens, as_json))
     except ValueError as exc:
@@ -316,13 +325,57 @@ def config_group() -> None:
 @config_group.command("check")
 @click.argument("file", type=click.Path(path_type=Path))
 def config_check(file: Path) -> None:
-    """Check a config file: unknown keys and bad values are named."""
+    """Check a config file as `serve` would take it: every unknown key, bad value and
+    engine option that `serve` would refuse, all at once (exit 2 if any)."""
+    settings, problems = cfg.file_problems(file)
+    problems += [f"{file}: {p}" for p in engine_option_problems(settings)]
+    if problems:
+        for problem in problems:
+            click.echo(f"error: {problem}", err=True)
+        n = len(problems)
+        raise CliError(f"{file}: {n} problem{'s' if n != 1 else ''}")
+    click.echo(f"{file}: ok ({len(cfg.from_file(file))} settings)")
+
+
+# Where each engine declares its options (take_options specs). The test suite holds
+# this table to engines.ENGINES, so a new engine cannot be forgotten here.
+ENGINE_OPTION_SPECS = {
+    "synthetic": ("exgen.daemon.engines.synthetic", "OPTIONS"),
+    "transformers": ("exgen.daemon.engines.hf", "OPTIONS"),
+    "exllamav2": ("exgen.daemon.engines.exl_common", "OPTION_SPEC"),
+    "exllamav3": ("exgen.daemon.engines.exl_common", "OPTION_SPEC"),
+}
+
+
+def engine_option_problems(settings: cfg.Settings) -> list[str]:
+    """What the engine `serve` would run makes of ``engine_opts``: every unknown
+    option in one line, then each value it refuses."""
+    import importlib
+
+    from exgen.daemon.engines.base import EngineOptionError, take_options
+
+    if settings.engine not in ENGINE_NAMES:
+        return []  # said already
     try:
-        settings = cfg.load_settings(file, {}, environ={})
-    except cfg.ConfigError as exc:
-        raise CliError(str(exc)) from None
-    click.echo(f"{file}: ok ({sum(1 for _ in cfg.from_file(file))} settings)")
-    del settings
+        engine, _ = resolve_engine_and_model(settings)
+    except CliError as exc:
+        return [str(exc.message)]
+    module, name = ENGINE_OPTION_SPECS[engine]
+    spec = getattr(importlib.import_module(module), name)
+    options = settings.engine_opts
+    unknown = sorted(set(options) - set(spec))
+    problems = []
+    if unknown:
+        problems.append(
+            f"engine {engine}: unknown engine option(s) {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(spec))})"
+        )
+    for key in sorted(set(options) & set(spec)):
+        try:
+            take_options({key: options[key]}, spec, engine)
+        except EngineOptionError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 if __name__ == "__main__":

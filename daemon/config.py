@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import os
 import tomllib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,16 @@ class Settings:
     prefetch: int = 2  # items beyond a worker's capacity it may hold
     order: str = "longest-first"  # within a client's queue: ORDERS
     max_attempts: int = 3  # worker crashes an item may cause before it fails
+    max_queue_bytes: int = 512 * 2**20  # bytes of waiting items before "busy"
+    unread_budget_bytes: int = 64 * 2**20  # a client's unacknowledged results: past it,
+    #                                         its items wait instead of being dispatched
+    results_message_bytes: int = 2**20  # results grouped into RESULTS messages of at most this
+    max_result_bytes: int = 16 * 2**20  # one result larger than this: a too_large error
+    # Clients.
+    client_heartbeat_s: float = 1.0  # ZMTP heartbeats and lease probes to clients
+    client_grace_s: float = 3.0  # unreachable this long: its work is cancelled
+    model_name: str | None = None  # the served model's name (default: from the model)
+    strict_model: bool = False  # an item naming another model: model_not_found
     # Lifecycle.
     drain_timeout_s: float = 60.0
     heartbeat_interval_s: float = 1.0
@@ -235,39 +246,69 @@ def load_settings(
 
 
 def check_settings(settings: Settings) -> None:
+    """The first problem of ``settings`` as a ConfigError (``serve`` stops on one line)."""
+    for problem in settings_problems(settings):
+        raise ConfigError(problem)
+
+
+def settings_problems(settings: Settings) -> Iterator[str]:
+    """Every problem of ``settings`` (``exgen config check`` lists them all at once)."""
     # Imported here: both modules are light, and config stays importable on its own.
     from exgen.daemon.engines import ENGINE_NAMES
     from exgen.daemon.logs import LEVELS
 
     if settings.engine not in ENGINE_NAMES:
-        raise ConfigError(f"engine = {settings.engine!r}: one of {', '.join(ENGINE_NAMES)}")
+        yield f"engine = {settings.engine!r}: one of {', '.join(ENGINE_NAMES)}"
     if settings.log_level not in LEVELS:
-        raise ConfigError(f"log_level = {settings.log_level!r}: one of {', '.join(LEVELS)}")
+        yield f"log_level = {settings.log_level!r}: one of {', '.join(LEVELS)}"
     if settings.listen is not None and not settings.listen.startswith(LISTEN_SCHEMES):
-        raise ConfigError(f"listen = {settings.listen!r}: expected ipc://PATH or tcp://HOST:PORT")
-    _check_durations(settings)
+        yield f"listen = {settings.listen!r}: expected ipc://PATH or tcp://HOST:PORT"
+    yield from _duration_problems(settings)
     if settings.metrics_listen is not None:
-        parse_metrics_listen(settings.metrics_listen)
-    _check_http(settings)
+        yield from _problem_of(parse_metrics_listen, settings.metrics_listen)
+    yield from _http_problems(settings)
     if settings.min_ready is not None and settings.min_ready < 1:
-        raise ConfigError("min_ready must be at least 1")
+        yield "min_ready must be at least 1"
     if settings.gpus is not None and settings.workers is not None:
-        raise ConfigError("give either gpus or workers, not both")
+        yield "give either gpus or workers, not both"
     if settings.workers is not None and not 1 <= settings.workers <= 256:
-        raise ConfigError(f"workers = {settings.workers}: must be between 1 and 256")
+        yield f"workers = {settings.workers}: must be between 1 and 256"
     if settings.max_attempts < 1:
-        raise ConfigError("max_attempts must be at least 1")
+        yield "max_attempts must be at least 1"
     if settings.prefetch < 0:
-        raise ConfigError("prefetch must be 0 or more")
+        yield "prefetch must be 0 or more"
     if settings.order not in ORDERS:
-        raise ConfigError(f"order = {settings.order!r}: one of {', '.join(ORDERS)}")
+        yield f"order = {settings.order!r}: one of {', '.join(ORDERS)}"
     if settings.max_queue < 1:
-        raise ConfigError("max_queue must be at least 1")
+        yield "max_queue must be at least 1"
     if settings.gpus is not None:
-        parse_gpus(settings.gpus)
+        yield from _problem_of(parse_gpus, settings.gpus)
+    yield from _budget_problems(settings)
 
 
-def _check_durations(settings: Settings) -> None:
+def _budget_problems(settings: Settings) -> Iterator[str]:
+    from exgen.client.protocol import MAX_MESSAGE_BYTES
+
+    for name in ("max_queue_bytes", "unread_budget_bytes", "results_message_bytes"):
+        if getattr(settings, name) < 1024:
+            yield f"{name} must be at least 1024"
+    if not 1024 <= settings.max_result_bytes <= MAX_MESSAGE_BYTES // 2:
+        yield (
+            f"max_result_bytes must be between 1024 and {MAX_MESSAGE_BYTES // 2} "
+            "(half the clients' message size limit)"
+        )
+    if settings.client_heartbeat_s <= 0 or settings.client_grace_s <= 0:
+        yield "client_heartbeat_s and client_grace_s must be more than 0"
+
+
+def _problem_of(parse: Callable[[str], Any], text: str) -> Iterator[str]:
+    try:
+        parse(text)
+    except ConfigError as exc:
+        yield str(exc)
+
+
+def _duration_problems(settings: Settings) -> Iterator[str]:
     positive = (
         "heartbeat_interval_s",
         "heartbeat_timeout_s",
@@ -276,25 +317,47 @@ def _check_durations(settings: Settings) -> None:
     )
     for name in positive:
         if getattr(settings, name) <= 0:
-            raise ConfigError(f"{name} must be more than 0")
+            yield f"{name} must be more than 0"
     for name in ("drain_timeout_s", "restart_backoff_s", "restart_backoff_max_s"):
         if getattr(settings, name) < 0:
-            raise ConfigError(f"{name} must be 0 or more")
+            yield f"{name} must be 0 or more"
     if settings.heartbeat_timeout_s <= settings.heartbeat_interval_s:
-        raise ConfigError("heartbeat_timeout_s must be longer than heartbeat_interval_s")
+        yield "heartbeat_timeout_s must be longer than heartbeat_interval_s"
     if settings.flap_max_deaths < 1:
-        raise ConfigError("flap_max_deaths must be at least 1")
+        yield "flap_max_deaths must be at least 1"
 
 
-def _check_http(settings: Settings) -> None:
+def file_problems(path: Path) -> tuple[Settings, list[str]]:
+    """A config file on its own (no environment): its settings, and every problem in
+    it at once: each bad key or value, then each rule the good values break."""
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as exc:
+        return Settings(), [f"{path}: cannot read ({exc.strerror})"]
+    except tomllib.TOMLDecodeError as exc:
+        return Settings(), [f"{path}: not valid TOML ({exc})"]
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in raw.items():
+        try:
+            values.update(from_mapping({key: value}, str(path)))
+        except ConfigError as exc:
+            problems.append(str(exc))
+    settings = Settings(**values)
+    problems.extend(f"{path}: {p}" for p in settings_problems(settings))
+    return settings, problems
+
+
+def _http_problems(settings: Settings) -> Iterator[str]:
     if settings.http is not None:
-        parse_host_port(settings.http, "http")
+        yield from _problem_of(lambda text: parse_host_port(text, "http"), settings.http)
     budgets = ("http_max_body_bytes", "http_max_file_bytes", "http_max_inflight")
     for name in (*budgets, "http_batch_max_lines"):
         if getattr(settings, name) < 1:
-            raise ConfigError(f"{name} must be at least 1")
+            yield f"{name} must be at least 1"
     if settings.http_request_timeout_s <= 0:
-        raise ConfigError("http_request_timeout_s must be more than 0")
+        yield "http_request_timeout_s must be more than 0"
 
 
 def parse_metrics_listen(text: str) -> tuple[str, int]:

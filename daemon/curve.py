@@ -80,17 +80,28 @@ def secure_frontend(
     return auth
 
 
-def reload_allowed(auth: ThreadAuthenticator, settings: Settings) -> None:
-    """Re-read the allowed keys (SIGHUP): added keys get in, removed ones are refused."""
+def allowed_user_ids(settings: Settings) -> set[str]:
+    """The allowed clients' public keys, z85 — ZMQ's User-Id of a CURVE client's messages."""
+    assert settings.curve_allowed_dir is not None
+    certificates = zmq.auth.load_certificates(Path(settings.curve_allowed_dir))
+    return {key.decode("ascii") if isinstance(key, bytes) else str(key) for key in certificates}
+
+
+def reload_allowed(auth: ThreadAuthenticator, settings: Settings) -> set[str] | None:
+    """Re-read the allowed keys (SIGHUP): added keys get in, removed ones are refused —
+    new connections by the authenticator, open ones by the router from their next
+    message (it checks each message's User-Id against the set returned). None: the
+    directory could not be read, the old keys stay."""
     assert settings.curve_allowed_dir is not None
     allowed_dir = Path(settings.curve_allowed_dir)
     try:
         count = allowed_keys(allowed_dir)
     except CurveSetupError as exc:
         logger.error("curve: keeping the old allowed keys: %s", exc)
-        return
+        return None
     auth.configure_curve(domain="*", location=str(allowed_dir))
     logger.info("curve: reloaded, %d allowed client key(s) in %s", count, allowed_dir)
+    return allowed_user_ids(settings)
 
 
 def keygen(directory: Path, name: str) -> tuple[Path, Path]:

@@ -64,6 +64,7 @@ class Ledger:
         self.next_key = 0
         self.completed = 0
         self.failed = 0
+        self.abandoned = 0  # cancelled because their client went away (no one to answer)
         self.nbytes = 0  # rows and entries of everything accepted and not answered
 
     def __len__(self) -> int:

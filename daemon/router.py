@@ -21,6 +21,7 @@ per tick.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 import uuid
@@ -29,21 +30,27 @@ from typing import Any
 import zmq
 
 from exgen.client import protocol as P
-from exgen.daemon import liveness, policy, wire
+from exgen.daemon import liveness, wire
 from exgen.daemon.admission import Admission
-from exgen.daemon.clients import ClientRegistry
+from exgen.daemon.backend import WorkerMessages
+from exgen.daemon.clients import ClientRecord, ClientRegistry
 from exgen.daemon.config import Settings
-from exgen.daemon.engines.base import Chunk, Failed, Finished
+from exgen.daemon.control import LOCAL
+from exgen.daemon.delivery import Delivery
+from exgen.daemon.dispatch import Dispatcher
 from exgen.daemon.fairqueue import FairQueue
 from exgen.daemon.ledger import Entry, Ledger
-from exgen.daemon.slots import READY, Serving, Slot, SlotTable
+from exgen.daemon.slots import SlotTable
 from exgen.daemon.sockets import readable
 from exgen.daemon.status import describe_router
 
 logger = logging.getLogger("exgen.router")
 
+IDLE_CLIENT_FORGET_S = 600.0  # a client with nothing here, silent this long, is forgotten
 MAX_FRAMES_PER_TICK = 2000  # messages read from one socket before doing anything else
 FRONTEND_BUDGET_S = 0.05  # client messages handled per tick, at most, in seconds
+STALL_S = 0.5  # a loop turn this long is a stall of the router's own (logged, and the
+#               kills it leads to blame no work)
 
 
 class Router:
@@ -63,8 +70,16 @@ class Router:
         self.ledger = Ledger()
         self.queue = FairQueue(longest_first=settings.order == "longest-first")
         self.clients = ClientRegistry()
+        self.delivery = Delivery(settings, frontend, self.clients, self.queue)
         self.admission = Admission(self)
-        self.isolating: int | None = None  # the slot kept free for probation items
+        self.workers = WorkerMessages(self, backend, self.ledger, table)
+        self.dispatcher = Dispatcher(settings, backend, self.ledger, self.queue, table)
+        self.deadlines: list[tuple[float, int]] = []  # (deadline, key), a heap
+        # Who may cancel whom (control.py), and the CURVE keys let in (None: no CURVE);
+        # the daemon sets both from its listen address and keys.
+        self.access = LOCAL
+        self.allowed_users: set[str] | None = None
+        self.last_stall_at = -1e9
         self.draining = False
         self.garbage_frames = 0
         self.engine_name = ""
@@ -81,12 +96,33 @@ class Router:
         for _ in range(MAX_FRAMES_PER_TICK):
             if not readable(self.frontend):
                 return
-            self.admission.client_message(self.frontend.recv_multipart(), now)
+            if self.access == LOCAL:
+                self.admission.client_message(self.frontend.recv_multipart(), now)
+            else:
+                self._inspected_message(now)
             if time.monotonic() > budget_end:
                 return
 
+    def _inspected_message(self, now: float) -> None:
+        """A message whose sender's key (CURVE) and address are looked at: a key taken
+        off the allowed list loses service from its next message, open connection or
+        not (the ZAP handshake only checks a connection once)."""
+        parts = self.frontend.recv_multipart(copy=False)
+        user = str(parts[-1].get("User-Id")) if self.allowed_users is not None else ""
+        peer = str(parts[-1].get("Peer-Address") or "")
+        frames = [part.bytes for part in parts]
+        if self.allowed_users is not None and user not in self.allowed_users:
+            self.garbage_frames += 1
+            record = self.clients.get(frames[0])
+            if record is not None:
+                logger.warning("client %s: its CURVE key was revoked", record.name or user)
+                self.expire_client(record, now)
+            return
+        self.admission.client_message(frames, now, user or None, peer or None)
+
     def reply(self, client: bytes, command: bytes, body: dict[str, Any]) -> None:
-        self.frontend.send_multipart([client, *P.pack(command, body)])
+        """A message that is not owed (the client's own timers cover its loss)."""
+        self.delivery.send(client, P.pack(command, body))
 
     def reply_error(
         self,
@@ -108,7 +144,7 @@ class Router:
         """An entry's one answer, into its client's outbox (flushed once per tick)."""
         if self.latencies is not None:
             self.latencies.append(now - entry.accepted_at)
-        self.clients.queue_result(entry.client, result)
+        self.clients.queue_result(entry.client, result, now)
 
     def answer_with_error(self, entries: list[Entry], code: str, message: str) -> None:
         now = time.monotonic()
@@ -116,14 +152,13 @@ class Router:
             self.answer(entry, P.result_error(entry.item_id, code, message), now)
 
     def flush_results(self) -> None:
-        """One RESULTS message per client per tick.
+        """The tick's results to their clients, grouped (``Delivery.flush``).
 
         Each send costs a wakeup of ZMQ's I/O thread (a syscall, and on a busy host a
         context switch): per-worker messages to the same client cost more than the
         results themselves once workers answer faster than the router ticks.
         """
-        for record, results in self.clients.take_outboxes():
-            self.reply(record.identity, P.RESULTS, {"results": results})
+        self.delivery.flush()
 
     def cancel_keys(self, keys: set[int]) -> list[Entry]:
         """Take these keys back wherever they are (waiting, or on a worker); the
@@ -140,189 +175,18 @@ class Router:
                 self.backend.send_multipart([slot.serving.identity, *wire.pack_cancel(slot_keys)])
         return [self.ledger.entries[key] for key in keys if key in self.ledger.entries]
 
-    # --- worker side ------------------------------------------------------------
+    # --- workers and dispatch -------------------------------------------------------
 
-    def handle_backend(self, now: float) -> None:
-        try:
-            for _ in range(MAX_FRAMES_PER_TICK):
-                if not readable(self.backend):
-                    return
-                frames = self.backend.recv_multipart()
-                try:
-                    command, body = P.unpack(frames[1:])
-                except P.FrameError as exc:
-                    logger.error("bad frames from a worker: %s", exc)
-                    continue
-                self._worker_message(frames[0], command, body, now)
-        finally:
-            self.flush_results()
-
-    def _worker_message(
-        self, identity: bytes, command: bytes, body: dict[str, Any], now: float
-    ) -> None:
-        try:
-            if command == wire.DONE:
-                self._on_done(identity, *wire.decode_done(body), now)
-            elif command == wire.CHUNKS:
-                self._on_chunks(identity, wire.decode_chunks(body))
-            elif command == wire.HEARTBEAT:
-                self._on_heartbeat(wire.decode_heartbeat(body), now)
-            elif command == wire.READY:
-                self._on_ready(identity, wire.decode_ready(body), now)
-            elif command == wire.FATAL:
-                self._on_fatal(wire.decode_fatal(body))
-        except (KeyError, TypeError, ValueError) as exc:
-            # Workers are our own code, but a bad message must not take the router down.
-            logger.error("bad %r message from a worker: %r", command, exc)
-
-    def _on_ready(self, identity: bytes, ready: wire.Ready, now: float) -> None:
-        slot = self.table.get(ready.slot)
-        if slot is None or slot.pid != ready.pid:
-            logger.warning(
-                "READY from slot %d pid %d, which is not that slot's process", ready.slot, ready.pid
-            )
-            return
-        serving = Serving(
-            pid=ready.pid,
-            identity=identity,
-            capacity=ready.capacity,
-            engine=ready.engine,
-            load_s=ready.load_s,
-            max_seq_len=ready.max_seq_len,
-            describe=ready.describe,
-            ready_at=now,
-            last_heartbeat=now,
-            progress_at=now,
-        )
-        self.table.start_serving(slot, serving)
-        slot.state = READY
-        self.engine_name = serving.engine
-        self.model_name = str(serving.describe.get("model", ""))
-        logger.info(
-            "ready slot %d pid %d: %s, capacity %d, loaded in %.2fs",
-            slot.id,
-            ready.pid,
-            serving.engine,
-            serving.capacity,
-            serving.load_s,
-        )
-
-    def _on_fatal(self, fatal: wire.Fatal) -> None:
-        slot = self.table.get(fatal.slot)
-        if slot is not None:
-            slot.boot_error = fatal.message
-
-    def _on_heartbeat(self, beat: wire.Beat, now: float) -> None:
-        slot = self.table.get(beat.slot)
-        if slot is None:
-            return
-        serving = slot.serving
-        if serving is None or serving.pid != beat.pid:
-            slot.loading_beat = now
-            return
-        serving.last_heartbeat = now
-        if beat.progress != serving.progress:
-            serving.progress = beat.progress
-            serving.progress_at = now
-        serving.tokens = beat.tokens
-        serving.rate.append((now, serving.tokens))
-
-    def _on_done(
-        self, identity: bytes, finished: list[Finished], failed: list[Failed], now: float
-    ) -> None:
-        slot = self.table.serving_identity(identity)
-        if slot is None:
-            return  # a worker already given up for dead: its items are elsewhere now
-        serving = slot.serving
-        assert serving is not None
-        serving.note_burst(len(finished) + len(failed), now)
-        for event in finished:
-            entry = self._settle(slot, serving, event.key, now, ok=True)
-            if entry is not None:
-                result = {
-                    "id": entry.item_id,
-                    "text": event.text,
-                    "finish_reason": event.finish_reason,
-                    "prompt_tokens": event.prompt_tokens,
-                    "completion_tokens": event.completion_tokens,
-                    "slot": slot.id,
-                    "error": None,
-                }
-                self.answer(entry, result, now)
-        for failure in failed:
-            entry = self._settle(slot, serving, failure.key, now, ok=False)
-            if entry is not None:
-                result = P.result_error(entry.item_id, failure.code, failure.message)
-                result["slot"] = slot.id
-                self.answer(entry, result, now)
-
-    def _settle(
-        self, slot: Slot, serving: Serving, key: int, now: float, ok: bool
-    ) -> Entry | None:
-        entry = self.ledger.settle(key, slot.id, ok)
-        if entry is not None:
-            serving.progress_at = now
-            if ok:
-                serving.completed += 1
-            else:
-                serving.failed += 1
-        return entry
-
-    def _on_chunks(self, identity: bytes, chunks: list[Chunk]) -> None:
-        slot = self.table.serving_identity(identity)
-        if slot is None:
-            return
-        out: dict[bytes, list[list[Any]]] = {}
-        for chunk in chunks:
-            entry = self.ledger.entries.get(chunk.key)
-            if entry is not None and entry.slot == slot.id:
-                out.setdefault(entry.client, []).append([entry.item_id, chunk.text])
-        for client, batch in out.items():
-            self.reply(client, P.CHUNKS, {"chunks": batch})
-
-    # --- dispatch ----------------------------------------------------------------
+    def handle_backend(self, now: float, waiting: bool = True) -> None:
+        """Read the workers' messages (``waiting``: the loop's poll saw some)."""
+        if waiting:
+            self.workers.handle(now)
+        else:
+            self.workers.nothing_waiting(now)
 
     def dispatch(self) -> None:
-        serving = self.table.serving()
-        if self.draining or not serving:
-            return
-        self._dispatch_probation(serving)
-        if self.queue.dispatchable == 0:
-            return
-        base = self.settings.prefetch
-        loads = [
-            slot.load(base, len(self.ledger.held_by(slot.id)))
-            for slot in serving
-            if slot.id != self.isolating
-        ]
-        plan = policy.plan_dispatch(loads, self.queue.dispatchable, base)
-        for slot_id, count in plan.items():
-            self._send_work(self.table.by_id[slot_id], self.queue.take(count))
-
-    def _dispatch_probation(self, serving: list[Slot]) -> None:
-        """Items that shared two crashes run alone, on a worker drained for them."""
-        if not self.queue.probation:
-            self.isolating = None
-            return
-        slot = self.table.get(self.isolating) if self.isolating is not None else None
-        if slot is None or slot.serving is None:
-            slot = min(serving, key=lambda s: (len(self.ledger.held_by(s.id)), s.id))
-            self.isolating = slot.id
-        if not self.ledger.held_by(slot.id):
-            key = self.queue.take_probation()
-            if key is not None:
-                self._send_work(slot, [key])
-
-    def _send_work(self, slot: Slot, keys: list[int]) -> None:
-        if not keys:
-            return
-        serving = slot.serving
-        assert serving is not None
-        now = time.monotonic()
-        if not self.ledger.held_by(slot.id):
-            serving.progress_at = now  # idle time is not a lack of progress
-        rows = self.ledger.assign(keys, slot.id, now)
-        self.backend.send_multipart([serving.identity, *wire.pack_work(rows)])
+        if not self.draining:
+            self.dispatcher.dispatch()
 
     # --- liveness ----------------------------------------------------------------
 
@@ -334,8 +198,7 @@ class Router:
         if slot is None or slot.serving is None or slot.serving.pid != pid:
             return  # it never said READY: it held nothing
         self.table.stop_serving(slot)
-        if self.isolating == slot_id:
-            self.isolating = None
+        self.dispatcher.slot_lost(slot_id)
         held = len(self.ledger.held_by(slot_id))
         released = self.ledger.release_slot(
             slot_id, crashed, blames_work, self.settings.max_attempts, cause
@@ -365,7 +228,78 @@ class Router:
 
     def find_unresponsive(self, now: float) -> list[liveness.Kill]:
         held = {slot_id: len(keys) for slot_id, keys in self.ledger.held.items()}
-        return liveness.find_unresponsive(self.table, held, now, now, False, self.settings)
+        heard_until = min(now, self.workers.heard_until)
+        lagged = now - self.last_stall_at < self.settings.heartbeat_timeout_s
+        return liveness.find_unresponsive(
+            self.table, held, now, heard_until, lagged, self.settings
+        )
+
+    def note_turn(self, started: float, ended: float) -> None:
+        """One loop turn's length: a long one is the router's own stall."""
+        if ended - started >= STALL_S:
+            self.last_stall_at = ended
+            logger.warning(
+                "router loop stalled for %.2fs; worker deadlines are counted from what "
+                "was read, and kills in the next %.0fs blame no prompt",
+                ended - started,
+                self.settings.heartbeat_timeout_s,
+            )
+
+    # --- deadlines ---------------------------------------------------------------
+
+    def add_deadline(self, entry: Entry, timeout_s: float) -> None:
+        entry.deadline = entry.accepted_at + timeout_s
+        heapq.heappush(self.deadlines, (entry.deadline, entry.key))
+
+    def expire_deadlines(self, now: float) -> None:
+        """Items past their deadline: cancelled where they are, answered ``timeout``."""
+        while self.deadlines and self.deadlines[0][0] <= now:
+            deadline, key = heapq.heappop(self.deadlines)
+            entry = self.ledger.entries.get(key)
+            if entry is None or entry.deadline != deadline:
+                continue  # answered already
+            ran = now - entry.dispatched_at if entry.slot is not None and entry.dispatched_at else 0
+            waited = now - entry.accepted_at - ran
+            self.cancel_keys({key})
+            message = (
+                f"deadline of {deadline - entry.accepted_at:g}s passed: waited {waited:.2f}s "
+                f"in the queue and ran {ran:.2f}s"
+            )
+            self.answer_with_error(self.ledger.finish([key]), P.E_TIMEOUT, message)
+
+    # --- client leases -------------------------------------------------------------
+
+    def has_work(self, record: ClientRecord) -> bool:
+        """Whether the router holds anything for this client (PONG's ``known``)."""
+        return bool(self.ledger.count_of(record.identity) or record.owed or record.outbox)
+
+    def check_leases(self, now: float) -> None:
+        """Probe clients with work; cancel the work of those gone past the grace."""
+        extra = {"instance": self.instance, "draining": self.draining}
+        for record in self.delivery.probe(now, self.has_work, extra):
+            self.expire_client(record, now)
+        for record in list(self.clients):
+            idle = now - record.last_seen > IDLE_CLIENT_FORGET_S
+            if (idle or not record.reachable) and not self.has_work(record):
+                self.delivery.forget(record.identity)
+
+    def expire_client(self, record: ClientRecord, now: float) -> None:
+        """A client gone past its grace: stop its work, drop what it was owed."""
+        keys = self.ledger.keys_of(record.identity)
+        running = sum(1 for key in keys if self.ledger.holder(key) is not None)
+        dropped = self.ledger.drop(e.key for e in self.cancel_keys(keys))
+        self.ledger.abandoned += len(dropped)
+        gone_s = now - (record.disconnected_at or now)
+        logger.warning(
+            "client %s gone for %.1fs: cancelled %d waiting and %d running items, "
+            "dropped %d unread results",
+            record.name or record.identity.hex()[:12],
+            gone_s,
+            len(dropped) - running,
+            running,
+            record.unread,
+        )
+        self.delivery.forget(record.identity)
 
     # --- draining ----------------------------------------------------------------
 

@@ -9,24 +9,21 @@ what is due, dispatch, tell systemd how things stand.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import socket
-import stat
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 
-from exgen.client import protocol as P
-from exgen.daemon import curve
+from exgen.daemon import curve, modelstore
 from exgen.daemon import supervisor as sup
 from exgen.daemon.config import Settings
 from exgen.daemon.gateway.keeper import GatewayKeeper  # issue 13: the HTTP gateway
+from exgen.daemon.listen import ListenError, access_mode, bind_frontend
 from exgen.daemon.router import Router
 from exgen.daemon.sdnotify import Notifier
 from exgen.daemon.slots import SlotTable
@@ -46,8 +43,7 @@ METRICS_EVERY_S = 1.0
 EXIT_NO_WORKERS = 3
 
 
-class AddressInUse(RuntimeError):
-    pass
+AddressInUse = ListenError  # the name the CLI knows
 
 
 class Daemon:
@@ -57,8 +53,7 @@ class Daemon:
         self.settings = settings
         self.listen = listen
         self.ctx = zmq.Context()
-        self.auth: ThreadAuthenticator | None = None
-        self.frontend = self._bind_frontend(listen)
+        self.frontend, self.auth = bind_frontend(self.ctx, settings, listen)
         self.rundir = Path(tempfile.mkdtemp(prefix="exgen-"))  # mode 0700: workers only
         try:
             self._wire(slots, engine, model)
@@ -84,29 +79,16 @@ class Daemon:
         self.backend.bind(backend_address)
         self.table = SlotTable(slots)
         self.router = Router(self.settings, self.frontend, self.backend, self.table)
+        self.router.model_name = self.settings.model_name or modelstore.served_name(model, engine)
+        self.router.access = access_mode(self.listen, self.auth)
+        if self.auth is not None:
+            self.router.allowed_users = curve.allowed_user_ids(self.settings)
         self.supervisor = sup.Supervisor(self.settings, self.table, backend_address, engine, model)
         self.notifier = Notifier()
         self.metrics = self._start_metrics(self.settings.metrics_listen)
         self.gateway = GatewayKeeper.from_settings(self.settings, self.listen)  # issue 13
 
     # --- sockets ---------------------------------------------------------------------
-
-    def _bind_frontend(self, listen: str) -> zmq.Socket[Any]:
-        sock = self.ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client keeps its identity
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        self.auth = curve.secure_frontend(self.ctx, sock, self.settings)
-        if listen.startswith("ipc://"):
-            self._prepare_ipc(Path(listen[len("ipc://") :]))
-        sock.bind(listen)
-        if listen.startswith("ipc://"):
-            # Owner and group only: the default address is for this machine's users
-            # that the operator let in, not everyone.
-            os.chmod(listen[len("ipc://") :], 0o660)
-        return sock
 
     def _start_metrics(self, listen: str | None) -> Metrics | None:
         if listen is None:
@@ -122,13 +104,6 @@ class Daemon:
             raise AddressInUse(f"metrics endpoint {listen}: {exc.strerror or exc}") from None
         self.router.latencies = metrics.latencies
         return metrics
-
-    def _prepare_ipc(self, path: Path) -> None:
-        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-        if path.exists():
-            if stat.S_ISSOCK(path.stat().st_mode) and _socket_answers(path):
-                raise AddressInUse(f"another exgen daemon is already listening at ipc://{path}")
-            path.unlink()  # a stale socket left by a daemon that was killed
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -152,7 +127,9 @@ class Daemon:
                 ready = dict(poller.poll(TICK_MS))
                 if wake_r.fileno() in ready:
                     _drain_wakeups(wake_r)
-                self.tick(time.monotonic(), self.frontend in ready, self.backend in ready)
+                started = time.monotonic()
+                self.tick(started, self.frontend in ready, self.backend in ready)
+                self.router.note_turn(started, time.monotonic())
         finally:
             self.shutdown()
             signal.set_wakeup_fd(-1)
@@ -173,8 +150,10 @@ class Daemon:
             self.handle_signal(self.signals.pop(0))
         if clients:
             self.router.handle_frontend(now)
-        if workers:
-            self.router.handle_backend(now)
+        self.router.handle_backend(now, workers)
+        # Results out before dispatching: a client found gone while sending them
+        # gets no more of its items started.
+        self.router.flush_results()
         housekeeping = self.child_exited or now >= self.housekeeping_due
         if housekeeping:
             self._housekeep(now)
@@ -198,6 +177,8 @@ class Daemon:
             self.router.worker_lost(
                 exit_.slot, exit_.pid, exit_.cause, exit_.crashed, exit_.blames_work
             )
+        self.router.check_leases(now)
+        self.router.expire_deadlines(now)
         if self.drain_deadline is None:
             self._kill_unresponsive(now)
             self.supervisor.restart_due(now)
@@ -227,7 +208,9 @@ class Daemon:
         elif signum == signal.SIGHUP:
             self.gateway.reload()  # issue 13: it re-reads its API keys
             if self.auth is not None:
-                curve.reload_allowed(self.auth, self.settings)
+                allowed = curve.reload_allowed(self.auth, self.settings)
+                if allowed is not None:
+                    self.router.allowed_users = allowed
             else:
                 logger.info("SIGHUP: nothing to reload; send SIGTERM to drain and stop")
         elif signum == signal.SIGCHLD:
@@ -322,17 +305,6 @@ class Daemon:
 
     def status(self, now: float) -> dict[str, Any]:
         return self.router.status(now)
-
-
-def _socket_answers(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 def _drain_wakeups(sock: socket.socket) -> None:

@@ -30,7 +30,37 @@ def describe_router(router: Router, now: float) -> dict[str, Any]:
         "workers": [
             describe_slot(slot, len(ledger.held_by(slot.id)), now) for slot in router.table
         ],
+        "clients": describe_clients(router, now),
     }
+
+
+def describe_clients(router: Router, now: float) -> list[dict[str, Any]]:
+    ledger = router.ledger
+    running: dict[bytes, int] = {}
+    for keys in ledger.held.values():  # what runs is small: capacity x slots
+        for key in keys:
+            client = ledger.entries[key].client
+            running[client] = running.get(client, 0) + 1
+    out = []
+    for record in router.clients:
+        out.append(
+            {
+                "id": record.identity.hex(),
+                "name": record.name,
+                "host": record.host,
+                "pid": record.pid,
+                "queued": router.queue.waiting(record.identity),
+                "running": running.get(record.identity, 0),
+                "done": record.done,
+                "failed": record.failed,
+                "unread": record.unread,
+                "tokens_per_s": round(record.tokens_per_s(now), 1),
+                "connected": record.reachable,
+                "paused": record.pause_reason or None,
+                "idle_s": round(now - record.last_seen, 1),
+            }
+        )
+    return out
 
 
 def describe_slot(slot: Slot, inflight: int, now: float) -> dict[str, Any]:

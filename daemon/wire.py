@@ -13,7 +13,6 @@ bytes joined under one header.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +45,7 @@ def encode_job(key: int, item: P.Item, stream: bool) -> bytes:
 
 def pack_work(rows: list[bytes]) -> list[bytes]:
     """The WORK message for these encoded rows (joined, not re-encoded)."""
-    body = b"\x81" + _JOBS_KEY + _array_header(len(rows)) + b"".join(rows)
+    body = b"\x81" + _JOBS_KEY + P.array_header(len(rows)) + b"".join(rows)
     return [P.MAGIC_VERSION, WORK, body]
 
 
@@ -55,14 +54,6 @@ def decode_work(body: dict[str, Any]) -> list[Job]:
     for key, prompt, messages, params, stream in body["jobs"]:
         jobs.append(Job(key, prompt, messages, SamplingParams.from_wire(params or {}), stream))
     return jobs
-
-
-def _array_header(n: int) -> bytes:
-    if n < 16:
-        return bytes([0x90 | n])
-    if n < 0x10000:
-        return b"\xdc" + struct.pack(">H", n)
-    return b"\xdd" + struct.pack(">I", n)
 
 
 # --- DONE and CHUNKS -----------------------------------------------------------------

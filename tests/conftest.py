@@ -66,8 +66,10 @@ class RunningDaemon:
             raise AssertionError(f"daemon did not stop on SIGTERM:\n{self.log_text()}") from None
 
 
-def start_daemon(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> RunningDaemon:
-    address = f"ipc://{tmp_path}/exgen.sock"
+def start_daemon(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, listen: str | None = None
+) -> RunningDaemon:
+    address = listen or f"ipc://{tmp_path}/exgen.sock"
     log = tmp_path / "daemon.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("EXGEN_ADDRESS", None)
@@ -85,10 +87,15 @@ def start_daemon(tmp_path: Path, *args: str, env: dict[str, str] | None = None) 
 def daemon_factory(tmp_path: Path) -> Iterator[Any]:
     started: list[RunningDaemon] = []
 
-    def factory(*args: str, ready: bool = True, env: dict[str, str] | None = None) -> RunningDaemon:
+    def factory(
+        *args: str,
+        ready: bool = True,
+        env: dict[str, str] | None = None,
+        listen: str | None = None,
+    ) -> RunningDaemon:
         sub = tmp_path / f"d{len(started)}"
         sub.mkdir()
-        daemon = start_daemon(sub, *args, env=env)
+        daemon = start_daemon(sub, *args, env=env, listen=listen)
         started.append(daemon)
         if ready:
             daemon.wait_ready()

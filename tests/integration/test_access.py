@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
+import signal
 import socket
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -40,7 +44,7 @@ def test_default_ipc_socket_is_owner_and_group_only(tmp_path):
     sock_path = tmp_path / "xdg" / "exgen" / "exgen.sock"
     try:
         with Client(f"ipc://{sock_path}", timeout=20) as client:
-            client.status()
+            client.wait_ready(timeout=20)  # no daemon yet is an error at once, not a wait
         assert stat.S_IMODE(sock_path.stat().st_mode) == 0o660
         assert stat.S_IMODE(sock_path.parent.stat().st_mode) == 0o750
     finally:
@@ -160,3 +164,51 @@ def test_curve_setting_errors_are_one_line(tmp_path):
         )  # fmt: skip
         assert out.returncode == 2, out.stderr
         assert words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_a_revoked_key_loses_service_on_its_open_connection(curve_daemon):
+    daemon, _ = curve_daemon
+    allowed = Path(next(a for a in daemon.proc.args if str(a).endswith("allowed")))
+    with daemon.client(timeout=3) as client:  # one connection, kept open throughout
+        assert client.generate(["before"], max_new_tokens=3)[0].ok
+        (allowed / "alice.key").unlink()
+        daemon.proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        with pytest.raises(errors.Timeout):
+            client.generate(["after the revocation"], max_new_tokens=3)
+    assert "revoked" in daemon.log_text()
+
+
+def other_user() -> int:
+    """A second unix user's uid (made once; we run as root in CI)."""
+    name = "exgen-test-other"
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        pass
+    if os.geteuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("needs root and useradd to make a second unix user")
+    subprocess.run(["useradd", "--system", "--no-create-home", name], check=True, timeout=30)
+    return pwd.getpwnam(name).pw_uid
+
+
+def test_an_ipc_directory_of_another_user_is_refused(tmp_path):
+    uid = other_user()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, uid, uid)
+    out = subprocess.run(
+        [*EXGEN, "serve", "--engine", "synthetic", "--listen", f"ipc://{theirs}/exgen.sock"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(theirs) in lines[0] and "exgen-test-other" in lines[0], lines
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    out = subprocess.run(
+        [*EXGEN, "serve", "--engine", "synthetic", "--listen", f"ipc://{open_dir}/exgen.sock"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and "writable by others" in out.stderr

@@ -331,12 +331,15 @@ Message = tuple[bytes, dict[str, Any]]
 
 
 def collect(sock: zmq.Socket[Any], until: Any, timeout: float) -> list[Message]:
-    """Messages from a raw socket until ``until()`` is true or the time is up."""
+    """Messages from a raw socket until ``until()`` is true or the time is up (without
+    the lease probes: PONGs the router sends unasked to a client that has work)."""
     got = []
     deadline = time.monotonic() + timeout
     while not until() and time.monotonic() < deadline:
         if sock.poll(100):
-            got.append(P.unpack(sock.recv_multipart()))
+            message = P.unpack(sock.recv_multipart())
+            if message[0] != P.PONG:
+                got.append(message)
     return got
 
 

@@ -40,6 +40,7 @@ class FakeResult:
     prompt_tokens: int = 5
     completion_tokens: int = 3
     error: errors.RequestFailed | None = None
+    model: str | None = None
 
 
 # --- plain and chat lines --------------------------------------------------------
@@ -191,7 +192,8 @@ def test_duplicate_id_rejects_the_later_line() -> None:
     dup = entries[2]
     assert isinstance(dup, B.LineError)
     assert dup.line_no == 3 and "duplicate id 'a'" in dup.message
-    assert dup.id == "line-3"  # the id "a" stays with the earlier line's answer
+    assert dup.id == "a", "the record keeps the line's own id (a line-N could be a real id)"
+    assert B.format_line_error(dup)["error"]["line"] == 3  # and names the line
 
 
 def test_explicit_id_colliding_with_a_fallback_id_is_a_duplicate() -> None:
@@ -375,7 +377,8 @@ def test_plain_output_of_a_failure() -> None:
 
 def test_openai_chat_output_shape() -> None:
     line = one(openai_line({**CHAT_BODY, "max_tokens": 10}))
-    out = B.format_result(line, FakeResult("req-1", finish_reason="length"), now=1711652795.5)
+    result = FakeResult("req-1", finish_reason="length", model="SmolLM2-135M-Instruct")
+    out = B.format_result(line, result, now=1711652795.5)
     assert list(out) == ["id", "custom_id", "response", "error"]
     assert out["id"].startswith("batch_req_") and out["custom_id"] == "req-1"
     assert out["error"] is None
@@ -387,7 +390,7 @@ def test_openai_chat_output_shape() -> None:
     assert body["id"].startswith("chatcmpl-")
     assert body["object"] == "chat.completion"
     assert body["created"] == 1711652795
-    assert body["model"] == "gpt-4o-mini"
+    assert body["model"] == "SmolLM2-135M-Instruct", "the served model, not the one asked for"
     assert body["choices"] == [
         {
             "index": 0,
@@ -413,9 +416,81 @@ def test_openai_output_of_a_failure() -> None:
     line = one(openai_line(CHAT_BODY))
     failed = FakeResult("req-1", "", "error", error=errors.EngineError("boom"))
     out = B.format_result(line, failed)
-    assert out["response"] is None
-    assert out["error"] == {"code": "engine_error", "message": "boom"}
+    assert out["error"] is None
+    assert out["response"]["status_code"] == 500
+    assert out["response"]["body"] == {
+        "error": {"message": "boom", "type": "server_error", "param": None, "code": "engine_error"}
+    }
     assert out["custom_id"] == "req-1" and out["id"].startswith("batch_req_")
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "param"),
+    [
+        (errors.ModelNotFound("model 'x' is not served"), 404, "model"),
+        (errors.BadRequest("bad", field="messages"), 400, "messages"),
+        (errors.PromptTooLong("too long"), 400, None),
+        (errors.WorkerDied("poison"), 500, None),
+    ],
+)
+def test_openai_http_like_failures(error: errors.RequestFailed, status: int, param: str | None):
+    out = B.format_result(
+        one(openai_line(CHAT_BODY)), FakeResult("req-1", "", "error", error=error)
+    )
+    assert out["response"]["status_code"] == status and out["error"] is None
+    assert out["response"]["body"]["error"]["param"] == param
+    assert out["response"]["body"]["error"]["code"] == error.code
+    assert B.output_record_status(out) == ("req-1", False)  # resume retries it
+
+
+@pytest.mark.parametrize("error", [errors.Cancelled("by you"), errors.DeadlineExceeded("late")])
+def test_openai_batch_level_failures_have_no_response(error: errors.RequestFailed):
+    out = B.format_result(
+        one(openai_line(CHAT_BODY)), FakeResult("req-1", "", "error", error=error)
+    )
+    assert out["response"] is None
+    assert out["error"] == {"code": error.code, "message": error.message}
+
+
+def test_openai_lines_send_their_model_with_the_item() -> None:
+    assert one(openai_line(CHAT_BODY)).to_item()["model"] == "gpt-4o-mini"
+    assert "model" not in one(openai_line({"messages": CHAT_BODY["messages"]})).to_item()
+    assert "body.model" in error_of(openai_line({**CHAT_BODY, "model": 7})).message
+
+
+def test_a_plain_lines_timeout_goes_with_its_item() -> None:
+    assert one({"prompt": "x", "timeout_s": 2.5}).to_item()["timeout_s"] == 2.5
+    assert "timeout_s" not in one({"prompt": "x"}).to_item()
+    assert "timeout_s" in error_of({"prompt": "x", "timeout_s": 0}).message
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ('{"id": "s", "prompt": "scraped \\ud800 text"}', "prompt"),
+        (
+            '{"id": "s", "messages": [{"role": "user", "content": "\\uDC00"}]}',
+            "messages[0].content",
+        ),
+        (
+            '{"custom_id": "s", "url": "/v1/chat/completions", "body": {"messages": '
+            '[{"role": "user", "content": "x\\udfff"}]}}',
+            "body.messages[0].content",
+        ),
+    ],
+)
+def test_a_lone_surrogate_is_a_per_line_error_naming_the_field(line: str, field: str) -> None:
+    entries = list(
+        B.read_batch(
+            [json.dumps({"id": "ok", "prompt": "fine"}), line, b'{"prompt": "\\ud83d\\ude00 ok"}']
+        )
+    )
+    good, bad, pair = entries
+    assert isinstance(good, B.BatchLine) and isinstance(
+        pair, B.BatchLine
+    )  # a surrogate pair is fine
+    assert isinstance(bad, B.LineError) and bad.id == "s" and bad.line_no == 2
+    assert f"{field}: holds a lone surrogate" in bad.message
 
 
 def test_openai_output_ids_are_unique() -> None:

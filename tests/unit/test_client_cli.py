@@ -5,6 +5,7 @@ speaking protocol.py frames), so the CLI is tested end to end over the wire."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -16,8 +17,8 @@ import zmq
 from click.testing import CliRunner, Result
 
 from exgen.client import protocol as P
-from exgen.client.cli import cli, format_status
-from exgen.client.client import Client
+from exgen.client.cli import Stopped, Tally, cli, format_status
+from exgen.client.core import TAG_SEP
 
 STATUS_DOC: dict[str, Any] = {
     "workers": [
@@ -53,6 +54,22 @@ STATUS_DOC: dict[str, Any] = {
     "inflight": 3,
     "engine": "synthetic",
     "model": "fake-model",
+    "clients": [
+        {
+            "id": "c-1",
+            "name": "exgen-client submit big.jsonl -o out.jsonl",
+            "host": "node1",
+            "pid": 777,
+            "queued": 120,
+            "running": 8,
+            "done": 4000,
+            "failed": 2,
+            "unread": 0,
+            "tokens_per_s": 950.5,
+            "connected": True,
+            "idle_s": 0.3,
+        }
+    ],
 }
 
 
@@ -65,10 +82,12 @@ class FakeRouter:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(address)
         self.address = address
-        self.received: list[dict[str, Any]] = []  # every item submitted
+        self.received: list[dict[str, Any]] = []  # every item submitted (the caller's ids)
+        self.commands: list[tuple[bytes, dict[str, Any]]] = []  # everything else
         self.fail_marker = "FAIL"
         self.mute_after: int | None = None  # results sent before going silent
         self.results_sent = 0
+        self.reverse = False  # answer each submit's items last first
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -98,13 +117,14 @@ class FakeRouter:
         if command == P.PING:
             return [(P.PONG, {"req": req, "draining": False})]
         if command != P.SUBMIT:
-            return []
+            self.commands.append((command, body))
+            return self._control(command, body)
         submit = P.validate_submit(body)
-        self.received.extend(item.to_wire() for item in submit.items)
+        self.received.extend(untagged(item.to_wire()) for item in submit.items)
         out: list[tuple[bytes, dict[str, Any]]] = [
             (P.ACCEPTED, {"req": req, "n": len(submit.items), "queued": 0})
         ]
-        for item in submit.items:
+        for item in reversed(submit.items) if self.reverse else submit.items:
             text = "echo:" + (item.prompt or "")  # chat items: "echo:" alone
             if submit.stream:
                 out.append(
@@ -113,9 +133,23 @@ class FakeRouter:
             out.append((P.RESULTS, {"req": req, "results": [self._result(item, text)]}))
         return out
 
+    def _control(self, command: bytes, body: dict[str, Any]) -> list[tuple[bytes, dict[str, Any]]]:
+        req = body.get("req")
+        if command == P.HELLO:
+            return [(P.WELCOME, {"req": req, "instance": "fake", "model": "fake-model"})]
+        if command == P.CANCEL and "client" in body:
+            if body["client"] == "root-owned":
+                return [(P.ERROR, P.error_body(P.E_FORBIDDEN, "not your client", req=req))]
+            return [(P.CANCELLED, {"req": req, "cancelled": 3, "clients": [body["client"]]})]
+        if command == P.CANCEL and body.get("clients") == "all":
+            return [(P.CANCELLED, {"req": req, "cancelled": 5, "clients": ["a", "b"]})]
+        return []
+
     def _result(self, item: P.Item, text: str) -> dict[str, Any]:
         if self.fail_marker in text:
             return P.result_error(item.id, P.E_WORKER_DIED, "crashed 3 workers")
+        if item.model not in (None, "fake-model"):  # as a daemon with strict_model
+            return P.result_error(item.id, P.E_MODEL_NOT_FOUND, f"model {item.model!r} not served")
         return {
             "id": item.id,
             "text": text,
@@ -125,6 +159,11 @@ class FakeRouter:
             "slot": 0,
             "error": None,
         }
+
+
+def untagged(wire: dict[str, Any]) -> dict[str, Any]:
+    """An item as the caller gave it: the client's call tag taken off its id."""
+    return {**wire, "id": wire["id"].partition(TAG_SEP)[2]}
 
 
 def free_tcp_address() -> str:
@@ -303,10 +342,11 @@ def test_malformed_lines_are_reported_and_answered(router: FakeRouter, tmp_path:
     assert "1 done, 1 failed" in summary and "3 malformed lines" in summary
     assert "line 2: unknown key 'temprature'" in summary
     assert "c: worker_died: crashed 3 workers" in summary
-    records = {r["id"]: r for r in read_jsonl(out)}
-    assert set(records) == {"a", "b", "line-3", "line-4", "c"}  # every input line answered
-    assert records["b"]["error"]["line"] == 2
-    assert records["line-4"]["error"]["message"].startswith("line 4: duplicate id 'a'")
+    records = read_jsonl(out)
+    assert sorted(r["id"] for r in records) == ["a", "a", "b", "c", "line-3"]  # every line
+    by_line = {r["error"]["line"]: r for r in records if r["error"] and "line" in r["error"]}
+    assert by_line[2]["id"] == "b"
+    assert by_line[4]["id"] == "a" and "line 4: duplicate id 'a'" in by_line[4]["error"]["message"]
     assert [i["id"] for i in router.received] == ["a", "c"]  # bad lines never sent
 
 
@@ -346,27 +386,37 @@ def test_daemon_lost_mid_run_is_exit_3(router: FakeRouter, tmp_path: Path) -> No
     assert len(read_jsonl(out)) == 5
 
 
-def test_interrupt_cancels_what_is_in_flight(
-    router: FakeRouter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("stop", "code"),
+    [(KeyboardInterrupt(), 130), (Stopped(signal.SIGTERM), 143), (Stopped(signal.SIGHUP), 129)],
+)
+def test_a_stopped_run_cancels_what_is_in_flight(
+    router: FakeRouter,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stop: BaseException,
+    code: int,
 ) -> None:
-    real_iter_results = Client.iter_results
-    cancelled: list[str] = []
+    real_add = Tally.add
 
-    def interrupted_after_two(self: Client, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        for n, res in enumerate(real_iter_results(self, *args, **kwargs)):
-            if n == 2:
-                raise KeyboardInterrupt
-            yield res
+    def stopped_at_two(self: Tally, result: Any) -> None:
+        real_add(self, result)
+        if self.done == 2:
+            raise stop
 
-    monkeypatch.setattr(Client, "iter_results", interrupted_after_two)
-    monkeypatch.setattr(Client, "cancel", lambda self, ids: cancelled.extend(ids))
+    monkeypatch.setattr(Tally, "add", stopped_at_two)
+    router.mute_after = 4  # the others stay in flight
     src = write_jsonl(tmp_path / "in.jsonl", *({"id": f"p{i}", "prompt": "q"} for i in range(10)))
     out = tmp_path / "out.jsonl"
     result = run("submit", str(src), "-o", str(out), "--connect", router.address)
-    assert result.exit_code == 130 and "--resume" in result.stderr
+    assert result.exit_code == code and "--resume" in result.stderr
     written = {r["id"] for r in read_jsonl(out)}
-    assert len(written) == 2
-    assert written.isdisjoint(cancelled) and len(written) + len(cancelled) == 10
+    cancelled = [
+        untagged({"id": i})["id"] for c, b in router.commands if c == P.CANCEL for i in b["ids"]
+    ]
+    assert written == {"p0", "p1"}
+    unanswered = {f"p{i}" for i in range(4, 10)}  # the router answered p0..p3
+    assert unanswered <= set(cancelled) <= unanswered | {"p2", "p3"}
 
 
 def test_overwrite_replaces_the_output(router: FakeRouter, prompts: Path, tmp_path: Path) -> None:
@@ -391,8 +441,9 @@ def test_openai_lines_get_openai_output(router: FakeRouter, tmp_path: Path) -> N
     body = records["r1"]["response"]["body"]
     assert body["model"] == "fake-model"  # the daemon's, as the line named none
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "echo:"}
-    assert records["r2"]["response"] is None
-    assert records["r2"]["error"]["code"] == "worker_died"
+    assert records["r2"]["error"] is None  # OpenAI's error-file shape: an HTTP-like answer
+    assert records["r2"]["response"]["status_code"] == 500
+    assert records["r2"]["response"]["body"]["error"]["code"] == "worker_died"
 
 
 # --- generate and status ---------------------------------------------------------
@@ -452,5 +503,196 @@ def test_format_status() -> None:
     ]
     assert lines[1].split() == ["0", "0", "4242", "ready", "3", "120", "1", "812.2", "2.5s"]
     assert lines[2].split() == ["1", "1,2", "-", "restarting", "0", "0", "4", "0.0", "-"]
-    assert "queued 17" in lines[-1] and "uptime 1h02m05s" in lines[-1]
-    assert "model fake-model" in lines[-1]
+    facts = next(line for line in lines if line.startswith("engine "))
+    assert "queued 17" in facts and "uptime 1h02m05s" in facts
+    assert "model fake-model" in facts
+
+
+# --- issue 12: options, jobs, papercuts -------------------------------------------------
+
+
+def test_version_of_both_commands() -> None:
+    from exgen.daemon.cli import main as exgen_main
+
+    assert run("--version").output.startswith("exgen-client, version ")
+    out = CliRunner().invoke(exgen_main, ["--version"])
+    assert out.exit_code == 0 and out.output.startswith("exgen, version ")
+
+
+@pytest.mark.parametrize("command", [[], ["submit"], ["status"], ["cancel"]])
+def test_help_lists_the_exit_codes(command: list[str]) -> None:
+    text = run(*command, "--help").output
+    assert "Exit status:" in text
+    starts = {line.split()[0] for line in text.splitlines() if line.strip()}
+    assert {"0", "1", "2", "3", "4", "130"} <= starts, text
+
+
+def test_help_texts_say_what_the_options_do() -> None:
+    submit_help = " ".join(run("submit", "--help").output.split())
+    assert "Results file (default: stdout; - is stdout too)." in submit_help
+    bench_help = " ".join(run("bench", "--help").output.split())
+    assert "Default 64 for generated prompts" in bench_help and "Default 256." not in bench_help
+
+
+def test_output_into_a_missing_directory_is_a_usage_error_before_any_work(
+    router: FakeRouter, prompts: Path, tmp_path: Path
+) -> None:
+    for option in ("-o", "--errors"):
+        result = run("submit", str(prompts), option, str(tmp_path / "no" / "out.jsonl"),
+                     "--connect", router.address)  # fmt: skip
+        assert result.exit_code == 2 and "does not exist" in result.output, result.output
+        assert "Traceback" not in result.output
+    assert router.received == [], "nothing may be sent before the output is known good"
+
+
+def test_an_empty_input_file_warns(router: FakeRouter, tmp_path: Path) -> None:
+    src = tmp_path / "empty.jsonl"
+    src.write_text("\n")
+    result = run("submit", str(src), "--connect", router.address)
+    assert result.exit_code == 0
+    assert "warning: " in result.stderr and "holds no prompts" in result.stderr
+
+
+def test_generate_from_stdin_drops_the_final_newline_only(router: FakeRouter) -> None:
+    result = run("generate", "-", "--connect", router.address, stdin="two\nlines\n")
+    assert result.exit_code == 0, result.output
+    assert router.received[0]["prompt"] == "two\nlines"
+
+
+def test_output_order_input_keeps_the_lines_order(router: FakeRouter, tmp_path: Path) -> None:
+    router.reverse = True
+    lines = [{"id": f"p{i}", "prompt": f"q{i}"} for i in range(30)]
+    lines.insert(7, "{broken")  # a malformed line keeps its place too
+    src = write_jsonl(tmp_path / "in.jsonl", *lines)
+    for order, expect_sorted in (("completion", False), ("input", True)):
+        out = tmp_path / f"{order}.jsonl"
+        result = run("submit", str(src), "-o", str(out), "--output-order", order,
+                     "--window", "8", "--connect", router.address)  # fmt: skip
+        assert result.exit_code == 1, result.output  # the malformed line
+        ids = [r["id"] for r in read_jsonl(out)]
+        wanted = [*(f"p{i}" for i in range(7)), "line-8", *(f"p{i}" for i in range(7, 30))]
+        assert (ids == wanted) is expect_sorted, (order, ids)
+
+
+def test_errors_file_takes_the_failed_and_malformed_lines(
+    router: FakeRouter, tmp_path: Path
+) -> None:
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    src = write_jsonl(
+        tmp_path / "in.jsonl",
+        {"id": "good", "prompt": "x"},
+        {"id": "bad", "prompt": "FAIL"},
+        {"id": "typo", "prompt": "x", "temprature": 1},
+        {"custom_id": "o-good", "url": "/v1/chat/completions", "body": chat},
+        {"custom_id": "o-404", "url": "/v1/chat/completions", "body": {**chat, "model": "gpt-9"}},
+    )
+    out, errs = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    result = run(
+        "submit", str(src), "-o", str(out), "--errors", str(errs), "--connect", router.address
+    )
+    assert result.exit_code == 1
+    good = read_jsonl(out)
+    assert sorted(r.get("id") if "text" in r else r["custom_id"] for r in good) == [
+        "good",
+        "o-good",
+    ]
+    failed = {r.get("custom_id") or r["id"]: r for r in read_jsonl(errs)}
+    assert set(failed) == {"bad", "typo", "o-404"}
+    not_found = failed["o-404"]["response"]
+    assert not_found["status_code"] == 404
+    assert not_found["body"]["error"]["code"] == "model_not_found"
+    assert not_found["body"]["error"]["param"] == "model"
+    assert {i["id"]: i.get("model") for i in router.received}["o-404"] == "gpt-9"
+    again = run(
+        "submit", str(src), "-o", str(out), "--errors", str(errs), "--connect", router.address
+    )
+    assert again.exit_code == 2 and "--resume" in again.output  # both files are guarded
+
+
+def test_request_timeout_goes_with_each_line_unless_it_has_its_own(
+    router: FakeRouter, tmp_path: Path
+) -> None:
+    src = write_jsonl(
+        tmp_path / "in.jsonl",
+        {"id": "a", "prompt": "x"},
+        {"id": "b", "prompt": "x", "timeout_s": 2},
+    )
+    result = run("submit", str(src), "--request-timeout", "30", "--connect", router.address)
+    assert result.exit_code == 0, result.output
+    assert {i["id"]: i["timeout_s"] for i in router.received} == {"a": 30, "b": 2}
+
+
+def test_a_full_disk_is_one_line_exit_4_and_cancels_the_rest(
+    router: FakeRouter, tmp_path: Path
+) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", *({"id": f"p{i}", "prompt": "q"} for i in range(10)))
+    router.mute_after = 3
+    result = run("submit", str(src), "-o", "/dev/full", "--connect", router.address)
+    assert result.exit_code == 4, result.output
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("exgen-client:")]
+    assert "cannot write /dev/full: No space left on device" in line and "--resume" in line
+    assert "Traceback" not in result.output
+    cancelled = [i for c, b in router.commands if c == P.CANCEL for i in b["ids"]]
+    assert len(cancelled) >= 7
+
+
+def test_the_client_says_hello_with_its_command_line(router: FakeRouter, prompts: Path) -> None:
+    result = run("submit", str(prompts), "--connect", router.address)
+    assert result.exit_code == 0, result.output
+    [hello] = [b for c, b in router.commands if c == P.HELLO]
+    assert set(hello) == {"req", "name", "host", "pid"} and hello["pid"] > 0
+
+
+def test_status_shows_the_connected_clients(router: FakeRouter) -> None:
+    text = run("status", "--connect", router.address).stdout
+    lines = text.splitlines()
+    header = lines.index(next(x for x in lines if x.startswith("client")))
+    assert lines[header].split() == [
+        "client", "host", "pid", "queued", "running", "done", "failed", "tok/s", "idle", "name"
+    ]  # fmt: skip
+    row = lines[header + 1]
+    assert row.split()[:9] == ["c-1", "node1", "777", "120", "8", "4000", "2", "950.5", "0.3s"]
+    assert row.endswith("exgen-client submit big.jsonl -o out.jsonl"), "the whole name, last"
+    doc = json.loads(run("status", "--json", "--connect", router.address).stdout)
+    assert doc["clients"][0]["name"] == "exgen-client submit big.jsonl -o out.jsonl"
+
+
+def test_cancel_a_client_all_clients_and_a_refusal(router: FakeRouter) -> None:
+    one = run("cancel", "exgen-client submit big.jsonl", "--connect", router.address)
+    assert (
+        one.exit_code == 0 and one.stdout == "cancelled 3 items of exgen-client submit big.jsonl\n"
+    )
+    everyone = run("cancel", "--all", "--connect", router.address)
+    assert everyone.exit_code == 0 and everyone.stdout == "cancelled 5 items of a, b\n"
+    refused = run("cancel", "root-owned", "--connect", router.address)
+    assert refused.exit_code == 1
+    assert refused.stderr == "exgen-client: not allowed: not your client\n"
+    assert run("cancel", "--connect", router.address).exit_code == 2  # neither CLIENT nor --all
+    assert run("cancel", "x", "--all", "--connect", router.address).exit_code == 2
+    assert [b for c, b in router.commands if c == P.CANCEL][:2] == [
+        {"client": "exgen-client submit big.jsonl", "req": ANY_REQ},
+        {"clients": "all", "req": ANY_REQ},
+    ]
+
+
+class _AnyReq:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and bool(other)
+
+
+ANY_REQ = _AnyReq()
+
+
+def test_generate_into_a_full_disk_is_exit_4(router: FakeRouter) -> None:
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "exgen.client.cli", "generate", "hello"]
+    with open("/dev/full", "w") as full:
+        run = subprocess.run(
+            [*command, "--connect", router.address],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,
+        )  # fmt: skip
+    assert run.returncode == 4, run.stderr
+    assert "cannot write the output: No space left on device" in run.stderr
+    assert "Traceback" not in run.stderr

@@ -1,0 +1,452 @@
+"""One call on a client connection, sans-IO: what :class:`Core` multiplexes.
+
+A :class:`Call` is one ``iter_results`` / ``generate`` / ``stream``: its items (read
+lazily from the caller's iterable, validated here), its window, what is out at the
+daemon under its tag, what came back. A :class:`Request` is one request answered by
+one reply (status, ping, cancelling another client). :class:`Result` is what a caller
+gets for each item.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from exgen.client import errors
+from exgen.client import protocol as P
+
+SUBMIT_BATCH = 512  # items per submit frame: big enough to amortise, small enough to interleave
+BUSY_BACKOFF_S = (0.05, 2.0)  # first and largest wait after a busy reply
+CANCEL_BATCH = P.MAX_ITEMS_PER_SUBMIT  # ids per CANCEL frame
+TAG_SEP = "."  # between a call's tag and a caller's id on the wire
+# Errors that name items the daemon did not run: the items are sent again, not failed.
+RETRYABLE_CODES = frozenset({P.E_BUSY, P.E_DRAINING})
+
+
+@dataclass(slots=True)
+class Result:
+    """One prompt's outcome. ``error`` is set (and ``text`` empty) when it failed.
+
+    ``model``: the name of the model the daemon serves (what wrote the text).
+    ``latency_s``: from the item's last send to its result, on this side.
+    """
+
+    id: str
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    slot: int | None = None
+    error: errors.RequestFailed | None = None
+    latency_s: float = 0.0
+    model: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def raise_for_error(self) -> Result:
+        if self.error is not None:
+            raise self.error
+        return self
+
+    @classmethod
+    def from_wire(
+        cls,
+        body: Mapping[str, Any],
+        latency_s: float = 0.0,
+        item_id: str | None = None,
+        model: str | None = None,
+    ) -> Result:
+        if item_id is None:
+            item_id = str(body.get("id", ""))
+        err = body.get("error")
+        return cls(
+            item_id,
+            str(body.get("text") or ""),
+            body.get("finish_reason"),
+            int(body.get("prompt_tokens") or 0),
+            int(body.get("completion_tokens") or 0),
+            body.get("slot"),
+            errors.error_from_wire(err, item_id) if isinstance(err, dict) else None,
+            latency_s,
+            model,
+        )
+
+
+def local_error(item_id: str, exc: errors.RequestFailed) -> Result:
+    """A Result for an item that failed on this side (it was never sent)."""
+    exc.item_id = item_id
+    return Result(item_id, "", P.FINISH_ERROR, error=exc)
+
+
+class Place:
+    """An ordered call's item in input order; holds its result once it came."""
+
+    __slots__ = ("result",)
+
+    def __init__(self, result: Result | None = None) -> None:
+        self.result = result
+
+
+@dataclass(slots=True)
+class _Sent:
+    wire: dict[str, Any]
+    sent_at: float
+    place: Place | None = None
+
+
+@dataclass(slots=True)
+class _Submit:
+    """A submit frame the daemon has not yet answered (ACCEPTED or ERROR)."""
+
+    req: str
+    call: Call
+    order: int  # frames leave in the order of these numbers (Core.counter)
+    ids: list[str]
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """Frames for the shell to send; ``submit`` is set for a submit frame."""
+
+    frames: list[bytes]
+    submit: _Submit | None = None
+
+
+class Call:
+    """One iter_results / generate / stream call: its items, window and results."""
+
+    def __init__(
+        self,
+        tag: str,
+        items: Iterable[Mapping[str, Any] | Result],
+        params: Mapping[str, Any],
+        *,
+        window: int,
+        stream: bool = False,
+        ordered: bool = False,
+        timeout_s: float | None = None,
+    ) -> None:
+        if not isinstance(window, int) or window < 1:
+            raise errors.BadRequest(f"window must be a whole number >= 1, got {window!r}")
+        try:
+            self.defaults = P.validate_params(dict(params), "params") if params else {}
+        except P.ValidationError as exc:
+            raise errors.from_validation(exc) from None
+        if timeout_s is not None and (
+            isinstance(timeout_s, bool)
+            or not isinstance(timeout_s, int | float)
+            or not 0 < timeout_s <= P.MAX_TIMEOUT_S
+        ):
+            raise errors.BadRequest(
+                f"timeout_s must be a number of seconds in (0, {P.MAX_TIMEOUT_S:g}]",
+                field="timeout_s",
+            )
+        self.tag = tag
+        self.prefix = tag + TAG_SEP
+        try:
+            self.source: Iterator[Mapping[str, Any] | Result] = iter(items)
+        except TypeError:
+            raise errors.BadRequest(
+                f"items must be an iterable of maps, not {type(items).__name__}", field="items"
+            ) from None
+        self.timeout_s = timeout_s
+        self.window = window
+        # Refill the window in large submits, not one per handful of results: every
+        # submit costs a frame, a validation pass and an ACCEPTED reply at the router.
+        self.low_water = min(SUBMIT_BATCH, max(1, window // 4))
+        self.stream = stream
+        self.ordered = ordered
+        self.exhausted = False
+        self.outstanding: dict[str, _Sent] = {}  # wire id -> what was sent
+        self.taken: set[str] = set()  # every wire id taken from the source: no repeats
+        self.ready: deque[Result] = deque()  # results to hand to the caller
+        self.order: deque[Place] = deque()  # ordered calls: input order, not yet handed
+        self.chunks: deque[str] = deque()  # streamed text not yet handed
+        self.streamed = ""  # a stream's text handed so far
+        self.resend: deque[dict[str, Any]] = deque()  # busy or reconnect: send again
+        self.busy_until = 0.0
+        self.busy_wait = BUSY_BACKOFF_S[0]
+        self.error: BaseException | None = None  # raised to the caller at its next step
+
+    @property
+    def finished(self) -> bool:
+        return (
+            self.exhausted
+            and not self.outstanding
+            and not self.resend
+            and not self.ready
+            and not self.chunks
+            and not self.order
+        )
+
+    @property
+    def has_news(self) -> bool:
+        """Something for the caller: a result, a chunk, an error, or the end."""
+        return bool(self.ready or self.chunks or self.error is not None or self.finished)
+
+    def take_text(self) -> list[str]:
+        """A stream's new text: its chunks, then what the final result adds to them.
+
+        Engines stream freely and settle the text at the end (a stop string may cut
+        it), so the final text is the truth; chunks past a stop string are not taken
+        back. A failed result becomes the call's error (raised after these texts).
+        """
+        texts = list(self.chunks)
+        self.chunks.clear()
+        self.streamed += "".join(texts)
+        while self.ready:
+            result = self.ready.popleft()
+            if result.error is not None:
+                self.fail(result.error)
+            elif result.text.startswith(self.streamed) and len(result.text) > len(self.streamed):
+                texts.append(result.text[len(self.streamed) :])
+                self.streamed = result.text
+        return texts
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            self.exhausted = True
+            raise error
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+
+    # --- sending ------------------------------------------------------------------
+
+    def next_batch(self, now: float) -> list[dict[str, Any]]:
+        """The items of this call's next submit; empty when the window is full."""
+        if now < self.busy_until or self.error is not None:
+            return []
+        batch: list[dict[str, Any]] = []
+        outstanding = self.outstanding
+        while self.resend and len(batch) < SUBMIT_BATCH:
+            again = self.resend.popleft()
+            sent = outstanding.get(again["id"])
+            if sent is not None:  # else answered meanwhile
+                sent.sent_at = now
+                batch.append(again)
+        # An ordered call's window counts every item not yet handed to the caller.
+        held = self.order if self.ordered else outstanding
+        room = min(SUBMIT_BATCH - len(batch), self.window - len(held))
+        if not batch and held and room < self.low_water:
+            return []  # results free room a few at a time: wait for a full-size submit
+        take, order, append = self._take_item, self.order, batch.append
+        while room > 0 and not self.exhausted:
+            wire = take()
+            if wire is None:
+                room = min(room, self.window - len(held))  # answered on this side: held too
+                continue
+            append(wire)
+            room -= 1
+            if self.ordered:
+                place = Place()
+                order.append(place)
+                outstanding[wire["id"]] = _Sent(wire, now, place)
+            else:
+                outstanding[wire["id"]] = _Sent(wire, now)
+        return batch
+
+    def _take_item(self) -> dict[str, Any] | None:
+        """One item from the source, validated; a bad one becomes an error Result."""
+        try:
+            raw = next(self.source)
+        except StopIteration:
+            self.exhausted = True
+            return None
+        if type(raw) is not dict:  # the common case first: isinstance of an ABC is slow
+            if isinstance(raw, Result):  # the caller's own answer, handed back in its place
+                self._answer_locally(raw)
+                return None
+            if not isinstance(raw, Mapping):
+                raise errors.BadRequest(
+                    f"an item must be a map with prompt or messages, not {type(raw).__name__}",
+                    field="item",
+                )
+        raw = dict(raw)
+        own = raw.get("params")
+        checked = None
+        if own:
+            raw["params"] = {**self.defaults, **own} if isinstance(own, dict) else own
+        else:  # the common case: the call's defaults, validated once for every item
+            raw["params"] = checked = self.defaults
+        if self.timeout_s is not None and raw.get("timeout_s") is None:
+            raw["timeout_s"] = self.timeout_s
+        item_id = raw.get("id")
+        try:
+            item = P.validate_item(raw, "item", checked)
+        except P.ValidationError as exc:
+            if not isinstance(item_id, str) or not item_id:
+                raise errors.from_validation(exc) from None
+            self._answer_locally(local_error(item_id, errors.from_validation(exc, item_id)))
+            return None
+        wire = item.to_wire()
+        wire_id = wire["id"] = self.prefix + item.id
+        if wire_id in self.taken:
+            raise errors.BadRequest(f"duplicate id {item.id!r}", field="id", item_id=item.id)
+        self.taken.add(wire_id)
+        return wire
+
+    def _answer_locally(self, result: Result) -> None:
+        if self.ordered:
+            self.order.append(Place(result))
+            self._release_in_order()
+        else:
+            self.ready.append(result)
+
+    def queue_resend(self, wire_ids: Iterable[str]) -> None:
+        """Send outstanding items again, each once (a submit refuses repeats)."""
+        queued = {w["id"] for w in self.resend}
+        for wire_id in wire_ids:
+            sent = self.outstanding.get(wire_id)
+            if sent is not None and wire_id not in queued:
+                self.resend.append(sent.wire)
+                queued.add(wire_id)
+
+    def drop_unencodable(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Items msgpack cannot encode (a lone surrogate) answered as bad requests."""
+        good = []
+        for wire in batch:
+            where = unencodable_field(wire)
+            if where is None:
+                good.append(wire)
+                continue
+            message = (
+                f"{where} holds a character that cannot be encoded as UTF-8 (a lone surrogate?)"
+            )
+            self._answer(
+                wire["id"], P.result_error(wire["id"], P.E_BAD_REQUEST, message, where), 0.0
+            )
+        return good
+
+    # --- receiving ----------------------------------------------------------------
+
+    def on_results(
+        self, results: Iterable[Mapping[str, Any]], now: float, model: str | None
+    ) -> None:
+        """Many results at once: on_result with its lookups hoisted (the hot path)."""
+        if self.ordered:
+            for res in results:
+                self.on_result(str(res.get("id")), res, now, model)
+            return
+        pop, append, cut, make = (
+            self.outstanding.pop,
+            self.ready.append,
+            len(self.prefix),
+            Result.from_wire,
+        )
+        for res in results:
+            wire_id = res.get("id")
+            if not isinstance(wire_id, str):
+                continue
+            sent = pop(wire_id, None)
+            if sent is not None:  # else answered already (a redelivery, a resend answered twice)
+                append(make(res, now - sent.sent_at, wire_id[cut:], model))
+
+    def on_result(
+        self, wire_id: str, body: Mapping[str, Any], now: float, model: str | None
+    ) -> None:
+        sent = self.outstanding.pop(wire_id, None)
+        if sent is None:
+            return  # answered already (a redelivery, or a resend answered twice)
+        result = Result.from_wire(body, now - sent.sent_at, wire_id[len(self.prefix) :], model)
+        if sent.place is None:
+            self.ready.append(result)
+        else:
+            sent.place.result = result
+            self._release_in_order()
+
+    def _answer(self, wire_id: str, body: Mapping[str, Any], now: float) -> None:
+        self.on_result(wire_id, body, now, None)
+
+    def _release_in_order(self) -> None:
+        order = self.order
+        while order and order[0].result is not None:
+            result = order.popleft().result
+            assert result is not None
+            self.ready.append(result)
+
+    def on_item_error(self, wire_ids: list[str], body: Mapping[str, Any], now: float) -> None:
+        code = str(body.get("code"))
+        if code in RETRYABLE_CODES:
+            # Not accepted (busy), or handed back unstarted by a daemon that is
+            # stopping (draining): send the same items again after a growing pause,
+            # to this daemon or to the one that replaces it.
+            self.queue_resend(wire_ids)
+            self.busy_until = now + self.busy_wait
+            self.busy_wait = min(self.busy_wait * 2, BUSY_BACKOFF_S[1])
+            return
+        err = {"code": code, "message": body.get("message", ""), "field": body.get("field")}
+        for wire_id in wire_ids:
+            self._answer(wire_id, {**P.result_error(wire_id, code, ""), "error": err}, now)
+
+    def cancel_frames(self) -> list[Outgoing]:
+        """CANCEL frames for every item this call still has at the daemon."""
+        ids = list(self.outstanding)
+        return [
+            Outgoing(P.pack(P.CANCEL, {"ids": ids[i : i + CANCEL_BATCH]}))
+            for i in range(0, len(ids), CANCEL_BATCH)
+        ]
+
+
+class Request:
+    """One request answered by one reply (status, ping, another client's cancel)."""
+
+    __slots__ = ("error", "expect", "order", "reply", "req", "sent_at", "timeout")
+
+    def __init__(
+        self, req: str, order: int, expect: bytes, sent_at: float, timeout: float | None = None
+    ) -> None:
+        self.req = req
+        self.timeout = timeout
+        self.order = order  # frames leave in the order of these numbers (Core.counter)
+        self.expect = expect
+        self.sent_at = sent_at
+        self.reply: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.reply is not None or self.error is not None
+
+    @property
+    def has_news(self) -> bool:
+        return self.done
+
+    def result(self) -> dict[str, Any]:
+        if self.error is not None:
+            raise self.error
+        assert self.reply is not None
+        return self.reply
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.error = error
+
+
+def unencodable_field(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string msgpack cannot encode, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "item"
+        return None
+    if isinstance(value, dict):
+        items: Iterable[tuple[str, Any]] = (
+            (f"{path}.{k}" if path else str(k), v) for k, v in value.items()
+        )
+    elif isinstance(value, list):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for where, inner in items:
+        found = unencodable_field(inner, where)
+        if found is not None:
+            return found
+    return None

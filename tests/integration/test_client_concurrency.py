@@ -1,0 +1,157 @@
+"""Issue 12 item 1 and issue 11 item 3, as a library user sees them against a real
+daemon: calls on one client run at once, status never waits behind a stream, and an
+abandoned iterator leaves nothing running at the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from exgen.client import AsyncClient, Client
+from tests.conftest import RunningDaemon, start_daemon
+
+pytestmark = pytest.mark.timeout(120)
+
+TOKEN_MS = 20
+TOKENS = 50  # one call: about TOKENS * TOKEN_MS = 1 s
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDaemon]:
+    running = start_daemon(
+        tmp_path_factory.mktemp("concurrency"),
+        "--engine", "synthetic", "--workers", "1",
+        "--engine-opt", f"token_ms={TOKEN_MS}", "--engine-opt", "paced=1",
+        "--engine-opt", "capacity=16",
+    )  # fmt: skip
+    running.wait_ready()
+    yield running
+    assert running.stop() == 0
+
+
+def settled(daemon: RunningDaemon, within: float = 3.0) -> dict[str, Any]:
+    """The status once nothing is queued or in flight (or the last one seen)."""
+    deadline = time.monotonic() + within
+    while True:
+        status = daemon.status()
+        if (status["queued"] == 0 and status["inflight"] == 0) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.05)
+
+
+def test_three_concurrent_generates_on_one_async_client_take_about_one_call(daemon):
+    async def main() -> tuple[float, float, list[Any]]:
+        async with AsyncClient(daemon.address) as client:
+            await client.generate(["warm up"], max_new_tokens=2)
+            started = time.monotonic()
+            await client.generate(["alone"], max_new_tokens=TOKENS)
+            one = time.monotonic() - started
+            started = time.monotonic()
+            calls = [client.generate([f"call {i}"], max_new_tokens=TOKENS) for i in range(3)]
+            results = await asyncio.gather(*calls)
+            return one, time.monotonic() - started, results
+
+    one, three, results = asyncio.run(main())
+    assert one > 0.5, f"one call took {one:.2f}s: the engine is not slow enough to tell"
+    assert three <= 1.3 * one, f"three concurrent calls took {three / one:.2f}x one call"
+    assert [len(r) for r in results] == [1, 1, 1]
+    assert all(r[0].ok and r[0].completion_tokens == TOKENS for r in results)
+    assert len({r[0].text for r in results}) == 3, "each call got its own result"
+
+
+def test_status_and_ping_do_not_wait_behind_a_stream_async(daemon):
+    async def main() -> tuple[float, float, str]:
+        async with AsyncClient(daemon.address) as client:
+            chunks = client.stream("a long story", max_new_tokens=TOKENS)
+            text = await chunks.__anext__()
+            started = time.monotonic()
+            status, pong = await asyncio.gather(client.status(), client.ping())
+            asked = time.monotonic() - started
+            assert "workers" in status and "instance" in pong
+            async for chunk in chunks:
+                text += chunk
+            return asked, time.monotonic() - started, text
+
+    asked, rest, text = asyncio.run(main())
+    assert asked < 0.25 * rest, f"status took {asked:.2f}s while the stream ran {rest:.2f}s more"
+    assert len(text.split()) == TOKENS
+
+
+def test_status_does_not_wait_behind_a_stream_sync(daemon):
+    with Client(daemon.address) as client:
+        chunks = client.stream("another story", max_new_tokens=TOKENS)
+        text = next(chunks)
+        started = time.monotonic()
+        assert "workers" in client.status()
+        asked = time.monotonic() - started
+        text += "".join(chunks)
+        rest = time.monotonic() - started
+    assert asked < 0.25 * rest, f"status took {asked:.2f}s while the stream ran {rest:.2f}s more"
+    assert len(text.split()) == TOKENS
+
+
+def test_two_interleaved_iterators_on_one_sync_client_each_get_their_own(daemon):
+    with Client(daemon.address) as client:
+        a = client.iter_results(
+            [{"id": str(i), "prompt": f"a{i}"} for i in range(20)], max_new_tokens=3
+        )
+        b = client.iter_results(
+            [{"id": str(i), "prompt": f"b{i}"} for i in range(20)], max_new_tokens=3
+        )
+        got_a, got_b = [], []
+        for ra, rb in zip(a, b, strict=True):
+            got_a.append(ra)
+            got_b.append(rb)
+        direct = {
+            r.id: r.text
+            for r in client.iter_results([{"id": "x", "prompt": "a3"}], max_new_tokens=3)
+        }
+    assert sorted(int(r.id) for r in got_a) == list(range(20))
+    assert sorted(int(r.id) for r in got_b) == list(range(20))
+    assert {r.id: r.text for r in got_a}["3"] == direct["x"], "results crossed between calls"
+
+
+def many(n: int, tag: str) -> list[dict[str, Any]]:
+    return [{"id": f"{tag}{i}", "prompt": f"{tag} {i}"} for i in range(n)]
+
+
+@pytest.mark.parametrize("how", ["break", "exception", "keyboard-interrupt", "close"])
+def test_an_abandoned_iterator_cancels_its_work(daemon, how):
+    with Client(daemon.address) as client:
+        results = client.iter_results(many(200, how), max_new_tokens=TOKENS)
+        if how == "close":
+            next(results)
+            results.close()
+        else:
+            raised = {
+                "break": None,
+                "exception": RuntimeError,
+                "keyboard-interrupt": KeyboardInterrupt,
+            }
+            kind = raised[how]
+            try:
+                for _ in results:
+                    if kind is None:
+                        break
+                    raise kind("caller gave up")
+            except (RuntimeError, KeyboardInterrupt):
+                pass
+        del results
+        status = settled(daemon)
+    assert status["queued"] == 0 and status["inflight"] == 0, status
+
+
+def test_an_abandoned_async_iterator_cancels_its_work(daemon):
+    async def main() -> None:
+        async with AsyncClient(daemon.address) as client:
+            results = client.iter_results(many(200, "async"), max_new_tokens=TOKENS)
+            await results.__anext__()
+            await results.aclose()
+
+    asyncio.run(main())
+    status = settled(daemon)
+    assert status["queued"] == 0 and status["inflight"] == 0, status

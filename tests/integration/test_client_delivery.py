@@ -1,0 +1,223 @@
+"""Issue 11 item 2, the client's side over a real link: results survive a TCP
+connection that resets mid-stream. A small router of the test's own speaks the
+delivery contract of docs/protocol.md (RESULTS with seq, kept until acknowledged,
+sent again on ACK resend; PONG with seq and known), behind a TCP proxy of the test's
+own that cuts the connection once while results flow. The client must find the gap,
+ask for the lost results, drop the duplicates, and acknowledge in batches."""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+import zmq
+
+from exgen.client import Client
+from exgen.client import protocol as P
+from exgen.client.core import ACK_EVERY
+
+pytestmark = pytest.mark.timeout(60)
+
+RESULTS_PER_MESSAGE = 4
+SESSION = {"session": 41}
+
+
+class ContractRouter:
+    """RESULTS carry seq and stay owed until acknowledged; ACK resend sends them again."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.owed: dict[int, dict[str, Any]] = {}  # seq -> RESULTS body, until acknowledged
+        self.seq = 0
+        self.acks: list[dict[str, Any]] = []
+        self.seen_ids: set[str] = set()
+        self.results_messages = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+        self.ctx.term()
+
+    def _send(self, peer: bytes, command: bytes, body: dict[str, Any]) -> None:
+        self.sock.send_multipart([peer, *P.pack(command, body)])
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if not self.sock.poll(20):
+                continue
+            peer, *frames = self.sock.recv_multipart()
+            command, body = P.unpack(frames)
+            if command == P.SUBMIT:
+                self._submit(peer, body)
+            elif command == P.PING:
+                pong = {"req": body.get("req"), "instance": "i1", "draining": False}
+                self._send(peer, P.PONG, {**pong, **SESSION, "seq": self.seq, "known": True})
+            elif command == P.ACK:
+                self._ack(peer, body)
+            elif command == P.HELLO:
+                welcome = {"req": body["req"], "instance": "i1", "client": "c1", **SESSION}
+                self._send(peer, P.WELCOME, welcome)
+
+    def _submit(self, peer: bytes, body: dict[str, Any]) -> None:
+        # A resubmit of ids it holds is answered once, as the real router does.
+        items = [it for it in body["items"] if it["id"] not in self.seen_ids]
+        self.seen_ids.update(it["id"] for it in items)
+        accepted = {"req": body["req"], "n": len(items), "queued": 0, "instance": "i1", **SESSION}
+        self._send(peer, P.ACCEPTED, {**accepted, "model": "m"})
+        for i in range(0, len(items), RESULTS_PER_MESSAGE):
+            self.seq += 1
+            results = [
+                {"id": it["id"], "text": f"answer to {it['prompt']}", "finish_reason": "stop",
+                 "prompt_tokens": 1, "completion_tokens": 3, "slot": 0, "error": None}
+                for it in items[i : i + RESULTS_PER_MESSAGE]
+            ]  # fmt: skip
+            self.owed[self.seq] = {**SESSION, "seq": self.seq, "results": results}
+            self.results_messages += 1
+            self._send(peer, P.RESULTS, self.owed[self.seq])
+
+    def _ack(self, peer: bytes, body: dict[str, Any]) -> None:
+        self.acks.append(body)
+        if body.get("session") != SESSION["session"]:
+            return  # another session's: ignored, as the real router does
+        upto = int(body["seq"])
+        for seq in [s for s in self.owed if s <= upto]:
+            del self.owed[seq]
+        if body.get("resend"):
+            for seq in sorted(self.owed):
+                self._send(peer, P.RESULTS, self.owed[seq])
+
+
+class CuttingProxy:
+    """Forwards TCP both ways; the first connection is cut after ``cut_after`` bytes
+    from the router, in the middle of whatever message is passing."""
+
+    def __init__(self, target_port: int, cut_after: int) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.target = target_port
+        self.cut_after = cut_after
+        self.cuts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.listener.close()
+
+    def _serve(self) -> None:
+        pairs: dict[socket.socket, socket.socket] = {}
+        from_router: dict[socket.socket, int] = {}
+        while not self._stop.is_set():
+            readable, _, _ = select.select([self.listener, *pairs], [], [], 0.02)
+            for sock in readable:
+                if sock is self.listener:
+                    client, _ = self.listener.accept()
+                    upstream = socket.create_connection(("127.0.0.1", self.target))
+                    pairs[client], pairs[upstream] = upstream, client
+                    from_router[upstream] = 0
+                    continue
+                if sock not in pairs:
+                    continue
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                other = pairs[sock]
+                if sock in from_router and data:
+                    from_router[sock] += len(data)
+                    if self.cuts == 0 and from_router[sock] > self.cut_after:
+                        other.sendall(data[: len(data) // 2])  # half a message, then gone
+                        data = b""
+                        self.cuts += 1
+                if data:
+                    try:
+                        other.sendall(data)
+                        continue
+                    except OSError:
+                        pass  # the other end went: close the pair
+                for end in (sock, other):
+                    pairs.pop(end, None)
+                    from_router.pop(end, None)
+                    end.close()
+        for sock in pairs:
+            sock.close()
+
+
+def test_results_lost_to_a_reset_link_are_asked_for_and_delivered_once():
+    router = ContractRouter()
+    proxy = CuttingProxy(router.port, cut_after=20_000)
+    items = [{"id": f"i{k}", "prompt": f"p{k}"} for k in range(3000)]
+    try:
+        with Client(f"tcp://127.0.0.1:{proxy.port}", timeout=20) as client:
+            results = list(client.iter_results(items, max_new_tokens=3))
+        deadline = time.monotonic() + 5  # the last ACK is on its way through the proxy
+        while router.owed and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proxy.close()
+        router.close()
+    assert proxy.cuts == 1, "the link was never cut: the test proved nothing"
+    assert Counter(r.id for r in results) == Counter(i["id"] for i in items), "lost or doubled"
+    assert all(r.text == f"answer to p{r.id[1:]}" for r in results)
+    assert any(a.get("resend") for a in router.acks), "the client never asked for the lost ones"
+    assert router.owed == {}, "results left unacknowledged at the end"
+    assert len(router.acks) * (ACK_EVERY // 4) < router.results_messages, (
+        f"{len(router.acks)} ACKs for {router.results_messages} RESULTS messages: not batched"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_real_daemon_behind_a_link_that_resets_mid_stream(daemon_factory):
+    port = free_port()
+    daemon = daemon_factory(
+        "--engine", "synthetic", "--workers", "2", "--listen", f"tcp://127.0.0.1:{port}",
+        ready=False,
+    )  # fmt: skip
+    daemon.address = f"tcp://127.0.0.1:{port}"  # the later --listen wins
+    daemon.wait_ready()
+    proxy = CuttingProxy(port, cut_after=200_000)
+    items = [{"id": f"r{k}", "prompt": f"prompt {k}"} for k in range(5000)]
+    try:
+        with Client(f"tcp://127.0.0.1:{proxy.port}", timeout=30, name="behind the proxy") as client:
+            results = list(client.iter_results(items, max_new_tokens=8))
+        status = acknowledged(daemon, "behind the proxy")  # the last ACK crosses the proxy
+    finally:
+        proxy.close()
+    assert proxy.cuts == 1, "the link was never cut: the test proved nothing"
+    assert Counter(r.id for r in results) == Counter(i["id"] for i in items), "lost or doubled"
+    assert all(r.ok and r.completion_tokens == 8 for r in results)
+    assert status["queued"] == 0 and status["inflight"] == 0
+
+
+def acknowledged(daemon: Any, name: str, within: float = 5.0) -> dict[str, Any]:
+    """The status once the named client holds no unread results (fails past ``within``)."""
+    deadline = time.monotonic() + within
+    while True:
+        status = daemon.status()
+        mine = [c for c in status["clients"] if c["name"] == name]
+        if not mine or mine[0]["unread"] == 0:  # gone: the router forgets a client it owes nothing
+            return status
+        assert time.monotonic() < deadline, f"results left unacknowledged: {mine}"
+        time.sleep(0.05)
