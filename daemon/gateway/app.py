@@ -43,7 +43,7 @@ class Gateway:
         self.options = options
         self.keys = ApiKeys(options.api_keys_file)
         self.store = Store(options.state_dir)
-        self.upstream = Upstream(options.router)
+        self.upstream = Upstream(options.router, name=f"exgen gateway http://{options.listen}")
         self.completions = Completions(self.upstream, options.request_timeout_s)
         self.batches = BatchManager(self.store, self.upstream, options)
         self.metrics = GatewayMetrics(self.store, self.upstream)

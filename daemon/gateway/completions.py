@@ -10,8 +10,6 @@ this endpoint's business.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -21,12 +19,11 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
-
 from exgen.client import batchfile as B
+from exgen.client import errors
 from exgen.client.client import Result
-from exgen.daemon.gateway.errors import ApiError, bad_body, from_request_failed
-from exgen.daemon.gateway.upstream import RouterClient, Upstream
+from exgen.daemon.gateway.errors import ApiError, bad_body, from_exgen_error, from_request_failed
+from exgen.daemon.gateway.upstream import Upstream
 
 logger = logging.getLogger("exgen.gateway.completions")
 
@@ -44,21 +41,13 @@ class Parsed:
         return self.line.url == B.CHAT_URL
 
 
-def parse_body(raw: bytes, url: str, served_model: str, strict_model: bool) -> Parsed:
-    """The request, or an ApiError (400 naming the field; 404 for a model in strict mode)."""
+def parse_body(raw: bytes, url: str) -> Parsed:
+    """The request, or an ApiError (400 naming the field)."""
     body = json_object(raw)
     stream = body.pop("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise ApiError(400, "stream must be true or false", param="stream")
     include_usage = _include_usage(body.pop("stream_options", None))
-    model = body.get("model")
-    if strict_model and model is not None and model != served_model:
-        raise ApiError(
-            404,
-            f"The model {model!r} does not exist: this server serves {served_model!r}",
-            param="model",
-            code="model_not_found",
-        )
     request_id = f"{'chatcmpl' if url == B.CHAT_URL else 'cmpl'}-{uuid.uuid4().hex}"
     entry = B.parse_line(json.dumps({"custom_id": request_id, "url": url, "body": body}), 1)
     if isinstance(entry, B.LineError):
@@ -88,7 +77,8 @@ def _include_usage(options: Any) -> bool:
 
 
 def item_for(line: B.BatchLine, timeout_s: float | None = None) -> dict[str, Any]:
-    """The router item for a line: its model named (strict_model checks it) and a deadline."""
+    """The router item for a line: its model named (the router's strict_model checks it)
+    and a deadline (the router's: past it the item is cancelled and answered timeout)."""
     item = line.to_item()
     if line.model is not None:
         item["model"] = line.model
@@ -165,74 +155,25 @@ def usage(result: Result) -> dict[str, int]:
 
 
 class Completions:
-    """Runs parsed requests on the router: deadline, cancel where it runs, errors mapped."""
+    """Runs parsed requests on the router, on the shared client: the router holds the
+    deadline (``timeout_s``: a 504 when it passes) and the model check (strict_model:
+    a 404); a caller that goes away cancels the call, and with it the item."""
 
     def __init__(self, upstream: Upstream, timeout_s: float) -> None:
         self.upstream = upstream
         self.timeout_s = timeout_s
 
     async def complete(self, parsed: Parsed) -> dict[str, Any]:
-        """One whole response; cancelled (and the item with it) if the caller goes."""
-        item = item_for(parsed.line, self.timeout_s)
-        result: Result | None = None
-        async with self.upstream.client() as client:
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    result = await _one_result(client, item)
-            except TimeoutError:
-                raise self._deadline() from None
-            finally:
-                await _cancel_unless_done(client, item["id"], result)
+        """One whole response, or an ApiError."""
+        try:
+            [result] = await self.upstream.client.generate([item_for(parsed.line, self.timeout_s)])
+        except errors.ExgenError as exc:
+            raise from_exgen_error(exc) from None
         if result.error is not None:
             raise from_request_failed(result.error)
         return response_body(parsed.line, result, self.upstream.model)
 
-    async def stream(self, parsed: Parsed) -> AsyncGenerator[str | Result, None]:
-        """Text chunks, then the Result; the first event arrives before any byte is sent,
-        so an error the daemon answers at once still gets its own HTTP status."""
+    def stream(self, parsed: Parsed) -> AsyncGenerator[str | Result, None]:
+        """Text chunks, then the Result; a failure raises an ExgenError."""
         item = item_for(parsed.line, self.timeout_s)
-        result: Result | None = None
-        async with self.upstream.client() as client:
-            try:
-                events = client.stream_item(item)
-                async with asyncio.timeout(self.timeout_s), contextlib.aclosing(events):
-                    async for event in events:
-                        if isinstance(event, Result):
-                            result = event
-                        yield event
-            except TimeoutError:
-                raise self._deadline() from None
-            finally:
-                await _cancel_unless_done(client, item["id"], result)
-
-    def _deadline(self) -> ApiError:
-        return ApiError(
-            504,
-            f"No answer within the request deadline ({self.timeout_s:g}s; "
-            "http_request_timeout_s); the request was cancelled",
-            code="timeout",
-        )
-
-
-async def _one_result(client: RouterClient, item: dict[str, Any]) -> Result:
-    # Closed for sure: an abandoned generator would hold the client's lock.
-    results = client.results([item])
-    async with contextlib.aclosing(results):
-        async for result in results:
-            return result
-    raise ApiError(500, "the daemon answered nothing for this request")
-
-
-async def _cancel_unless_done(client: RouterClient, item_id: str, result: Any) -> None:
-    """The caller went away or the deadline passed: stop the item where it runs.
-
-    Shielded: this runs while the request's task is being cancelled, and a cancel
-    that never leaves would leave a GPU working for nobody.
-    """
-    if result is not None:
-        return
-    with anyio.CancelScope(shield=True):
-        try:
-            await client.cancel([item_id])
-        except Exception as exc:  # best effort, as the client's own cancel is
-            logger.debug("cancel of %s not sent: %s", item_id, exc)
+        return self.upstream.client.stream_with_result(item)

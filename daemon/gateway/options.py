@@ -30,7 +30,6 @@ class GatewayOptions:
     max_inflight: int = 512
     request_timeout_s: float = 600.0
     batch_max_lines: int = 1_000_000
-    strict_model: bool = False  # a request naming another model gets a 404
     log_level: str = "info"
 
     @property
@@ -50,8 +49,6 @@ class GatewayOptions:
             max_inflight=settings.http_max_inflight,
             request_timeout_s=settings.http_request_timeout_s,
             batch_max_lines=settings.http_batch_max_lines,
-            # The router's strict_model setting, where this version of it has one.
-            strict_model=bool(getattr(settings, "strict_model", False)),
             log_level=settings.log_level,
         )
 

@@ -2,8 +2,8 @@
 
 A caller that goes away stops its request where it runs: a whole response waits
 for the result and for the connection's end together; a stream is one task that a
-watcher cancels when the connection ends. Either way the item is cancelled at the
-router (completions._cancel_unless_done).
+watcher cancels when the connection ends. Either way the client's call is abandoned,
+and an abandoned call cancels its item at the router.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import AsyncGenerator, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -19,9 +19,10 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from exgen.client import batchfile as B
+from exgen.client import errors
 from exgen.client.client import Result
 from exgen.daemon.gateway.completions import ChunkWriter, Parsed, parse_body
-from exgen.daemon.gateway.errors import ApiError, from_request_failed
+from exgen.daemon.gateway.errors import ApiError, from_exgen_error
 
 if TYPE_CHECKING:
     from exgen.daemon.gateway.app import Gateway
@@ -45,7 +46,7 @@ async def chat_completions(request: Request) -> Response:
 async def _complete(request: Request, url: str) -> Response:
     gateway: Gateway = request.app.state.gateway
     raw = await read_body(request, gateway.options.max_body_bytes)
-    parsed = parse_body(raw, url, gateway.upstream.model, gateway.options.strict_model)
+    parsed = parse_body(raw, url)
     if not gateway.upstream.ready:
         raise ApiError(503, gateway.upstream.why_not_ready(), retry_after_s=1)
     gateway.admit()
@@ -130,18 +131,21 @@ class EventStream(Response):
         async with contextlib.aclosing(events):
             try:
                 first = await anext(events)
-            except ApiError as exc:
-                await _json_error(exc, scope, receive, send)
-                return
-            if isinstance(first, Result) and first.error is not None:
-                await _json_error(from_request_failed(first.error), scope, receive, send)
+            except errors.ExgenError as exc:  # a bad prompt, another model, no daemon
+                await _json_error(from_exgen_error(exc), scope, receive, send)
                 return
             writer = ChunkWriter(self.parsed, self.gateway.upstream.model)
             headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await self._body(send, writer, first, events)
 
-    async def _body(self, send: Send, writer: ChunkWriter, first: Any, events: Any) -> None:
+    async def _body(
+        self,
+        send: Send,
+        writer: ChunkWriter,
+        first: str | Result,
+        events: AsyncGenerator[str | Result, None],
+    ) -> None:
         out = writer.first()
         event = first
         try:
@@ -149,12 +153,9 @@ class EventStream(Response):
                 await _chunk(send, out + writer.text(event))
                 out = b""
                 event = await anext(events)
-            if event.error is not None:
-                out += writer.error(from_request_failed(event.error))
-            else:
-                out += writer.last(event)
-        except ApiError as exc:  # the deadline passed mid-stream
-            out += writer.error(exc)
+            out += writer.last(event)
+        except errors.ExgenError as exc:  # the deadline passed mid-stream, the engine failed
+            out += writer.error(from_exgen_error(exc))
         await _chunk(send, out)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -30,14 +30,13 @@ from exgen.client.client import Result
 from exgen.daemon.gateway import store as S
 from exgen.daemon.gateway.completions import item_for
 from exgen.daemon.gateway.options import GatewayOptions
-from exgen.daemon.gateway.upstream import RouterClient, Upstream
+from exgen.daemon.gateway.upstream import Upstream
 from exgen.daemon.gateway.validate import validate_file
 
 logger = logging.getLogger("exgen.gateway.runner")
 
 COMMIT_EVERY_S = 0.5
 COMMIT_EVERY_LINES = 2000
-WINDOW = 2048  # lines outstanding at the router per batch: enough to keep GPUs fed
 RETRY_AFTER_S = 1.0
 STOP_MESSAGES = {
     "cancelled": "This request was not executed: the batch was cancelled.",
@@ -106,7 +105,7 @@ class BatchRunner:
         self.options = options
         self.batch_id = batch_id
         self.stop_reason: str | None = None  # "cancelled" | "expired"
-        self.client: RouterClient | None = None
+        self.pass_task: asyncio.Future[None] | None = None  # the pass that sends lines now
         self.sent: dict[str, B.BatchLine] = {}  # outstanding at the router, by custom_id
         self.states: list[tuple[int, int]] = []  # (state, line_no) done, not committed
         self.counts = _zero_counts()
@@ -174,23 +173,35 @@ class BatchRunner:
         return True
 
     async def _execute(self) -> bool:
-        """Send every pending line and record every answer; False: retry after a pause."""
-        self.client = self.upstream.new_client(window=WINDOW)
+        """Send every pending line and record every answer; False: retry after a pause.
+
+        The pass is a task of its own so that :meth:`stop` can cancel it: the call on
+        the shared client is abandoned, which cancels exactly this batch's lines at the
+        router (another batch's lines with the same custom_id are not touched).
+        """
+        self.pass_task = asyncio.ensure_future(self._send_and_record())
         try:
-            results = self.client.results(self._items(), priority="batch")
-            async with contextlib.aclosing(results):
-                async for result in results:
-                    self._record_result(result)
-                    self.commit_if_due()
+            await self.pass_task
             return True
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self.stop_reason is None or (current is not None and current.cancelling()):
+                raise  # the gateway is stopping: the lines not answered run next time
+            return True  # stopped: the lines not answered are answered as such
         except errors.ExgenError as exc:
             logger.warning("batch %s: %s; resuming in %.0fs", self.batch_id, exc, RETRY_AFTER_S)
             self.commit()
-            self.sent.clear()  # still pending in the store: sent again on the next pass
             return False
         finally:
-            self.client.close()
-            self.client = None
+            self.pass_task = None
+            self.sent.clear()  # what was not answered is still pending in the store
+
+    async def _send_and_record(self) -> None:
+        results = self.upstream.client.iter_results(self._items(), priority="batch")
+        async with contextlib.aclosing(results):
+            async for result in results:
+                self._record_result(result)
+                self.commit_if_due()
 
     def _items(self) -> Iterator[dict[str, Any]]:
         """Pending lines, read back one at a time by offset; pulled as the window opens.
@@ -220,11 +231,6 @@ class BatchRunner:
         if isinstance(entry, B.LineError):
             self._write("err", B.format_line_error(entry), S.FAILED, line_no)
             return None
-        served = self.upstream.model
-        if self.options.strict_model and entry.model not in (None, served):
-            message = f"the model {entry.model!r} does not exist: this server serves {served!r}"
-            self._write_answer(entry, Unanswered(entry.id, Failure(P.E_MODEL_NOT_FOUND, message)))
-            return None
         return entry
 
     # --- answers -------------------------------------------------------------------------
@@ -233,10 +239,6 @@ class BatchRunner:
         line = self.sent.pop(result.id, None)
         if line is None:
             return  # an answer for a line this pass did not send
-        if self.stop_reason and result.error is not None and result.error.code == P.E_CANCELLED:
-            failure = Failure(f"batch_{self.stop_reason}", STOP_MESSAGES[self.stop_reason])
-            self._write_answer(line, Unanswered(line.id, failure))
-            return
         self._write_answer(line, result)
 
     def _write_answer(self, line: B.BatchLine, result: Result | Unanswered) -> None:
@@ -318,8 +320,8 @@ class BatchRunner:
         if self.stop_reason is not None:
             return
         self.stop_reason = reason
-        if self.client is not None and self.sent:
-            asyncio.get_running_loop().create_task(self.client.cancel(list(self.sent)))
+        if self.pass_task is not None:
+            self.pass_task.cancel()
 
     def _close(self) -> None:
         if self.outputs is not None:

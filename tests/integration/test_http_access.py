@@ -141,53 +141,88 @@ def test_beyond_loopback_needs_keys(tmp_path: Path) -> None:
     assert "http_api_keys_file" in refused.stderr and "reachable from other" in refused.stderr
 
 
-def test_the_gateway_runs_alone_and_strict_names_are_404(
+STRICT = {"EXGEN_STRICT_MODEL": "true"}
+
+
+def wait_for_health(url: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if request(url + "/health")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} not healthy in 30s")
+
+
+def test_the_gateway_runs_alone_and_a_strict_routers_names_are_404(
     tmp_path: Path, daemon_factory: Any
 ) -> None:
-    daemon = daemon_factory("--engine", "synthetic", "--engine-opt", "token_ms=0")
+    daemon = daemon_factory("--engine", "synthetic", "--engine-opt", "token_ms=0", env=STRICT)
     port = free_port()
     log = (tmp_path / "gateway.log").open("wb")
     gateway = subprocess.Popen(
         [sys.executable, "-m", "exgen.daemon.gateway", "--router", daemon.address,
-         "--listen", str(port), "--state-dir", str(tmp_path / "state"), "--strict-model"],
+         "--listen", str(port), "--state-dir", str(tmp_path / "state")],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if request(url + "/health")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
+        wait_for_health(url)
         body = {"messages": CHAT, "max_tokens": 2}
         status, reply = request(url + "/v1/chat/completions", {**body, "model": "gpt-4o"})
         assert status == 404 and reply["error"]["code"] == "model_not_found"
-        assert "synthetic" in reply["error"]["message"]
+        assert "synthetic" in reply["error"]["message"] and reply["error"]["param"] == "model"
         assert request(url + "/v1/chat/completions", {**body, "model": "synthetic"})[0] == 200
-        lines = tmp_path / "b.jsonl"
-        lines.write_text(
-            "\n".join(
-                json.dumps({"custom_id": c, "method": "POST", "url": "/v1/chat/completions",
-                            "body": {**body, "model": m}})
-                for c, m in (("good", "synthetic"), ("bad", "llama"))
-            )
-        )  # fmt: skip
-        sdk = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        with lines.open("rb") as f:
-            file = sdk.files.create(file=f, purpose="batch")
-        batch = sdk.batches.create(
-            input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
-        while batch.status != "completed":
-            time.sleep(0.1)
-            batch = sdk.batches.retrieve(batch.id)
-        errors = [json.loads(x) for x in sdk.files.content(batch.error_file_id).text.splitlines()]
-        assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
-            ("bad", "model_not_found")
-        ]
     finally:
         gateway.send_signal(signal.SIGTERM)
         assert gateway.wait(30) == 0
         log.close()
+
+
+def test_exgen_serve_http_with_strict_model_answers_404_for_another_model(
+    tmp_path: Path, http_daemon: Any
+) -> None:
+    """The router's strict_model, as an HTTP caller meets it: 404 for a whole answer, a
+    stream and a completion naming another model; a batch line naming one is an
+    error line; the served name, or none, is answered."""
+    daemon = http_daemon("--engine", "synthetic", "--engine-opt", "token_ms=0", env=STRICT)
+    daemon.wait_healthy()
+    sdk = openai.OpenAI(base_url=daemon.base_url, api_key="x", max_retries=0)
+    for stream in (False, True):
+        with pytest.raises(openai.NotFoundError) as caught:
+            reply = sdk.chat.completions.create(
+                model="gpt-4o", messages=CHAT, max_tokens=2, stream=stream
+            )
+            list(reply) if stream else None  # type: ignore[call-overload]
+        assert caught.value.code == "model_not_found", caught.value.body
+    with pytest.raises(openai.NotFoundError):
+        sdk.completions.create(model="gpt-4o", prompt="a", max_tokens=2)
+    served = sdk.chat.completions.create(model="synthetic", messages=CHAT, max_tokens=2)
+    assert served.model == "synthetic" and served.choices[0].message.content
+    status, unnamed = daemon.post("/v1/chat/completions", {"messages": CHAT, "max_tokens": 2})
+    assert status == 200, unnamed
+    lines = tmp_path / "b.jsonl"
+    lines.write_text(
+        "\n".join(
+            json.dumps({"custom_id": c, "method": "POST", "url": "/v1/chat/completions",
+                        "body": {"messages": CHAT, "max_tokens": 2, "model": m}})
+            for c, m in (("good", "synthetic"), ("bad", "llama"))
+        )
+    )  # fmt: skip
+    with lines.open("rb") as f:
+        file = sdk.files.create(file=f, purpose="batch")
+    batch = sdk.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    while batch.status != "completed":
+        time.sleep(0.1)
+        batch = sdk.batches.retrieve(batch.id)
+    assert batch.request_counts is not None
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 1)
+    assert batch.error_file_id is not None
+    errors = [json.loads(x) for x in sdk.files.content(batch.error_file_id).text.splitlines()]
+    assert [(e["custom_id"], e["response"]["status_code"]) for e in errors] == [("bad", 404)]
+    assert errors[0]["response"]["body"]["error"]["code"] == "model_not_found"
+    assert daemon.stop() == 0

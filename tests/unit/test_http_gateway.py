@@ -20,7 +20,7 @@ from exgen.daemon.gateway.__main__ import main as gateway_main
 from exgen.daemon.gateway.auth import ApiKeys
 from exgen.daemon.gateway.batches import check_metadata, window_seconds
 from exgen.daemon.gateway.completions import ChunkWriter, parse_body
-from exgen.daemon.gateway.errors import ApiError, bad_body, from_request_failed
+from exgen.daemon.gateway.errors import ApiError, bad_body, from_exgen_error, from_request_failed
 from exgen.daemon.gateway.keeper import GatewayKeeper
 from exgen.daemon.gateway.options import GatewayOptions, GatewayUnusable, local_address
 from exgen.daemon.gateway.validate import LineRefused, check_line, validate_file
@@ -39,7 +39,7 @@ def options(tmp_path: Path, **changes: object) -> GatewayOptions:
 
 
 def test_options_survive_the_command_line(tmp_path: Path) -> None:
-    original = options(tmp_path, api_keys_file="/k", max_inflight=7, strict_model=True)
+    original = options(tmp_path, api_keys_file="/k", max_inflight=7, request_timeout_s=2.5)
     ctx = gateway_main.make_context("gateway", original.to_argv())
     params = {k: v for k, v in ctx.params.items() if k != "parent_pid"}
     assert GatewayOptions(**params) == original
@@ -86,9 +86,7 @@ def body(**fields: object) -> bytes:
 
 
 def test_a_body_maps_as_a_batch_line_does() -> None:
-    parsed = parse_body(
-        body(max_tokens=7, temperature=0.5, stop="x", top_k=3), CHAT_URL, "s", False
-    )
+    parsed = parse_body(body(max_tokens=7, temperature=0.5, stop="x", top_k=3), CHAT_URL)
     assert parsed.line.params == {
         "max_new_tokens": 7,
         "temperature": 0.5,
@@ -97,9 +95,7 @@ def test_a_body_maps_as_a_batch_line_does() -> None:
     }
     assert parsed.line.messages == [{"role": "user", "content": "hi"}]
     assert not parsed.stream and parsed.line.id.startswith("chatcmpl-")
-    streamed = parse_body(
-        body(stream=True, stream_options={"include_usage": True}), CHAT_URL, "s", False
-    )
+    streamed = parse_body(body(stream=True, stream_options={"include_usage": True}), CHAT_URL)
     assert streamed.stream and streamed.include_usage
 
 
@@ -116,16 +112,8 @@ def test_a_body_maps_as_a_batch_line_does() -> None:
 )
 def test_a_bad_field_is_a_400_naming_it(fields: dict[str, object], param: str) -> None:
     with pytest.raises(ApiError) as caught:
-        parse_body(body(**fields), CHAT_URL, "s", False)
+        parse_body(body(**fields), CHAT_URL)
     assert (caught.value.status, caught.value.param) == (400, param)
-
-
-def test_strict_model_names_are_404() -> None:
-    with pytest.raises(ApiError) as caught:
-        parse_body(body(), CHAT_URL, "served", True)
-    assert (caught.value.status, caught.value.code) == (404, "model_not_found")
-    assert parse_body(body(model="served"), CHAT_URL, "served", True)
-    assert parse_body(body(), CHAT_URL, "served", False)
 
 
 def test_errors_map_to_statuses() -> None:
@@ -135,19 +123,29 @@ def test_errors_map_to_statuses() -> None:
         (errors.Draining("bye"), 503, "draining", "1"),
         (errors.WorkerDied("poison"), 500, "worker_died", None),
         (errors.BadRequest("bad", field="params.top_p"), 400, "bad_request", None),
+        (errors.ModelNotFound("not here"), 404, "model_not_found", None),
+        (errors.DeadlineExceeded("waited 1s"), 504, "timeout", None),
+        (errors.ResultTooLarge("20 MiB"), 400, "too_large", None),
+        (errors.Forbidden("not yours"), 403, "forbidden", None),
+        (errors.Cancelled("by someone"), 503, "cancelled", "1"),
+        (errors.ConnectTimeout("no handshake"), 503, "unavailable", "1"),
+        (errors.Timeout("silent"), 503, "unavailable", "1"),
+        (errors.UnsafeSocket("another user's"), 503, "unavailable", "1"),
+        (errors.ProtocolMismatch("v1"), 502, None, None),
     ]
     for exc, status, code, retry in cases:
-        api = from_request_failed(exc)
+        api = from_exgen_error(exc)
         assert (api.status, api.code, api.headers().get("Retry-After")) == (status, code, retry)
     assert from_request_failed(errors.BadRequest("x", field="params.top_p")).param == "top_p"
+    assert from_request_failed(errors.ModelNotFound("x")).param == "model"
+    assert from_request_failed(errors.ResultTooLarge("x")).param == "max_tokens"
+    assert "http_request_timeout_s" in from_request_failed(errors.DeadlineExceeded("x")).message
     assert bad_body("body.n=2: only n=1").param == "n"
     assert bad_body("unknown key body.'foo' (did you mean 'top_p'?)").param == "foo"
 
 
 def test_stream_chunks_validate_as_the_sdks_type() -> None:
-    parsed = parse_body(
-        body(stream=True, stream_options={"include_usage": True}), CHAT_URL, "s", False
-    )
+    parsed = parse_body(body(stream=True, stream_options={"include_usage": True}), CHAT_URL)
     writer = ChunkWriter(parsed, "served")
     result = Result("x", "a b", "length", prompt_tokens=2, completion_tokens=2)
     raw = writer.first() + writer.text("a b") + writer.last(result)
