@@ -173,6 +173,9 @@ def test_create_refuses_what_it_cannot_run(
 def test_cancel_keeps_what_is_done_and_answers_the_rest(tmp_path: Path, http_daemon: Any) -> None:
     daemon, sdk = slow_daemon(http_daemon, token_ms=5)
     batch_id = create_batch(sdk, tmp_path, batch_lines(400, max_tokens=10))
+    # A second batch of the same custom_ids, on the gateway's same client: cancelling
+    # the first must not touch it.
+    twin_id = create_batch(sdk, tmp_path, batch_lines(400, max_tokens=10))
     while (sdk.batches.retrieve(batch_id).request_counts or Batch).completed < 10:  # type: ignore[union-attr]
         time.sleep(0.05)
     cancelling = sdk.batches.cancel(batch_id)
@@ -188,6 +191,9 @@ def test_cancel_keeps_what_is_done_and_answers_the_rest(tmp_path: Path, http_dae
     assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
     ids = [r["custom_id"] for r in output + errors]
     assert sorted(ids) == sorted(f"req-{i}" for i in range(400))
+    twin = wait_final(sdk, twin_id)
+    assert twin.status == "completed" and twin.request_counts is not None
+    assert (twin.request_counts.completed, twin.request_counts.failed) == (400, 0)
     with pytest.raises(openai.ConflictError):
         sdk.batches.cancel(wait_final(sdk, create_batch(sdk, tmp_path, batch_lines(1))).id)
     assert daemon.stop() == 0
