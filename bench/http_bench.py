@@ -9,8 +9,9 @@ so what is measured is the front's own cost:
   differences (what the HTTP front adds). The openai SDK's own round trip is shown
   too, for what a Python caller sees.
 - Requests/s: ``--concurrency`` callers at once, each sending requests one after
-  another: over HTTP (asyncio keep-alive connections) and over ZMQ (as many
-  AsyncClients).
+  another: over HTTP (asyncio keep-alive connections), and over ZMQ both with as
+  many AsyncClients and with all of them on one shared AsyncClient (what the
+  gateway does: the cost of multiplexing, side by side).
 - Streaming time to first token: a paced engine (``--stream-token-ms`` per token),
   the first text chunk of a ``stream: true`` chat request against
   ``Client.stream``'s first chunk.
@@ -146,27 +147,40 @@ async def _http_caller(port: int, requests: int, index: int) -> None:
         writer.close()
 
 
-async def _zmq_caller(address: str, requests: int, index: int) -> None:
-    async with AsyncClient(address, timeout=30) as client:
-        for i in range(requests):
-            [result] = await client.generate([f"c{index} r{i}"], max_new_tokens=1)
-            result.raise_for_error()
+async def _zmq_calls(client: AsyncClient, requests: int, index: int) -> None:
+    for i in range(requests):
+        [result] = await client.generate([f"c{index} r{i}"], max_new_tokens=1)
+        result.raise_for_error()
+
+
+async def _zmq_callers(address: str, per_caller: int, concurrency: int, shared: bool) -> None:
+    """``concurrency`` callers on one shared AsyncClient (as the gateway has it), or
+    each on a client of its own."""
+    clients = [AsyncClient(address, timeout=30) for _ in range(1 if shared else concurrency)]
+    try:
+        calls = (_zmq_calls(clients[c % len(clients)], per_caller, c) for c in range(concurrency))
+        await asyncio.gather(*calls)
+    finally:
+        for client in clients:
+            client.close()
+
+
+async def _http_callers(port: int, per_caller: int, concurrency: int) -> None:
+    await asyncio.gather(*(_http_caller(port, per_caller, c) for c in range(concurrency)))
 
 
 def requests_per_s(daemon: Daemon, url: str, concurrency: int, total: int) -> dict[str, float]:
     per_caller = max(1, total // concurrency)
     port = int(url.rsplit(":", 1)[1])
+    runs: dict[str, Any] = {
+        "http": lambda: _http_callers(port, per_caller, concurrency),
+        "zmq": lambda: _zmq_callers(daemon.address, per_caller, concurrency, shared=False),
+        "zmq_shared": lambda: _zmq_callers(daemon.address, per_caller, concurrency, shared=True),
+    }
     out = {}
-    for name, caller, target in (
-        ("http", _http_caller, port),
-        ("zmq", _zmq_caller, daemon.address),
-    ):
-
-        async def run(caller: Any = caller, target: Any = target) -> None:
-            await asyncio.gather(*(caller(target, per_caller, c) for c in range(concurrency)))
-
+    for name, make in runs.items():
         started = time.perf_counter()
-        asyncio.run(run())
+        asyncio.run(make())
         out[name] = per_caller * concurrency / (time.perf_counter() - started)
     return out
 
@@ -301,6 +315,10 @@ def summarize(
         "http_requests_per_s": round(median(per_round(lambda r: r["rps"]["http"]))),
         "zmq_requests_per_s": round(median(per_round(lambda r: r["rps"]["zmq"]))),
         "http_requests_per_s_runs": [round(r["rps"]["http"]) for r in rounds],
+        "zmq_shared_requests_per_s": round(median(per_round(lambda r: r["rps"]["zmq_shared"]))),
+        "zmq_shared_ratio_runs": [
+            round(r["rps"]["zmq_shared"] / r["rps"]["zmq"], 3) for r in rounds
+        ],
         "stream_token_ms": args.stream_token_ms,
         "ttft_http_p50_ms": _ms(ttft["http"], 50),
         "ttft_zmq_p50_ms": _ms(ttft["zmq"], 50),
@@ -322,17 +340,20 @@ def markdown(doc: dict[str, Any]) -> str:
             "| measure | HTTP gateway | ZMQ client | difference |",
             "|---|---|---|---|",
             f"| round trip p50, 1 token, one at a time | {doc['http_p50_ms']:.3f} ms "
-            f"| {doc['zmq_p50_ms']:.3f} ms | +{doc['added_p50_ms']:.3f} ms (runs "
+            f"| {doc['zmq_p50_ms']:.3f} ms | {doc['added_p50_ms']:+.3f} ms (runs "
             f"{doc['added_p50_ms_runs']}; goal ≤ 2 ms: {goal}) |",
             f"| round trip p99 | {doc['http_p99_ms']:.3f} ms | {doc['zmq_p99_ms']:.3f} ms "
-            f"| +{doc['added_p99_ms']:.3f} ms |",
+            f"| {doc['added_p99_ms']:+.3f} ms |",
             f"| requests/s, {doc['concurrency']} callers | {doc['http_requests_per_s']:,} "
             f"(runs {doc['http_requests_per_s_runs']}) | {doc['zmq_requests_per_s']:,} | "
             f"{doc['http_requests_per_s'] / doc['zmq_requests_per_s']:.2f}× |",
+            f"| requests/s, {doc['concurrency']} callers on one shared AsyncClient (ZMQ) | "
+            f"| {doc['zmq_shared_requests_per_s']:,} | {median(doc['zmq_shared_ratio_runs']):.2f}×"
+            f" a client each (runs {doc['zmq_shared_ratio_runs']}) |",
             f"| time to first token, streamed chat ({doc['stream_token_ms']} ms/token) "
             f"| {doc['ttft_http_p50_ms']:.2f} ms (p99 {doc['ttft_http_p99_ms']:.2f}) "
             f"| {doc['ttft_zmq_p50_ms']:.2f} ms | "
-            f"+{doc['ttft_http_p50_ms'] - doc['ttft_zmq_p50_ms']:.2f} ms |",
+            f"{doc['ttft_http_p50_ms'] - doc['ttft_zmq_p50_ms']:+.2f} ms |",
             f"| batch of {doc['batch_lines']:,} lines, lines/s | {doc['batches_api_lines_per_s']:,}"
             f" (/v1/batches) | {doc['submit_lines_per_s']:,} (exgen-client submit) "
             f"| {ratio:.2f}× (runs {doc['batch_ratio_runs']}) |",
