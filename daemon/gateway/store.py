@@ -107,11 +107,14 @@ class Store:
             (file_id, purpose, filename, size, now_s(), str(path)),
         )
 
-    def get_file(self, file_id: str) -> sqlite3.Row | None:
+    def _by_id(self, table: str, ident: str) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self.db.execute(
-            "SELECT * FROM files WHERE id = ?", (file_id,)
+            f"SELECT * FROM {table} WHERE id = ?", (ident,)
         ).fetchone()
         return row
+
+    def get_file(self, file_id: str) -> sqlite3.Row | None:
+        return self._by_id("files", file_id)
 
     def list_files(self, purpose: str | None, limit: int) -> list[sqlite3.Row]:
         where, args = ("WHERE purpose = ?", [purpose]) if purpose else ("", [])
@@ -138,10 +141,7 @@ class Store:
         self.db.execute(f"INSERT INTO batches ({names}) VALUES ({marks})", tuple(fields.values()))
 
     def get_batch(self, batch_id: str) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = self.db.execute(
-            "SELECT * FROM batches WHERE id = ?", (batch_id,)
-        ).fetchone()
-        return row
+        return self._by_id("batches", batch_id)
 
     def list_batches(self, after: str | None, limit: int) -> list[sqlite3.Row]:
         """Newest first; ``after``: the id the previous page ended with."""
