@@ -107,7 +107,7 @@ async def wait_disconnect(receive: Receive) -> None:
 
 class EventStream(Response):
     """Server-sent events for one streamed request, produced inside this response's
-    own task (the request's deadline and cancel scope live there too).
+    own task (so the disconnect watcher can cancel it; the deadline is the router's).
 
     The first event is awaited before any byte goes out, so an error the daemon
     answers at once (a prompt too long, say) still gets its HTTP status.

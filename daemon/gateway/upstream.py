@@ -2,7 +2,7 @@
 
 Every interactive request and every batch line goes through ``Upstream.client``, one
 :class:`~exgen.client.AsyncClient`: its calls multiplex on one socket (measured in
-bench/RESULTS.md: a pool of clients is no faster), interactive ones at the default
+bench/RESULTS.md: faster than a pool of clients), interactive ones at the default
 priority and batch lines at ``priority="batch"``, so the router dispatches a chat
 request before any waiting batch line although both come from this one client.
 """
