@@ -289,7 +289,9 @@ class Core:
                 return
             order = next(self.counter)
             req = f"s{order}"
-            body = {"req": req, "items": batch, "stream": call.stream}
+            body: dict[str, Any] = {"req": req, "items": batch, "stream": call.stream}
+            if call.priority != "interactive":  # the default goes unsaid
+                body["priority"] = call.priority
             try:
                 frames = P.pack(P.SUBMIT, body)
             except UnicodeEncodeError:

@@ -101,6 +101,14 @@ def main() -> None:
     "(default 300).",
 )
 @click.option("--metrics", "metrics_listen", help="Prometheus endpoint HOST:PORT (default: off).")
+@click.option(
+    "--http",
+    metavar="HOST:PORT",
+    help="Also serve the OpenAI-compatible HTTP API and Batch API there (docs/http.md).",
+)
+@click.option(
+    "--http-state-dir", metavar="DIR", help="The HTTP gateway's job store (batches, files)."
+)
 @click.option("--log-level", type=click.Choice(LEVELS), help="Log level (default: info).")
 def serve(config_file: Path | None, engine_opt: tuple[str, ...], **options: Any) -> None:
     """Start the supervisor, one worker per GPU (or slot), and the router."""
@@ -127,6 +135,7 @@ def run_daemon(settings: cfg.Settings) -> int:
         server_keys(settings)  # unusable keys: one line now, before anything starts
     except CurveSetupError as exc:
         raise CliError(str(exc)) from None
+    check_http_gateway(settings, listen)  # issue 13
     engine, model = resolve_engine_and_model(settings)
     gpu_slots = cfg.parse_gpus(settings.gpus) if settings.gpus else None
     if gpu_slots is None and settings.workers is None and engine != "synthetic":
@@ -157,6 +166,17 @@ def default_cpu_workers_for(model: str | None) -> int:
     size = cpu_layout.model_memory_bytes(Path(model)) if model else None
     available = cpu_layout.available_memory_bytes()
     return cpu_layout.default_cpu_workers(cpu_layout.usable_cores(), available, size)
+
+
+def check_http_gateway(settings: cfg.Settings, listen: str) -> None:
+    if settings.http is None:
+        return
+    from exgen.daemon.gateway.options import GatewayOptions, GatewayUnusable
+
+    try:
+        GatewayOptions.from_settings(settings, listen).preflight()
+    except GatewayUnusable as exc:
+        raise CliError(str(exc)) from None
 
 
 def resolve_engine_and_model(settings: cfg.Settings) -> tuple[str, str | None]:
