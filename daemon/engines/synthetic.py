@@ -104,9 +104,7 @@ _WORD_OF_BYTE = tuple(WORDS[b % len(WORDS)] for b in range(256))
 JSON_CHARS_PER_TOKEN = 4  # structured output: a "token" is this many characters of JSON
 
 
-def synthetic_words(
-    prompt: str, params_seed: int | None, count: int, sample: int = 0
-) -> list[str]:
+def synthetic_words(prompt: str, params_seed: int | None, count: int, sample: int = 0) -> list[str]:
     """``count`` words derived from the prompt (and seed, and sample index of n):
     deterministic everywhere."""
     salt = f"{params_seed}|{prompt}" if sample == 0 else f"{params_seed}|{sample}|{prompt}"

@@ -47,7 +47,8 @@ def test_response_format_becomes_one_json_schema_param():
     spec = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
     params = P.validate_params({"response_format": spec})
     # compact text, key order kept (the grammar writes properties in the schema's order)
-    assert params == {"json_schema": '{"type":"object","properties":{"b":{"type":"integer"},"a":{}}}'}
+    compact = '{"type":"object","properties":{"b":{"type":"integer"},"a":{}}}'
+    assert params == {"json_schema": compact}
     assert P.validate_params({"response_format": {"type": "json_object"}}) == {
         "json_schema": P.JSON_OBJECT_SCHEMA
     }
@@ -68,9 +69,9 @@ def test_response_format_and_json_schema_together_is_refused():
 @pytest.mark.parametrize(
     ("value", "field", "words"),
     [
-        ({"type": "json_schema", "json_schema": {"schema": "[1]"}}, ".json_schema.schema", "JSON object"),
+        ({"type": "json_schema", "json_schema": {"schema": "[1]"}}, ".json_schema.schema", "obj"),
         ({"type": "json_schema", "json_schema": {"name": "x"}}, ".json_schema", "schema"),
-        ({"type": "json_schema", "json_schema": {"schema": {}, "x": 1}}, ".json_schema.x", "unknown"),
+        ({"type": "json_schema", "json_schema": {"schema": {}, "x": 1}}, ".json_schema.x", "unkn"),
         ({"type": "grammar"}, ".type", "json_object"),
     ],
 )
