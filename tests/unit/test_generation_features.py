@@ -4,6 +4,7 @@ wire rows and the synthetic engine's model of each (no model needed)."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import jsonschema
 import msgpack
@@ -234,3 +235,94 @@ def test_synthetic_logprobs_have_the_shape_asked_for():
         for token, lp, top in choice.logprobs:
             assert len(top) == 3 and top[0] == [token, lp]
             assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+
+
+# --- batch files: OpenAI lines in, OpenAI shapes out -----------------------------------
+
+
+def _line(body: dict, url: str = "/v1/chat/completions") -> Any:
+    from exgen.client import batchfile as B
+
+    [entry] = B.read_batch([json.dumps({"custom_id": "c1", "url": url, "body": body})])
+    return entry
+
+
+def test_openai_lines_map_response_format_logprobs_n_and_penalties():
+    schema_format = {"type": "json_schema", "json_schema": {"name": "t", "schema": LABEL_SCHEMA}}
+    body = {
+        "messages": [{"role": "user", "content": "Label this"}],
+        "response_format": schema_format,
+        "logprobs": True,
+        "top_logprobs": 4,
+        "n": 3,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+    }
+    chat = _line(body)
+    assert json.loads(chat.params.pop("json_schema")) == LABEL_SCHEMA
+    assert chat.params == {
+        "logprobs": True,
+        "top_logprobs": 4,
+        "n": 3,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+    }
+    completion = _line({"prompt": "x", "logprobs": 2}, "/v1/completions")
+    assert completion.params == {"logprobs": True, "top_logprobs": 2}
+    json_object = {"type": "json_object"}
+    json_mode = _line({"prompt": "x", "response_format": json_object}, "/v1/completions")
+    assert json_mode.params == {"json_schema": P.JSON_OBJECT_SCHEMA}
+    bad = _line({"prompt": "x", "logprobs": 6}, "/v1/completions")
+    assert "body.logprobs" in bad.message
+
+
+def _result(n: int, top: int) -> Any:
+    from exgen.client.calls import Choice, Result, TokenLogprob
+
+    def lps(text: str) -> list:
+        return [TokenLogprob(ch, -0.5, [(ch, -0.5), ("z", -3.0)][:top]) for ch in text]
+
+    texts = ["ab", "cd", "ef"][:n]
+    choices = [Choice(i, t, P.FINISH_STOP, len(t), lps(t)) for i, t in enumerate(texts)]
+    result = Result("c1", texts[0], P.FINISH_STOP, 4, sum(len(t) for t in texts))
+    result.logprobs = choices[0].logprobs
+    result.choices = choices if n > 1 else []
+    return result
+
+
+def test_openai_output_has_n_choices_and_logprobs_the_sdk_accepts():
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    from exgen.client import batchfile as B
+
+    chat_line = _line({"messages": [{"role": "user", "content": "x"}], "n": 3, "logprobs": True})
+    out = B.format_result(chat_line, _result(3, 2), default_model="m")
+    body = ChatCompletion.model_validate(out["response"]["body"])
+    assert [c.message.content for c in body.choices] == ["ab", "cd", "ef"]
+    assert body.usage is not None and body.usage.completion_tokens == 6
+    content = body.choices[1].logprobs.content  # type: ignore[union-attr]
+    assert [t.token for t in content] == ["c", "d"] and content[0].bytes == [99]
+    assert [a.token for a in content[0].top_logprobs] == ["c", "z"]
+
+    completion_line = _line({"prompt": "x", "logprobs": 2}, "/v1/completions")
+    out = B.format_result(completion_line, _result(1, 2), default_model="m")
+    body = Completion.model_validate(out["response"]["body"])
+    logprobs = body.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens == ["a", "b"]
+    assert logprobs.token_logprobs == [-0.5, -0.5] and logprobs.text_offset == [0, 1]
+    assert logprobs.top_logprobs == [{"a": -0.5, "z": -3.0}, {"b": -0.5, "z": -3.0}]
+
+
+def test_plain_lines_get_logprobs_and_choices_only_when_asked():
+    from exgen.client import batchfile as B
+    from exgen.client.calls import Result
+
+    [line] = B.read_batch([json.dumps({"id": "p", "prompt": "x", "n": 3, "logprobs": True})])
+    out = B.format_result(line, _result(3, 1))
+    first = {"token": "a", "logprob": -0.5, "top_logprobs": [{"token": "a", "logprob": -0.5}]}
+    assert out["logprobs"][0] == first
+    assert [c["text"] for c in out["choices"]] == ["ab", "cd", "ef"]
+    [plain] = B.read_batch([json.dumps({"id": "q", "prompt": "x"})])
+    out = B.format_result(plain, Result("q", "t", P.FINISH_STOP, 1, 1))
+    assert "logprobs" not in out and "choices" not in out
