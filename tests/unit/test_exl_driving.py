@@ -94,10 +94,10 @@ class LibJob:
 
     spec: JobSpec
     steps: list[list[dict[str, Any]]]
-    identifier: int = field(init=False)
+    identifier: tuple[int, int] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.identifier = self.spec.key
+        self.identifier = self.spec.identifier
 
 
 class ScriptedGenerator:
