@@ -406,7 +406,7 @@ def _define_schema_filter() -> type:
     import torch
     from exllamav2.generator.filters import ExLlamaV2Filter
 
-    class SchemaFilter(ExLlamaV2Filter):  # type: ignore[misc]
+    class SchemaFilter(ExLlamaV2Filter):
         """Masks the logits to the tokens the JSON Schema allows next. The mask is
         computed on the generator's filter thread while the GPU runs the forward pass
         (use_background_worker), and applied out of place, so the logits returned

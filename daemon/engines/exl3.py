@@ -356,7 +356,7 @@ def _define_schema_filter() -> type:
     import torch
     from exllamav3 import Filter
 
-    class SchemaFilter(Filter):  # type: ignore[misc]
+    class SchemaFilter(Filter):
         """The tokens the JSON Schema allows next, as the packed int32 bitmask the
         library's samplers take; completing the schema ends the job (end_filter), so
         nothing unconstrained follows it."""

@@ -21,6 +21,7 @@ llguidance is imported on first use, inside workers only.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 from typing import Any
@@ -61,7 +62,18 @@ class Grammars:
         """From a model's ``tokenizer.json``; ``vocab_size``: the logits' width (a model's
         output layer may be wider than its tokenizer: those tokens are never allowed)."""
         llg = _llguidance()
-        tokenizer = llg.LLTokenizer(text, n_vocab=vocab_size, eos_token=sorted(eos_ids))
+        size = tokenizer_size(text)
+        # generation_config may list end ids the tokenizer does not have (the scripted
+        # test models do; some real ones pad their output layer): only real tokens end.
+        eos = sorted(e for e in eos_ids if e < size) or None
+        try:
+            tokenizer = llg.LLTokenizer(text, n_vocab=max(vocab_size, size), eos_token=eos)
+        except ValueError as exc:
+            raise JobRejected(
+                P.E_ENGINE,
+                f"structured output unavailable for this model's tokenizer: {exc}",
+                FIELD,
+            ) from None
         return cls(tokenizer)
 
     @property
@@ -125,6 +137,15 @@ class SchemaMatcher:
     def error(self) -> str | None:
         """What went wrong (a parser limit, a token the mask did not allow), if anything."""
         return _short(self._matcher.get_error()) if self._matcher.is_error() else None
+
+
+def tokenizer_size(text: str) -> int:
+    """Tokens in a tokenizer.json: its model's vocabulary and its added tokens."""
+    spec = json.loads(text)
+    vocab = (spec.get("model") or {}).get("vocab") or {}
+    ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]
+    ids += [t.get("id", 0) for t in spec.get("added_tokens") or () if isinstance(t, dict)]
+    return max((i for i in ids if isinstance(i, int)), default=-1) + 1
 
 
 def mask_words(vocab_size: int) -> int:
