@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 EXLLAMA_PINS ?= exllamav2==0.3.2 exllamav3==1.6.5
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup demo test test-fast lint typecheck bench clean
+.PHONY: setup demo test test-fast lint typecheck bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,11 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/run_all.py
+
+# Opt-in, not part of `make test`: exgen against vLLM's CPU build and llama.cpp's
+# llama-server (installs and builds them once under bench/out/peers/, ~25 min).
+bench-peers: setup
+	$(PY) bench/peers.py --rounds 3
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

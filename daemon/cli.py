@@ -132,6 +132,8 @@ def run_daemon(settings: cfg.Settings) -> int:
     if gpu_slots is None and settings.workers is None and engine != "synthetic":
         gpus = detect_gpus()
         gpu_slots = [[g] for g in gpus] or None
+        if gpu_slots is None:
+            settings.workers = default_cpu_workers_for(model)
     slots = plan_slots(settings, gpu_slots)
     try:
         daemon = Daemon(settings, listen, slots, engine, model)
@@ -145,6 +147,16 @@ def run_daemon(settings: cfg.Settings) -> int:
         "" if gpu_slots else " on CPU",
     )
     return daemon.run()
+
+
+def default_cpu_workers_for(model: str | None) -> int:
+    """`exgen serve` on a machine without GPUs: one single-threaded worker per core,
+    as many as the memory holds copies of the model (engines/cpu_layout.py)."""
+    from exgen.daemon.engines import cpu_layout
+
+    size = cpu_layout.model_memory_bytes(Path(model)) if model else None
+    available = cpu_layout.available_memory_bytes()
+    return cpu_layout.default_cpu_workers(cpu_layout.usable_cores(), available, size)
 
 
 def resolve_engine_and_model(settings: cfg.Settings) -> tuple[str, str | None]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from exgen.daemon import policy
 from exgen.daemon.config import Settings
+from exgen.daemon.engines.cpu_layout import CpuLayout, cpu_layout, usable_cores, worker_env
 from exgen.daemon.slots import FAILED, READY, RESTARTING, STARTING, STOPPED, Slot, SlotTable
 from exgen.daemon.worker import WorkerSpec
 
@@ -97,9 +98,8 @@ class Supervisor:
         env["EXGEN_SLOT"] = str(slot.id)  # for engines and tools that act per slot
         # A worker's stderr is the daemon's log: no progress bars from libraries there.
         env.setdefault("TQDM_DISABLE", "1")
-        if not slot.devices and "OMP_NUM_THREADS" not in os.environ:
-            # CPU slots share the cores: N workers each using every core thrash.
-            env["OMP_NUM_THREADS"] = str(self.cpu_threads_per_slot())
+        # CPU slots share the cores: N workers each using every core thrash.
+        env.update(worker_env(self.cpu_layout(), os.environ, is_cpu_slot=not slot.devices))
         # A new session: Ctrl-C in a terminal reaches the supervisor only, which drains.
         slot.proc = subprocess.Popen(
             [sys.executable, "-m", "exgen.daemon.worker", spec.to_json(), str(os.getpid())],
@@ -115,10 +115,9 @@ class Supervisor:
         devices = ",".join(map(str, slot.devices)) if slot.devices else "cpu"
         logger.info("spawn slot %d pid %d devices %s", slot.id, slot.proc.pid, devices)
 
-    def cpu_threads_per_slot(self) -> int:
+    def cpu_layout(self) -> CpuLayout:
         cpu_slots = sum(1 for s in self.slots.values() if not s.devices)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return max(1, (cores or 1) // max(1, cpu_slots))
+        return cpu_layout(cpu_slots, usable_cores())
 
     def reap_workers(self, now: float) -> list[Exit]:
         exited = [
