@@ -79,6 +79,8 @@ class BatchFeatures:
             self._words = torch.empty(shape, dtype=torch.int32)
         for j, (_, matcher) in enumerate(matchers):
             matcher.fill_mask(self._words[j])
+        if len(matchers) == len(extras):  # the common case: a batch of schema jobs
+            return masked(torch, scores, self._words)  # out of place: logprobs see the raw
         index = torch.tensor([i for i, _ in matchers], device=scores.device)
         scores = scores.clone()  # the logits kept for logprobs stay the model's own
         scores[index] = masked(torch, scores[index], self._words)
