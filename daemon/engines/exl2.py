@@ -13,6 +13,7 @@ list against the installed sources (and this module against the list).
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -390,19 +391,10 @@ class ExLlamaV2Library:
         self._model.unload()
 
 
-_SCHEMA_FILTER: type | None = None
-
-
+@functools.cache
 def schema_filter_class() -> type:
     """``SchemaFilter``, an ExLlamaV2Filter over a grammar.SchemaMatcher, defined on
     first use (exllamav2 is imported inside a worker only)."""
-    global _SCHEMA_FILTER
-    if _SCHEMA_FILTER is None:
-        _SCHEMA_FILTER = _define_schema_filter()
-    return _SCHEMA_FILTER
-
-
-def _define_schema_filter() -> type:
     import torch
     from exllamav2.generator.filters import ExLlamaV2Filter
 

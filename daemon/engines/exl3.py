@@ -16,6 +16,7 @@ against the installed sources by tests/unit/test_exl_conformance.py.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -340,19 +341,10 @@ def _log(probability: float) -> float:
     return math.log(probability) if probability > 0 else -math.inf
 
 
-_SCHEMA_FILTER: type | None = None
-
-
+@functools.cache
 def schema_filter_class() -> type:
     """``SchemaFilter``, an exllamav3 Filter over a grammar.SchemaMatcher, defined on
     first use (exllamav3 is imported inside a worker only)."""
-    global _SCHEMA_FILTER
-    if _SCHEMA_FILTER is None:
-        _SCHEMA_FILTER = _define_schema_filter()
-    return _SCHEMA_FILTER
-
-
-def _define_schema_filter() -> type:
     import torch
     from exllamav3 import Filter
 
