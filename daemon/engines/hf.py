@@ -360,7 +360,7 @@ class TransformersEngine(Engine):
             events = batch.step()
         except self._loaded().torch.OutOfMemoryError:
             self._batch = None
-            active = set(batch.active_keys())
+            active = {self._samples.job_key(k) for k in batch.active_keys()}
             return self._after_oom([w for w in self._batch_rows if w.job.key in active])
         self.decode_steps += 1
         events, siblings = self._samples.translate(events)
@@ -384,6 +384,7 @@ class TransformersEngine(Engine):
             )
             return []
         waiting = batch[0]
+        self._samples.forget(waiting.job.key)
         return [
             Failed(
                 waiting.job.key,
