@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import os
 import tomllib
 from collections.abc import Callable, Iterator
@@ -352,17 +353,29 @@ def parse_metrics_listen(text: str) -> tuple[str, int]:
 
 
 def parse_gpus(spec: str) -> list[list[int]]:
-    """``"0,1,2,3"`` → four slots of one GPU; ``"0,1;2,3"`` → two slots of two."""
+    """``"0,1,2,3"`` → four slots of one GPU; ``"0,1;2,3"`` → two slots of two;
+    ``"0;0"`` → two slots sharing GPU 0 (a card with room for two replicas: each
+    worker loads its own copy, so size the cache for both). A GPU twice in one slot,
+    twice in the comma form (a typo more often than not), or slots that share some
+    GPUs but not all, are refused."""
     if ";" in spec:
         groups = [g for g in spec.split(";") if g.strip()]
         slots = [[_gpu_index(x) for x in g.split(",") if x.strip()] for g in groups]
     else:
         slots = [[_gpu_index(x)] for x in spec.split(",") if x.strip()]
-    flat = [g for slot in slots for g in slot]
     if not slots or any(not s for s in slots):
         raise ConfigError(f"gpus = {spec!r}: no GPUs given")
-    if len(flat) != len(set(flat)):
-        raise ConfigError(f"gpus = {spec!r}: a GPU appears in more than one slot")
+    if any(len(slot) != len(set(slot)) for slot in slots):
+        raise ConfigError(f"gpus = {spec!r}: a GPU appears twice in one slot")
+    for a, b in itertools.combinations(slots, 2):
+        if set(a) & set(b) and set(a) != set(b):
+            raise ConfigError(f"gpus = {spec!r}: slots share some GPUs but not all")
+    flat = [g for slot in slots for g in slot]
+    if ";" not in spec and len(flat) != len(set(flat)):
+        raise ConfigError(
+            f"gpus = {spec!r}: a GPU appears twice; to run two slots on one card, "
+            "say so with ';' (\"0;0\")"
+        )
     return slots
 
 

@@ -458,6 +458,21 @@ def test_a_skipped_seq_asks_for_a_resend_once_and_the_resend_fills_the_gap():
     assert acks(sent(c, 1.1 + ACK_DELAY_S)) == [{"session": SESSION, "seq": 4}]
 
 
+def test_a_pong_showing_an_ack_lost_gets_the_ack_again():
+    # The daemon stops dispatching to a client that does not acknowledge; an ACK
+    # lost with a link must not leave both sides waiting on each other.
+    c = core()
+    call, _ = open_call(c)
+    answer(c, call, "i0", seq=1)
+    answer(c, call, "i1", seq=2)
+    assert acks(sent(c, 1.0 + ACK_DELAY_S)) == [{"session": SESSION, "seq": 2}]
+    probe = {"req": None, "instance": "a", "session": SESSION, "seq": 2, "acked": 0}
+    c.on_message(P.PONG, probe, 2.0)
+    assert acks(sent(c, 2.0)) == [{"session": SESSION, "seq": 2}]
+    c.on_message(P.PONG, {**probe, "acked": 2}, 3.0)
+    assert acks(sent(c, 3.0)) == [], "nothing to send again once the daemon has it"
+
+
 def test_a_pong_naming_a_seq_not_seen_asks_for_a_resend():
     c = core()
     call, _ = open_call(c)
