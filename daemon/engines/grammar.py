@@ -66,8 +66,12 @@ class Grammars:
         # generation_config may list end ids the tokenizer does not have (the scripted
         # test models do; some real ones pad their output layer): only real tokens end.
         eos = sorted(e for e in eos_ids if e < size) or None
+        width = max(vocab_size, size)
         try:
-            tokenizer = llg.LLTokenizer(text, n_vocab=max(vocab_size, size), eos_token=eos)
+            try:
+                tokenizer = llg.LLTokenizer(text, n_vocab=width, eos_token=eos)
+            except TypeError:  # llguidance < 1.7 takes one end token: the first ends too
+                tokenizer = llg.LLTokenizer(text, n_vocab=width, eos_token=eos and eos[0])
         except ValueError as exc:
             raise JobRejected(
                 P.E_ENGINE,

@@ -211,7 +211,6 @@ BOUNDED_SCHEMA = {  # every value bounded: even a model of random weights must f
 def test_json_schema_outputs_validate_whatever_the_weights(engine: ExlEngine) -> None:
     import json
 
-    jsonschema = pytest.importorskip("jsonschema")
     params = P.validate_params({"json_schema": BOUNDED_SCHEMA, "max_new_tokens": 120})
     for key in range(500, 508):
         engine.add(make_job(key, f"Person {key} as JSON:", **params))
@@ -219,7 +218,11 @@ def test_json_schema_outputs_validate_whatever_the_weights(engine: ExlEngine) ->
     assert sorted(done) == list(range(500, 508))
     for result in done.values():
         assert result.finish_reason == P.FINISH_STOP, result.text
-        jsonschema.validate(json.loads(result.text), BOUNDED_SCHEMA)
+        person = json.loads(result.text)  # the schema checked by hand (no jsonschema there)
+        assert list(person) == ["name", "age", "ok", "label"]
+        assert isinstance(person["name"], str) and len(person["name"]) <= 8
+        assert type(person["age"]) is int and 0 <= person["age"] <= 99
+        assert type(person["ok"]) is bool and person["label"] in ("positive", "negative", "neutral")
     with pytest.raises(JobRejected) as exc:
         engine.add(make_job(508, **P.validate_params({"json_schema": {"$ref": "#/nope"}})))
     assert exc.value.field == "params.json_schema"
