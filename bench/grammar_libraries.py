@@ -307,7 +307,22 @@ def render(results: list[dict[str, Any]], versions: dict[str, str]) -> str:
             f"{r['compile_s'] * 1000:.1f} ms | {r['mask_us_median']:.1f} µs "
             f"({r['mask_us_p90']:.0f} µs) | {r['accepted']} | {r['notes']} |"
         )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", CHOICE])
+
+
+CHOICE = (
+    "exgen uses llguidance (daemon/engines/grammar.py). xgrammar's masks are faster, but "
+    "both cost microseconds next to a decoding step of 5-100 ms here, and llguidance has "
+    "no dependencies (xgrammar requires torch, transformers and triton), reads the "
+    "model's tokenizer.json alone (the exllama engines need no transformers), compiles "
+    "lazily (a bad or huge schema costs its sender little; its parser limits bound each "
+    "step), and its packed int32 mask is what ExLlamaV3's samplers take natively (the "
+    "library ships an llguidance filter of its own). formatron (TabbyAPI's choice) does "
+    "not import with pydantic 2.14; lm-format-enforcer is pure Python, ~60x slower per "
+    "token, and its transformers integration does not import under transformers 5; "
+    "outlines-core builds a regex DFA over the whole vocabulary ahead of time, which "
+    "grows with the schema, and covers less of JSON Schema."
+)
 
 
 def main() -> None:
