@@ -36,8 +36,12 @@ class _Envelope(msgspec.Struct):
 
 
 _Message = Annotated[dict[str, Scalar], Meta(max_length=16)]
+# A param's string is at most a JSON Schema's text (the longest a param may be): the
+# schema crosses the wire as text, so its nesting is never decoded here, and the
+# protocol's check parses it with a depth limit.
+_ParamScalar = Annotated[str, Meta(max_length=P.MAX_SCHEMA_CHARS)] | int | float | bool | None
 _Params = Annotated[
-    dict[str, Scalar | Annotated[list[Scalar], Meta(max_length=P.MAX_STOP_STRINGS)]],
+    dict[str, _ParamScalar | Annotated[list[Scalar], Meta(max_length=P.MAX_STOP_STRINGS)]],
     Meta(max_length=32),
 ]
 
