@@ -150,10 +150,6 @@ _SEQ_KEY = msgpack.packb("seq")
 _RESULTS_KEY = msgpack.packb("results")
 
 
-def encode_result(result: dict[str, Any]) -> bytes:
-    return msgpack.packb(result, use_bin_type=True)
-
-
 def results_body(session: int, seq: int, encoded: list[bytes]) -> bytes:
     """A RESULTS body, ``{"session", "seq", "results"}``, from results encoded one by one
     (so the router knows each one's size before it groups them)."""
@@ -463,7 +459,32 @@ def _validate_item_fields(
     if not ITEM_KEYS.issuperset(raw):  # no set built per item on the common path
         unknown = set(raw) - ITEM_KEYS
         raise ValidationError(f"{where}.{sorted(unknown)[0]}", "unknown field")
-    prompt, messages = raw.get("prompt"), raw.get("messages")
+    get = raw.get
+    return validate_item_parts(
+        where,
+        item_id,
+        get("prompt"),
+        get("messages"),
+        get("params"),
+        get("timeout_s"),
+        get("model"),
+        checked_params,
+    )
+
+
+def validate_item_parts(
+    where: str,
+    item_id: str,
+    prompt: Any,
+    messages: Any,
+    raw_params: Any,
+    timeout_s: Any,
+    model: Any,
+    checked_params: dict[str, Any] | None = None,
+) -> Item:
+    """An item's fields as given (None: absent), checked; its id is checked already.
+    The router's decoder calls this with a decoded item's fields, a map's caller
+    through ``validate_item``: one set of checks for both."""
     if (prompt is None) == (messages is None):
         raise ValidationError(where, "needs exactly one of prompt or messages")
     if prompt is not None:
@@ -476,9 +497,8 @@ def _validate_item_fields(
     )
     params = checked_params
     if params is None:
-        params = validate_params(raw.get("params"), f"{where}.params")
+        params = validate_params(raw_params, f"{where}.params")
     item = Item(item_id, prompt, checked_messages, params)
-    timeout_s, model = raw.get("timeout_s"), raw.get("model")
     if timeout_s is not None:
         item.timeout_s = float(_check_number(f"{where}.timeout_s", timeout_s, 0.0, MAX_TIMEOUT_S))
         if item.timeout_s <= 0:
@@ -504,7 +524,10 @@ class Submit:
 
 
 def _check_item_id(raw: Any, where: str, limit: int = MAX_WIRE_ID_CHARS) -> str:
-    item_id = raw.get("id") if isinstance(raw, dict) else None
+    return _check_id_value(raw.get("id") if isinstance(raw, dict) else None, where, limit)
+
+
+def _check_id_value(item_id: Any, where: str, limit: int) -> str:
     if not isinstance(item_id, str) or not item_id:
         raise ValidationError(f"{where}.id", "must be a non-empty string")
     if len(item_id) > limit:
@@ -551,7 +574,12 @@ def check_envelope(req: Any, items: Any, stream: Any, priority: Any) -> Submit:
 
 def claim_id(raw: Any, where: str, seen: set[str]) -> str:
     """The id of item ``raw`` (a map), checked and not yet ``seen`` in this submit."""
-    item_id = _check_item_id(raw, where)
+    return claim_id_value(raw.get("id") if isinstance(raw, dict) else None, where, seen)
+
+
+def claim_id_value(value: Any, where: str, seen: set[str]) -> str:
+    """An item id as given, checked and not yet ``seen`` in this submit."""
+    item_id = _check_id_value(value, where, MAX_WIRE_ID_CHARS)
     if item_id in seen:
         raise ValidationError(f"{where}.id", f"duplicate id {item_id!r} in this submit")
     seen.add(item_id)

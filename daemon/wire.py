@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import msgspec
 
 from exgen.client import protocol as P
 from exgen.daemon.engines.base import Choice, Chunk, Failed, Finished, Job, SamplingParams
@@ -33,15 +34,16 @@ FATAL = b"f"  # worker -> router: {"slot", "pid", "code", "message"}, then exit
 STOP = b"x"  # router -> worker: finish nothing more, exit now
 
 _JOBS_KEY = msgpack.packb("jobs")
+_ENCODE = msgspec.msgpack.Encoder().encode
 
 
 # --- WORK ------------------------------------------------------------------------
 
 
 def encode_job(key: int, item: P.Item, stream: bool) -> bytes:
-    """A validated item's WORK row, encoded once at accept."""
-    row = [key, item.prompt, item.messages, item.params, stream]
-    return msgpack.packb(row, use_bin_type=True)
+    """A validated item's WORK row, encoded once at accept (msgspec's encoder: about a
+    fifth of msgpack.packb's cost per small row, the same bytes on the wire)."""
+    return _ENCODE([key, item.prompt, item.messages, item.params, stream])
 
 
 def pack_work(rows: list[bytes]) -> list[bytes]:
