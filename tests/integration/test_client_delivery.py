@@ -34,6 +34,11 @@ class ContractRouter:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # As the real frontend (daemon/listen.py): the client reconnects under its fixed
+        # identity, and without handover a reconnect that beats the old connection's
+        # teardown (a loaded machine) is ignored by libzmq for good, so the client
+        # would hear nothing and time out, a failure of this router, not of the client.
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         self.owed: dict[int, dict[str, Any]] = {}  # seq -> RESULTS body, until acknowledged
         self.seq = 0
