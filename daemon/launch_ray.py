@@ -19,9 +19,13 @@ This module imports ray: it is imported only in Ray mode.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -42,6 +46,7 @@ NAMESPACE = "exgen"
 POLL_S = 0.05  # how often Ray is asked about placements and exits (each is one call)
 RESOLVE_S = 5.0  # a worker that said READY was placed: its actor's reply is on its way
 ACTOR_THREADS = 4  # wait() blocks one; signal() and facts() must still run
+CONNECT_CHECK_S = 5.0  # the cluster's GCS must accept a connection within this
 
 RemoteHost: Any = ray.remote(WorkerHost)  # its handles' methods are Ray's, untyped
 
@@ -52,6 +57,7 @@ class RayModeError(RuntimeError):
 
 def connect(address: str) -> None:
     """Join the cluster as a driver (never start one: "auto" must find it running)."""
+    check_reachable(address)
     try:
         ray.init(
             address=address,
@@ -62,6 +68,39 @@ def connect(address: str) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RayModeError(f"cannot join the Ray cluster at {address!r}: {first}") from None
+
+
+def gcs_target(address: str) -> str | None:
+    """The HOST:PORT ``ray.init(address)`` will dial, where it can be told beforehand."""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS") or _current_cluster_file() or ""
+    if not address or "://" in address:
+        return None  # nothing to go on (Ray says so at once), or Ray Client: its own check
+    return address
+
+
+def _current_cluster_file() -> str | None:
+    """Where `ray start` on this machine records its cluster's address."""
+    path = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_CHECK_S) -> None:
+    """One line now, instead of Ray retrying an address nobody answers for minutes."""
+    target = gcs_target(address)
+    if target is None:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise RayModeError(
+            f"no Ray cluster answers at {target} ({exc}): start one with `ray start --head`, "
+            "or give its address"
+        ) from None
 
 
 def node_ip() -> str:
