@@ -6,18 +6,15 @@ connect back over TCP with CURVE, real `kill -9`, a node removed without warning
 added again. What is asserted is what a user sees: every id exactly once, the slots'
 nodes in status, the slot back when a node rejoins.
 
-Everything stays on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray use
-127.0.0.1), the cluster's files live in a private temp dir, and the cluster is shut
-down at the end of the module whatever happens. Node deaths are detected fast here
-(200 ms × 3 health checks); Ray's defaults take ~15 s (docs/cluster.md).
+One cluster for the module (tests/raycluster.py: loopback only, a private temp dir,
+shut down whatever happens). Node deaths are detected fast here (200 ms × 3 health
+checks); Ray's defaults take ~15 s (docs/cluster.md).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,88 +31,32 @@ from tests.integration.test_fault_tolerance import (
     wait_for,
     write_prompts,
 )
+from tests.raycluster import (
+    DAEMON_CONFIG,
+    LOOPBACK_ENV,
+    RESOURCE,
+    LocalRayCluster,
+    local_ray_cluster,
+)
 
-cluster_utils = pytest.importorskip("ray.cluster_utils", reason="Ray mode needs exgen[ray]")
+pytest.importorskip("ray.cluster_utils", reason="Ray mode needs exgen[ray]")
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
-
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray on 127.0.0.1 only
-FAST_HEALTH_CHECKS = {
-    "health_check_period_ms": 200,
-    "health_check_failure_threshold": 3,
-    "health_check_initial_delay_ms": 0,
-}
-RESOURCE = "fake_gpu"
-CONFIG = f"""
-[ray]
-resource = "{RESOURCE}"
-cpus_per_slot = 0.5
-worker_listen = "tcp://127.0.0.1:0"
-"""
-
-
-class LocalRayCluster:
-    """A head with no slot resources and worker nodes with one fake GPU each."""
-
-    def __init__(self) -> None:
-        self.temp_dir = tempfile.mkdtemp(prefix="exray-")  # short: Ray's socket paths
-        self.cluster = cluster_utils.Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 0,
-                "temp_dir": self.temp_dir,
-                "include_dashboard": False,
-                "_system_config": FAST_HEALTH_CHECKS,
-            },
-        )
-        self.nodes: list[Any] = []
-
-    @property
-    def address(self) -> str:
-        return str(self.cluster.address)
-
-    def add_node(self, units: int = 1) -> str:
-        node = self.cluster.add_node(num_cpus=1, resources={RESOURCE: units})
-        self.cluster.wait_for_nodes()
-        self.nodes.append(node)
-        return str(node.node_id)
-
-    def remove_node(self, node_id: str) -> None:
-        """The node goes without warning: raylet and its processes SIGKILLed."""
-        node = next(n for n in self.nodes if n.node_id == node_id)
-        self.nodes.remove(node)
-        self.cluster.remove_node(node, allow_graceful=False)
-
-    def shutdown(self) -> None:
-        self.cluster.shutdown()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalRayCluster]:
-    saved = {k: os.environ.get(k) for k in LOOPBACK_ENV}
-    os.environ.update(LOOPBACK_ENV)
     started = time.monotonic()
-    test_cluster = LocalRayCluster()
-    try:
-        for _ in range(2):
-            test_cluster.add_node()
+    with local_ray_cluster(nodes=2) as test_cluster:
         print(f"ray test cluster up in {time.monotonic() - started:.1f}s")
         yield test_cluster
-    finally:
-        test_cluster.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def start_ray_daemon(
     tmp_path: Path, cluster: LocalRayCluster, workers: int, *extra: str
 ) -> RunningDaemon:
     config = tmp_path / "exgen.toml"
-    config.write_text(CONFIG)
+    config.write_text(DAEMON_CONFIG)
     daemon = start_daemon(
         tmp_path,
         *("--ray", cluster.address, "--config", str(config), "--workers", str(workers)),
