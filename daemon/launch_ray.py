@@ -184,6 +184,7 @@ class RayLauncher:
         self.keys = keys
         self.groups: dict[int, PlacementGroup] = {}  # multi-GPU slots' reservations
         self.next_poll = 0.0
+        self.next_place_poll = 0.0
 
     # --- start ----------------------------------------------------------------------
 
@@ -233,8 +234,10 @@ class RayLauncher:
 
     def placed(self, procs: list[WorkerProcess]) -> list[WorkerProcess]:
         waiting = [p for p in procs if isinstance(p, RayProcess) and p.pid is None]
-        if not waiting:
+        now = time.monotonic()
+        if not waiting or now < self.next_place_poll:
             return []
+        self.next_place_poll = now + POLL_S  # a slot may wait for hours: ask Ray gently
         ready, _ = ray.wait([p.facts_ref for p in waiting], num_returns=len(waiting), timeout=0)
         ready_ids = {id(ref) for ref in ready}
         return [p for p in waiting if id(p.facts_ref) in ready_ids and p.resolve(0)]
