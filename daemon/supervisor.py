@@ -77,6 +77,13 @@ def where(slot: Slot) -> str:
     return f"node {(slot.node or '')[:12]} host {slot.host} {devices}"
 
 
+def on_node(slot: Slot) -> str:
+    """`` node N host H`` for a worker on another machine; nothing for a local one."""
+    if slot.node in (None, "local"):
+        return ""
+    return f" node {(slot.node or '')[:12]} host {slot.host}"
+
+
 class Supervisor:
     """Process lifecycle of the slots in ``table`` (whose records it shares with the
     router): spawn, reap, restart with back-off, kill, stop — through ``launcher``."""
@@ -174,7 +181,7 @@ class Supervisor:
         slot.last_exit = cause
         if slot.stopping:
             slot.state = STOPPED
-            logger.info("exit slot %d pid %d: stopped (%s)", slot.id, pid, cause)
+            logger.info("exit slot %d pid %d%s: stopped (%s)", slot.id, pid, on_node(slot), cause)
             return Exit(slot.id, pid, cause, crashed=False)
         if how.returncode == policy.EXIT_BOOT_ERROR:
             slot.state = FAILED
@@ -185,10 +192,10 @@ class Supervisor:
             return Exit(slot.id, pid, f"boot error: {reason}", crashed=False)
         self._schedule_restart(slot, now, productive=self._did_work(slot, pid))
         logger.warning(
-            "exit slot %d pid %d %s: %s — restart %d in %.1fs",
+            "exit slot %d pid %d%s: %s — restart %d in %.1fs",
             slot.id,
             pid,
-            where(slot),
+            on_node(slot),
             cause,
             slot.restarts + 1,
             slot.next_start_at - now,
@@ -263,7 +270,7 @@ class Supervisor:
             return
         slot.kill_cause = cause
         slot.kill_blames_work = blames_work
-        logger.warning("kill slot %d pid %d %s: %s", slot_id, pid, where(slot), cause)
+        logger.warning("kill slot %d pid %d%s: %s", slot_id, pid, on_node(slot), cause)
         self.launcher.signal(slot.proc, signal.SIGKILL)
 
     def stop_all(self, sig: int = signal.SIGTERM) -> None:
