@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 EXLLAMA_PINS ?= exllamav2==0.3.2 exllamav3==1.6.5
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup demo test test-fast lint typecheck bench clean
+.PHONY: setup demo test test-fast lint typecheck bench bench-peers clean gpu-wheels
 
 setup: $(STAMP)
 
@@ -46,5 +46,37 @@ test-fast: setup
 bench: setup
 	$(PY) bench/run_all.py
 
+# Opt-in, not part of `make test`: exgen against vLLM's CPU build and llama.cpp's
+# llama-server (installs and builds them once under bench/out/peers/, ~25 min).
+bench-peers: setup
+	$(PY) bench/peers.py --rounds 3
+
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
+
+# What the lent GPU machine lacks (it has torch, transformers, accelerate, tokenizers,
+# safetensors, ninja, msgpack, click, tqdm, prometheus-client, pytest), as cp312
+# manylinux wheels in the ignored .whl/ that a device run carries: bench/gpu_check.py
+# installs them there (docs/gpus.md). exllamav3 imports pydantic (which wants
+# typing-extensions >= 4.16) and its loader marisa-trie; exllamav2 needs none of its
+# own requirements beyond what is there (fastparquet and websockets: conversion, server).
+# msgspec: the router's bounded decoding of client frames (daemon/decode.py).
+GPU_WHEELS ?= pyzmq==27.3.0 msgspec==0.23.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 typing-extensions==4.16.0 marisa-trie==1.4.1 $(EXLLAMA_PINS)
+# A device run carries at most 64 MiB: these wheels and every tracked file together.
+GPU_CARRY_MAX_MB ?= 64
+GPU_PLATFORMS := manylinux1_x86_64 manylinux2014_x86_64 manylinux_2_17_x86_64 \
+	manylinux_2_24_x86_64 manylinux_2_26_x86_64 manylinux_2_27_x86_64 manylinux_2_28_x86_64
+
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl $(GPU_WHEELS)
+	@wheels=$$(du -cb .whl/*.whl | tail -1 | cut -f1); \
+	tree=$$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1); \
+	total=$$((wheels + tree)); limit=$$(($(GPU_CARRY_MAX_MB) * 1048576)); \
+	echo "gpu-wheels: $$(ls .whl | wc -l) wheels, $$((wheels / 1024)) KiB;" \
+		"with the tracked tree $$((total / 1024)) KiB of $(GPU_CARRY_MAX_MB) MiB"; \
+	if [ $$total -gt $$limit ]; then \
+		echo "gpu-wheels: FAILED: $$((total / 1048576)) MiB is over the $(GPU_CARRY_MAX_MB) MiB" \
+			"a device run can carry" >&2; exit 1; fi

@@ -64,14 +64,17 @@ def running_daemon(
     *extra: str,
     env: dict[str, str] | None = None,
     timeout: float = 300.0,
+    gpus: str | None = None,
 ) -> Iterator[Daemon]:
-    """``exgen serve`` as a subprocess on a private ipc socket, ready; SIGTERM at the end."""
+    """``exgen serve`` as a subprocess on a private ipc socket, ready; SIGTERM at the end.
+    ``workers`` CPU slots, or with ``gpus`` (``--gpus``) that many GPU slots."""
     with tempfile.TemporaryDirectory(prefix="exgen-bench-") as tmp:
         address = f"ipc://{tmp}/exgen.sock"
         opts = [arg for k, v in engine_opts.items() for arg in ("--engine-opt", f"{k}={v}")]
+        slots = ["--gpus", gpus] if gpus else ["--workers", str(workers)]
         cmd = [
             sys.executable, "-m", "exgen.daemon.cli", "serve", "--listen", address,
-            "--engine", engine, "--workers", str(workers), "--log-level", "warning", *opts, *extra,
+            "--engine", engine, *slots, "--log-level", "warning", *opts, *extra,
         ]  # fmt: skip
         full_env = {**os.environ, **(env or {})}
         full_env.pop("EXGEN_ADDRESS", None)

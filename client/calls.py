@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from exgen.client import errors
 from exgen.client import protocol as P
@@ -23,6 +23,9 @@ CANCEL_BATCH = P.MAX_ITEMS_PER_SUBMIT  # ids per CANCEL frame
 TAG_SEP = "."  # between a call's tag and a caller's id on the wire
 # Errors that name items the daemon did not run: the items are sent again, not failed.
 RETRYABLE_CODES = frozenset({P.E_BUSY, P.E_DRAINING})
+# A call's submit priority (protocol.PRIORITIES): the daemon dispatches every waiting
+# interactive item before any batch item.
+Priority = Literal["interactive", "batch"]
 
 
 @dataclass(slots=True)
@@ -129,9 +132,15 @@ class Call:
         stream: bool = False,
         ordered: bool = False,
         timeout_s: float | None = None,
+        priority: Priority = "interactive",
     ) -> None:
         if not isinstance(window, int) or window < 1:
             raise errors.BadRequest(f"window must be a whole number >= 1, got {window!r}")
+        if priority not in P.PRIORITIES:
+            raise errors.BadRequest(
+                f"priority must be one of {', '.join(P.PRIORITIES)}, not {priority!r}",
+                field="priority",
+            )
         try:
             self.defaults = P.validate_params(dict(params), "params") if params else {}
         except P.ValidationError as exc:
@@ -154,6 +163,7 @@ class Call:
                 f"items must be an iterable of maps, not {type(items).__name__}", field="items"
             ) from None
         self.timeout_s = timeout_s
+        self.priority = priority
         self.window = window
         # Refill the window in large submits, not one per handful of results: every
         # submit costs a frame, a validation pass and an ACCEPTED reply at the router.
@@ -167,6 +177,7 @@ class Call:
         self.order: deque[Place] = deque()  # ordered calls: input order, not yet handed
         self.chunks: deque[str] = deque()  # streamed text not yet handed
         self.streamed = ""  # a stream's text handed so far
+        self.final: Result | None = None  # a stream's result, once it came (not failed)
         self.resend: deque[dict[str, Any]] = deque()  # busy or reconnect: send again
         self.busy_until = 0.0
         self.busy_wait = BUSY_BACKOFF_S[0]
@@ -193,7 +204,8 @@ class Call:
 
         Engines stream freely and settle the text at the end (a stop string may cut
         it), so the final text is the truth; chunks past a stop string are not taken
-        back. A failed result becomes the call's error (raised after these texts).
+        back. A failed result becomes the call's error (raised after these texts); a
+        good one is kept as ``final``.
         """
         texts = list(self.chunks)
         self.chunks.clear()
@@ -202,7 +214,9 @@ class Call:
             result = self.ready.popleft()
             if result.error is not None:
                 self.fail(result.error)
-            elif result.text.startswith(self.streamed) and len(result.text) > len(self.streamed):
+                continue
+            self.final = result
+            if result.text.startswith(self.streamed) and len(result.text) > len(self.streamed):
                 texts.append(result.text[len(self.streamed) :])
                 self.streamed = result.text
         return texts

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from exgen.client import batchfile as B
 from exgen.client import errors
 from exgen.client import protocol as P
+from exgen.client.batch_cli import batch as batch_group  # issue 13: the HTTP Batch API
 from exgen.client.client import DEFAULT_CONNECT_TIMEOUT_S, Client, Result, default_address
 from exgen.client.keys import CurveKeys
 
@@ -247,6 +248,9 @@ def cli(verbose: int) -> None:
 
 def main() -> None:
     cli(prog_name="exgen-client")
+
+
+cli.add_command(batch_group)  # issue 13
 
 
 # --- submit ----------------------------------------------------------------------

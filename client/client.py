@@ -22,6 +22,7 @@ connection completes (a TCP host that never answers) is a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sys
@@ -44,10 +45,11 @@ import zmq.asyncio
 
 from exgen.client import errors, transport
 from exgen.client import protocol as P
+from exgen.client.calls import Priority
 from exgen.client.core import Call, Core, Request, Result
 from exgen.client.keys import CurveKeys
 
-__all__ = ["AsyncClient", "Client", "Result", "default_address", "user_address"]
+__all__ = ["AsyncClient", "Client", "Priority", "Result", "default_address", "user_address"]
 
 SYSTEMD_SOCKET = Path("/run/exgen/exgen.sock")
 # What was queued last (an ACK, a cancel) may still leave after close, for this long.
@@ -114,8 +116,11 @@ def _generate_items(prompts: Sequence[str | Mapping[str, Any]]) -> list[dict[str
     return [_as_item(p, str(i)) for i, p in enumerate(prompts)]
 
 
-def _stream_item(prompt: Prompt) -> dict[str, Any]:
-    """The one item of a stream() call: chat messages or a plain prompt."""
+def _stream_item(prompt: Prompt | Mapping[str, Any]) -> dict[str, Any]:
+    """The one item of a stream() call: chat messages, a plain prompt, or an item
+    (a map with prompt or messages, and maybe params, model, timeout_s)."""
+    if isinstance(prompt, Mapping):
+        return _as_item(prompt, "0")
     if isinstance(prompt, list):
         return {"id": "0", "messages": prompt}
     return {"id": "0", "prompt": prompt}
@@ -274,11 +279,14 @@ class Client(_Shell):
         prompts: Sequence[str | Mapping[str, Any]],
         *,
         timeout_s: float | None = None,
+        priority: Priority = "interactive",
         **params: Any,
     ) -> list[Result]:
         """Results in input order. ``prompts``: strings, or maps with prompt/messages."""
         items = _generate_items(prompts)
-        return list(self.iter_results(items, ordered=True, timeout_s=timeout_s, **params))
+        return list(
+            self.iter_results(items, ordered=True, timeout_s=timeout_s, priority=priority, **params)
+        )
 
     def iter_results(
         self,
@@ -286,16 +294,21 @@ class Client(_Shell):
         *,
         ordered: bool = False,
         timeout_s: float | None = None,
+        priority: Priority = "interactive",
         **params: Any,
     ) -> Generator[Result, None, None]:
         """Each Result as it completes (``ordered``: in input order); items sent lazily.
 
         ``params``: sampling defaults for items without their own. ``timeout_s``: a
         deadline per item (its own ``timeout_s`` wins); past it the item fails with
-        :class:`errors.DeadlineExceeded`. An item that is a :class:`Result` is not
-        sent: it is yielded in its place. Closing the iterator cancels what is out.
+        :class:`errors.DeadlineExceeded`. ``priority``: ``"batch"`` items are
+        dispatched only when no ``"interactive"`` item (the default) waits, whichever
+        client sent it. An item that is a :class:`Result` is not sent: it is yielded
+        in its place. Closing the iterator cancels what is out.
         """
-        call = self._start_call(items, params, ordered=ordered, timeout_s=timeout_s)
+        call = self._start_call(
+            items, params, ordered=ordered, timeout_s=timeout_s, priority=priority
+        )
         with self._call_scope(call):
             while True:
                 self._pump(call)
@@ -306,16 +319,43 @@ class Client(_Shell):
                     return
 
     def stream(
-        self, prompt: Prompt, *, timeout_s: float | None = None, **params: Any
+        self,
+        prompt: Prompt | Mapping[str, Any],
+        *,
+        timeout_s: float | None = None,
+        priority: Priority = "interactive",
+        **params: Any,
     ) -> Generator[str, None, None]:
-        """Text chunks of one generation as they are produced."""
-        call = self._start_call([_stream_item(prompt)], params, stream=True, timeout_s=timeout_s)
+        """Text chunks of one generation as they are produced. ``prompt``: a string,
+        chat messages, or an item (a map with prompt or messages, as generate takes)."""
+        events = self.stream_with_result(prompt, timeout_s=timeout_s, priority=priority, **params)
+        with contextlib.closing(events):
+            for event in events:
+                if isinstance(event, str):
+                    yield event
+
+    def stream_with_result(
+        self,
+        prompt: Prompt | Mapping[str, Any],
+        *,
+        timeout_s: float | None = None,
+        priority: Priority = "interactive",
+        **params: Any,
+    ) -> Generator[str | Result, None, None]:
+        """Text chunks as :meth:`stream` yields them, then one :class:`Result`: the
+        whole text, its finish reason and token counts. A failure raises, as in
+        :meth:`stream` (after the chunks that came before it)."""
+        call = self._start_call(
+            [_stream_item(prompt)], params, stream=True, timeout_s=timeout_s, priority=priority
+        )
         with self._call_scope(call):
             while True:
                 self._pump(call)
                 yield from call.take_text()
                 call.raise_error()
                 if call.finished:
+                    if call.final is not None:
+                        yield call.final
                     return
 
     def status(self) -> dict[str, Any]:
@@ -507,12 +547,14 @@ class AsyncClient(_Shell):
         prompts: Sequence[str | Mapping[str, Any]],
         *,
         timeout_s: float | None = None,
+        priority: Priority = "interactive",
         **params: Any,
     ) -> list[Result]:
         items = _generate_items(prompts)
-        return [
-            r async for r in self.iter_results(items, ordered=True, timeout_s=timeout_s, **params)
-        ]
+        results = self.iter_results(
+            items, ordered=True, timeout_s=timeout_s, priority=priority, **params
+        )
+        return [r async for r in results]
 
     async def iter_results(
         self,
@@ -520,9 +562,12 @@ class AsyncClient(_Shell):
         *,
         ordered: bool = False,
         timeout_s: float | None = None,
+        priority: Priority = "interactive",
         **params: Any,
     ) -> AsyncGenerator[Result, None]:
-        call = self._start_call(items, params, ordered=ordered, timeout_s=timeout_s)
+        call = self._start_call(
+            items, params, ordered=ordered, timeout_s=timeout_s, priority=priority
+        )
         async with _AsyncCallScope(call, self._end_call):
             while True:
                 await self._wait(call)
@@ -533,9 +578,30 @@ class AsyncClient(_Shell):
                     return
 
     async def stream(
-        self, prompt: Prompt, *, timeout_s: float | None = None, **params: Any
+        self,
+        prompt: Prompt | Mapping[str, Any],
+        *,
+        timeout_s: float | None = None,
+        priority: Priority = "interactive",
+        **params: Any,
     ) -> AsyncGenerator[str, None]:
-        call = self._start_call([_stream_item(prompt)], params, stream=True, timeout_s=timeout_s)
+        events = self.stream_with_result(prompt, timeout_s=timeout_s, priority=priority, **params)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if isinstance(event, str):
+                    yield event
+
+    async def stream_with_result(
+        self,
+        prompt: Prompt | Mapping[str, Any],
+        *,
+        timeout_s: float | None = None,
+        priority: Priority = "interactive",
+        **params: Any,
+    ) -> AsyncGenerator[str | Result, None]:
+        call = self._start_call(
+            [_stream_item(prompt)], params, stream=True, timeout_s=timeout_s, priority=priority
+        )
         async with _AsyncCallScope(call, self._end_call):
             while True:
                 await self._wait(call)
@@ -543,6 +609,8 @@ class AsyncClient(_Shell):
                     yield text
                 call.raise_error()
                 if call.finished:
+                    if call.final is not None:
+                        yield call.final
                     return
 
     async def status(self) -> dict[str, Any]:

@@ -126,6 +126,13 @@ class Receipts:
         self.asked = (self.seen, now)
         return {**self._ack(), "resend": True}
 
+    def ack_again(self, daemon_acked: int) -> dict[str, Any] | None:
+        """An ACK of what came, when the daemon's own count (``daemon_acked``, from a
+        PONG) shows an earlier ACK of ours lost."""
+        if self.session is None or daemon_acked >= self.seen:
+            return None
+        return self._ack()
+
     def _ack(self) -> dict[str, Any]:
         self.acked = self.seen
         self.due_at = None
@@ -282,7 +289,9 @@ class Core:
                 return
             order = next(self.counter)
             req = f"s{order}"
-            body = {"req": req, "items": batch, "stream": call.stream}
+            body: dict[str, Any] = {"req": req, "items": batch, "stream": call.stream}
+            if call.priority != "interactive":  # the default goes unsaid
+                body["priority"] = call.priority
             try:
                 frames = P.pack(P.SUBMIT, body)
             except UnicodeEncodeError:
@@ -325,6 +334,13 @@ class Core:
         self.pings[req] = order
         self.last_ping = now
         return {"req": req}
+
+    def _ack_again(self, daemon_acked: int) -> None:
+        """The daemon has fewer ACKs than we sent (one was lost with a link): it holds
+        results we have, and would stop dispatching our items. Acknowledge them again."""
+        ack = self.receipts.ack_again(daemon_acked)
+        if ack is not None:
+            self.control.append(Outgoing(P.pack(P.ACK, ack)))
 
     def _ask_resend(self, now: float) -> None:
         """Results were lost on the way: every RESULTS above what we hold, again."""
@@ -446,9 +462,11 @@ class Core:
             self._on_reply(P.PONG, body)
         if order is not None:
             self._resend_lost_submits(order)
-        seq = body.get("seq")
+        seq, acked = body.get("seq"), body.get("acked")
         if isinstance(seq, int) and seq > self.receipts.seen:
             self._ask_resend(now)
+        elif isinstance(acked, int) and acked < self.receipts.seen:
+            self._ack_again(acked)
         if body.get("known") is False and order is not None:
             self._on_forgotten(order)
 

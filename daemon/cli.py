@@ -101,6 +101,14 @@ def main() -> None:
     "(default 300).",
 )
 @click.option("--metrics", "metrics_listen", help="Prometheus endpoint HOST:PORT (default: off).")
+@click.option(
+    "--http",
+    metavar="HOST:PORT",
+    help="Also serve the OpenAI-compatible HTTP API and Batch API there (docs/http.md).",
+)
+@click.option(
+    "--http-state-dir", metavar="DIR", help="The HTTP gateway's job store (batches, files)."
+)
 @click.option("--log-level", type=click.Choice(LEVELS), help="Log level (default: info).")
 @click.option(
     "--ray",
@@ -141,6 +149,7 @@ def run_daemon(settings: cfg.Settings) -> int:
         server_keys(settings)  # unusable keys: one line now, before anything starts
     except CurveSetupError as exc:
         raise CliError(str(exc)) from None
+    check_http_gateway(settings, listen)  # issue 13
     engine, model = resolve_engine_and_model(settings)
     if settings.ray is not None:
         slots, where = ray_slots(settings), f" on the Ray cluster ({settings.ray})"
@@ -149,6 +158,8 @@ def run_daemon(settings: cfg.Settings) -> int:
         if gpu_slots is None and settings.workers is None and engine != "synthetic":
             gpus = detect_gpus()
             gpu_slots = [[g] for g in gpus] or None
+            if gpu_slots is None:
+                settings.workers = default_cpu_workers_for(model)
         slots, where = plan_slots(settings, gpu_slots), "" if gpu_slots else " on CPU"
     try:
         daemon = Daemon(settings, listen, slots, engine, model)
@@ -171,6 +182,27 @@ def ray_slots(settings: cfg.Settings) -> list[Any]:
         launch_ray.connect(settings.ray)
         return launch_ray.plan_ray_slots(settings)
     except launch_ray.RayModeError as exc:
+        raise CliError(str(exc)) from None
+
+
+def default_cpu_workers_for(model: str | None) -> int:
+    """`exgen serve` on a machine without GPUs: one single-threaded worker per core,
+    as many as the memory holds copies of the model (engines/cpu_layout.py)."""
+    from exgen.daemon.engines import cpu_layout
+
+    size = cpu_layout.model_memory_bytes(Path(model)) if model else None
+    available = cpu_layout.available_memory_bytes()
+    return cpu_layout.default_cpu_workers(cpu_layout.usable_cores(), available, size)
+
+
+def check_http_gateway(settings: cfg.Settings, listen: str) -> None:
+    if settings.http is None:
+        return
+    from exgen.daemon.gateway.options import GatewayOptions, GatewayUnusable
+
+    try:
+        GatewayOptions.from_settings(settings, listen).preflight()
+    except GatewayUnusable as exc:
         raise CliError(str(exc)) from None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import os
 import tomllib
 from collections.abc import Callable, Iterator
@@ -32,6 +33,8 @@ ENV_NOT_SETTINGS = frozenset(
         "EXGEN_GPU_OPTS",
         "EXGEN_DEMO_WORKERS",
         "EXGEN_SLOT",
+        "EXGEN_HTTP_URL",  # exgen-client batch: the HTTP gateway's address
+        "EXGEN_API_KEY",  # and its key
     }
 )
 
@@ -92,6 +95,16 @@ class Settings:
     ray_cpus_per_slot: float = 1.0  # CPUs Ray reserves for each slot's actor
     ray_worker_listen: str = "tcp://0.0.0.0:5556"  # where workers connect back (CURVE)
     ray_kill_timeout_s: float = 5.0  # a killed worker's actor silent this long: node lost
+    # The OpenAI-compatible HTTP gateway (daemon/gateway), a supervised process of
+    # its own and an ordinary client of the router. Budgets: docs/http.md.
+    http: str | None = None  # "HOST:PORT" or a port (then 127.0.0.1); None: off
+    http_state_dir: str | None = None  # batches and files; None: see gateway.options
+    http_api_keys_file: str | None = None  # one key a line; needed beyond loopback
+    http_max_body_bytes: int = 16 * 2**20  # one interactive request's body
+    http_max_file_bytes: int = 512 * 2**20  # one uploaded batch file
+    http_max_inflight: int = 512  # interactive requests at once before 429
+    http_request_timeout_s: float = 600.0  # an interactive request's deadline (504)
+    http_batch_max_lines: int = 1_000_000  # requests in one batch file
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -274,6 +287,7 @@ def settings_problems(settings: Settings) -> Iterator[str]:
     yield from _duration_problems(settings)
     if settings.metrics_listen is not None:
         yield from _problem_of(parse_metrics_listen, settings.metrics_listen)
+    yield from _http_problems(settings)
     if settings.min_ready is not None and settings.min_ready < 1:
         yield "min_ready must be at least 1"
     if settings.gpus is not None and settings.workers is not None:
@@ -379,7 +393,22 @@ def file_problems(path: Path) -> tuple[Settings, list[str]]:
     return settings, problems
 
 
+def _http_problems(settings: Settings) -> Iterator[str]:
+    if settings.http is not None:
+        yield from _problem_of(lambda text: parse_host_port(text, "http"), settings.http)
+    budgets = ("http_max_body_bytes", "http_max_file_bytes", "http_max_inflight")
+    for name in (*budgets, "http_batch_max_lines"):
+        if getattr(settings, name) < 1:
+            yield f"{name} must be at least 1"
+    if settings.http_request_timeout_s <= 0:
+        yield "http_request_timeout_s must be more than 0"
+
+
 def parse_metrics_listen(text: str) -> tuple[str, int]:
+    return parse_host_port(text, "metrics_listen")
+
+
+def parse_host_port(text: str, setting: str) -> tuple[str, int]:
     """``"9464"`` or ``":9464"`` → loopback; ``"0.0.0.0:9464"``, ``"[::1]:9464"`` as given."""
     spec = text.strip()
     host, port = DEFAULT_METRICS_HOST, spec
@@ -390,22 +419,34 @@ def parse_metrics_listen(text: str) -> tuple[str, int]:
         host, _, port = spec.rpartition(":")
         host = host or DEFAULT_METRICS_HOST
     if not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"metrics_listen = {text!r}: expected HOST:PORT or PORT")
+        raise ConfigError(f"{setting} = {text!r}: expected HOST:PORT or PORT")
     return host, int(port)
 
 
 def parse_gpus(spec: str) -> list[list[int]]:
-    """``"0,1,2,3"`` → four slots of one GPU; ``"0,1;2,3"`` → two slots of two."""
+    """``"0,1,2,3"`` → four slots of one GPU; ``"0,1;2,3"`` → two slots of two;
+    ``"0;0"`` → two slots sharing GPU 0 (a card with room for two replicas: each
+    worker loads its own copy, so size the cache for both). A GPU twice in one slot,
+    twice in the comma form (a typo more often than not), or slots that share some
+    GPUs but not all, are refused."""
     if ";" in spec:
         groups = [g for g in spec.split(";") if g.strip()]
         slots = [[_gpu_index(x) for x in g.split(",") if x.strip()] for g in groups]
     else:
         slots = [[_gpu_index(x)] for x in spec.split(",") if x.strip()]
-    flat = [g for slot in slots for g in slot]
     if not slots or any(not s for s in slots):
         raise ConfigError(f"gpus = {spec!r}: no GPUs given")
-    if len(flat) != len(set(flat)):
-        raise ConfigError(f"gpus = {spec!r}: a GPU appears in more than one slot")
+    if any(len(slot) != len(set(slot)) for slot in slots):
+        raise ConfigError(f"gpus = {spec!r}: a GPU appears twice in one slot")
+    for a, b in itertools.combinations(slots, 2):
+        if set(a) & set(b) and set(a) != set(b):
+            raise ConfigError(f"gpus = {spec!r}: slots share some GPUs but not all")
+    flat = [g for slot in slots for g in slot]
+    if ";" not in spec and len(flat) != len(set(flat)):
+        raise ConfigError(
+            f"gpus = {spec!r}: a GPU appears twice; to run two slots on one card, "
+            "say so with ';' (\"0;0\")"
+        )
     return slots
 
 

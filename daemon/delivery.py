@@ -51,6 +51,7 @@ class Delivery:
         self.clients = clients
         self.queue = queue
         self.blocked: set[bytes] = set()  # reachable clients with owed results unsent
+        self.lost: list[ClientRecord] = []  # found unreachable since the router last looked
         self.next_probe_at = 0.0
 
     # --- sending -----------------------------------------------------------------
@@ -78,6 +79,12 @@ class Delivery:
             record.reachable = False
             logger.info("client %s unreachable (gone, or its link reconnecting)", _who(record))
             self.update_pause(record, time.monotonic())  # before the next dispatch
+            self.lost.append(record)
+
+    def take_lost(self) -> list[ClientRecord]:
+        """Clients found unreachable since the last call (the router recalls their work)."""
+        lost, self.lost = self.lost, []
+        return [record for record in lost if not record.reachable]
 
     def reachable_again(self, record: ClientRecord) -> None:
         """The client sent something: what it is owed and has not got can go again."""

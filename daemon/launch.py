@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from exgen.daemon.engines.cpu_layout import cpu_layout, usable_cores, worker_env
+
 if TYPE_CHECKING:
     from exgen.daemon.slots import Slot
     from exgen.daemon.worker import WorkerSpec
@@ -117,15 +119,6 @@ def worker_command(spec: WorkerSpec, parent_pid: int) -> list[str]:
     return [sys.executable, "-m", "exgen.daemon.worker", spec.to_json(), str(parent_pid)]
 
 
-def cpu_threads(cores: int | None, cpu_slots: int) -> int:
-    """Threads for each of ``cpu_slots`` CPU workers sharing ``cores``."""
-    return max(1, (cores or 1) // max(1, cpu_slots))
-
-
-def usable_cores() -> int | None:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 @dataclass(slots=True)
 class LocalProcess:
     slot: int
@@ -148,7 +141,7 @@ class LocalLauncher:
     name = "local"
 
     def __init__(self, cpu_slots: int = 1) -> None:
-        self.cpu_slots = cpu_slots
+        self.cpu_layout = cpu_layout(cpu_slots, usable_cores())
         self.host = socket.gethostname()
         self.oom_kills = read_oom_kills()
 
@@ -157,9 +150,8 @@ class LocalLauncher:
         # Narrow the GPUs before the worker imports anything: a library that opens a
         # CUDA context on "device 0" must see this slot's card as device 0.
         full["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slot.devices)) if slot.devices else ""
-        if not slot.devices and "OMP_NUM_THREADS" not in os.environ:
-            # CPU slots share the cores: N workers each using every core thrash.
-            full["OMP_NUM_THREADS"] = str(cpu_threads(usable_cores(), self.cpu_slots))
+        # CPU slots share the cores: N workers each using every core thrash.
+        full.update(worker_env(self.cpu_layout, os.environ, is_cpu_slot=not slot.devices))
         # A new session: Ctrl-C in a terminal reaches the supervisor only, which drains.
         popen = subprocess.Popen(
             worker_command(spec, os.getpid()), env=full, start_new_session=True

@@ -34,6 +34,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from exgen.daemon.config import Settings
+from exgen.daemon.engines.cpu_layout import CpuLayout
 from exgen.daemon.launch import WorkerExit, WorkerProcess
 from exgen.daemon.ray_host import WorkerHost
 from exgen.daemon.slots import Slot
@@ -190,8 +191,8 @@ class RayLauncher:
 
     def start(self, slot: Slot, spec: WorkerSpec, env: dict[str, str]) -> RayProcess:
         keys = self.keys.issue() if self.keys is not None else None
-        if not self.settings.ray_gpus_per_slot and self.settings.ray_cpus_per_slot >= 1:
-            env = {"OMP_NUM_THREADS": str(int(self.settings.ray_cpus_per_slot)), **env}
+        if not self.settings.ray_gpus_per_slot:  # a CPU slot: its threads, its CPUs
+            env = {**CpuLayout(1, max(1, int(self.settings.ray_cpus_per_slot))).env(), **env}
         actor = RemoteHost.options(**self.actor_options(slot)).remote(spec.to_json(), env, keys)
         return RayProcess(
             slot=slot.id,

@@ -166,6 +166,19 @@ class Ledger:
             self.held.get(entry.slot, set()).discard(entry.key)
         self.nbytes -= entry.nbytes
 
+    def recall(self, keys: Iterable[int]) -> list[Entry]:
+        """Running entries taken back unanswered (their client is unreachable): waiting
+        again, no attempt counted. Returns those that were running."""
+        out = []
+        for key in keys:
+            entry = self.entries.get(key)
+            if entry is None or entry.slot is None:
+                continue
+            self.held.get(entry.slot, set()).discard(key)
+            entry.slot = None
+            out.append(entry)
+        return out
+
     def release_slot(
         self, slot: int, crashed: bool, blames_work: bool, max_attempts: int, cause: str
     ) -> Released:

@@ -25,6 +25,7 @@ from exgen.daemon import control, curve
 from exgen.daemon.config import Settings
 from exgen.daemon.delivery import SNDHWM
 
+RCVHWM = 64  # client messages waiting to be read, per connection
 IPC = "ipc://"
 TCP = "tcp://"
 
@@ -44,7 +45,10 @@ def bind_frontend(
     # instead of dropping: Delivery keeps what could not go (docs/protocol.md).
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.SNDHWM, SNDHWM)
-    sock.setsockopt(zmq.RCVHWM, 0)
+    # Frames a client sent that admission has not read yet: past this many per
+    # connection ZMQ stops reading from it (the sender waits), so a flood of large
+    # submits is not buffered whole in the router before it can answer busy.
+    sock.setsockopt(zmq.RCVHWM, RCVHWM)
     # ZMTP heartbeats: a frozen or vanished client's connection is closed by ZMQ's
     # I/O thread (its own answers them while its program is busy), and the lease
     # probes then find it unreachable.

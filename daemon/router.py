@@ -159,10 +159,12 @@ class Router:
         results themselves once workers answer faster than the router ticks.
         """
         self.delivery.flush()
+        self._recall_lost()
 
     def cancel_keys(self, keys: set[int]) -> list[Entry]:
-        """Take these keys back wherever they are (waiting, or on a worker); the
-        entries are forgotten and returned for the caller to answer (or not)."""
+        """Take these keys out of the waiting room and off the workers (told to drop
+        them); their entries are returned, still in the ledger, for the caller to
+        finish, drop or requeue."""
         self.queue.remove(keys)
         by_slot: dict[int, list[int]] = {}
         for key in keys:
@@ -278,10 +280,30 @@ class Router:
         extra = {"instance": self.instance, "draining": self.draining}
         for record in self.delivery.probe(now, self.has_work, extra):
             self.expire_client(record, now)
+        self._recall_lost()
         for record in list(self.clients):
             idle = now - record.last_seen > IDLE_CLIENT_FORGET_S
             if (idle or not record.reachable) and not self.has_work(record):
                 self.delivery.forget(record.identity)
+
+    def _recall_lost(self) -> None:
+        """A client found unreachable has its running items taken back from the workers
+        (they wait again, unstarted, in its paused lane): if it never comes back, at
+        most their partial progress was spent for nobody, not whole batches run to the
+        end and the prefetched ones after them. If it comes back within the grace (a
+        link that reset), they run again."""
+        for record in self.delivery.take_lost():
+            running = {k for k in self.ledger.keys_of(record.identity) if self.ledger.holder(k)}
+            if not running:
+                continue
+            self.cancel_keys(running)  # the workers drop them (nothing is answered)
+            for entry in self.ledger.recall(running):
+                self.queue.push(entry.client, entry.key, entry.budget, entry.tier)
+            logger.info(
+                "client %s unreachable: %d running items taken back until it returns",
+                record.name or record.identity.hex()[:12],
+                len(running),
+            )
 
     def expire_client(self, record: ClientRecord, now: float) -> None:
         """A client gone past its grace: stop its work, drop what it was owed."""

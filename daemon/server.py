@@ -22,6 +22,7 @@ import zmq
 from exgen.daemon import curve, modelstore, workerlink
 from exgen.daemon import supervisor as sup
 from exgen.daemon.config import Settings
+from exgen.daemon.gateway.keeper import GatewayKeeper  # issue 13: the HTTP gateway
 from exgen.daemon.listen import ListenError, access_mode, bind_frontend
 from exgen.daemon.router import Router
 from exgen.daemon.sdnotify import Notifier
@@ -92,6 +93,7 @@ class Daemon:
         )
         self.notifier = Notifier()
         self.metrics = self._start_metrics(self.settings.metrics_listen)
+        self.gateway = GatewayKeeper.from_settings(self.settings, self.listen)  # issue 13
 
     def _ray_launcher(self) -> tuple[Launcher, str]:
         """Ray mode: actors anywhere in the cluster, dialling this machine's address."""
@@ -133,6 +135,7 @@ class Daemon:
         logger.info("listening on %s (instance %s)", self.listen, self.router.instance)
         self.notifier.notify("STATUS=loading models")
         self.supervisor.start_all()
+        self.gateway.start()  # issue 13
         try:
             while self.exit_code is None:
                 ready = dict(poller.poll(TICK_MS))
@@ -183,6 +186,7 @@ class Daemon:
         """Reap exited workers; unless draining, kill the unresponsive and restart."""
         self.child_exited = False
         self.housekeeping_due = now + HOUSEKEEPING_S
+        self.gateway.poll(now)  # issue 13: reap and restart the HTTP gateway
         for exit_ in self.supervisor.reap_workers(now):
             self.router.worker_lost(
                 exit_.slot, exit_.pid, exit_.cause, exit_.crashed, exit_.blames_work
@@ -216,6 +220,7 @@ class Daemon:
                 logger.warning("second %s: stopping now", signal.Signals(signum).name)
                 self.exit_code = 0
         elif signum == signal.SIGHUP:
+            self.gateway.reload()  # issue 13: it re-reads its API keys
             if self.auth is not None:
                 allowed = curve.reload_allowed(self.auth, self.settings)
                 if allowed is not None:
@@ -245,6 +250,7 @@ class Daemon:
             self.exit_code = 0
 
     def shutdown(self) -> None:
+        self.gateway.stop()  # issue 13: first, so it records no item the stop fails
         keys = list(self.router.ledger.entries)
         if keys:
             self.router.release(keys, "the daemon stopped before this item finished")

@@ -16,6 +16,7 @@ here, the same whatever the launcher. A slot whose launcher has no place for it 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -130,12 +131,14 @@ class Supervisor:
     @staticmethod
     def worker_env(slot: Slot) -> dict[str, str]:
         """exgen's variables for a worker (its launcher adds the machine's own)."""
-        return {
+        env = {
             "PYTHONUNBUFFERED": "1",
             "EXGEN_SLOT": str(slot.id),  # for engines and tools that act per slot
-            # A worker's stderr is the daemon's log: no progress bars from libraries.
-            "TQDM_DISABLE": "1",
         }
+        if "TQDM_DISABLE" not in os.environ:
+            # A worker's stderr is the daemon's log: no progress bars from libraries.
+            env["TQDM_DISABLE"] = "1"
+        return env
 
     def spawn_worker(self, slot: Slot) -> None:
         slot.proc = self.launcher.start(slot, self.worker_spec(slot), self.worker_env(slot))

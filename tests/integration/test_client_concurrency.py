@@ -1,6 +1,8 @@
 """Issue 12 item 1 and issue 11 item 3, as a library user sees them against a real
 daemon: calls on one client run at once, status never waits behind a stream, and an
-abandoned iterator leaves nothing running at the daemon."""
+abandoned iterator leaves nothing running at the daemon. Issue 13's additions: a
+stream that ends with its Result, and a call's priority on a client that carries
+both kinds of work."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from exgen.client import AsyncClient, Client
+from exgen.client import AsyncClient, Client, Result
 from tests.conftest import RunningDaemon, start_daemon
 
 pytestmark = pytest.mark.timeout(120)
@@ -155,3 +157,85 @@ def test_an_abandoned_async_iterator_cancels_its_work(daemon):
     asyncio.run(main())
     status = settled(daemon)
     assert status["queued"] == 0 and status["inflight"] == 0, status
+
+
+def test_a_stream_with_its_result_ends_with_the_whole_text_and_its_counts(daemon):
+    with Client(daemon.address) as client:
+        events = list(client.stream_with_result("a story", max_new_tokens=5))
+    *chunks, final = events
+    assert chunks and all(isinstance(c, str) for c in chunks)
+    assert isinstance(final, Result) and final.ok
+    assert final.text == "".join(chunks)
+    assert (final.finish_reason, final.completion_tokens) == ("length", 5)
+    assert final.prompt_tokens > 0
+
+
+def test_a_stream_with_its_result_async_takes_an_item_with_its_own_params(daemon):
+    async def main() -> list[Any]:
+        async with AsyncClient(daemon.address) as client:
+            item = {
+                "messages": [{"role": "user", "content": "hi"}],
+                "params": {"max_new_tokens": 3},
+            }
+            return [e async for e in client.stream_with_result(item)]
+
+    *chunks, final = asyncio.run(main())
+    assert isinstance(final, Result) and final.completion_tokens == 3
+    assert final.text == "".join(chunks)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_an_abandoned_stream_cancels_its_work(daemon, asynchronous):
+    if asynchronous:
+
+        async def main() -> None:
+            async with AsyncClient(daemon.address) as client:
+                chunks = client.stream("long", max_new_tokens=TOKENS * 4)
+                await chunks.__anext__()
+                await chunks.aclose()
+
+        asyncio.run(main())
+    else:
+        with Client(daemon.address) as client:
+            for _ in client.stream("long", max_new_tokens=TOKENS * 4):
+                break
+    status = settled(daemon)
+    assert status["queued"] == 0 and status["inflight"] == 0, status
+
+
+def one_beside_many(daemon: RunningDaemon, priority: str) -> tuple[float, int]:
+    """On one client: 64 items of 10 tokens (four rounds of the engine's 16 slots,
+    about 0.8 s) at ``priority``, then one interactive item of 2 tokens. How long the
+    one took, and how many of the 64 were done before it."""
+
+    async def main() -> tuple[float, int]:
+        async with AsyncClient(daemon.address) as client:
+            done = 0
+
+            async def bulk() -> None:
+                nonlocal done
+                work = many(64, f"bulk-{priority}-")
+                async for result in client.iter_results(work, priority=priority, max_new_tokens=10):
+                    assert result.ok
+                    done += 1
+
+            running = asyncio.ensure_future(bulk())
+            await asyncio.sleep(0.1)  # the 64 are at the daemon
+            started = time.monotonic()
+            [quick] = await client.generate(["quick"], max_new_tokens=2)
+            took, before = time.monotonic() - started, done
+            assert quick.ok
+            await running
+            return took, before
+
+    return asyncio.run(main())
+
+
+def test_a_batch_call_gives_way_to_an_interactive_one_on_the_same_client(daemon):
+    took, before = one_beside_many(daemon, "batch")
+    assert before <= 32, f"{before} of 64 batch items went first ({took:.2f}s)"
+    # The control: the same work at the same priority, and the client's own order
+    # (the longest max_new_tokens first) puts the quick item behind all of it.
+    took_same, before_same = one_beside_many(daemon, "interactive")
+    assert before_same == 64, f"only {before_same} of 64 went first ({took_same:.2f}s)"
+    assert took < 0.6 * took_same, f"batch beside: {took:.2f}s, same priority: {took_same:.2f}s"

@@ -302,6 +302,21 @@ def test_the_calls_timeout_s_goes_with_each_item_unless_it_has_its_own():
     assert [w.get("timeout_s") for w in body["items"]] == [30, 5]
 
 
+def test_a_batch_calls_submits_say_so_and_an_interactive_calls_say_nothing():
+    c = core()
+    c.open_call(items(2, "b"), {}, window=10, priority="batch")
+    c.open_call(items(2, "i"), {}, window=10)
+    by_priority = {body["items"][0]["id"][-2]: body.get("priority") for body in submits(c)}
+    assert by_priority == {"b": "batch", "i": None}
+
+
+@pytest.mark.parametrize("bad", ["urgent", None, 1])
+def test_an_unknown_priority_is_a_bad_request_naming_the_field(bad):
+    with pytest.raises(errors.BadRequest) as caught:
+        core().open_call(items(1), {}, window=1, priority=bad)
+    assert caught.value.field == "priority"
+
+
 @pytest.mark.parametrize("bad", [0, -1, "soon", True, float("nan")])
 def test_a_bad_call_timeout_is_a_bad_request(bad):
     with pytest.raises(errors.BadRequest):
@@ -458,6 +473,21 @@ def test_a_skipped_seq_asks_for_a_resend_once_and_the_resend_fills_the_gap():
     assert acks(sent(c, 1.1 + ACK_DELAY_S)) == [{"session": SESSION, "seq": 4}]
 
 
+def test_a_pong_showing_an_ack_lost_gets_the_ack_again():
+    # The daemon stops dispatching to a client that does not acknowledge; an ACK
+    # lost with a link must not leave both sides waiting on each other.
+    c = core()
+    call, _ = open_call(c)
+    answer(c, call, "i0", seq=1)
+    answer(c, call, "i1", seq=2)
+    assert acks(sent(c, 1.0 + ACK_DELAY_S)) == [{"session": SESSION, "seq": 2}]
+    probe = {"req": None, "instance": "a", "session": SESSION, "seq": 2, "acked": 0}
+    c.on_message(P.PONG, probe, 2.0)
+    assert acks(sent(c, 2.0)) == [{"session": SESSION, "seq": 2}]
+    c.on_message(P.PONG, {**probe, "acked": 2}, 3.0)
+    assert acks(sent(c, 3.0)) == [], "nothing to send again once the daemon has it"
+
+
 def test_a_pong_naming_a_seq_not_seen_asks_for_a_resend():
     c = core()
     call, _ = open_call(c)
@@ -507,10 +537,15 @@ def test_a_streams_text_is_its_chunks_then_what_the_final_result_adds():
     wire = body["items"][0]["id"]
     c.on_message(P.CHUNKS, {"chunks": [[wire, "Once "], [wire, "upon"]]}, 0.1)
     assert call.take_text() == ["Once ", "upon"]
-    c.on_message(P.RESULTS, {"results": [result(wire, "Once upon a time")]}, 0.2)
+    assert call.final is None
+    final = {**result(wire, "Once upon a time"), "prompt_tokens": 3, "completion_tokens": 4}
+    c.on_message(P.RESULTS, {"results": [final]}, 0.2)
     assert call.take_text() == [" a time"]
     c.poll_out(0.3)
     assert call.finished
+    assert call.final is not None
+    assert (call.final.text, call.final.finish_reason) == ("Once upon a time", "length")
+    assert (call.final.prompt_tokens, call.final.completion_tokens) == (3, 4)
 
 
 def test_a_failed_stream_hands_its_chunks_over_then_raises():
@@ -520,6 +555,7 @@ def test_a_failed_stream_hands_its_chunks_over_then_raises():
     c.on_message(P.CHUNKS, {"chunks": [[wire, "half"]]}, 0.1)
     c.on_message(P.RESULTS, {"results": [P.result_error(wire, P.E_ENGINE, "boom")]}, 0.2)
     assert call.take_text() == ["half"]
+    assert call.final is None
     with pytest.raises(errors.EngineError):
         call.raise_error()
 

@@ -62,6 +62,8 @@ CALLS: list[tuple[str, Callable[[Any], Any]]] = [
     ("an item without an id", lambda c: c.iter_results([{"prompt": "x"}])),
     ("a repeated id", lambda c: c.iter_results([{"id": "a", "prompt": "x"}] * 2)),
     ("a stream of a number", lambda c: c.stream(42)),
+    ("an unknown priority", lambda c: c.generate(["x"], priority="urgent")),
+    ("a stream of an unknown priority", lambda c: c.stream_with_result("x", priority="now")),
     ("an empty client name to cancel", lambda c: c.cancel_client("")),
 ]
 

@@ -27,8 +27,8 @@ def test_the_same_public_names():
 def test_the_same_parameters_and_the_async_ones_awaited():
     sync, asynchronous = public(Client), public(AsyncClient)
     methods = [name for name, member in sync.items() if inspect.isfunction(member)]
-    assert {"generate", "iter_results", "stream", "status", "ping", "cancel",
-            "cancel_client", "wait_ready"} <= set(methods)  # fmt: skip
+    assert {"generate", "iter_results", "stream", "stream_with_result", "status", "ping",
+            "cancel", "cancel_client", "wait_ready"} <= set(methods)  # fmt: skip
     for name in methods:
         assert parameters(sync[name]) == parameters(asynchronous[name]), name
         twin = asynchronous[name]

@@ -59,13 +59,15 @@ def test_exgen_address_is_the_default_listen_address():
         ("0,1;2,3", [[0, 1], [2, 3]]),
         ("4", [[4]]),
         ("0,1;2", [[0, 1], [2]]),
+        ("0;0", [[0], [0]]),  # two replicas on one card, said so with ';'
+        ("0,1;0,1", [[0, 1], [0, 1]]),
     ],
 )
 def test_parse_gpus(spec, slots):
     assert cfg.parse_gpus(spec) == slots
 
 
-@pytest.mark.parametrize("spec", ["", "a,b", "0,0", "0;0,1", "-1"])
+@pytest.mark.parametrize("spec", ["", "a,b", "0,0", "0;0,1", "0,0;1", "-1"])
 def test_parse_gpus_refuses_nonsense(spec):
     with pytest.raises(cfg.ConfigError):
         cfg.parse_gpus(spec)

@@ -1,7 +1,14 @@
 """The transformers engine in-process, with the real demo model (SmolLM2-135M, CPU).
 
-The model loads once for the module (about 20 s on two cores); every generation
-here is short.
+The model loads once for the module in the dtype the engine picks here (bf16 on a
+CPU with native bf16) and once in fp32; every generation here is short.
+
+Equality with plain transformers: in fp32 a row's greedy output is the same
+whatever else is in the batch, so the reference is one prompt at a time. In bf16 it
+is not, in plain transformers either (oneDNN's bf16 matrix product for one row
+rounds differently from the one for several: 5 of 15 seed prompts diverge within
+30 tokens between a padded batch and one at a time), so the reference is
+``generate`` on the same left-padded batch.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from exgen.daemon.engines.base import (
     JobRejected,
     SamplingParams,
 )
+from exgen.daemon.engines.cpu_layout import cpu_flags, native_bf16
 from exgen.daemon.engines.hf import TransformersEngine, kv_bytes_per_token, kv_token_budget
+from exgen.daemon.engines.hf_decode import prefill_groups, stream_ready
 
 pytest.importorskip("transformers")
 
@@ -34,6 +43,14 @@ CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def engine() -> Iterator[TransformersEngine]:
     eng = TransformersEngine(None, {"threads": "2", "batch_size": "8"})
+    eng.load()
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def fp32_engine() -> Iterator[TransformersEngine]:
+    eng = TransformersEngine(None, {"threads": "2", "batch_size": "8", "dtype": "float32"})
     eng.load()
     yield eng
     eng.close()
@@ -73,10 +90,36 @@ def direct_generate(engine: TransformersEngine, j: Job) -> tuple[str, int]:
     return tokenizer.decode(new, skip_special_tokens=True), len(new)
 
 
+def direct_generate_batch(engine: TransformersEngine, prompts: list[str], new: int) -> list[str]:
+    """Plain transformers: the prompts as one left-padded batch, model.generate, greedy."""
+    import torch
+
+    state = engine._loaded()
+    tokenizer, model = state.tokenizer, state.model
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=new, do_sample=False, pad_token_id=state.pad_id)
+    width = enc["input_ids"].shape[1]
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+
+
+SEED_PROMPTS = [
+    'I would like to tell you about the best first line of a book: "Call me Ishmael." '
+    "(Moby-Dick, Herman Melville). Why does it work so well?",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea,",
+    "Write a limerick about a cat.",
+    "The three primary colours are",
+]
+
+
 def test_describe(engine: TransformersEngine) -> None:
     facts = engine.describe()
     assert facts["model"] == "smollm2-135m-instruct"
-    assert facts["dtype"] == "float32" and facts["devices"] == ["cpu"]
+    native = native_bf16(cpu_flags())
+    assert facts["dtype"] == ("bfloat16" if native else "float32") and facts["devices"] == ["cpu"]
     assert facts["max_seq_len"] == engine.max_seq_len == 8192
     assert facts["mode"] == "static"
     assert engine.capacity == 8
@@ -88,7 +131,16 @@ def test_chat_knows_the_capital_of_france(engine: TransformersEngine) -> None:
     assert result.prompt_tokens > 10 and result.completion_tokens > 0
 
 
-def test_greedy_batch_equals_direct_generate(engine: TransformersEngine) -> None:
+def test_greedy_batch_equals_direct_generate_of_the_same_batch(
+    engine: TransformersEngine,
+) -> None:
+    jobs = [job(i, prompt=p, max_new_tokens=30) for i, p in enumerate(SEED_PROMPTS)]
+    results = run(engine, *jobs)  # one batch, prefilled in groups of similar length
+    expected = direct_generate_batch(engine, SEED_PROMPTS, 30)
+    assert [results[j.key].text for j in jobs] == expected
+
+
+def test_greedy_fp32_batch_equals_one_prompt_at_a_time(fp32_engine: TransformersEngine) -> None:
     jobs = [
         job(1, prompt="The capital of France is", max_new_tokens=12),
         job(2, prompt="def fibonacci(n):", max_new_tokens=12),
@@ -99,9 +151,9 @@ def test_greedy_batch_equals_direct_generate(engine: TransformersEngine) -> None
             max_new_tokens=12,
         ),
     ]
-    results = run(engine, *jobs)  # one left-padded batch of prompts of unequal length
+    results = run(fp32_engine, *jobs)  # one left-padded batch of prompts of unequal length
     for j in jobs:
-        text, count = direct_generate(engine, j)
+        text, count = direct_generate(fp32_engine, j)
         assert results[j.key].text == text
         assert results[j.key].completion_tokens == count
 
@@ -164,20 +216,80 @@ def test_cancel_drops_a_waiting_job(engine: TransformersEngine) -> None:
     assert set(run(engine)) == {2}
 
 
-def test_stream_gets_one_chunk_then_finished(engine: TransformersEngine) -> None:
-    engine.add(job(1, prompt="Once upon a time", max_new_tokens=4, stream=True))
-    events = engine.step()
-    assert isinstance(events[0], Chunk) and isinstance(events[1], Finished)
-    assert events[0].text == events[1].text
+def test_stream_sends_a_chunk_per_step_and_they_join_to_the_text(
+    engine: TransformersEngine,
+) -> None:
+    engine.add(job(1, prompt="Once upon a time", max_new_tokens=20, stream=True))
+    engine.add(job(2, prompt="The capital of France is", max_new_tokens=20))
+    steps: list[list[Event]] = []
+    while engine.pending:
+        steps.append(engine.step())
+    chunks = [e.text for events in steps for e in events if isinstance(e, Chunk)]
+    (final,) = [e for events in steps for e in events if isinstance(e, Finished) and e.key == 1]
+    assert all(e.key == 1 for events in steps for e in events if isinstance(e, Chunk))
+    assert "".join(chunks) == final.text
+    assert len(chunks) >= 10  # about one per token; the first right after the prefill
+    assert any(isinstance(e, Chunk) for e in steps[0])
+
+
+def test_stream_never_sends_text_past_a_stop_string(engine: TransformersEngine) -> None:
+    engine.add(job(1, prompt="1, 2, 3, 4,", max_new_tokens=30, stop=[" 7,"], stream=True))
+    events: list[Event] = []
+    while engine.pending:
+        events.extend(engine.step())
+    chunks = "".join(e.text for e in events if isinstance(e, Chunk))
+    (final,) = [e for e in events if isinstance(e, Finished)]
+    assert final.text == " 5, 6," and chunks == final.text
+
+
+def test_cancel_stops_a_running_job(engine: TransformersEngine) -> None:
+    engine.add(job(1, prompt="Once upon a time", max_new_tokens=50))
+    engine.add(job(2, prompt="Hello", max_new_tokens=50))
+    engine.step()
+    engine.step()
+    engine.cancel(1)
+    assert engine.pending == 1
+    events: list[Event] = []
+    while engine.pending:
+        events.extend(engine.step())
+    assert {e.key for e in events} == {2}
+
+
+def test_a_job_finishes_the_step_it_ends_not_with_its_batch(engine: TransformersEngine) -> None:
+    engine.add(job(1, prompt="Hello", max_new_tokens=3))
+    engine.add(job(2, prompt="Hello", max_new_tokens=12))
+    finished_at = {}
+    step = 0
+    while engine.pending:
+        step += 1
+        for e in engine.step():
+            finished_at[e.key] = step
+    assert finished_at == {1: 3, 2: 12}
+
+
+def test_prefill_groups_sort_by_length_within_the_token_budget() -> None:
+    assert prefill_groups([50, 10, 48, 12], budget=100) == [[1, 3], [2, 0]]
+    assert prefill_groups([300], budget=100) == [[0]]  # a long prompt is a group alone
+    assert sorted(i for g in prefill_groups(list(range(1, 40)), 64) for i in g) == list(range(39))
+
+
+def test_stream_ready_holds_back_a_possible_stop_and_partial_characters() -> None:
+    assert stream_ready("Hello wor", "", 0) == "Hello wor"
+    assert stream_ready("Hello wor", "Hello", 3) == " "
+    assert stream_ready("caf\ufffd", "", 0) == "caf"
+    assert stream_ready("other", "Hello", 0) == ""  # not a prefix: the final text settles it
 
 
 def test_greedy_and_sampled_jobs_do_not_share_a_batch(engine: TransformersEngine) -> None:
     engine.add(job(1, prompt="Hello", max_new_tokens=2))
     engine.add(job(2, prompt="Hello", max_new_tokens=2, temperature=0.8))
     engine.add(job(3, prompt="Hi", max_new_tokens=2))
-    assert {e.key for e in engine.step()} == {1, 3}
-    assert {e.key for e in engine.step()} == {2}
-    assert engine.pending == 0
+    finished_at = {}
+    step = 0
+    while engine.pending:
+        step += 1
+        finished_at.update({e.key: step for e in engine.step()})
+    assert finished_at == {1: 2, 3: 2, 2: 4}  # two steps for the greedy pair, then the other
 
 
 def test_seeded_sampling_is_reproducible(engine: TransformersEngine) -> None:
@@ -217,6 +329,10 @@ def test_broken_model_is_unavailable_in_one_line(tmp_path: Path) -> None:
 def test_kv_bytes_per_token_of_the_demo_model(engine: TransformersEngine) -> None:
     # SmolLM2-135M: 30 layers, 3 KV heads of 64, fp32 -> keys and values of 30*3*64*4 B.
     assert kv_bytes_per_token(engine._loaded().model.config, 4) == 2 * 30 * 3 * 64 * 4
+    assert (
+        engine._loaded().kv_bytes_per_token
+        == 2 * 30 * 3 * 64 * engine._loaded().model.dtype.itemsize
+    )
     # A config that does not say is not guessed at.
     assert kv_bytes_per_token(SimpleNamespace(hidden_size=576), 4) is None
 

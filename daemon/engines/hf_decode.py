@@ -1,0 +1,404 @@
+"""One static batch of the transformers engine, decoded a step at a time.
+
+The engine's own loop instead of ``model.generate``: every ``step()`` is one forward
+pass of the whole batch (the first one the prefill), so a worker can send streamed
+text, heartbeats and finished results between tokens, and a cancelled row stops.
+The forward pass is the model's own, with the inputs ``generate`` would give it
+(left padding, positions from the attention mask, the same logits processors), so
+greedy output is what ``generate`` gives, token for token (tested).
+
+What it does that ``generate`` does not, measured on the demo model (2 cores):
+
+- The KV cache is reserved once for the batch's longest row (``ReservedLayer``): a
+  step writes its keys and values in place, where ``DynamicCache`` concatenates the
+  whole cache again every step (7 % of the time in a py-spy profile).
+- Prompts are prefilled in groups of similar length, each padded only to its own
+  longest prompt; the groups' keys and values land right-aligned in the batch's
+  cache. One left-padded prefill of the seeds' prompts (38–69 tokens) computed 28 %
+  padding.
+- A finished row leaves the batch once a quarter of the rows have (the cache is
+  compacted): its slot no longer costs compute.
+- Streamed text is decoded only for rows that asked for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from exgen.client import protocol as P
+from exgen.daemon.engines.base import Chunk, Event, Finished, Job
+
+logger = logging.getLogger(__name__)
+
+# Prefill groups hold at most this many prompt tokens (padding included): large
+# enough for efficient matrix products, small enough that sorting by length pays.
+PREFILL_GROUP_TOKENS = 1024
+# Finished rows leave the batch when they are this share of it (compaction copies
+# the cache once, about what one step of attention reads).
+COMPACT_SHARE = 0.25
+# A stream holds back a partial UTF-8 character (decoded as U+FFFD).
+REPLACEMENT = "\ufffd"
+
+
+@dataclass(slots=True)
+class Row:
+    job: Job
+    input_ids: list[int]
+    tokens: list[int] = field(default_factory=list)
+    sent: str = ""  # text streamed so far
+    done: bool = False
+
+
+@dataclass(slots=True)
+class Model:
+    """What a batch needs of the loaded model."""
+
+    torch: Any
+    model: Any
+    tokenizer: Any
+    eos_ids: frozenset[int]
+    pad_id: int
+
+
+def make_reserved_layer_class() -> type:
+    """``ReservedLayer``, defined on first use: transformers is imported in workers only."""
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """A DynamicLayer whose keys and values live in a buffer reserved for the batch."""
+
+        def __init__(self, capacity: int) -> None:
+            super().__init__()
+            self.capacity = capacity
+            self.length = 0
+            self.key_buffer: Any = None
+            self.value_buffer: Any = None
+
+        def reserve(self, like: Any, batch: int) -> None:
+            import torch
+
+            shape = (batch, like.shape[1], self.capacity, like.shape[3])
+            self.key_buffer = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            self.value_buffer = torch.zeros_like(self.key_buffer)
+            self.device = like.device
+            self.is_initialized = True
+
+        def place(self, rows: Any, start: int, keys: Any, values: Any) -> None:
+            """Prefill of some rows: their keys and values at positions start.."""
+            end = start + keys.shape[2]
+            self.key_buffer[rows, :, start:end] = keys
+            self.value_buffer[rows, :, start:end] = values
+            self.length = max(self.length, end)
+            self._expose()
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.key_buffer is None:
+                self.reserve(key_states, key_states.shape[0])
+            end = self.length + key_states.shape[2]
+            self.key_buffer[:, :, self.length : end] = key_states
+            self.value_buffer[:, :, self.length : end] = value_states
+            self.length = end
+            self._expose()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: Any) -> None:
+            self.key_buffer = self.key_buffer[indices]
+            self.value_buffer = self.value_buffer[indices]
+            self._expose()
+
+        def _expose(self) -> None:
+            self.keys = self.key_buffer[:, :, : self.length]
+            self.values = self.value_buffer[:, :, : self.length]
+
+    return ReservedLayer
+
+
+_RESERVED: type | None = None
+
+
+def reserved_cache(model: Any, capacity: int) -> tuple[Any, bool]:
+    """A cache for one batch, and whether every layer is a ReservedLayer (then grouped
+    prefill works). Layers of other kinds (sliding windows...) stay as transformers
+    makes them."""
+    global _RESERVED
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if _RESERVED is None:
+        _RESERVED = make_reserved_layer_class()
+    cache = DynamicCache(config=model.config)
+    reserved = True
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer:
+            cache.layers[i] = _RESERVED(capacity)
+        else:
+            reserved = False
+    return cache, reserved and bool(cache.layers)
+
+
+def prefill_groups(lengths: list[int], budget: int = PREFILL_GROUP_TOKENS) -> list[list[int]]:
+    """Row indices in groups of similar prompt length, each group's rows x its longest
+    prompt at most ``budget`` tokens (a group has at least one row)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current and (len(current) + 1) * lengths[i] > budget:
+            groups.append(current)
+            current = []
+        current.append(i)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def stream_ready(text: str, sent: str, hold: int) -> str:
+    """New text a stream may send now: not the last ``hold`` characters (a stop string
+    may still start there) and no partial character."""
+    if not text.startswith(sent):
+        return ""  # a decode that changed earlier text: the final text settles it
+    end = max(len(sent), len(text) - hold)
+    new = text[len(sent) : end]
+    cut = new.find(REPLACEMENT)
+    return new if cut < 0 else new[:cut]
+
+
+class DecodeBatch:
+    """Rows that share one forward pass per step until each is finished or cancelled."""
+
+    def __init__(self, model: Model, rows: list[Row], processors: Any, greedy: bool) -> None:
+        self.m = model
+        self.rows = rows
+        self.processors = processors
+        self.greedy = greedy
+        self.width = max(len(r.input_ids) for r in rows)
+        self.steps = 0
+        longest = max(r.job.params.max_new_tokens for r in rows)
+        self.cache, self._grouped = reserved_cache(model.model, self.width + longest)
+        torch = model.torch
+        total = self.width + longest
+        device = model.model.device
+        self.mask = torch.zeros((len(rows), total), dtype=torch.long, device=device)
+        self.sequences = torch.full(
+            (len(rows), total), model.pad_id, dtype=torch.long, device=device
+        )
+        for i, row in enumerate(rows):
+            pad = self.width - len(row.input_ids)
+            self.mask[i, pad : self.width] = 1
+            self.sequences[i, pad : self.width] = torch.tensor(row.input_ids)
+        self.length = self.width
+        self.positions = (self.mask[:, : self.width].sum(1, keepdim=True) - 1).clamp(min=0)
+        self.hold = max((len(s) for r in rows for s in r.job.params.stop), default=1) - 1
+        self.tail = self.hold + 9  # tokens whose text can hold a stop string (>= 1 char each)
+
+    # --- the public side --------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return all(r.done for r in self.rows)
+
+    def active_keys(self) -> list[int]:
+        return [r.job.key for r in self.rows if not r.done]
+
+    def cancel(self, key: int) -> bool:
+        for row in self.rows:
+            if row.job.key == key and not row.done:
+                row.done = True
+                return True
+        return False
+
+    def step(self) -> list[Event]:
+        """One forward pass (the first: the prefill) and what it finished or streamed."""
+        with self.m.torch.inference_mode():
+            logits = self._prefill() if self.steps == 0 else self._decode()
+            tokens = self._choose(logits)
+        self.steps += 1
+        events = self._advance(tokens.tolist())
+        self._compact_if_worth_it()
+        return events
+
+    # --- forward passes -----------------------------------------------------------
+
+    def _prefill(self) -> Any:
+        if not self._grouped or len(self.rows) == 1:
+            out = self.m.model(
+                input_ids=self.sequences[:, : self.width],
+                attention_mask=self.mask[:, : self.width],
+                position_ids=self._prompt_positions(self.mask[:, : self.width]),
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            return out.logits[:, -1]
+        return self._prefill_grouped()
+
+    def _prefill_grouped(self) -> Any:
+        torch = self.m.torch
+        from transformers import DynamicCache
+
+        logits: Any = None
+        lengths = [len(r.input_ids) for r in self.rows]
+        for group in prefill_groups(lengths):
+            width = max(lengths[i] for i in group)
+            index = torch.tensor(group, device=self.mask.device)
+            cols = slice(self.width - width, self.width)
+            mask = self.mask[index, cols]
+            scratch: Any = DynamicCache(config=self.m.model.config)
+            out = self.m.model(
+                input_ids=self.sequences[index, cols],
+                attention_mask=mask,
+                position_ids=self._prompt_positions(mask),
+                cache=scratch,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            if logits is None:
+                logits = out.logits.new_empty((len(self.rows), out.logits.shape[-1]))
+            logits[index] = out.logits[:, -1]
+            for layer, done in zip(self.cache.layers, scratch.layers, strict=True):
+                if layer.key_buffer is None:
+                    layer.reserve(done.keys, len(self.rows))
+                layer.place(index, self.width - width, done.keys, done.values)
+        return logits
+
+    def _prompt_positions(self, mask: Any) -> Any:
+        # As generate() does: positions count real tokens; padding sits at 0.
+        return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+    def _decode(self) -> Any:
+        end = self.length
+        out = self.m.model(
+            input_ids=self.sequences[:, end - 1 : end],
+            attention_mask=self.mask[:, :end],
+            position_ids=self.positions,
+            cache=self.cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1]
+
+    def _choose(self, logits: Any) -> Any:
+        torch = self.m.torch
+        scores = logits.to(dtype=torch.float32)
+        if self.processors:
+            scores = self.processors(self.sequences[:, : self.length], scores)
+        if self.greedy:
+            chosen = scores.argmax(-1)
+        else:
+            chosen = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+        done = torch.tensor([r.done for r in self.rows], device=chosen.device)
+        chosen = chosen.masked_fill(done, self.m.pad_id)
+        column = self.length
+        self.sequences[:, column] = chosen
+        self.mask[:, column] = 1
+        self.length += 1
+        self.positions = self.positions + 1  # where the chosen token goes in
+        return chosen
+
+    # --- per-row bookkeeping ----------------------------------------------------
+
+    def _advance(self, chosen: list[int]) -> list[Event]:
+        events: list[Event] = []
+        for row, token in zip(self.rows, chosen, strict=True):
+            if row.done:
+                continue
+            row.tokens.append(token)
+            reason = self._finish_reason(row, token)
+            if reason is not None:
+                row.done = True
+                events.extend(self._finished(row, reason))
+            elif row.job.stream:
+                text = decode(self.m.tokenizer, row.tokens)
+                new = stream_ready(text, row.sent, self.hold)
+                if new:
+                    row.sent += new
+                    events.append(Chunk(row.job.key, new))
+        return events
+
+    def _finish_reason(self, row: Row, token: int) -> str | None:
+        if token in self.m.eos_ids:
+            return P.FINISH_STOP
+        stops = row.job.params.stop
+        if stops:
+            tail = decode(self.m.tokenizer, row.tokens[-self.tail :])
+            if first_stop(tail, stops) is not None:
+                return P.FINISH_STOP
+        if len(row.tokens) >= row.job.params.max_new_tokens:
+            return P.FINISH_LENGTH
+        return None
+
+    def _finished(self, row: Row, reason: str) -> list[Event]:
+        tokens = row.tokens
+        text = decode(self.m.tokenizer, tokens)
+        cut = first_stop(text, row.job.params.stop)
+        if cut is not None:
+            text, reason = text[:cut], P.FINISH_STOP
+            tokens = tokens[: tokens_to_stop(self.m.tokenizer, tokens, row.job.params.stop)]
+        events: list[Event] = []
+        if row.job.stream and text.startswith(row.sent) and len(text) > len(row.sent):
+            events.append(Chunk(row.job.key, text[len(row.sent) :]))
+        elif row.job.stream and not text.startswith(row.sent):
+            logger.warning("job %d: streamed text is not a prefix of its final text", row.job.key)
+        events.append(Finished(row.job.key, text, reason, len(row.input_ids), len(tokens)))
+        return events
+
+    def _compact_if_worth_it(self) -> None:
+        gone = sum(1 for r in self.rows if r.done)
+        if not gone or gone == len(self.rows) or gone < COMPACT_SHARE * len(self.rows):
+            return
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
+        index = self.m.torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        self.sequences = self.sequences[index]
+        self.positions = self.positions[index]
+        self.rows = [self.rows[i] for i in keep]
+
+
+def decode(tokenizer: Any, tokens: list[int]) -> str:
+    return str(tokenizer.decode(tokens, skip_special_tokens=True))
+
+
+def first_stop(text: str, stops: list[str]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def tokens_to_stop(tokenizer: Any, tokens: list[int], stops: list[str]) -> int:
+    """The fewest leading tokens whose text holds a stop string (binary search)."""
+    lo, hi = 1, len(tokens)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if first_stop(decode(tokenizer, tokens[:mid]), stops) is not None:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def logits_processors(params: Any) -> Any:
+    """The processors generate() would build for these params, in its order; None when
+    there are none (greedy without a penalty)."""
+    from transformers import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    chain: list[Any] = []
+    if params.repetition_penalty != 1.0:
+        chain.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if not params.greedy:
+        if params.temperature != 1.0:
+            chain.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k:
+            chain.append(TopKLogitsWarper(top_k=params.top_k))
+        if params.top_p < 1.0:
+            chain.append(TopPLogitsWarper(top_p=params.top_p))
+        if params.min_p:
+            chain.append(MinPLogitsWarper(min_p=params.min_p))
+    return LogitsProcessorList(chain) if chain else None

@@ -1,0 +1,179 @@
+"""``/v1/completions`` and ``/v1/chat/completions``: a body in, one item to the router,
+an OpenAI response (or server-sent chunks) out.
+
+A request body is mapped exactly as an OpenAI Batch line's body is
+(:func:`exgen.client.batchfile.parse_line`): the same fields mapped, the same ones
+refused with the same messages, so a request that works here works in a batch file
+and back. Only ``stream`` and ``stream_options`` are taken off first: streaming is
+this endpoint's business.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+from exgen.client import batchfile as B
+from exgen.client import errors
+from exgen.client.client import Result
+from exgen.daemon.gateway.errors import ApiError, bad_body, from_exgen_error, from_request_failed
+from exgen.daemon.gateway.upstream import Upstream
+
+logger = logging.getLogger("exgen.gateway.completions")
+
+STREAM_END = b"data: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class Parsed:
+    line: B.BatchLine  # the body as a batch line: url, prompt or messages, params
+    stream: bool
+    include_usage: bool
+
+    @property
+    def chat(self) -> bool:
+        return self.line.url == B.CHAT_URL
+
+
+def parse_body(raw: bytes, url: str) -> Parsed:
+    """The request, or an ApiError (400 naming the field)."""
+    body = json_object(raw)
+    stream = body.pop("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise ApiError(400, "stream must be true or false", param="stream")
+    include_usage = _include_usage(body.pop("stream_options", None))
+    request_id = f"{'chatcmpl' if url == B.CHAT_URL else 'cmpl'}-{uuid.uuid4().hex}"
+    entry = B.parse_line(json.dumps({"custom_id": request_id, "url": url, "body": body}), 1)
+    if isinstance(entry, B.LineError):
+        raise bad_body(entry.message)
+    return Parsed(entry, bool(stream), include_usage)
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"The body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "The body must be a JSON object")
+    return body
+
+
+def _include_usage(options: Any) -> bool:
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise ApiError(400, "stream_options must be an object", param="stream_options")
+    value = options.get("include_usage", False)
+    if not isinstance(value, bool):
+        raise ApiError(400, "include_usage must be true or false", param="include_usage")
+    return value
+
+
+def item_for(line: B.BatchLine, timeout_s: float | None = None) -> dict[str, Any]:
+    """The router item for a line: its model named (the router's strict_model checks it)
+    and a deadline (the router's: past it the item is cancelled and answered timeout)."""
+    item = line.to_item()
+    if line.model is not None:
+        item["model"] = line.model
+    if timeout_s is not None:
+        item["timeout_s"] = timeout_s
+    return item
+
+
+def response_body(line: B.BatchLine, result: Result, served_model: str) -> dict[str, Any]:
+    """The OpenAI response object: the body of the batch output line, naming the served
+    model (the one that wrote the text), whatever model the request named."""
+    honest = dataclasses.replace(line, model=None)
+    record = B.format_result(honest, result, default_model=served_model)
+    body: dict[str, Any] = record["response"]["body"]
+    body["id"] = line.id
+    return body
+
+
+class ChunkWriter:
+    """Server-sent events in OpenAI's chunk format for one streamed request."""
+
+    def __init__(self, parsed: Parsed, model: str) -> None:
+        self.parsed = parsed
+        self.head: dict[str, Any] = {
+            "id": parsed.line.id,
+            "object": "chat.completion.chunk" if parsed.chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+
+    def _event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        if self.parsed.include_usage and "usage" not in extra:
+            extra["usage"] = None  # as OpenAI: null on every chunk but the last
+        doc = {**self.head, "choices": choices, **extra}
+        return b"data: " + json.dumps(doc, ensure_ascii=False).encode() + b"\n\n"
+
+    def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+        if self.parsed.chat:
+            delta = {} if text is None else {"content": text}
+            out: dict[str, Any] = {"index": 0, "delta": delta}
+        else:
+            out = {"index": 0, "text": text or ""}
+        out["logprobs"] = None
+        out["finish_reason"] = finish_reason
+        return out
+
+    def first(self) -> bytes:
+        """Chat streams open with the assistant's role, as OpenAI's do."""
+        if not self.parsed.chat:
+            return b""
+        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+        return self._event([{**choice, "logprobs": None, "finish_reason": None}])
+
+    def text(self, text: str) -> bytes:
+        return self._event([self._choice(text, None)])
+
+    def last(self, result: Result) -> bytes:
+        out = self._event([self._choice(None, result.finish_reason)])
+        if self.parsed.include_usage:
+            out += self._event([], usage=usage(result))
+        return out + STREAM_END
+
+    def error(self, exc: ApiError) -> bytes:
+        doc = json.dumps(exc.body(), ensure_ascii=False).encode()
+        return b"data: " + doc + b"\n\n" + STREAM_END
+
+
+def usage(result: Result) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+
+
+class Completions:
+    """Runs parsed requests on the router, on the shared client: the router holds the
+    deadline (``timeout_s``: a 504 when it passes) and the model check (strict_model:
+    a 404); a caller that goes away cancels the call, and with it the item."""
+
+    def __init__(self, upstream: Upstream, timeout_s: float) -> None:
+        self.upstream = upstream
+        self.timeout_s = timeout_s
+
+    async def complete(self, parsed: Parsed) -> dict[str, Any]:
+        """One whole response, or an ApiError."""
+        try:
+            [result] = await self.upstream.client.generate([item_for(parsed.line, self.timeout_s)])
+        except errors.ExgenError as exc:
+            raise from_exgen_error(exc) from None
+        if result.error is not None:
+            raise from_request_failed(result.error)
+        return response_body(parsed.line, result, self.upstream.model)
+
+    def stream(self, parsed: Parsed) -> AsyncGenerator[str | Result, None]:
+        """Text chunks, then the Result; a failure raises an ExgenError."""
+        item = item_for(parsed.line, self.timeout_s)
+        return self.upstream.client.stream_with_result(item)

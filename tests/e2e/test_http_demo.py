@@ -1,0 +1,69 @@
+"""The openai SDK against `exgen serve --http` on the real demo model, on CPU: the same
+greedy text as the ZMQ client gives, streamed or not, and a small batch end to end,
+every answer naming the model that wrote it."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from openai.types.chat import ChatCompletion
+
+from tests.integration.http_support import HttpDaemon, start_http_daemon
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+CHAT = [{"role": "user", "content": "Name a fruit that is yellow."}]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpDaemon]:
+    daemon = start_http_daemon(tmp_path_factory.mktemp("demo"), "--workers", "1")
+    daemon.daemon.wait_ready(timeout=300)
+    daemon.wait_healthy()
+    yield daemon
+    assert daemon.stop() == 0
+
+
+def test_chat_over_http_equals_the_zmq_client(demo: HttpDaemon) -> None:
+    sdk = openai.OpenAI(base_url=demo.base_url, api_key="x", max_retries=0)
+    served = sdk.models.list().data[0].id
+    reply = sdk.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=16)
+    assert isinstance(reply, ChatCompletion) and reply.model == served
+    with demo.daemon.client(timeout=120) as client:
+        [direct] = client.generate([{"messages": CHAT}], max_new_tokens=16)
+    assert reply.choices[0].message.content == direct.text != ""
+    assert reply.usage is not None and reply.usage.completion_tokens == direct.completion_tokens
+    chunks = list(sdk.chat.completions.create(model="x", messages=CHAT, max_tokens=16, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == direct.text
+
+
+def test_a_batch_on_the_demo_model(demo: HttpDaemon, tmp_path: Path) -> None:
+    sdk = openai.OpenAI(base_url=demo.base_url, api_key="x", max_retries=0)
+    lines = [
+        {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "meta-llama/Meta-Llama-3-8B-Instruct", "max_tokens": 12,
+                  "messages": [{"role": "user", "content": question}]}}
+        for i, question in enumerate(["What is 2+2?", "Say hello.", "Name a colour."])
+    ]  # fmt: skip
+    path = tmp_path / "batch.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with path.open("rb") as f:
+        file = sdk.files.create(file=f, purpose="batch")
+    batch = sdk.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    deadline = time.monotonic() + 300
+    while batch.status != "completed" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        batch = sdk.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.request_counts is not None
+    assert batch.request_counts.completed == 3
+    served = sdk.models.list().data[0].id
+    for line in sdk.files.content(batch.output_file_id).text.splitlines():
+        body = ChatCompletion.model_validate(json.loads(line)["response"]["body"])
+        assert body.model == served and body.choices[0].message.content
