@@ -61,8 +61,11 @@ clean:
 # typing-extensions >= 4.16) and its loader marisa-trie; exllamav2 needs none of its
 # own requirements beyond what is there (fastparquet and websockets: conversion, server).
 # msgspec: the router's bounded decoding of client frames (daemon/decode.py).
+# llguidance: structured output (daemon/engines/grammar.py); 1.6.1 is its newest wheel
+# for manylinux_2_28 (tested here with it and with 1.9.1).
 GPU_WHEELS ?= pyzmq==27.3.0 msgspec==0.23.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
-	typing-inspection==0.4.5 typing-extensions==4.16.0 marisa-trie==1.4.1 $(EXLLAMA_PINS)
+	typing-inspection==0.4.5 typing-extensions==4.16.0 marisa-trie==1.4.1 llguidance==1.6.1 \
+	$(EXLLAMA_PINS)
 # A device run carries at most 64 MiB: these wheels and every tracked file together.
 GPU_CARRY_MAX_MB ?= 64
 GPU_PLATFORMS := manylinux1_x86_64 manylinux2014_x86_64 manylinux_2_17_x86_64 \

@@ -5,7 +5,8 @@ For every scenario, on a real daemon (synthetic engine, a GPU-like step time):
 - lost: ids the client never got an answer for (within the scenario's time limit)
 - duplicated: ids handed to the caller more than once
 - failed: innocent items answered with an error
-- wasted slot-s: slot-seconds spent on work nobody will read (a client that died)
+- wasted: items completed for a client that died, in items, batches per worker and
+  GPU-seconds (a worker runs ``capacity`` items at once)
 - recovery s: from the fault to the job complete (or, for a dead client, to its work
   gone from the daemon)
 - peak router RSS MiB: the supervisor/router process, sampled every 50 ms
@@ -133,11 +134,6 @@ def items(n: int, tokens: int = 8, prefix: str = "") -> list[dict[str, Any]]:
     ]
 
 
-def slot_seconds(tokens: int) -> float:
-    """A slot's time on one item: its tokens at the step pace, shared by a batch."""
-    return tokens * TOKEN_MS / 1000 / CAPACITY
-
-
 def tally(expected: list[str], got: list[Any]) -> dict[str, Any]:
     ids = [r.id for r in got]
     return {
@@ -187,7 +183,7 @@ def link_reset() -> dict[str, Any]:
         proxy.close()
         return {
             **tally([str(i) for i in range(5000)], got),
-            "wasted_slot_s": 0.0,
+            "wasted_gpu_s": 0.0,
             "recovery_s": round(ended - cut_at[-1], 2) if cut_at and not hung else None,
             "hung": hung,
             "peak_rss_mib": rss.close(),
@@ -219,7 +215,7 @@ def burst() -> dict[str, Any]:
             "lost": 200 - len(set(seen)),
             "duplicated": len(seen) - len(set(seen)),
             "failed": 0,
-            "wasted_slot_s": 0.0,
+            "wasted_gpu_s": 0.0,
             "recovery_s": round(time.monotonic() - started, 2) if len(set(seen)) == 200 else None,
             "hung": len(set(seen)) < 200,
             "peak_rss_mib": rss.close(),
@@ -256,7 +252,7 @@ def bombs() -> dict[str, Any]:
         restarts = sum(w["restarts"] for w in d.status()["workers"])
         return {
             **tally([str(i) for i in range(1000)], victim),
-            "wasted_slot_s": 0.0,
+            "wasted_gpu_s": 0.0,
             "recovery_s": round(time.monotonic() - started, 2),
             "hung": thread.is_alive(),
             "worker_restarts": restarts,
@@ -275,38 +271,54 @@ with Client(address, timeout=300) as client:
 """
 
 
-def client_dies(how: str) -> dict[str, Any]:
-    """A client process with 3,000 prompts out is killed (or stopped) mid-job."""
-    tokens = 40
-    with daemon() as d:
+def client_dies(
+    how: str, n: int = 3000, tokens: int = 40, token_ms: int = TOKEN_MS
+) -> dict[str, Any]:
+    """A client process with ``n`` prompts out is killed (or stopped) mid-job.
+
+    Wasted: the items that completed for it after its death, and an upper bound of
+    the slot-time spent on it: from its death until none of its items ran any more,
+    every slot (all capacity of both workers) counted as busy for it."""
+    with daemon("--engine-opt", f"token_ms={token_ms}") as d:
         rss = Rss(d.proc.pid)
         proc = subprocess.Popen(
-            [sys.executable, "-c", CLIENT, d.address, "3000", str(tokens)],
+            [sys.executable, "-c", CLIENT, d.address, str(n), str(tokens)],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert proc.stdout is not None
-        lines = [proc.stdout.readline() for _ in range(40)]
+        lines = [proc.stdout.readline() for _ in range(20)]
         proc.send_signal({"kill -9": signal.SIGKILL, "SIGSTOP": signal.SIGSTOP}[how])
         died = time.monotonic()
         completed = d.status()["completed"]
-        deadline = died + 60
-        while d.busy() and time.monotonic() < deadline:
+        stopped_running = gone = None
+        while time.monotonic() - died < 60:
+            status = d.status()
+            busy = int(status["queued"]) + int(status["inflight"])
+            if stopped_running is None and int(status["inflight"]) == 0:
+                stopped_running = time.monotonic() - died
+            if busy == 0:
+                gone = time.monotonic() - died
+                break
             time.sleep(0.1)
-        gone_s = time.monotonic() - died
         wasted = d.status()["completed"] - completed
+        item_s = tokens * token_ms / 1000
         out: dict[str, Any] = {
+            "item_s": item_s,
             "wasted_items": wasted,
-            "wasted_slot_s": round(wasted * slot_seconds(tokens), 2),
+            "wasted_batches_per_worker": round(wasted / (WORKERS * CAPACITY), 2),
+            # A worker (a GPU) runs CAPACITY items at once: GPU-seconds per item.
+            "wasted_gpu_s": round(wasted * item_s / CAPACITY, 2),
+            "ran_for_it_s": round(stopped_running, 2) if stopped_running is not None else None,
+            "work_cancelled_s": round(gone, 2) if gone is not None else None,
         }
-        out["work_cancelled_s"] = round(gone_s, 2) if gone_s < 60 else None
         if how == "SIGSTOP":
             proc.send_signal(signal.SIGCONT)
             rest = proc.stdout.read()
-            proc.wait(120)
+            proc.wait(600)
             got = [line.split() for line in lines + rest.splitlines() if line.strip()]
             ids = [g[0] for g in got]
             out.update(
-                lost=3000 - len(set(ids)),
+                lost=n - len(set(ids)),
                 duplicated=len(ids) - len(set(ids)),
                 failed=sum(1 for g in got if g[1] != "ok"),
                 recovery_s=round(time.monotonic() - died, 2),
@@ -360,7 +372,7 @@ def stopped_reader() -> dict[str, Any]:
             "lost": 4000 - len(set(ids)),
             "duplicated": len(ids) - len(set(ids)),
             "failed": sum(1 for g in got if g[1] != "ok") + sum(1 for r in other if not r.ok),
-            "wasted_slot_s": 0.0,
+            "wasted_gpu_s": 0.0,
             "recovery_s": None,
             "other_client_300_s": round(other_s, 2),
             "reader_paused_for": sorted(r for r in reasons if r),
@@ -395,7 +407,7 @@ def big_prompts(chat: bool) -> dict[str, Any]:
         sock.close()
         sent_mib = len(msgpack.packb(item)) * accepted / MiB
         return {
-            "lost": 0, "duplicated": 0, "failed": 0, "wasted_slot_s": 0.0, "recovery_s": None,
+            "lost": 0, "duplicated": 0, "failed": 0, "wasted_gpu_s": 0.0, "recovery_s": None,
             "accepted": accepted, "busy": busy, "accepted_mib": round(sent_mib, 1),
             "peak_rss_mib": rss.close(),
         }  # fmt: skip
@@ -407,6 +419,9 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "bombs": bombs,
     "client-kill-9": lambda: client_dies("kill -9"),
     "client-sigstop": lambda: client_dies("SIGSTOP"),
+    # GPU-like items: 200 tokens at 20 ms, 4 s each (a batch of 8 per worker).
+    "client-kill-9-long": lambda: client_dies("kill -9", 400, 200, 20),
+    "client-sigstop-long": lambda: client_dies("SIGSTOP", 400, 200, 20),
     "stopped-reader": stopped_reader,
     "big-prompts": lambda: big_prompts(chat=False),
     "chat-items": lambda: big_prompts(chat=True),

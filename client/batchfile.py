@@ -11,18 +11,21 @@ Params of plain and chat lines sit at the top level (or in a ``"params"`` map) u
 the names of :data:`protocol.PARAM_NAMES`; ``max_tokens`` is an alias of
 ``max_new_tokens``. ``timeout_s`` (top level) is the line's deadline in seconds.
 In an OpenAI body, ``max_tokens`` / ``max_completion_tokens``,
-``temperature``, ``top_p``, ``seed`` and ``stop`` are mapped, and the common
-extensions ``top_k``, ``min_p`` and ``repetition_penalty`` are accepted as vLLM does.
-A line's params override the command line's defaults.
+``temperature``, ``top_p``, ``seed``, ``stop``, ``n``, ``presence_penalty``,
+``frequency_penalty``, ``response_format`` (``json_object``, ``json_schema``: the
+output is constrained to it) and ``logprobs`` / ``top_logprobs`` (chat: a bool and a
+count; completions: ``logprobs: N`` asks for N alternatives) are mapped, and the
+common extensions ``top_k``, ``min_p`` and ``repetition_penalty`` are accepted as
+vLLM does. A line's params override the command line's defaults.
 
 Strictness, on purpose: an unknown key rejects the line with a message naming it (a
 typo like ``temprature`` must not silently run a whole file greedily). OpenAI body
 fields that cannot change the text (``user``, ``metadata``, ``store``,
 ``service_tier``, ...) are ignored; ``model`` is sent with the item (a daemon with
 ``strict_model`` refuses a line naming another model, as a 404); fields that would
-change it and that exgen cannot honour (``n`` > 1, ``stream``, ``logprobs``,
-``tools``, penalties, ...) reject the line unless they hold their neutral value
-(``n: 1``, ``stream: false``, ...).
+change it and that exgen cannot honour (``best_of`` > 1, ``stream``, ``tools``,
+``logit_bias``, ...) reject the line unless they hold their neutral value
+(``best_of: 1``, ``stream: false``, ...).
 
 A missing ``id`` becomes ``line-N`` (N the 1-based line number, stable across
 ``--resume`` as long as the file is unchanged). A repeated id rejects the later line,
@@ -33,7 +36,12 @@ Every problem is a :class:`LineError` — never a silently dropped line — and 
 written to the output, so the output accounts for every input line.
 
 Output: plain/chat lines get ``{"id", "text", "finish_reason", "prompt_tokens",
-"completion_tokens", "error"}`` (``error``: null or ``{"code", "message"}``). Timing
+"completion_tokens", "error"}`` (``error``: null or ``{"code", "message"}``), and
+where the line asked: ``"logprobs": [{"token", "logprob", "top_logprobs": [{"token",
+"logprob"}...]}...]`` and, for n > 1, ``"choices": [{"text", "finish_reason",
+"completion_tokens", "logprobs"?}...]``. OpenAI lines get n choices and OpenAI's
+logprobs shapes (chat: ``logprobs.content``; completions: ``tokens``,
+``token_logprobs``, ``top_logprobs``, ``text_offset``). Timing
 and slot are left out so that two greedy runs give identical files. OpenAI lines get
 the OpenAI batch output shape (:func:`format_result`): ``body.model`` is the model
 the daemon serves, whatever the line asked for; a failed OpenAI line has OpenAI's
@@ -52,6 +60,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -85,6 +94,12 @@ OPENAI_PARAM_ALIASES: dict[str, str] = {
     "top_p": "top_p",
     "seed": "seed",
     "stop": "stop",
+    "n": "n",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "response_format": "response_format",
+    "top_logprobs": "top_logprobs",
+    # logprobs: a bool on chat, a count on completions (see _openai_logprobs)
     # Not OpenAI, but the usual extensions of OpenAI-compatible servers (vLLM).
     "top_k": "top_k",
     "min_p": "min_p",
@@ -106,23 +121,18 @@ OPENAI_IGNORED = frozenset(
 # OpenAI body fields exgen cannot honour: fine at their neutral values, else the
 # line is rejected with the reason given.
 OPENAI_NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
-    "n": ((1, None), "only n=1 is supported; write one line per completion"),
     "best_of": ((1, None), "only best_of=1 is supported"),
     "stream": ((False, None), "streaming is not supported in a batch file"),
     "echo": ((False, None), "echo is not supported"),
-    "logprobs": ((False, None, 0), "log probabilities are not supported"),
-    "top_logprobs": ((None, 0), "log probabilities are not supported"),
-    "frequency_penalty": ((0, None), "not supported; use repetition_penalty"),
-    "presence_penalty": ((0, None), "not supported; use repetition_penalty"),
     "logit_bias": ((None,), "not supported"),
     "suffix": ((None, ""), "not supported"),
-    "response_format": ((None,), 'only {"type": "text"} is supported'),
     "tools": ((None,), "tool calling is not supported"),
     "tool_choice": ((None, "none"), "tool calling is not supported"),
     "functions": ((None,), "tool calling is not supported"),
     "function_call": ((None, "none"), "tool calling is not supported"),
 }
 _OPENAI_LINE_KEYS = frozenset({"custom_id", "method", "url", "body"})
+COMPLETIONS_MAX_LOGPROBS = 5  # OpenAI's limit for /v1/completions' logprobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +313,8 @@ def _validate(raw: dict[str, Any], written: Mapping[str, str], prefix: str) -> P
         path = exc.field.removeprefix("item.").removeprefix("item")
         if path.startswith("params."):
             name = path.removeprefix("params.")
-            path = written.get(name, name)
+            head = re.split(r"[.\[]", name, maxsplit=1)[0]
+            path = written.get(head, head) + name[len(head) :]
         elif path:
             path = f"{prefix}{path}"
         raise _Malformed(f"{path}: {exc.message}" if path else exc.message) from None
@@ -357,6 +368,7 @@ def _parse_openai(obj: dict[str, Any], line_no: int) -> BatchLine:
         raise _Malformed("body must be an object")
     _check_openai_body_keys(body, url)
     params, written = _map_params(body, OPENAI_PARAM_ALIASES, "body.")
+    _openai_logprobs(body, url, params, written)
     raw: dict[str, Any] = {"id": item_id, "params": params}
     if url == CHAT_URL:
         if "messages" not in body:
@@ -379,10 +391,34 @@ def _parse_openai(obj: dict[str, Any], line_no: int) -> BatchLine:
     )
 
 
+def _openai_logprobs(
+    body: Mapping[str, Any], url: str, params: dict[str, Any], written: dict[str, str]
+) -> None:
+    """``logprobs``: on chat a bool (alternatives: ``top_logprobs``); on completions
+    the number of alternatives (0-5), the chosen token's logprob always included."""
+    value = body.get("logprobs")
+    if value is None:
+        return
+    written["logprobs"] = "body.logprobs"
+    if url == CHAT_URL or isinstance(value, bool):
+        params["logprobs"] = value
+        return
+    if "top_logprobs" in params:
+        raise _Malformed("body.top_logprobs: not a completions field; logprobs: N asks for N")
+    if type(value) is not int or not 0 <= value <= COMPLETIONS_MAX_LOGPROBS:
+        raise _Malformed(f"body.logprobs: must be an integer 0-{COMPLETIONS_MAX_LOGPROBS}")
+    params["logprobs"] = True
+    params["top_logprobs"] = value
+    written["top_logprobs"] = "body.logprobs"
+
+
 def _check_openai_body_keys(body: Mapping[str, Any], url: str) -> None:
     text_key = "messages" if url == CHAT_URL else "prompt"
     known = (
-        {text_key, "model"} | OPENAI_PARAM_ALIASES.keys() | OPENAI_IGNORED | OPENAI_NEUTRAL.keys()
+        {text_key, "model", "logprobs"}
+        | OPENAI_PARAM_ALIASES.keys()
+        | OPENAI_IGNORED
+        | OPENAI_NEUTRAL.keys()
     )
     for key, value in body.items():
         if key in OPENAI_NEUTRAL:
@@ -394,8 +430,6 @@ def _check_openai_body_keys(body: Mapping[str, Any], url: str) -> None:
 
 
 def _is_neutral(key: str, value: Any, allowed: tuple[Any, ...]) -> bool:
-    if key == "response_format" and value == {"type": "text"}:
-        return True
     if key in ("logit_bias", "tools", "functions") and value in ({}, []):
         return True
     # `in` compares with ==, so 1.0 passes as 1; but true must not pass as 1.
@@ -491,7 +525,7 @@ def format_result(
     """
     error = None if result.error is None else _error_object(result.error)
     if not line.is_openai:
-        return {
+        record = {
             "id": line.id,
             "text": result.text,
             "finish_reason": result.finish_reason,
@@ -499,6 +533,7 @@ def format_result(
             "completion_tokens": result.completion_tokens,
             "error": error,
         }
+        return _add_samples(record, result)
     if error is not None:
         return _openai_failure(line.id, error, getattr(result.error, "field", None))
     created = int(time.time() if now is None else now)
@@ -536,21 +571,91 @@ def _openai_line(
     }
 
 
+def _samples(result: ResultLike) -> list[tuple[str, Any, Any]]:
+    """(text, finish_reason, logprobs) of each of the result's n samples."""
+    choices = getattr(result, "choices", None)
+    if choices:
+        return [(c.text, c.finish_reason, c.logprobs) for c in choices]
+    return [(result.text, result.finish_reason, getattr(result, "logprobs", None))]
+
+
+def _plain_logprobs(logprobs: Any) -> list[dict[str, Any]]:
+    return [
+        {
+            "token": token,
+            "logprob": lp,
+            "top_logprobs": [{"token": t, "logprob": v} for t, v in top],
+        }
+        for token, lp, top in logprobs
+    ]
+
+
+def _add_samples(record: dict[str, Any], result: ResultLike) -> dict[str, Any]:
+    """A plain line's logprobs and n > 1 samples, where it asked for them."""
+    logprobs = getattr(result, "logprobs", None)
+    if logprobs is not None:
+        record["logprobs"] = _plain_logprobs(logprobs)
+    choices = getattr(result, "choices", None)
+    if choices and len(choices) > 1:
+        record["choices"] = [
+            {
+                "text": c.text,
+                "finish_reason": c.finish_reason,
+                "completion_tokens": c.completion_tokens,
+            }
+            | ({} if c.logprobs is None else {"logprobs": _plain_logprobs(c.logprobs)})
+            for c in choices
+        ]
+    return record
+
+
+def _chat_logprobs(logprobs: Any) -> dict[str, Any]:
+    def entry(token: str, lp: float) -> dict[str, Any]:
+        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}
+
+    content = [
+        entry(token, lp) | {"top_logprobs": [entry(t, v) for t, v in top]}
+        for token, lp, top in logprobs
+    ]
+    return {"content": content, "refusal": None}
+
+
+def _completion_logprobs(logprobs: Any, top_wanted: bool) -> dict[str, Any]:
+    offsets, offset = [], 0
+    for token, _, _ in logprobs:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "tokens": [token for token, _, _ in logprobs],
+        "token_logprobs": [lp for _, lp, _ in logprobs],
+        "top_logprobs": [dict(top) for _, _, top in logprobs] if top_wanted else None,
+        "text_offset": offsets,
+    }
+
+
+def _openai_choice(line: BatchLine, index: int, sample: tuple[str, Any, Any]) -> dict[str, Any]:
+    text, finish_reason, logprobs = sample
+    choice: dict[str, Any] = {"index": index}
+    if line.url == CHAT_URL:
+        choice["message"] = {"role": "assistant", "content": text}
+        choice["logprobs"] = None if logprobs is None else _chat_logprobs(logprobs)
+    else:
+        choice["text"] = text
+        top = bool(line.params.get("top_logprobs"))
+        choice["logprobs"] = None if logprobs is None else _completion_logprobs(logprobs, top)
+    choice["finish_reason"] = finish_reason
+    return choice
+
+
 def _openai_body(line: BatchLine, result: ResultLike, created: int, model: str) -> dict[str, Any]:
     chat = line.url == CHAT_URL
-    choice: dict[str, Any] = {"index": 0}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": result.text}
-    else:
-        choice["text"] = result.text
-    choice["logprobs"] = None
-    choice["finish_reason"] = result.finish_reason
+    choices = [_openai_choice(line, i, s) for i, s in enumerate(_samples(result))]
     return {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
         "object": "chat.completion" if chat else "text_completion",
         "created": created,
         "model": model,
-        "choices": [choice],
+        "choices": choices,
         "usage": {
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,

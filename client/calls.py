@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
 
 from exgen.client import errors
 from exgen.client import protocol as P
@@ -28,12 +28,45 @@ RETRYABLE_CODES = frozenset({P.E_BUSY, P.E_DRAINING})
 Priority = Literal["interactive", "batch"]
 
 
+class TokenLogprob(NamedTuple):
+    """One generated token: its text, its log probability under the model, and the
+    ``top_logprobs`` most likely tokens at that step as (text, logprob), best first."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+def _logprobs_from_wire(raw: Any) -> list[TokenLogprob] | None:
+    if not isinstance(raw, list):
+        return None
+    return [
+        TokenLogprob(str(token), float(lp), [(str(t), float(v)) for t, v in top])
+        for token, lp, top in raw
+    ]
+
+
+@dataclass(slots=True)
+class Choice:
+    """One of the ``n`` samples of a prompt (``Result.choices``)."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+
+
 @dataclass(slots=True)
 class Result:
     """One prompt's outcome. ``error`` is set (and ``text`` empty) when it failed.
 
     ``model``: the name of the model the daemon serves (what wrote the text).
     ``latency_s``: from the item's last send to its result, on this side.
+    ``logprobs``: per generated token, when the params asked (``logprobs`` /
+    ``top_logprobs``). With ``n`` > 1, ``choices`` holds every sample (``text``,
+    ``finish_reason`` and ``logprobs`` are the first one's; ``completion_tokens``
+    counts all); with n = 1 it is empty.
     """
 
     id: str
@@ -45,6 +78,8 @@ class Result:
     error: errors.RequestFailed | None = None
     latency_s: float = 0.0
     model: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    choices: list[Choice] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -66,7 +101,7 @@ class Result:
         if item_id is None:
             item_id = str(body.get("id", ""))
         err = body.get("error")
-        return cls(
+        result = cls(
             item_id,
             str(body.get("text") or ""),
             body.get("finish_reason"),
@@ -77,6 +112,21 @@ class Result:
             latency_s,
             model,
         )
+        if "logprobs" in body or "choices" in body:  # only where the params asked
+            result.logprobs = _logprobs_from_wire(body.get("logprobs"))
+            choices = body.get("choices")
+            if isinstance(choices, list):
+                result.choices = [
+                    Choice(
+                        i,
+                        str(c.get("text") or ""),
+                        c.get("finish_reason"),
+                        int(c.get("completion_tokens") or 0),
+                        _logprobs_from_wire(c.get("logprobs")),
+                    )
+                    for i, c in enumerate(choices)
+                ]
+        return result
 
 
 def local_error(item_id: str, exc: errors.RequestFailed) -> Result:

@@ -15,6 +15,8 @@ light client without pulling in anything else.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import struct
 from collections.abc import Callable
@@ -80,6 +82,11 @@ MAX_NEW_TOKENS = 1_000_000
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**63 - 1
+MAX_N = 16  # samples of one prompt (n)
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's limit)
+MAX_SCHEMA_CHARS = 64 * 1024  # a JSON Schema, as JSON text
+MAX_SCHEMA_DEPTH = 32  # nesting of its maps and lists
+JSON_OBJECT_SCHEMA = '{"type":"object"}'  # response_format json_object: any JSON object
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -95,8 +102,16 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "repetition_penalty": 1.0,
     "seed": None,
     "stop": [],
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "n": 1,
+    "logprobs": False,
+    "top_logprobs": 0,  # > 0 implies logprobs
+    "json_schema": None,  # the JSON Schema every output must match, as compact JSON text
 }
-PARAM_NAMES = frozenset(DEFAULT_PARAMS)
+# ``response_format`` (OpenAI's shape, or "json_object") is accepted where params are
+# and becomes ``json_schema``: the wire carries only the latter.
+PARAM_NAMES = frozenset(DEFAULT_PARAMS) | {"response_format"}
 ITEM_KEYS = frozenset({"id", "prompt", "messages", "params", "timeout_s", "model"})
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 
@@ -133,10 +148,6 @@ def array_header(n: int) -> bytes:
 _SESSION_KEY = msgpack.packb("session")
 _SEQ_KEY = msgpack.packb("seq")
 _RESULTS_KEY = msgpack.packb("results")
-
-
-def encode_result(result: dict[str, Any]) -> bytes:
-    return msgpack.packb(result, use_bin_type=True)
 
 
 def results_body(session: int, seq: int, encoded: list[bytes]) -> bytes:
@@ -244,6 +255,94 @@ def _optional_seed(value: Any) -> int | None:
     return None if value is None else int(_check_number("", value, 0, MAX_SEED, integer=True))
 
 
+def _check_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValidationError("", f"must be true or false, got {type(value).__name__}")
+    return value
+
+
+def _check_json_schema(value: Any) -> str | None:
+    """A JSON Schema (a map, or its JSON text) as compact JSON text; None: no constraint.
+
+    Only the shape is checked here (size, nesting, a map); whether the grammar engine
+    can compile it is the worker's answer, per item.
+    """
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        try:
+            value = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValidationError("", f"not JSON-serialisable: {exc}") from None
+        except RecursionError:
+            raise ValidationError("", f"nested deeper than {MAX_SCHEMA_DEPTH} levels") from None
+    if not isinstance(value, str):
+        raise ValidationError("", "must be a JSON Schema: a map, or its JSON text")
+    if len(value) > MAX_SCHEMA_CHARS:
+        raise ValidationError("", f"longer than {MAX_SCHEMA_CHARS} characters of JSON")
+    return _schema_text(value)
+
+
+@functools.lru_cache(maxsize=64)
+def _schema_text(text: str) -> str:
+    """The compact text of a schema's JSON, checked once per distinct text (a file of
+    100,000 lines usually carries one schema)."""
+    try:
+        schema = json.loads(text)
+    except RecursionError:
+        raise ValidationError("", f"nested deeper than {MAX_SCHEMA_DEPTH} levels") from None
+    except ValueError as exc:
+        raise ValidationError("", f"not valid JSON ({exc})") from None
+    if not isinstance(schema, dict):
+        raise ValidationError("", "must be a JSON object (a schema), got " + type(schema).__name__)
+    _check_depth(schema)
+    # Key order is kept: the grammar generates properties in the schema's order.
+    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+
+
+def _check_depth(schema: Any) -> None:
+    stack = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ValidationError("", f"nested deeper than {MAX_SCHEMA_DEPTH} levels")
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+
+
+def schema_of_response_format(value: Any) -> str | None:
+    """OpenAI's ``response_format`` as a ``json_schema`` param (None: free text).
+
+    ``{"type": "text"}``, ``{"type": "json_object"}`` (any JSON object), or
+    ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"?, "description"?}}``;
+    the strings "text" and "json_object" are short for the first two.
+    """
+    if isinstance(value, str):
+        value = {"type": value}
+    if not isinstance(value, dict):
+        raise ValidationError("", 'must be a map such as {"type": "json_object"}')
+    kind = value.get("type")
+    extra = set(value) - {"type", "json_schema"}
+    if extra:
+        raise ValidationError(f".{sorted(extra)[0]}", "unknown field")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind != "json_schema":
+        raise ValidationError(".type", "must be text, json_object or json_schema")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or "schema" not in spec:
+        raise ValidationError(".json_schema", 'must be a map holding "schema" (and "name")')
+    unknown = set(spec) - {"name", "schema", "strict", "description"}
+    if unknown:
+        raise ValidationError(f".json_schema.{sorted(unknown)[0]}", "unknown field")
+    try:
+        return _check_json_schema(spec["schema"])
+    except ValidationError as exc:
+        raise ValidationError(f".json_schema.schema{exc.field}", exc.message) from None
+
+
 # One checker per parameter: value -> the normalised value, or ValidationError with
 # the field relative to the parameter ("" or "[i]"). Every item of a submit goes
 # through these: a table lookup, and the field's path is built only for an error.
@@ -256,6 +355,13 @@ _PARAM_CHECKS: dict[str, Callable[[Any], Any]] = {
     "repetition_penalty": lambda v: float(_check_number("", v, 0.01, 100.0)),
     "seed": _optional_seed,
     "stop": lambda v: _validate_stop("", v),
+    "presence_penalty": lambda v: float(_check_number("", v, -2.0, 2.0)),
+    "frequency_penalty": lambda v: float(_check_number("", v, -2.0, 2.0)),
+    "n": lambda v: _check_number("", v, 1, MAX_N, integer=True),
+    "logprobs": _check_bool,
+    "top_logprobs": lambda v: _check_number("", v, 0, MAX_TOP_LOGPROBS, integer=True),
+    "json_schema": _check_json_schema,
+    "response_format": schema_of_response_format,
 }
 assert set(_PARAM_CHECKS) == PARAM_NAMES
 
@@ -277,9 +383,18 @@ def validate_params(raw: Any, where: str = "params") -> dict[str, Any]:
             checked = check(value)
         except ValidationError as exc:
             raise ValidationError(f"{where}.{name}{exc.field}", exc.message) from None
-        if checked is not None or name != "seed":  # seed None: no seed
+        if name == "response_format":
+            if "json_schema" in raw:
+                raise ValidationError(
+                    f"{where}.response_format", "give response_format or json_schema, not both"
+                )
+            name = "json_schema"
+        if checked is not None or name not in _NONE_MEANS_UNSET:
             out[name] = checked
     return out
+
+
+_NONE_MEANS_UNSET = frozenset({"seed", "json_schema"})
 
 
 def _validate_stop(path: str, value: Any) -> list[str]:
@@ -344,7 +459,32 @@ def _validate_item_fields(
     if not ITEM_KEYS.issuperset(raw):  # no set built per item on the common path
         unknown = set(raw) - ITEM_KEYS
         raise ValidationError(f"{where}.{sorted(unknown)[0]}", "unknown field")
-    prompt, messages = raw.get("prompt"), raw.get("messages")
+    get = raw.get
+    return validate_item_parts(
+        where,
+        item_id,
+        get("prompt"),
+        get("messages"),
+        get("params"),
+        get("timeout_s"),
+        get("model"),
+        checked_params,
+    )
+
+
+def validate_item_parts(
+    where: str,
+    item_id: str,
+    prompt: Any,
+    messages: Any,
+    raw_params: Any,
+    timeout_s: Any,
+    model: Any,
+    checked_params: dict[str, Any] | None = None,
+) -> Item:
+    """An item's fields as given (None: absent), checked; its id is checked already.
+    The router's decoder calls this with a decoded item's fields, a map's caller
+    through ``validate_item``: one set of checks for both."""
     if (prompt is None) == (messages is None):
         raise ValidationError(where, "needs exactly one of prompt or messages")
     if prompt is not None:
@@ -357,9 +497,8 @@ def _validate_item_fields(
     )
     params = checked_params
     if params is None:
-        params = validate_params(raw.get("params"), f"{where}.params")
+        params = validate_params(raw_params, f"{where}.params")
     item = Item(item_id, prompt, checked_messages, params)
-    timeout_s, model = raw.get("timeout_s"), raw.get("model")
     if timeout_s is not None:
         item.timeout_s = float(_check_number(f"{where}.timeout_s", timeout_s, 0.0, MAX_TIMEOUT_S))
         if item.timeout_s <= 0:
@@ -385,7 +524,10 @@ class Submit:
 
 
 def _check_item_id(raw: Any, where: str, limit: int = MAX_WIRE_ID_CHARS) -> str:
-    item_id = raw.get("id") if isinstance(raw, dict) else None
+    return _check_id_value(raw.get("id") if isinstance(raw, dict) else None, where, limit)
+
+
+def _check_id_value(item_id: Any, where: str, limit: int) -> str:
     if not isinstance(item_id, str) or not item_id:
         raise ValidationError(f"{where}.id", "must be a non-empty string")
     if len(item_id) > limit:
@@ -432,7 +574,12 @@ def check_envelope(req: Any, items: Any, stream: Any, priority: Any) -> Submit:
 
 def claim_id(raw: Any, where: str, seen: set[str]) -> str:
     """The id of item ``raw`` (a map), checked and not yet ``seen`` in this submit."""
-    item_id = _check_item_id(raw, where)
+    return claim_id_value(raw.get("id") if isinstance(raw, dict) else None, where, seen)
+
+
+def claim_id_value(value: Any, where: str, seen: set[str]) -> str:
+    """An item id as given, checked and not yet ``seen`` in this submit."""
+    item_id = _check_id_value(value, where, MAX_WIRE_ID_CHARS)
     if item_id in seen:
         raise ValidationError(f"{where}.id", f"duplicate id {item_id!r} in this submit")
     seen.add(item_id)

@@ -149,11 +149,17 @@ class WorkerMessages:
                     "slot": slot.id,
                     "error": None,
                 }
+                if event.logprobs is not None:
+                    result["logprobs"] = event.logprobs
+                if event.choices is not None:
+                    result["choices"] = [c.to_wire() for c in event.choices]
                 self.router.answer(entry, result, now)
         for failure in failed:
             entry = self._settle(slot, serving, failure.key, now, ok=False)
             if entry is not None:
-                result = P.result_error(entry.item_id, failure.code, failure.message)
+                result = P.result_error(
+                    entry.item_id, failure.code, failure.message, failure.field
+                )
                 result["slot"] = slot.id
                 self.router.answer(entry, result, now)
 

@@ -36,21 +36,24 @@ class _Envelope(msgspec.Struct):
 
 
 _Message = Annotated[dict[str, Scalar], Meta(max_length=16)]
+# A param's string is at most a JSON Schema's text (the longest a param may be): the
+# schema crosses the wire as text, so its nesting is never decoded here, and the
+# protocol's check parses it with a depth limit.
+_ParamScalar = Annotated[str, Meta(max_length=P.MAX_SCHEMA_CHARS)] | int | float | bool | None
 _Params = Annotated[
-    dict[str, Scalar | Annotated[list[Scalar], Meta(max_length=P.MAX_STOP_STRINGS)]],
+    dict[str, _ParamScalar | Annotated[list[Scalar], Meta(max_length=P.MAX_STOP_STRINGS)]],
     Meta(max_length=32),
 ]
 
 
 class _Item(msgspec.Struct, forbid_unknown_fields=True):
-    id: Scalar | UnsetType = UNSET
-    prompt: Scalar | UnsetType = UNSET
-    messages: Annotated[list[_Message], Meta(max_length=P.MAX_MESSAGES)] | Scalar | UnsetType = (
-        UNSET
-    )
-    params: _Params | Scalar | UnsetType = UNSET
-    timeout_s: Scalar | UnsetType = UNSET
-    model: Scalar | UnsetType = UNSET
+    # None: absent (as a map's .get would say): the protocol's checks take them as is.
+    id: Scalar = None
+    prompt: Scalar = None
+    messages: Annotated[list[_Message], Meta(max_length=P.MAX_MESSAGES)] | Scalar = None
+    params: _Params | Scalar = None
+    timeout_s: Scalar = None
+    model: Scalar = None
 
 
 class _ReqOnly(msgspec.Struct):
@@ -76,10 +79,10 @@ _SMALL = Annotated[dict[str, Scalar], Meta(max_length=16)]
 _ENVELOPE = msgspec.msgpack.Decoder(_Envelope)
 _ITEM = msgspec.msgpack.Decoder(_Item)
 _ITEM_ID = msgspec.msgpack.Decoder(_ItemId)
+_ENCODE = msgspec.msgpack.Encoder().encode
 _REQ_ONLY = msgspec.msgpack.Decoder(_ReqOnly)
 _CANCEL = msgspec.msgpack.Decoder(_Cancel)
 _SMALL_BODY = msgspec.msgpack.Decoder(_SMALL)
-_ITEM_FIELDS = _Item.__struct_fields__
 _AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 
 
@@ -90,6 +93,7 @@ class Envelope:
     def __init__(self, shape: _Envelope) -> None:
         self.shape = shape
         self.raws: list[msgspec.Raw] = shape.items if isinstance(shape.items, list) else []
+        self.last_params: tuple[bytes, dict[str, Any]] | None = None
 
     @property
     def req(self) -> Any:
@@ -112,12 +116,15 @@ class Envelope:
         submit = P.check_envelope(shape.req, shape.items, shape.stream, shape.priority)
         seen: set[str] = set()
         messages = 0
+        # Items of one submit nearly always share their params (one file, one setting):
+        # the last validated ones are reused when the next item's are equal.
+        self.last_params = None
         for i, raw in enumerate(self.raws):
             item = _decode_item(raw, i)
             if isinstance(item, P.ValidationError):
                 _reject_undecodable(submit, i, raw, item, seen)
                 continue
-            chat = item.get("messages")
+            chat = item.messages
             messages += len(chat) if isinstance(chat, list) else 0
             if messages > P.MAX_MESSAGES_PER_SUBMIT:
                 error = P.ValidationError(
@@ -127,8 +134,34 @@ class Envelope:
                 )
                 _reject_undecodable(submit, i, raw, error, seen)
                 continue
-            P.add_item(submit, i, item, seen)
+            self._add(submit, i, item, seen)
         return submit
+
+    def _add(self, submit: P.Submit, i: int, item: _Item, seen: set[str]) -> None:
+        """As ``protocol.add_item``, from a decoded item's fields (no map per item)."""
+        where = f"items[{i}]"
+        item_id = P.claim_id_value(item.id, where, seen)
+        # Compared as encoded (1, 1.0 and true differ there, not under ==).
+        key = _ENCODE(item.params) if item.params is not None else b""
+        last = self.last_params
+        reused = last[1] if last is not None and last[0] == key else None
+        try:
+            checked = P.validate_item_parts(
+                where,
+                item_id,
+                item.prompt,
+                item.messages,
+                item.params,
+                item.timeout_s,
+                item.model,
+                reused,
+            )
+        except P.ValidationError as exc:
+            submit.rejected.append((item_id, exc))
+            return
+        if reused is None:
+            self.last_params = (key, checked.params)
+        submit.items.append(checked)
 
 
 def decode_submit(payload: bytes) -> Envelope:
@@ -168,12 +201,11 @@ def decode_small(payload: bytes) -> dict[str, Any]:
         raise _validation_error(exc, "") from None
 
 
-def _decode_item(raw: msgspec.Raw, i: int) -> dict[str, Any] | P.ValidationError:
+def _decode_item(raw: msgspec.Raw, i: int) -> _Item | P.ValidationError:
     try:
-        item = _ITEM.decode(raw)
+        return _ITEM.decode(raw)
     except msgspec.DecodeError as exc:
         return _validation_error(exc, f"items[{i}]")
-    return {name: value for name in _ITEM_FIELDS if (value := getattr(item, name)) is not UNSET}
 
 
 def _reject_undecodable(

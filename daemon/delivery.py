@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import zmq
 
 from exgen.client import protocol as P
@@ -34,6 +35,9 @@ from exgen.daemon.fairqueue import FairQueue
 logger = logging.getLogger("exgen.delivery")
 
 SENT, FULL, GONE = "sent", "full", "gone"  # what a non-blocking send did
+# Results are encoded one by one (each one's size decides its message): msgspec's
+# encoder, about a fifth of msgpack.packb's cost per result, the same bytes.
+_ENCODE = msgspec.msgpack.Encoder().encode
 SNDHWM = 1000  # messages queued in ZMQ per client; bytes are bounded by the unread budget
 RESUME_FRACTION = 0.5  # a paused client resumes once its unread bytes fall to this share
 
@@ -122,7 +126,7 @@ class Delivery:
         return groups
 
     def _encode(self, result: dict[str, Any]) -> bytes:
-        encoded = P.encode_result(result)
+        encoded = _ENCODE(result)
         limit = self.settings.max_result_bytes
         if len(encoded) <= limit:
             return encoded
@@ -131,7 +135,7 @@ class Delivery:
             "ask for fewer tokens or raise the setting"
         )
         logger.warning("item %r: %s", result.get("id"), message)
-        return P.encode_result(P.result_error(str(result.get("id")), P.E_TOO_LARGE, message))
+        return _ENCODE(P.result_error(str(result.get("id")), P.E_TOO_LARGE, message))
 
     def _send_unsent(self, record: ClientRecord) -> None:
         for seq, body in self.clients.unsent(record):

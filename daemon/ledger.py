@@ -40,10 +40,7 @@ class Entry:
     slot: int | None = None  # the slot whose worker holds it; None: waiting
     dispatched_at: float | None = None  # when it last went to a worker
     causes: list[str] | None = None  # why the workers it was on died (poison verdicts)
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.job) + len(self.item_id) + ENTRY_OVERHEAD_BYTES
+    nbytes: int = 0  # what it costs the router: its row, its id, the entry (at accept)
 
 
 @dataclass(slots=True)
@@ -60,7 +57,9 @@ class Ledger:
         self.entries: dict[int, Entry] = {}
         self.by_client_id: dict[tuple[bytes, str], int] = {}
         self.held: dict[int, set[int]] = {}  # slot -> keys its worker runs
-        self.by_client: dict[bytes, set[int]] = {}
+        # Entries per client, counted (has a client work here?); which keys they are is
+        # asked rarely (a client gone, cancel all) and found by a scan.
+        self.per_client: dict[bytes, int] = {}
         self.next_key = 0
         self.completed = 0
         self.failed = 0
@@ -81,19 +80,22 @@ class Ledger:
         return self.by_client_id.get((client, item_id))
 
     def keys_of(self, client: bytes) -> set[int]:
-        return set(self.by_client.get(client, ()))
+        if client not in self.per_client:
+            return set()
+        return {key for key, entry in self.entries.items() if entry.client == client}
 
     def count_of(self, client: bytes) -> int:
-        return len(self.by_client.get(client, ()))
+        return self.per_client.get(client, 0)
 
     def accept(self, client: bytes, item_id: str, job: bytes, now: float, budget: int) -> Entry:
         """A new entry; ``job`` is the encoded row and must carry the returned key."""
-        entry = Entry(self.next_key, client, item_id, job, now, budget)
+        nbytes = len(job) + len(item_id) + ENTRY_OVERHEAD_BYTES
+        entry = Entry(self.next_key, client, item_id, job, now, budget, nbytes=nbytes)
         self.next_key += 1
         self.entries[entry.key] = entry
         self.by_client_id[(client, item_id)] = entry.key
-        self.by_client.setdefault(client, set()).add(entry.key)
-        self.nbytes += entry.nbytes
+        self.per_client[client] = self.per_client.get(client, 0) + 1
+        self.nbytes += nbytes
         return entry
 
     def reserve_key(self) -> int:
@@ -157,11 +159,11 @@ class Ledger:
     def forget(self, entry: Entry) -> None:
         del self.entries[entry.key]
         self.by_client_id.pop((entry.client, entry.item_id), None)
-        own = self.by_client.get(entry.client)
-        if own is not None:
-            own.discard(entry.key)
-            if not own:
-                del self.by_client[entry.client]
+        left = self.per_client[entry.client] - 1
+        if left:
+            self.per_client[entry.client] = left
+        else:
+            del self.per_client[entry.client]
         if entry.slot is not None:
             self.held.get(entry.slot, set()).discard(entry.key)
         self.nbytes -= entry.nbytes

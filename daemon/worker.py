@@ -262,7 +262,7 @@ class Worker:
             try:
                 engine.add(job)
             except JobRejected as exc:
-                rejected.append(Failed(job.key, exc.code, exc.message))
+                rejected.append(Failed(job.key, exc.code, exc.message, exc.field))
         self.progress.pending = engine.pending
         if rejected:
             self.send_events(rejected)

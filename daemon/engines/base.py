@@ -26,7 +26,7 @@ Contract:
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from exgen.client import protocol as P
@@ -41,12 +41,14 @@ class EngineOptionError(EngineUnavailable):
 
 
 class JobRejected(ValueError):
-    """This job can never run on this engine; ``code`` is a protocol error code."""
+    """This job can never run on this engine; ``code`` is a protocol error code,
+    ``field`` the request field at fault, where one is."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.field = field
 
 
 @dataclass(slots=True)
@@ -59,10 +61,26 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+    json_schema: str | None = None  # compact JSON text (protocol-checked)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs > 0
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """The params of sample ``index`` of n: one sample each, the seed moved by the
+        index so that seeded samples differ from each other and are reproducible."""
+        seed = None if self.seed is None else (self.seed + index) % (P.MAX_SEED + 1)
+        return replace(self, n=1, seed=seed)
 
     @classmethod
     def from_wire(cls, params: dict[str, Any]) -> SamplingParams:
@@ -89,13 +107,43 @@ class Chunk:
     text: str
 
 
+# One generated token's log probabilities: [token text, logprob, [[alt text, logprob]...]]
+# (the alternatives are the top_logprobs most likely tokens, best first). Lists, not
+# objects: a result carries one per token, and they go on the wire as they are.
+TokenLogprob = list[Any]
+
+
+@dataclass(slots=True)
+class Choice:
+    """One of the n samples of a job."""
+
+    text: str
+    finish_reason: str
+    completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "completion_tokens": self.completion_tokens,
+            "logprobs": self.logprobs,
+        }
+
+
 @dataclass(slots=True)
 class Finished:
+    """A finished job. With n > 1, ``choices`` holds every sample; ``text``,
+    ``finish_reason`` and ``logprobs`` are the first one's and ``completion_tokens``
+    counts all of them (as OpenAI's usage does)."""
+
     key: int
     text: str
     finish_reason: str  # protocol.FINISH_STOP or FINISH_LENGTH
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    choices: list[Choice] | None = None
 
 
 @dataclass(slots=True)
@@ -105,6 +153,21 @@ class Failed:
     key: int
     code: str
     message: str
+    field: str | None = None  # the request field at fault (e.g. params.json_schema)
+
+
+def finished_from_choices(key: int, prompt_tokens: int, choices: list[Choice]) -> Finished:
+    """One Finished for the n samples of a job (n = 1: a plain one)."""
+    first = choices[0]
+    return Finished(
+        key,
+        first.text,
+        first.finish_reason,
+        prompt_tokens,
+        sum(c.completion_tokens for c in choices),
+        first.logprobs,
+        choices if len(choices) > 1 else None,
+    )
 
 
 Event = Chunk | Finished | Failed

@@ -13,11 +13,12 @@ list against the installed sources (and this module against the list).
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
 
-from exgen.daemon.engines.base import EngineUnavailable, SamplingParams
+from exgen.daemon.engines.base import EngineUnavailable, SamplingParams, TokenLogprob
 from exgen.daemon.engines.exl_common import (
     PAGE_SIZE,
     ApiUse,
@@ -30,6 +31,8 @@ from exgen.daemon.engines.exl_common import (
     require_cuda,
     warn_version,
 )
+from exgen.daemon.engines.grammar import SchemaMatcher, allowed_ids, mask_words, masked
+from exgen.daemon.engines.logprobs import logprob_entries
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,9 @@ _JOB_KWARGS = (
     "decode_special_tokens",
     "token_healing",
     "identifier",
+    "filters",
+    "filter_prefer_eos",
+    "return_logits",
 )
 _CACHE_KWARGS = ("model", "max_seq_len", "lazy")
 
@@ -72,8 +78,9 @@ def sampler_settings(params: SamplingParams) -> dict[str, Any]:
         "token_repetition_penalty": params.repetition_penalty,
         "token_repetition_range": -1,  # the whole sequence, as transformers does
         "token_repetition_decay": 0,
-        "token_frequency_penalty": 0.0,
-        "token_presence_penalty": 0.0,
+        # OpenAI's additive penalties; the library counts the prompt's tokens too
+        "token_frequency_penalty": params.frequency_penalty,
+        "token_presence_penalty": params.presence_penalty,
         "smoothing_factor": 0.0,
         "min_temp": 0.0,
         "max_temp": 0.0,
@@ -144,6 +151,28 @@ EXLLAMAV2_API: tuple[ApiUse, ...] = (
     ApiUse(f"{_GEN}:ExLlamaV2DynamicGenerator", "iterate", "method"),
     ApiUse(f"{_GEN}:ExLlamaV2DynamicJob", "__init__", "method", _JOB_KWARGS),
     ApiUse(f"{_GEN}:ExLlamaV2Sampler.Settings", "__init__", "fields", _SAMPLER_FIELDS),
+    ApiUse("exllamav2:ExLlamaV2Config", "vocab_size", "attr"),
+    ApiUse(
+        "exllamav2:ExLlamaV2Tokenizer",
+        "get_id_to_piece_list",
+        "method",
+        ("include_special_tokens",),
+    ),
+    # The filter we subclass for structured output, and every hook of it we override
+    # (the generator's sampler calls them; see SCHEMA_FILTER_HOOKS).
+    ApiUse(f"{_GEN}.filters:ExLlamaV2Filter", "__init__", "method", ("model", "tokenizer")),
+    *(
+        ApiUse(f"{_GEN}.filters:ExLlamaV2Filter", hook, "method")
+        for hook in (
+            "begin",
+            "feed",
+            "next",
+            "use_background_worker",
+            "can_mask_logits",
+            "prepare_logit_mask",
+            "mask_logits",
+        )
+    ),
 )
 # Where iterate()'s result dicts are built, and the keys and values we read from them.
 RESULT_SOURCE = "exllamav2/generator/dynamic.py"
@@ -162,7 +191,22 @@ RESULT_STRINGS = (
     "stop_token",
     "stop_string",
     "max_new_tokens",
+    "token_ids",
+    "logits",
 )
+# Where the library drives a filter: each hook our schema filter overrides is named
+# there (the sampler takes the mask path when every filter can mask logits).
+FILTER_CALLS = {
+    "exllamav2/generator/dynamic.py": (
+        "begin",
+        "feed",
+        "can_mask_logits",
+        "use_background_worker",
+        "background_prepare_logit_mask",
+    ),
+    "exllamav2/generator/filters/base.py": ("prepare_logit_mask", "next"),
+    "exllamav2/generator/sampler.py": ("can_mask_logits", "get_next", "mask_logits"),
+}
 
 
 class ExLlamaV2Engine(ExlEngine):
@@ -182,6 +226,7 @@ class ExLlamaV2Library:
     max_batch_size: int
     max_seq_len: int
     eos_token_id: int | None
+    vocab_size: int
 
     def __init__(self, model_dir: Path, opts: ExlOptions) -> None:
         self.opts = opts
@@ -248,6 +293,8 @@ class ExLlamaV2Library:
         # enqueue asserts unless prompt + max_new_tokens fits the cache's pages.
         self.max_seq_len = min(config.max_seq_len, cache_tokens)
         self.eos_token_id = self._tokenizer.eos_token_id
+        self.vocab_size = int(config.vocab_size)
+        self._pieces: list[str] = self._tokenizer.get_id_to_piece_list(include_special_tokens=False)
 
     def _place(self, model: Any, cache_tokens: int) -> str:
         """Load the weights onto the visible device(s) and build the cache to match."""
@@ -287,6 +334,9 @@ class ExLlamaV2Library:
 
         # Annotated int upstream, but None is what asks for a random seed there.
         seed: Any = spec.params.seed
+        filters = []
+        if spec.grammar is not None:
+            filters.append(schema_filter_class()(self._model, self._tokenizer, spec.grammar()))
         job = ExLlamaV2DynamicJob(
             input_ids=torch.tensor([spec.input_ids], dtype=torch.long),
             max_new_tokens=spec.max_new_tokens,
@@ -296,10 +346,27 @@ class ExLlamaV2Library:
             stop_conditions=spec.stop_conditions,
             decode_special_tokens=False,
             token_healing=False,
-            identifier=spec.key,
+            identifier=spec.identifier,
+            filters=filters,
+            filter_prefer_eos=False,
+            # The logits before sampling, for logprobs: the library's own token probs
+            # are those after top-k/top-p (1.0 for every greedy token).
+            return_logits=spec.top_logprobs is not None,
         )
         self._generator.enqueue(job=job)
         return job
+
+    def token_logprobs(self, result: dict[str, Any], top: int) -> list[TokenLogprob]:
+        """From the ``token_ids`` and ``logits`` (1, n, vocab) a result carries."""
+        ids, logits = result.get("token_ids"), result.get("logits")
+        if ids is None or logits is None:
+            return []
+        import torch
+
+        return logprob_entries(torch, logits[0], ids[0].tolist(), top, self._piece)
+
+    def _piece(self, token: int) -> str:
+        return self._pieces[token] if token < len(self._pieces) else ""
 
     def cancel(self, handle: Any) -> None:
         self._generator.cancel(job=handle)
@@ -322,6 +389,51 @@ class ExLlamaV2Library:
 
     def close(self) -> None:
         self._model.unload()
+
+
+@functools.cache
+def schema_filter_class() -> type:
+    """``SchemaFilter``, an ExLlamaV2Filter over a grammar.SchemaMatcher, defined on
+    first use (exllamav2 is imported inside a worker only)."""
+    import torch
+    from exllamav2.generator.filters import ExLlamaV2Filter
+
+    class SchemaFilter(ExLlamaV2Filter):
+        """Masks the logits to the tokens the JSON Schema allows next. The mask is
+        computed on the generator's filter thread while the GPU runs the forward pass
+        (use_background_worker), and applied out of place, so the logits returned
+        for logprobs stay the model's own."""
+
+        def __init__(self, model: Any, tokenizer: Any, matcher: SchemaMatcher) -> None:
+            super().__init__(model, tokenizer)
+            self.matcher = matcher
+            self.words = torch.full((mask_words(matcher.vocab_size),), -1, dtype=torch.int32)
+
+        def begin(self, prefix_str: str) -> None:
+            pass  # a fresh matcher per job: nothing to rewind
+
+        def feed(self, token: Any) -> None:
+            self.matcher.consume(int(token))
+
+        def use_background_worker(self) -> bool:
+            return True
+
+        def can_mask_logits(self) -> bool:
+            return True
+
+        def prepare_logit_mask(self) -> bool:
+            self.matcher.fill_mask(self.words)
+            return True
+
+        def mask_logits(self, logits: Any) -> Any:
+            return masked(torch, logits, self.words)
+
+        def next(self) -> tuple[set[int], set[int]]:
+            # Only for a stack where another filter cannot mask: allowed ids as a set.
+            self.matcher.fill_mask(self.words)
+            return allowed_ids(torch, self.words, self.matcher.vocab_size), set()
+
+    return SchemaFilter
 
 
 def _cache_class(kind: str) -> Any:

@@ -16,11 +16,14 @@ against the installed sources by tests/unit/test_exl_conformance.py.
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from exgen.daemon.engines.base import EngineUnavailable, SamplingParams
+from exgen.daemon.engines.base import EngineUnavailable, SamplingParams, TokenLogprob
 from exgen.daemon.engines.exl_common import (
     ApiUse,
     ExlEngine,
@@ -32,6 +35,7 @@ from exgen.daemon.engines.exl_common import (
     require_cuda,
     warn_version,
 )
+from exgen.daemon.engines.grammar import SchemaMatcher, mask_words
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +50,9 @@ def sampler_kwargs(params: SamplingParams) -> dict[str, Any]:
     DefaultSampler is min_p 0.08 at temperature 0.8 — not what a request means)."""
     return {
         "rep_p": params.repetition_penalty,
-        "freq_p": 0.0,
-        "pres_p": 0.0,
+        # OpenAI's additive penalties; the library counts the prompt's tokens too
+        "freq_p": params.frequency_penalty,
+        "pres_p": params.presence_penalty,
         "rep_sustain_range": int(10e7),  # the whole sequence, as transformers does
         "rep_decay_range": 0,
         "dry_multiplier": 0.0,
@@ -77,6 +82,9 @@ _JOB_KWARGS = (
     "decode_special_tokens",
     "token_healing",
     "identifier",
+    "filters",
+    "return_probs",
+    "return_top_tokens",
 )
 _LOAD_KWARGS = ("device", "use_per_device", "tensor_p", "progressbar", "max_chunk_size")
 
@@ -117,6 +125,19 @@ EXLLAMAV3_API: tuple[ApiUse, ...] = (
     ApiUse("exllamav3:Generator", "close", "method"),
     ApiUse("exllamav3:Job", "__init__", "method", _JOB_KWARGS),
     ApiUse("exllamav3:ComboSampler", "__init__", "method", _SAMPLER_KWARGS),
+    ApiUse("exllamav3:Generator", "padded_vocab_size", "attr"),
+    ApiUse("exllamav3:Tokenizer", "get_id_to_piece_list", "method", ("include_special_tokens",)),
+    # The filter we subclass for structured output, and every hook of it we override.
+    ApiUse(
+        "exllamav3:Filter",
+        "__init__",
+        "method",
+        ("tokenizer", "trigger_token", "prefix_str", "eos_after_completed"),
+    ),
+    *(
+        ApiUse("exllamav3:Filter", hook, "method")
+        for hook in ("reset", "accept_token", "get_next_logit_mask", "is_completed")
+    ),
 )
 RESULT_SOURCE = "exllamav3/generator/job.py"
 RESULT_STRINGS = (
@@ -134,7 +155,20 @@ RESULT_STRINGS = (
     "stop_token",
     "stop_string",
     "max_new_tokens",
+    "token_ids",
+    "token_probs",
+    "top_k_tokens",
+    "top_k_probs",
+    "end_filter",
 )
+# Where the job drives its filters: each hook our schema filter overrides is called.
+FILTER_CALLS = {
+    "exllamav3/generator/generator.py": ("get_next_logit_mask", "use_background_worker"),
+    "exllamav3/generator/job.py": ("attach", "reset", "feed"),
+    "exllamav3/generator/filter/filter.py": ("accept_token", "is_completed", "reset"),
+    # a packed int32 mask (what get_next_logit_mask returns) is applied as bits
+    "exllamav3/generator/sampler/custom.py": ("apply_logit_bitmask", "int32"),
+}
 # The per-job failure result comes from the generator module.
 ERROR_SOURCE = "exllamav3/generator/generator.py"
 ERROR_STRINGS = ("stage", "error", "eos", "job")
@@ -156,6 +190,7 @@ class ExLlamaV3Library:
     max_batch_size: int
     max_seq_len: int
     eos_token_id: int | None
+    vocab_size: int
 
     paged = True  # ExLlamaV3 always pages its cache (own attention kernels)
 
@@ -201,6 +236,9 @@ class ExLlamaV3Library:
         context = opts.max_seq_len or int(config.max_position_embeddings)
         self.max_seq_len = min(context, opts.cache_tokens - JOB_CACHE_OVERHEAD)
         self.eos_token_id = self._tokenizer.eos_token_id
+        # A filter's mask covers the padded vocabulary (the job attaches it so).
+        self.vocab_size = int(self._generator.padded_vocab_size)
+        self._pieces: list[str] = self._tokenizer.get_id_to_piece_list(include_special_tokens=False)
 
     def _place(self, model: Any) -> str:
         """Load the weights onto the slot's visible device(s) (CUDA_VISIBLE_DEVICES)."""
@@ -231,6 +269,10 @@ class ExLlamaV3Library:
 
         # Annotated int upstream, but None is what asks for a random seed there.
         seed: Any = spec.params.seed
+        filters = []
+        if spec.grammar is not None:
+            filters.append(schema_filter_class()(self._tokenizer, spec.grammar))
+        wants = spec.top_logprobs is not None
         job = Job(
             input_ids=torch.tensor([spec.input_ids], dtype=torch.long),
             max_new_tokens=spec.max_new_tokens,
@@ -240,10 +282,36 @@ class ExLlamaV3Library:
             stop_conditions=spec.stop_conditions,
             decode_special_tokens=False,
             token_healing=False,
-            identifier=spec.key,
+            identifier=spec.identifier,
+            filters=filters,
+            # Softmax of the logits before the sampler (and before the filter's mask).
+            return_probs=wants,
+            return_top_tokens=spec.top_logprobs or 0,
         )
         self._generator.enqueue(job=job)
         return job
+
+    def token_logprobs(self, result: dict[str, Any], top: int) -> list[TokenLogprob]:
+        """From ``token_ids``, ``token_probs`` (1, n) and ``top_k_tokens`` /
+        ``top_k_probs`` (1, n, k): probabilities, logged here."""
+        ids, probs = result.get("token_ids"), result.get("token_probs")
+        if ids is None or probs is None:
+            return []
+        top_ids = result.get("top_k_tokens")
+        top_probs = result.get("top_k_probs")
+        alternatives: list[list[Any]] = [[] for _ in range(ids.shape[-1])]
+        if top and top_ids is not None and top_probs is not None:
+            alternatives = [
+                [[self._piece(t), _log(p)] for t, p in zip(row_t, row_p, strict=True)]
+                for row_t, row_p in zip(top_ids[0].tolist(), top_probs[0].tolist(), strict=True)
+            ]
+        return [
+            [self._piece(t), _log(p), alts]
+            for t, p, alts in zip(ids[0].tolist(), probs[0].tolist(), alternatives, strict=True)
+        ]
+
+    def _piece(self, token: int) -> str:
+        return self._pieces[token] if token < len(self._pieces) else ""
 
     def cancel(self, handle: Any) -> None:
         self._generator.cancel(job=handle)
@@ -267,6 +335,46 @@ class ExLlamaV3Library:
     def close(self) -> None:
         self._generator.close()
         self._model.unload()
+
+
+def _log(probability: float) -> float:
+    return math.log(probability) if probability > 0 else -math.inf
+
+
+@functools.cache
+def schema_filter_class() -> type:
+    """``SchemaFilter``, an exllamav3 Filter over a grammar.SchemaMatcher, defined on
+    first use (exllamav3 is imported inside a worker only)."""
+    import torch
+    from exllamav3 import Filter
+
+    class SchemaFilter(Filter):
+        """The tokens the JSON Schema allows next, as the packed int32 bitmask the
+        library's samplers take; completing the schema ends the job (end_filter), so
+        nothing unconstrained follows it."""
+
+        def __init__(self, tokenizer: Any, make_matcher: Callable[[], SchemaMatcher]) -> None:
+            super().__init__(
+                tokenizer=tokenizer, trigger_token=None, prefix_str=None, eos_after_completed=True
+            )
+            self.make_matcher = make_matcher
+            self.matcher = make_matcher()
+            self.words = torch.full((1, mask_words(self.matcher.vocab_size)), -1, dtype=torch.int32)
+
+        def reset(self) -> None:
+            self.matcher = self.make_matcher()
+
+        def accept_token(self, token: int) -> None:
+            self.matcher.consume(int(token))
+
+        def get_next_logit_mask(self) -> Any:
+            self.matcher.fill_mask(self.words[0])
+            return self.words
+
+        def is_completed(self) -> bool:
+            return self.matcher.stopped
+
+    return SchemaFilter
 
 
 def _make_cache(model: Any, opts: ExlOptions) -> Any:

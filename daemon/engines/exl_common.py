@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any, Protocol
 
 from exgen.client import protocol as P
 from exgen.daemon.engines.base import (
+    Choice,
     Chunk,
     Engine,
     EngineOptionError,
@@ -37,8 +39,11 @@ from exgen.daemon.engines.base import (
     Job,
     JobRejected,
     SamplingParams,
+    TokenLogprob,
+    finished_from_choices,
     take_options,
 )
+from exgen.daemon.engines.grammar import Grammars, SchemaMatcher
 from exgen.daemon.inspect import FORMAT_NAMES, ModelInspectError, inspect_model, read_json
 
 log = logging.getLogger(__name__)
@@ -339,13 +344,23 @@ def _parse_split(text: str, engine: str) -> list[float] | None:
 
 @dataclass(frozen=True, slots=True)
 class JobSpec:
-    """One job as the library needs it: token ids and every generation setting."""
+    """One library job (one sample of a request's n) as the library needs it: token
+    ids and every generation setting. ``grammar`` makes a fresh matcher of the job's
+    JSON Schema (None: free text); ``top_logprobs`` is None when no logprobs are wanted."""
 
     key: int
     input_ids: list[int]
     max_new_tokens: int
     params: SamplingParams
     stop_conditions: list[int | str]
+    index: int = 0  # which of the n samples
+    grammar: Callable[[], SchemaMatcher] | None = None
+    top_logprobs: int | None = None
+
+    @property
+    def identifier(self) -> tuple[int, int]:
+        """The library job's identifier: our key and the sample index."""
+        return (self.key, self.index)
 
 
 class LibraryAdapter(Protocol):
@@ -356,6 +371,7 @@ class LibraryAdapter(Protocol):
     max_batch_size: int
     max_seq_len: int  # the longest prompt + completion one job may have
     eos_token_id: int | None
+    vocab_size: int  # the width of the logits (a grammar's mask covers it)
 
     def encode(self, text: str, add_bos: bool) -> list[int]: ...
 
@@ -366,17 +382,33 @@ class LibraryAdapter(Protocol):
 
     def iterate(self) -> list[dict[str, Any]]: ...
 
+    def token_logprobs(self, result: dict[str, Any], top: int) -> list[TokenLogprob]:
+        """The logprobs of the tokens a result dict (or its ``held`` part) carries."""
+
     def describe(self) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
 
 
 @dataclass(slots=True)
-class _Running:
+class _Sample:
+    """One library job: one of a request's n samples."""
+
     handle: Any
+    parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    done: Choice | None = None
+
+
+@dataclass(slots=True)
+class _Running:
     stream: bool
     prompt_tokens: int
-    parts: list[str] = field(default_factory=list)
+    samples: list[_Sample]
+    top_logprobs: int | None = None
+
+    def handles(self) -> list[Any]:
+        return [s.handle for s in self.samples if s.done is None]
 
 
 class ExlEngine(Engine, abc.ABC):
@@ -391,6 +423,8 @@ class ExlEngine(Engine, abc.ABC):
         self._eos_ids: list[int] = []
         self._jobs: dict[int, _Running] = {}
         self._thread: int | None = None
+        self._grammars: Grammars | None = None  # built on the first JSON Schema job
+        self._model_path = Path(".")
 
     # -- lifecycle --
 
@@ -417,6 +451,7 @@ class ExlEngine(Engine, abc.ABC):
         """Start driving a loaded library (``load()`` ends here; tests call it directly)."""
         self._adapter = adapter
         self._prompts = prompts
+        self._model_path = model_dir
         self._eos_ids = eos_token_ids(model_dir, adapter.eos_token_id)
         if not adapter.paged:
             log.warning(
@@ -489,21 +524,47 @@ class ExlEngine(Engine, abc.ABC):
             raise JobRejected(P.E_INTERNAL, f"job key {job.key} is already running")
         text, add_bos = self._prompts_or_fail().text_for(job)
         ids = adapter.encode(text, add_bos)
-        self._check_length(len(ids), job.params.max_new_tokens, adapter.max_seq_len)
-        spec = JobSpec(
-            key=job.key,
-            input_ids=ids,
-            max_new_tokens=job.params.max_new_tokens,
-            params=job.params,
-            stop_conditions=stop_conditions(self._eos_ids, job.params.stop),
-        )
-        try:
-            handle = adapter.submit(spec)
-        except AssertionError as exc:  # enqueue asserts when a job cannot fit the cache
-            raise JobRejected(
-                P.E_ENGINE, f"{self.name} refused the job: {first_line(exc)}"
-            ) from None
-        self._jobs[job.key] = _Running(handle, job.stream, len(ids))
+        params = job.params
+        self._check_length(len(ids), params.max_new_tokens, adapter.max_seq_len)
+        grammar = None
+        if params.json_schema is not None:
+            grammar = self._grammar_for(params.json_schema)
+        top = params.top_logprobs if params.wants_logprobs else None
+        running = _Running(job.stream, len(ids), [], top)
+        # n samples are n library jobs on one prompt: the generators share the prompt's
+        # full cache pages between them (page hashing), so those are prefilled once.
+        for index in range(params.n):
+            spec = JobSpec(
+                key=job.key,
+                input_ids=ids,
+                max_new_tokens=params.max_new_tokens,
+                params=params.for_sample(index) if params.n > 1 else params,
+                stop_conditions=stop_conditions(self._eos_ids, params.stop),
+                index=index,
+                grammar=grammar,
+                top_logprobs=top,
+            )
+            try:
+                running.samples.append(_Sample(adapter.submit(spec)))
+            except AssertionError as exc:  # enqueue asserts when a job cannot fit the cache
+                for handle in running.handles():
+                    adapter.cancel(handle)
+                raise JobRejected(
+                    P.E_ENGINE, f"{self.name} refused the job: {first_line(exc)}"
+                ) from None
+        self._jobs[job.key] = running
+
+    def _grammar_for(self, schema: str) -> Callable[[], SchemaMatcher]:
+        """A maker of matchers for this schema, compiled (once per worker) now, so a
+        schema that cannot be compiled is this job's error before anything runs."""
+        grammars = self._grammars
+        if grammars is None:
+            adapter = self._require()
+            text = (self._model_path / "tokenizer.json").read_text(encoding="utf-8")
+            grammars = Grammars.from_tokenizer_json(text, self._eos_ids, adapter.vocab_size)
+            self._grammars = grammars
+        grammars.compile(schema)
+        return lambda: grammars.matcher(schema)
 
     @staticmethod
     def _check_length(prompt_tokens: int, max_new_tokens: int, limit: int) -> None:
@@ -520,7 +581,8 @@ class ExlEngine(Engine, abc.ABC):
         self._check_thread()
         running = self._jobs.pop(key, None)
         if running is not None and self._adapter is not None:
-            self._adapter.cancel(running.handle)
+            for handle in running.handles():
+                self._adapter.cancel(handle)
 
     def step(self) -> list[Event]:
         self._check_thread()
@@ -532,16 +594,45 @@ class ExlEngine(Engine, abc.ABC):
         return events
 
     def _translate(self, result: dict[str, Any]) -> list[Event]:
-        key = result_key(result)
-        running = None if key is None else self._jobs.get(key)
-        if running is None or key is None:
+        ident = result_key(result)
+        running = None if ident is None else self._jobs.get(ident[0])
+        if running is None or ident is None or ident[1] >= len(running.samples):
             return []  # a job we cancelled, or a library-internal result
-        events, done = translate_result(
-            key, result, running.stream, running.parts, running.prompt_tokens
-        )
-        if done:
+        key, index = ident
+        sample = running.samples[index]
+        if sample.done is not None:
+            return []
+        if running.top_logprobs is not None and result.get("stage") == "streaming":
+            self._collect_logprobs(sample, result, running.top_logprobs)
+        stream = running.stream and index == 0  # n > 1 streams the first sample
+        events, done = translate_result(key, result, stream, sample.parts, running.prompt_tokens)
+        if not done:
+            return events
+        finished = [e for e in events if isinstance(e, Finished)]
+        if not finished:  # the sample failed: so does the job, its other samples go
+            sample.done = Choice("", P.FINISH_ERROR, 0)
+            self.cancel(key)
+            return events
+        end = finished[0]
+        logprobs = None
+        if sample.logprobs is not None:
+            logprobs = logprobs_for_text(sample.logprobs, end.text)
+        sample.done = Choice(end.text, end.finish_reason, end.completion_tokens, logprobs)
+        events = [e for e in events if not isinstance(e, Finished)]
+        if all(s.done is not None for s in running.samples):
             del self._jobs[key]
+            choices = [s.done for s in running.samples if s.done is not None]
+            events.append(finished_from_choices(key, end.prompt_tokens, choices))
         return events
+
+    def _collect_logprobs(self, sample: _Sample, result: dict[str, Any], top: int) -> None:
+        adapter = self._require()
+        entries = sample.logprobs if sample.logprobs is not None else []
+        entries.extend(adapter.token_logprobs(result, top))
+        held = result.get("held")
+        if result.get("eos") and isinstance(held, dict):
+            entries.extend(adapter.token_logprobs(held, top))
+        sample.logprobs = entries
 
     # -- guards --
 
@@ -569,13 +660,30 @@ class ExlEngine(Engine, abc.ABC):
 # --- result dicts -> events ------------------------------------------------------------
 
 
-def result_key(result: dict[str, Any]) -> int | None:
-    """Our job key: the ``identifier`` we gave the job. ExLlamaV3's error results
-    carry only the job object, so fall back to its ``identifier`` attribute."""
+def result_key(result: dict[str, Any]) -> tuple[int, int] | None:
+    """Our job key and sample index: the ``identifier`` we gave the library job.
+    ExLlamaV3's error results carry only the job object, so fall back to its
+    ``identifier`` attribute."""
     ident = result.get("identifier")
     if ident is None:
         ident = getattr(result.get("job"), "identifier", None)
-    return ident if isinstance(ident, int) else None
+    if isinstance(ident, tuple) and len(ident) == 2 and all(type(v) is int for v in ident):
+        return ident[0], ident[1]
+    return None
+
+
+def logprobs_for_text(entries: list[TokenLogprob], text: str) -> list[TokenLogprob]:
+    """The entries of the tokens that make ``text``: the library also reports the
+    stop token (no text) and the tokens a stop string cut off."""
+    out: list[TokenLogprob] = []
+    length = 0
+    for entry in entries:
+        piece = str(entry[0])
+        if not piece or length + len(piece) > len(text):
+            break
+        out.append(entry)
+        length += len(piece)
+    return out
 
 
 def translate_result(

@@ -62,7 +62,9 @@ from exgen.daemon.engines.base import (
     take_options,
 )
 from exgen.daemon.engines.cpu_layout import available_memory_bytes, cpu_flags, native_bf16
+from exgen.daemon.engines.grammar import Grammars
 from exgen.daemon.engines.hf_decode import DecodeBatch, Model, Row, logits_processors
+from exgen.daemon.engines.hf_features import BatchFeatures, JobSamples, RowExtras
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +128,9 @@ class TransformersEngine(Engine):
         self._batch_rows: list[_Waiting] = []  # what _batch was made of (for an OOM retry)
         self._batch_limit = 0
         self._kv_token_budget: int | None = None  # tokens a batch may hold (CPU)
+        self._samples = JobSamples()  # n > 1: a job's rows and their gathering
+        self._grammars: Grammars | None = None  # built on the first JSON Schema job
+        self._pieces: dict[int, str] = {}  # token id -> its text, for logprobs
         self.load_s = 0.0
         self.decode_steps = 0  # advanced during generate(), read by a heartbeat
 
@@ -181,7 +186,9 @@ class TransformersEngine(Engine):
 
     @property
     def pending(self) -> int:
-        running = len(self._batch.active_keys()) if self._batch is not None else 0
+        running = 0
+        if self._batch is not None:
+            running = len({self._samples.job_key(k) for k in self._batch.active_keys()})
         return len(self._waiting) + running
 
     def describe(self) -> dict[str, Any]:
@@ -209,12 +216,19 @@ class TransformersEngine(Engine):
                 f"prompt is {len(input_ids)} tokens + max_new_tokens "
                 f"{job.params.max_new_tokens} > context {limit}",
             )
+        if job.params.json_schema is not None:
+            self._grammar().compile(job.params.json_schema)  # a bad schema fails this job now
         self._waiting.append(_Waiting(job, input_ids))
 
     def cancel(self, key: int) -> None:
         # A running row stops at once; the batch goes on without it.
-        if self._batch is not None and self._batch.cancel(key):
-            if self._batch.finished:
+        running = False
+        if self._batch is not None:
+            for row_key in self._samples.keys_of(key):
+                running = self._batch.cancel(row_key) or running
+        self._samples.forget(key)
+        if running:
+            if self._batch is not None and self._batch.finished:
                 self._batch = None
                 self._batch_rows = []
             return
@@ -267,14 +281,17 @@ class TransformersEngine(Engine):
         batch: list[_Waiting] = []
         rest: list[_Waiting] = []
         width = longest = 0
+        rows = 0  # a job of n samples is n rows
         for waiting in self._waiting:
-            fits = len(batch) < self._batch_limit and _batch_key(waiting) == key
+            n = waiting.job.params.n
+            fits = (not batch or rows + n <= self._batch_limit) and _batch_key(waiting) == key
             if fits and batch and self._kv_token_budget is not None:
                 row = max(width, len(waiting.input_ids)) + max(
                     longest, waiting.job.params.max_new_tokens
                 )
-                fits = row * (len(batch) + 1) <= self._kv_token_budget
+                fits = row * (rows + n) <= self._kv_token_budget
             if fits:
+                rows += n
                 batch.append(waiting)
                 width = max(width, len(waiting.input_ids))
                 longest = max(longest, waiting.job.params.max_new_tokens)
@@ -288,10 +305,53 @@ class TransformersEngine(Engine):
         params = batch[0].job.params
         if params.seed is not None and not params.greedy:
             state.torch.manual_seed(params.seed)  # such a job runs alone: see _batch_key
-        rows = [Row(w.job, w.input_ids) for w in batch]
+        rows = [row for w in batch for row in self._rows_of(w)]
         model = Model(state.torch, state.model, state.tokenizer, state.eos_ids, state.pad_id)
-        self._batch = DecodeBatch(model, rows, logits_processors(params), params.greedy)
+        features = None
+        if (
+            params.presence_penalty
+            or params.frequency_penalty
+            or any(r.extras.matcher is not None or r.extras.top_logprobs is not None for r in rows)
+        ):
+            features = BatchFeatures(state.torch, params, self._piece)
+        processors = logits_processors(params)
+        self._batch = DecodeBatch(model, rows, processors, params.greedy, features)
         self._batch_rows = batch
+
+    def _rows_of(self, waiting: _Waiting) -> list[Row]:
+        """A job's rows: one per sample (n), each with its matcher and logprobs."""
+        rows = []
+        for job, index in self._samples.rows_of(waiting.job):
+            params = job.params
+            extras = RowExtras(index, top_logprobs=params.top_logprobs)
+            if not params.wants_logprobs:
+                extras.top_logprobs = None
+            if params.json_schema is not None:
+                extras.matcher = self._grammar().matcher(params.json_schema)
+            rows.append(Row(job, waiting.input_ids, extras=extras))
+        return rows
+
+    def _grammar(self) -> Grammars:
+        if self._grammars is None:
+            state = self._loaded()
+            backend = getattr(state.tokenizer, "backend_tokenizer", None)
+            if backend is None:
+                raise JobRejected(
+                    P.E_BAD_REQUEST,
+                    "structured output needs a fast (tokenizers) tokenizer; this model has none",
+                    "params.json_schema",
+                )
+            width = int(state.model.get_output_embeddings().weight.shape[0])
+            self._grammars = Grammars.from_tokenizer_json(
+                backend.to_str(), sorted(state.eos_ids), width
+            )
+        return self._grammars
+
+    def _piece(self, token: int) -> str:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = str(self._loaded().tokenizer.decode([token]))
+        return piece
 
     def _advance_batch(self) -> list[Event]:
         batch = self._batch
@@ -300,9 +360,12 @@ class TransformersEngine(Engine):
             events = batch.step()
         except self._loaded().torch.OutOfMemoryError:
             self._batch = None
-            active = set(batch.active_keys())
+            active = {self._samples.job_key(k) for k in batch.active_keys()}
             return self._after_oom([w for w in self._batch_rows if w.job.key in active])
         self.decode_steps += 1
+        events, siblings = self._samples.translate(events)
+        for key in siblings:  # the other samples of a job that failed
+            batch.cancel(key)
         if batch.finished:
             self._batch = None
             self._batch_rows = []
@@ -321,6 +384,7 @@ class TransformersEngine(Engine):
             )
             return []
         waiting = batch[0]
+        self._samples.forget(waiting.job.key)
         return [
             Failed(
                 waiting.job.key,
@@ -350,11 +414,12 @@ def _batch_key(waiting: _Waiting) -> tuple[Any, ...]:
     p = waiting.job.params
     key: tuple[Any, ...]
     if p.greedy:
-        key = ("greedy", p.repetition_penalty)
+        key = ("greedy", p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
     elif p.seed is not None:
         key = ("seeded", waiting.job.key)  # alone: the random draws depend on batch shape
     else:
         key = ("sampled", p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty)
+        key += (p.presence_penalty, p.frequency_penalty)
     if p.repetition_penalty != 1.0:
         key += (len(waiting.input_ids),)  # no padding for the penalty to see
     return key

@@ -29,6 +29,7 @@ from typing import Any
 
 from exgen.client import protocol as P
 from exgen.daemon.engines.base import Chunk, Event, Finished, Job
+from exgen.daemon.engines.hf_features import BatchFeatures, RowExtras, row_failed, text_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     sent: str = ""  # text streamed so far
     done: bool = False
+    extras: RowExtras = field(default_factory=RowExtras)  # schema, logprobs, sample index
 
 
 @dataclass(slots=True)
@@ -154,6 +156,16 @@ def prefill_groups(lengths: list[int], budget: int = PREFILL_GROUP_TOKENS) -> li
     return groups
 
 
+def distinct_prompts(prompts: list[list[int]]) -> tuple[list[int], dict[int, list[int]]]:
+    """The first row of each distinct prompt, and every row holding it (by first row)."""
+    first_of: dict[tuple[int, ...], int] = {}
+    holders: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompts):
+        first = first_of.setdefault(tuple(ids), i)
+        holders.setdefault(first, []).append(i)
+    return list(holders), holders
+
+
 def stream_ready(text: str, sent: str, hold: int) -> str:
     """New text a stream may send now: not the last ``hold`` characters (a stop string
     may still start there) and no partial character."""
@@ -168,11 +180,19 @@ def stream_ready(text: str, sent: str, hold: int) -> str:
 class DecodeBatch:
     """Rows that share one forward pass per step until each is finished or cancelled."""
 
-    def __init__(self, model: Model, rows: list[Row], processors: Any, greedy: bool) -> None:
+    def __init__(
+        self,
+        model: Model,
+        rows: list[Row],
+        processors: Any,
+        greedy: bool,
+        features: BatchFeatures | None = None,
+    ) -> None:
         self.m = model
         self.rows = rows
         self.processors = processors
         self.greedy = greedy
+        self.features = features
         self.width = max(len(r.input_ids) for r in rows)
         self.steps = 0
         longest = max(r.job.params.max_new_tokens for r in rows)
@@ -235,19 +255,23 @@ class DecodeBatch:
         return self._prefill_grouped()
 
     def _prefill_grouped(self) -> Any:
+        """Each distinct prompt once (a job's n samples share theirs), in length groups;
+        its keys, values and logits copied to every row that holds it."""
         torch = self.m.torch
         from transformers import DynamicCache
 
         logits: Any = None
-        lengths = [len(r.input_ids) for r in self.rows]
+        firsts, holders = distinct_prompts([r.input_ids for r in self.rows])
+        lengths = [len(self.rows[i].input_ids) for i in firsts]
         for group in prefill_groups(lengths):
-            width = max(lengths[i] for i in group)
-            index = torch.tensor(group, device=self.mask.device)
+            reps = [firsts[g] for g in group]
+            width = max(len(self.rows[i].input_ids) for i in reps)
+            source = torch.tensor(reps, device=self.mask.device)
             cols = slice(self.width - width, self.width)
-            mask = self.mask[index, cols]
+            mask = self.mask[source, cols]
             scratch: Any = DynamicCache(config=self.m.model.config)
             out = self.m.model(
-                input_ids=self.sequences[index, cols],
+                input_ids=self.sequences[source, cols],
                 attention_mask=mask,
                 position_ids=self._prompt_positions(mask),
                 cache=scratch,
@@ -256,11 +280,19 @@ class DecodeBatch:
             )
             if logits is None:
                 logits = out.logits.new_empty((len(self.rows), out.logits.shape[-1]))
-            logits[index] = out.logits[:, -1]
+            rows = [row for rep in reps for row in holders[rep]]
+            copies = None  # which computed row each batch row takes (None: one each)
+            if len(rows) > len(reps):
+                copies = torch.tensor([j for j, rep in enumerate(reps) for _ in holders[rep]])
+            index = torch.tensor(rows, device=self.mask.device)
+            logits[index] = out.logits[:, -1] if copies is None else out.logits[copies, -1]
             for layer, done in zip(self.cache.layers, scratch.layers, strict=True):
                 if layer.key_buffer is None:
                     layer.reserve(done.keys, len(self.rows))
-                layer.place(index, self.width - width, done.keys, done.values)
+                keys, values = done.keys, done.values
+                if copies is not None:
+                    keys, values = keys[copies], values[copies]
+                layer.place(index, self.width - width, keys, values)
         return logits
 
     def _prompt_positions(self, mask: Any) -> Any:
@@ -281,14 +313,22 @@ class DecodeBatch:
     def _choose(self, logits: Any) -> Any:
         torch = self.m.torch
         scores = logits.to(dtype=torch.float32)
+        features = self.features
+        if features is not None:  # logprobs, penalties, schema masks (hf_features)
+            extras = [r.extras for r in self.rows]
+            features.observe(extras, scores)
+            scores = features.constrain(extras, scores, self.sequences[:, self.width : self.length])
         if self.processors:
             scores = self.processors(self.sequences[:, : self.length], scores)
         if self.greedy:
             chosen = scores.argmax(-1)
         else:
             chosen = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
-        done = torch.tensor([r.done for r in self.rows], device=chosen.device)
+        flags = [r.done for r in self.rows]
+        done = torch.tensor(flags, device=chosen.device)
         chosen = chosen.masked_fill(done, self.m.pad_id)
+        if features is not None:
+            features.chosen(extras, chosen.tolist(), flags)
         column = self.length
         self.sequences[:, column] = chosen
         self.mask[:, column] = 1
@@ -304,6 +344,10 @@ class DecodeBatch:
             if row.done:
                 continue
             row.tokens.append(token)
+            if row.extras.failure is not None:
+                row.done = True
+                events.append(row_failed(row.job.key, row.extras.failure))
+                continue
             reason = self._finish_reason(row, token)
             if reason is not None:
                 row.done = True
@@ -340,7 +384,12 @@ class DecodeBatch:
             events.append(Chunk(row.job.key, text[len(row.sent) :]))
         elif row.job.stream and not text.startswith(row.sent):
             logger.warning("job %d: streamed text is not a prefix of its final text", row.job.key)
-        events.append(Finished(row.job.key, text, reason, len(row.input_ids), len(tokens)))
+        logprobs = text_logprobs(
+            row.extras, len(tokens), bool(tokens) and tokens[-1] in self.m.eos_ids
+        )
+        events.append(
+            Finished(row.job.key, text, reason, len(row.input_ids), len(tokens), logprobs)
+        )
         return events
 
     def _compact_if_worth_it(self) -> None:

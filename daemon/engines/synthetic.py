@@ -32,6 +32,14 @@ crash_marker       ""       a job whose prompt contains this kills the process
 hang_marker        ""       a job whose prompt contains this makes step() hang
 hang_after         0        step() hangs forever once this many jobs have ended
 =================  =======  =====================================================
+
+What batch users ask of a generation, modelled cheaply: ``json_schema`` gives a JSON
+instance of the schema (:mod:`synthetic_json`; a schema it cannot instantiate is a
+per-item error, as a real engine's compile error), written a few characters per
+token and ended as by an EOS; ``logprobs`` gives made-up but well-formed values (the
+chosen token first among its alternatives, all <= 0); ``n`` samples differ from each
+other (sample 0 is the n = 1 text); presence and frequency penalties are accepted and
+change nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import re
 import time
 from collections import OrderedDict
@@ -46,6 +55,7 @@ from dataclasses import dataclass, field
 
 from exgen.client import protocol as P
 from exgen.daemon.engines.base import (
+    Choice,
     Chunk,
     Engine,
     EngineUnavailable,
@@ -53,8 +63,12 @@ from exgen.daemon.engines.base import (
     Finished,
     Job,
     JobRejected,
+    SamplingParams,
+    TokenLogprob,
+    finished_from_choices,
     take_options,
 )
+from exgen.daemon.engines.synthetic_json import SchemaUnsupported, instance_text
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +101,14 @@ OPTIONS: dict[str, tuple[type, object]] = {
 _WORD_OF_BYTE = tuple(WORDS[b % len(WORDS)] for b in range(256))
 
 
-def synthetic_words(prompt: str, params_seed: int | None, count: int) -> list[str]:
-    """``count`` words derived from the prompt (and seed): deterministic everywhere."""
-    seed = hashlib.blake2b(f"{params_seed}|{prompt}".encode(), digest_size=16).digest()
+JSON_CHARS_PER_TOKEN = 4  # structured output: a "token" is this many characters of JSON
+
+
+def synthetic_words(prompt: str, params_seed: int | None, count: int, sample: int = 0) -> list[str]:
+    """``count`` words derived from the prompt (and seed, and sample index of n):
+    deterministic everywhere."""
+    salt = f"{params_seed}|{prompt}" if sample == 0 else f"{params_seed}|{sample}|{prompt}"
+    seed = hashlib.blake2b(salt.encode(), digest_size=16).digest()
     words: list[str] = []
     block = seed
     while len(words) < count:
@@ -104,14 +123,38 @@ def prompt_text(job: Job) -> str:
     return job.prompt or ""
 
 
+def fake_logprobs(pieces: list[str], top: int) -> list[TokenLogprob]:
+    """Well-formed logprobs for these tokens: each chosen first among ``top``
+    alternatives (itself, then words), every value <= 0, decreasing."""
+    out: list[TokenLogprob] = []
+    for i, piece in enumerate(pieces):
+        chosen = -0.05 * (1 + i % 7)
+        alternatives = [[piece, chosen]]
+        alternatives += [[" " + WORDS[(i + j) % len(WORDS)], chosen - j] for j in range(1, top)]
+        out.append([piece, chosen, alternatives[:top]])
+    return out
+
+
+@dataclass(slots=True)
+class _Sample:
+    """One of a job's n samples: its tokens ("pieces" of text) and how far it got."""
+
+    pieces: list[str]
+    eos: bool = False  # the pieces end at an EOS, before max_new_tokens
+    produced: int = 0
+    text: list[str] = field(default_factory=list)
+    done: Choice | None = None
+
+
 @dataclass(slots=True)
 class _Active:
     job: Job
-    words: list[str]
+    samples: list[_Sample]
     prompt_tokens: int
-    eos: bool = False  # the words end at an EOS, before max_new_tokens
-    produced: int = 0
-    text: list[str] = field(default_factory=list)
+
+    @property
+    def produced(self) -> int:
+        return self.samples[0].produced
 
 
 class SyntheticEngine(Engine):
@@ -162,15 +205,23 @@ class SyntheticEngine(Engine):
                 f"prompt is {prompt_tokens} tokens + max_new_tokens "
                 f"{job.params.max_new_tokens} > context {self.max_seq_len}",
             )
-        length = job.params.max_new_tokens
+        samples = [self._sample(job, text, i) for i in range(job.params.n)]
+        self._waiting[job.key] = _Active(job, samples, prompt_tokens)
+
+    def _sample(self, job: Job, text: str, index: int) -> _Sample:
+        params = job.params
+        length = params.max_new_tokens
+        if params.json_schema is not None:
+            pieces = json_pieces(params, text, index)
+            return _Sample(pieces[:length], eos=len(pieces) <= length)
         eos = False
         if self.opts["eos_from_prompt"]:
             match = _EOS_AT.search(text)
             eos_at = int(match.group(1)) if match is not None else length
             if eos_at < length:
                 length, eos = max(1, eos_at), True
-        words = synthetic_words(text, job.params.seed, length)
-        self._waiting[job.key] = _Active(job, words, prompt_tokens, eos)
+        words = synthetic_words(text, params.seed, length, index)
+        return _Sample([" " + w for w in words], eos)
 
     def cancel(self, key: int) -> None:
         self._waiting.pop(key, None)
@@ -226,40 +277,71 @@ class SyntheticEngine(Engine):
                 time.sleep(3600)
 
     def _advance(self, tokens: int | None) -> list[Event]:
-        """Each active job gains ``tokens`` words (None: all of them)."""
+        """Each active job's samples gain ``tokens`` tokens (None: all of them)."""
         events: list[Event] = []
         for key in list(self._active):
             active = self._active[key]
-            end = len(active.words) if tokens is None else active.produced + tokens
-            new = active.words[active.produced : end]
-            active.produced += len(new)
-            piece = "".join(" " + w for w in new)
-            active.text.append(piece)
-            finished = self._finish_if_done(active)
-            if finished is not None:
-                events.append(finished)
-            elif active.job.stream and piece:
-                events.append(Chunk(key, piece))
+            stream = ""
+            for index, sample in enumerate(active.samples):
+                if sample.done is not None:
+                    continue
+                end = len(sample.pieces) if tokens is None else sample.produced + tokens
+                piece = "".join(sample.pieces[sample.produced : end])
+                sample.produced = min(end, len(sample.pieces))
+                sample.text.append(piece)
+                sample.done = self._choice_if_done(sample, active.job.params)
+                if index == 0 and sample.done is None:
+                    stream = piece  # n > 1 streams the first sample
+            if all(s.done is not None for s in active.samples):
+                events.append(self._end(active))
+            elif active.job.stream and stream:
+                events.append(Chunk(key, stream))
         return events
 
-    def _finish_if_done(self, active: _Active) -> Finished | None:
-        stops = active.job.params.stop
-        if not stops and active.produced < len(active.words):
+    def _choice_if_done(self, sample: _Sample, params: SamplingParams) -> Choice | None:
+        stops = params.stop
+        if not stops and sample.produced < len(sample.pieces):
             return None  # nothing to look for yet: no joining the whole text every step
-        text = "".join(active.text)
+        text = "".join(sample.text)
         for stop in stops:
             cut = text.find(stop)
             if cut >= 0:
-                return self._end(active, text[:cut], P.FINISH_STOP)
-        if active.produced >= len(active.words):
-            return self._end(active, text, P.FINISH_STOP if active.eos else P.FINISH_LENGTH)
+                return self._choice(sample, params, text[:cut], P.FINISH_STOP)
+        if sample.produced >= len(sample.pieces):
+            reason = P.FINISH_STOP if sample.eos else P.FINISH_LENGTH
+            return self._choice(sample, params, text, reason)
         return None
 
-    def _end(self, active: _Active, text: str, reason: str) -> Finished:
+    @staticmethod
+    def _choice(sample: _Sample, params: SamplingParams, text: str, reason: str) -> Choice:
+        logprobs = None
+        if params.wants_logprobs:
+            logprobs = fake_logprobs(sample.pieces[: sample.produced], params.top_logprobs)
+        return Choice(text, reason, sample.produced, logprobs)
+
+    def _end(self, active: _Active) -> Finished:
         del self._active[active.job.key]
         self._ended += 1
         crash_after = self.opts["crash_after"]
         if crash_after and self._ended >= crash_after:
             logger.warning("synthetic: %d jobs ended, dying as asked", self._ended)
             os._exit(CRASH_EXIT_CODE)
-        return Finished(active.job.key, text, reason, active.prompt_tokens, active.produced)
+        choices = [s.done for s in active.samples if s.done is not None]
+        return finished_from_choices(active.job.key, active.prompt_tokens, choices)
+
+
+def json_pieces(params: SamplingParams, prompt: str, index: int) -> list[str]:
+    """A JSON instance of the job's schema, cut into tokens; a schema the generator
+    cannot instantiate is the job's error, as a compile error is on a real engine."""
+    assert params.json_schema is not None
+    rng = random.Random(f"{params.seed}|{index}|{prompt}")
+    try:
+        text = instance_text(params.json_schema, rng)
+    except SchemaUnsupported as exc:
+        raise JobRejected(
+            P.E_BAD_REQUEST,
+            f"params.json_schema: the synthetic engine cannot follow this schema: {exc}",
+            "params.json_schema",
+        ) from None
+    step = JSON_CHARS_PER_TOKEN
+    return [text[i : i + step] for i in range(0, len(text), step)]

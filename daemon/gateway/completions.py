@@ -52,7 +52,17 @@ def parse_body(raw: bytes, url: str) -> Parsed:
     entry = B.parse_line(json.dumps({"custom_id": request_id, "url": url, "body": body}), 1)
     if isinstance(entry, B.LineError):
         raise bad_body(entry.message)
+    if stream:
+        _check_streamable(entry)
     return Parsed(entry, bool(stream), include_usage)
+
+
+def _check_streamable(line: B.BatchLine) -> None:
+    """A stream carries one sample's text: n > 1 and logprobs are for whole answers."""
+    if line.params.get("n", 1) > 1:
+        raise ApiError(400, "n > 1 is not supported with stream: true", param="n")
+    if line.params.get("logprobs") or line.params.get("top_logprobs"):
+        raise ApiError(400, "logprobs are not supported with stream: true", param="logprobs")
 
 
 def json_object(raw: bytes) -> dict[str, Any]:

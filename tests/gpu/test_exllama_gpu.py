@@ -191,3 +191,66 @@ def test_chat_messages_use_the_model_template(engine: ExlEngine) -> None:
         pytest.skip(f"model has no chat template: {exc.message}")
     result = finished(drain(engine))[400]
     assert result.text.strip()
+
+
+# --- issue 15: structured output, logprobs, n, penalties ------------------------------------
+
+BOUNDED_SCHEMA = {  # every value bounded: even a model of random weights must finish it
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "ok": {"type": "boolean"},
+        "label": {"enum": ["positive", "negative", "neutral"]},
+    },
+    "required": ["name", "age", "ok", "label"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_outputs_validate_whatever_the_weights(engine: ExlEngine) -> None:
+    import json
+
+    params = P.validate_params({"json_schema": BOUNDED_SCHEMA, "max_new_tokens": 120})
+    for key in range(500, 508):
+        engine.add(make_job(key, f"Person {key} as JSON:", **params))
+    done = finished(drain(engine))
+    assert sorted(done) == list(range(500, 508))
+    for result in done.values():
+        assert result.finish_reason == P.FINISH_STOP, result.text
+        person = json.loads(result.text)  # the schema checked by hand (no jsonschema there)
+        assert list(person) == ["name", "age", "ok", "label"]
+        assert isinstance(person["name"], str) and len(person["name"]) <= 8
+        assert type(person["age"]) is int and 0 <= person["age"] <= 99
+        assert type(person["ok"]) is bool and person["label"] in ("positive", "negative", "neutral")
+    with pytest.raises(JobRejected) as exc:
+        engine.add(make_job(508, **P.validate_params({"json_schema": {"$ref": "#/nope"}})))
+    assert exc.value.field == "params.json_schema"
+
+
+def test_logprobs_are_per_token_and_greedy_picks_the_best(engine: ExlEngine) -> None:
+    import math
+
+    engine.add(make_job(600, logprobs=True, top_logprobs=4, max_new_tokens=16))
+    result = finished(drain(engine))[600]
+    entries = result.logprobs
+    assert entries, "no logprobs"
+    assert "".join(e[0] for e in entries) == result.text
+    for _token, logprob, top in entries:
+        assert logprob <= 0 and len(top) == 4
+        values = [v for _, v in top]
+        assert values == sorted(values, reverse=True)
+        assert abs(logprob - values[0]) < 1e-3  # greedy: the chosen one is the likeliest
+        assert sum(math.exp(v) for v in values) <= 1 + 1e-3
+
+
+def test_n_samples_come_back_as_choices(engine: ExlEngine) -> None:
+    engine.add(make_job(700, n=3, temperature=1.0, seed=1, max_new_tokens=12))
+    engine.add(make_job(701, n=2, max_new_tokens=12))
+    engine.add(make_job(702, max_new_tokens=12, presence_penalty=1.5, frequency_penalty=0.5))
+    done = finished(drain(engine))
+    sampled, greedy = done[700], done[701]
+    assert sampled.choices is not None and len(sampled.choices) == 3
+    assert sampled.completion_tokens == sum(c.completion_tokens for c in sampled.choices)
+    assert greedy.choices is not None and greedy.choices[0].text == greedy.choices[1].text
+    assert done[702].text

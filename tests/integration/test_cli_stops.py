@@ -165,7 +165,7 @@ def test_a_closed_pipe_stops_the_submit_and_cancels_its_work(slow_daemon, tmp_pa
 
 
 VLLM_STYLE_BATCH = [
-    # The shape of vLLM's examples/offline_inference/openai_batch/openai_example_batch.jsonl:
+    # vLLM's examples/offline_inference/openai_batch/openai_example_batch.jsonl, line for line:
     # chat lines naming a model this daemon does not serve.
     {
         "custom_id": f"request-{i}",
@@ -177,7 +177,7 @@ VLLM_STYLE_BATCH = [
                 {"role": "system", "content": system},
                 {"role": "user", "content": "Hello world!"},
             ],
-            "max_completion_tokens": 100,
+            "max_completion_tokens": 1000,
         },
     }
     for i, system in enumerate(

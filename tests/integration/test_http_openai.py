@@ -105,11 +105,11 @@ def test_models_list_names_the_served_model(sdk: openai.OpenAI, gateway: HttpDae
 
 def test_unsupported_and_bad_fields_are_400s_naming_the_field(sdk: openai.OpenAI) -> None:
     cases = [
-        ({"n": 2}, "n"),
-        ({"logprobs": True}, "logprobs"),
+        ({"n": 17}, "n"),
+        ({"n": 2, "stream": True}, "n"),
         ({"temperature": -1}, "temperature"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"presence_penalty": 3}, "presence_penalty"),
     ]
     for extra, param in cases:
         with pytest.raises(openai.BadRequestError) as caught:
@@ -120,6 +120,33 @@ def test_unsupported_and_bad_fields_are_400s_naming_the_field(sdk: openai.OpenAI
     with pytest.raises(openai.BadRequestError) as caught:
         sdk.chat.completions.create(model="x", messages=CHAT, extra_body={"temprature": 0.5})
     assert caught.value.param == "temprature" and "temperature" in caught.value.message
+
+
+def test_n_samples_logprobs_and_a_json_schema_over_http(sdk: openai.OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"label": {"enum": ["pos", "neg"]}, "score": {"type": "integer"}},
+        "required": ["label", "score"],
+    }
+    reply = sdk.chat.completions.create(
+        model="x",
+        messages=CHAT,
+        max_tokens=40,
+        n=3,
+        temperature=0.8,
+        seed=3,
+        logprobs=True,
+        top_logprobs=2,
+        presence_penalty=0.5,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    )
+    assert isinstance(reply, ChatCompletion)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    for choice in reply.choices:
+        data = json.loads(choice.message.content or "")
+        assert data["label"] in ("pos", "neg") and isinstance(data["score"], int)
+        assert choice.logprobs is not None and choice.logprobs.content
+        assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
 
 
 def test_errors_are_openai_error_objects(gateway: HttpDaemon) -> None:

@@ -290,19 +290,26 @@ def test_openai_neutral_values_are_accepted() -> None:
         "metadata": {"k": "v"},
         "store": False,
     }
-    assert one(openai_line(body)).params == {}
+    params = one(openai_line(body)).params
+    assert params == {"n": 1, "logprobs": False, "frequency_penalty": 0.0, "presence_penalty": 0.0}
 
 
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
-        ({**CHAT_BODY, "n": 2}, "only n=1"),
-        ({**CHAT_BODY, "n": True}, "only n=1"),
+        ({**CHAT_BODY, "n": 99}, "body.n"),
+        ({**CHAT_BODY, "n": True}, "body.n"),
+        ({**CHAT_BODY, "best_of": 2}, "only best_of=1"),
         ({**CHAT_BODY, "stream": True}, "streaming"),
-        ({**CHAT_BODY, "logprobs": True}, "log probabilities"),
-        ({**CHAT_BODY, "presence_penalty": 0.5}, "repetition_penalty"),
+        ({**CHAT_BODY, "logprobs": 3}, "body.logprobs"),
+        ({**CHAT_BODY, "top_logprobs": 21}, "body.top_logprobs"),
+        ({**CHAT_BODY, "presence_penalty": 2.5}, "body.presence_penalty"),
         ({**CHAT_BODY, "tools": [{"type": "function"}]}, "tool calling"),
-        ({**CHAT_BODY, "response_format": {"type": "json_object"}}, "response_format"),
+        ({**CHAT_BODY, "response_format": {"type": "xml"}}, "body.response_format.type"),
+        (
+            {**CHAT_BODY, "response_format": {"type": "json_schema", "json_schema": {"x": 1}}},
+            "body.response_format.json_schema",
+        ),
         ({**CHAT_BODY, "temprature": 1}, "'temprature' (did you mean 'temperature'?)"),
         ({**CHAT_BODY, "temperature": 9000}, "body.temperature"),
         ({**CHAT_BODY, "max_tokens": -1}, "body.max_tokens"),
@@ -505,9 +512,9 @@ def test_line_error_output_plain_and_openai() -> None:
     assert plain["id"] == "a" and plain["finish_reason"] == "error"
     assert plain["error"]["code"] == "bad_request" and plain["error"]["line"] == 1
     assert "temprature" in plain["error"]["message"]
-    oai = B.format_line_error(error_of(openai_line({**CHAT_BODY, "n": 3})))
+    oai = B.format_line_error(error_of(openai_line({**CHAT_BODY, "best_of": 3})))
     assert oai["custom_id"] == "req-1" and oai["response"] is None
-    assert oai["error"]["line"] == 1 and "n=1" in oai["error"]["message"]
+    assert oai["error"]["line"] == 1 and "best_of=1" in oai["error"]["message"]
 
 
 def test_writer_writes_one_flushed_line_each(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ from exgen.daemon.engines.exl_common import (
     ExlOptions,
     JobSpec,
 )
+from exgen.daemon.engines.grammar import SchemaMatcher
 
 INSTALL_LINE = "pip install --no-deps exllamav2==0.3.2 exllamav3==1.6.5"
 PINS = {"exllamav2": exl2.EXLLAMAV2_VERSION, "exllamav3": exl3.EXLLAMAV3_VERSION}
@@ -315,8 +316,8 @@ def emitted_eos_reasons(path: Path) -> set[str]:
 # --- our side: the engine modules use only what they declare ----------------------------
 
 # Keywords and attributes of things that are not the library (torch, logging, ours).
-FOREIGN_KWARGS = {"dtype"}  # torch.tensor(..., dtype=torch.long)
-FOREIGN_ATTRS = {"tensor", "long", "tolist", "warning", "info", "debug"}
+FOREIGN_KWARGS = {"dtype", "strict"}  # torch.tensor(..., dtype=torch.long), zip(strict=)
+FOREIGN_ATTRS = {"tensor", "long", "tolist", "warning", "info", "debug", "append", "get", "shape"}
 # ``**`` in a library call is allowed only for these, whose keys the tables declare.
 SPLAT_FUNCTIONS = {"sampler_settings", "sampler_kwargs"}
 
@@ -326,6 +327,8 @@ def _our_attrs() -> set[str]:
     for cls in (ExlOptions, JobSpec, SamplingParams):
         names |= {f.name for f in dataclasses.fields(cls)}
         names |= {n for n in vars(cls) if not n.startswith("_")}
+    # the grammar's matcher, which the schema filters drive (vocab_size: set in __init__)
+    names |= {n for n in vars(SchemaMatcher) if not n.startswith("_")} | {"vocab_size"}
     return names
 
 
@@ -392,6 +395,8 @@ def _on_self_or_module(node: ast.Attribute) -> bool:
         "importlib",
         "logging",
         "log",
+        "torch",
+        "math",
     }
 
 
@@ -471,7 +476,102 @@ def test_dynamic_generator_refuses_the_fp8_cache_we_do_not_offer() -> None:
     assert "not isinstance(cache, ExLlamaV2Cache_8bit)" in source
 
 
+# --- structured output and logprobs: the filter hooks and logits we rely on -----------------
+
+MODULES = {"exllamav2": exl2, "exllamav3": exl3}
+
+
+def referenced_names(path: Path) -> set[str]:
+    """Attribute names a source refers to (``f.feed(...)``, ``pool.submit(self.next)``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+
+
+def filter_call_problems(root: Path, calls: dict[str, tuple[str, ...]]) -> list[str]:
+    problems = []
+    for rel, hooks in calls.items():
+        path = root / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        names = referenced_names(path)
+        problems += [f"{rel} no longer uses .{hook}" for hook in hooks if hook not in names]
+    return problems
+
+
+@pytest.mark.parametrize("dist", sorted(MODULES))
+def test_the_filter_hooks_we_override_are_driven_by_the_library(dist: str) -> None:
+    calls = MODULES[dist].FILTER_CALLS  # type: ignore[attr-defined]
+    assert filter_call_problems(root_of(dist), calls) == []
+
+
+def _schema_filter_methods(source: str) -> set[str]:
+    tree = ast.parse(source)
+    [cls] = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "SchemaFilter"]
+    return {n.name for n in cls.body if isinstance(n, ast.FunctionDef)} - {"__init__"}
+
+
+@pytest.mark.parametrize("dist", sorted(MODULES))
+def test_the_schema_filter_overrides_only_declared_hooks(dist: str) -> None:
+    declared = {u.member for u in TABLES[dist] if u.target.endswith("Filter") and u.member}
+    overridden = _schema_filter_methods(ENGINE_SOURCES[dist].read_text(encoding="utf-8"))
+    assert overridden and overridden <= declared, sorted(overridden - declared)
+    # ...and every declared hook is one the library calls
+    calls = {h for hooks in MODULES[dist].FILTER_CALLS.values() for h in hooks}  # type: ignore[attr-defined]
+    assert overridden <= calls | {"next"}, sorted(overridden - calls)
+
+
+def test_exllamav2_returns_the_logits_before_sampling_and_masks_out_of_place() -> None:
+    # logprobs are computed from return_logits: the logits the job held must be the
+    # ones it sampled from, and the sampler must use the masked copy our filter returns
+    # (so the held logits stay the model's own).
+    gen = root_of("exllamav2") / "exllamav2/generator"
+    dynamic = (gen / "dynamic.py").read_text(encoding="utf-8")
+    sampler = (gen / "sampler.py").read_text(encoding="utf-8")
+    assert "self.held_logits.append(logits[:1, :, :])" in dynamic
+    assert "logits = f.mask_logits(flat_logits).view(1, 1, -1)" in sampler
+    # the library's own token probs are after top-k (1.0 for a greedy token): not ours
+    assert "output_probs" in sampler and "top_k_cpu" in (
+        root_of("exllamav2") / "exllamav2/exllamav2_ext/ext_sampling.cpp"
+    ).read_text(encoding="utf-8")
+
+
+def test_exllamav3_returns_probabilities_of_the_raw_logits() -> None:
+    job = (root_of("exllamav3") / "exllamav3/generator/job.py").read_text(encoding="utf-8")
+    assert "probs = torch.softmax(logits.float(), dim = -1)" in job
+    custom = root_of("exllamav3") / "exllamav3/generator/sampler/custom.py"
+    # a bitmask is applied to a copy: the logits the probabilities come from stay raw
+    assert "masked = torch.empty_like(logits.view(bsz, dim))" in custom.read_text(encoding="utf-8")
+
+
+def test_both_samplers_take_openai_presence_and_frequency_penalties() -> None:
+    v3 = SourceTree(root_of("exllamav3")).find_method("exllamav3", "ComboSampler", "__init__")
+    assert v3 is not None and {"pres_p", "freq_p"} <= _params(v3)
+    fields = SourceTree(root_of("exllamav2")).class_fields(
+        "exllamav2.generator", "ExLlamaV2Sampler.Settings"
+    )
+    assert {"token_presence_penalty", "token_frequency_penalty"} <= fields
+    params = SamplingParams(presence_penalty=0.7, frequency_penalty=-0.3)
+    assert exl2.sampler_settings(params)["token_presence_penalty"] == 0.7
+    assert exl2.sampler_settings(params)["token_frequency_penalty"] == -0.3
+    assert (exl3.sampler_kwargs(params)["pres_p"], exl3.sampler_kwargs(params)["freq_p"]) == (
+        0.7,
+        -0.3,
+    )
+
+
 # --- negative controls ---------------------------------------------------------------------
+
+
+def test_a_filter_hook_renamed_upstream_fails(tmp_path: Path) -> None:
+    root = _copy_package("exllamav2", tmp_path)
+    _edit(
+        root / "exllamav2/generator/sampler.py",
+        "logits = f.mask_logits(flat_logits)",
+        "logits = f.apply_mask(flat_logits)",
+    )
+    problems = filter_call_problems(root, exl2.FILTER_CALLS)
+    assert problems == ["exllamav2/generator/sampler.py no longer uses .mask_logits"]
 
 
 def _copy_package(dist: str, dest: Path) -> Path:

@@ -94,10 +94,10 @@ class LibJob:
 
     spec: JobSpec
     steps: list[list[dict[str, Any]]]
-    identifier: int = field(init=False)
+    identifier: tuple[int, int] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.identifier = self.spec.key
+        self.identifier = self.spec.identifier
 
 
 class ScriptedGenerator:
@@ -112,6 +112,7 @@ class ScriptedGenerator:
         eos_token_id: int | None = 2,
     ) -> None:
         self.paged = paged
+        self.vocab_size = 320
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.eos_token_id = eos_token_id
@@ -138,7 +139,8 @@ class ScriptedGenerator:
 
     def cancel(self, handle: LibJob) -> None:
         self.cancelled.append(handle)
-        self.active.remove(handle)
+        if handle in self.active:  # both libraries ignore a job they no longer hold
+            self.active.remove(handle)
 
     def iterate(self) -> list[dict[str, Any]]:
         self.iterations += 1
@@ -154,6 +156,10 @@ class ScriptedGenerator:
             if not job.steps:
                 self.active.remove(job)
         return results
+
+    def token_logprobs(self, result: dict[str, Any], top: int) -> list[Any]:
+        """A scripted result's ``lp``: [token, logprob, alternatives] per token."""
+        return [[t, lp, alts[:top]] for t, lp, alts in result.get("lp", [])]
 
     def describe(self) -> dict[str, Any]:
         return {"scripted": True}

@@ -102,7 +102,9 @@ def test_a_body_maps_as_a_batch_line_does() -> None:
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"n": 3}, "n"),
+        ({"n": 17}, "n"),
+        ({"n": 2, "stream": True}, "n"),
+        ({"logprobs": True, "stream": True}, "logprobs"),
         ({"temprature": 1}, "temprature"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"stream": "yes"}, "stream"),

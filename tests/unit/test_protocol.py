@@ -130,6 +130,27 @@ BAD_PARAMS = [
     ("stop", [3]),
     ("stop", ["s"] * (P.MAX_STOP_STRINGS + 1)),
     ("stop", ["s" * (P.MAX_STOP_CHARS + 1)]),
+    ("presence_penalty", 2.01),
+    ("presence_penalty", -2.5),
+    ("frequency_penalty", float("nan")),
+    ("frequency_penalty", "0.5"),
+    ("n", 0),
+    ("n", P.MAX_N + 1),
+    ("n", 1.5),
+    ("logprobs", 1),
+    ("logprobs", "yes"),
+    ("top_logprobs", -1),
+    ("top_logprobs", P.MAX_TOP_LOGPROBS + 1),
+    ("json_schema", 5),
+    ("json_schema", "not json"),
+    ("json_schema", "[1, 2]"),
+    ("json_schema", "{" * 40),
+    ("json_schema", "x" * (P.MAX_SCHEMA_CHARS + 1)),
+    ("response_format", {"type": "xml"}),
+    ("response_format", {"type": "json_schema"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"schema": []}}),
+    ("response_format", {"type": "json_object", "extra": 1}),
+    ("response_format", 7),
 ]
 
 
@@ -154,13 +175,22 @@ GOOD_PARAMS = {
     "repetition_penalty": 0.01,
     "seed": P.MAX_SEED,
     "stop": ["s" * P.MAX_STOP_CHARS] * P.MAX_STOP_STRINGS,
+    "presence_penalty": -2.0,
+    "frequency_penalty": 2.0,
+    "n": P.MAX_N,
+    "logprobs": True,
+    "top_logprobs": P.MAX_TOP_LOGPROBS,
+    "json_schema": '{"type":"object","properties":{"a":' * 15 + "{}" + "}}" * 15,
 }
 
 
 def test_every_parameter_at_its_limit_is_accepted():
     [item] = P.validate_submit(one(params=GOOD_PARAMS)).items
     assert item.params == GOOD_PARAMS
-    assert set(GOOD_PARAMS) == P.PARAM_NAMES, "a new parameter needs limits and tests"
+    # response_format is another spelling of json_schema (tested below)
+    assert set(GOOD_PARAMS) | {"response_format"} == P.PARAM_NAMES, (
+        "a new parameter needs limits and tests"
+    )
 
 
 def test_integral_floats_and_single_stop_strings_are_normalised():
