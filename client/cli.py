@@ -753,7 +753,11 @@ def cancel(
 
 def format_status(doc: dict[str, Any]) -> str:
     """The status document as a table of workers, a line of totals, then the clients."""
-    lines = _table(STATUS_COLUMNS, doc.get("workers") or [])
+    workers = doc.get("workers") or []
+    columns: tuple[tuple[str, str], ...] = STATUS_COLUMNS
+    if any(w.get("node") not in (None, "local") for w in workers):  # a cluster (Ray)
+        columns = (*STATUS_COLUMNS[:3], ("node", "node"), ("host", "host"), *STATUS_COLUMNS[3:])
+    lines = _table(columns, workers)
     facts = [
         f"engine {doc.get('engine', '-')}",
         f"model {doc.get('model', '-')}",
@@ -792,6 +796,8 @@ def _cell(key: str, value: Any) -> str:
         return f"{float(value):.1f}s"
     if key == "id":
         return str(value)[:CLIENT_ID_CHARS]
+    if key == "node":
+        return str(value)[:12]  # Ray's node ids: 56 hex digits, unique well before 12
     return str(value)
 
 

@@ -79,7 +79,7 @@ class WorkerMessages:
 
     def _on_ready(self, identity: bytes, ready: wire.Ready, now: float) -> None:
         slot = self.table.get(ready.slot)
-        if slot is None or slot.pid != ready.pid:
+        if slot is None or not slot.is_process(ready.pid):
             logger.warning(
                 "READY from slot %d pid %d, which is not that slot's process", ready.slot, ready.pid
             )

@@ -110,6 +110,20 @@ def main() -> None:
     "--http-state-dir", metavar="DIR", help="The HTTP gateway's job store (batches, files)."
 )
 @click.option("--log-level", type=click.Choice(LEVELS), help="Log level (default: info).")
+@click.option(
+    "--ray",
+    is_flag=False,
+    flag_value="auto",
+    metavar="[ADDRESS]",
+    help="Run the workers as Ray actors across a cluster: the one this machine has "
+    "joined (`--ray` alone: auto), or ADDRESS. Needs exgen[ray]; see docs/cluster.md.",
+)
+@click.option(
+    "--ray-resource", help="In Ray mode, what a slot takes: GPU (default) or a custom resource."
+)
+@click.option(
+    "--ray-gpus-per-slot", type=int, help="In Ray mode, units of that resource per slot (1)."
+)
 def serve(config_file: Path | None, engine_opt: tuple[str, ...], **options: Any) -> None:
     """Start the supervisor, one worker per GPU (or slot), and the router."""
     given = {k: v for k, v in options.items() if v is not None}
@@ -137,25 +151,38 @@ def run_daemon(settings: cfg.Settings) -> int:
         raise CliError(str(exc)) from None
     check_http_gateway(settings, listen)  # issue 13
     engine, model = resolve_engine_and_model(settings)
-    gpu_slots = cfg.parse_gpus(settings.gpus) if settings.gpus else None
-    if gpu_slots is None and settings.workers is None and engine != "synthetic":
-        gpus = detect_gpus()
-        gpu_slots = [[g] for g in gpus] or None
-        if gpu_slots is None:
-            settings.workers = default_cpu_workers_for(model)
-    slots = plan_slots(settings, gpu_slots)
+    if settings.ray is not None:
+        slots, where = ray_slots(settings), f" on the Ray cluster ({settings.ray})"
+    else:
+        gpu_slots = cfg.parse_gpus(settings.gpus) if settings.gpus else None
+        if gpu_slots is None and settings.workers is None and engine != "synthetic":
+            gpus = detect_gpus()
+            gpu_slots = [[g] for g in gpus] or None
+            if gpu_slots is None:
+                settings.workers = default_cpu_workers_for(model)
+        slots, where = plan_slots(settings, gpu_slots), "" if gpu_slots else " on CPU"
     try:
         daemon = Daemon(settings, listen, slots, engine, model)
     except (AddressInUse, CurveSetupError) as exc:
         raise CliError(str(exc)) from None  # one line, and nothing logged before it
-    logger.info(
-        "engine %s, model %s, %d slot(s)%s",
-        engine,
-        model or "-",
-        len(slots),
-        "" if gpu_slots else " on CPU",
-    )
+    logger.info("engine %s, model %s, %d slot(s)%s", engine, model or "-", len(slots), where)
     return daemon.run()
+
+
+def ray_slots(settings: cfg.Settings) -> list[Any]:
+    """Join the Ray cluster and plan the slots there (Ray is imported only here)."""
+    try:
+        from exgen.daemon import launch_ray
+    except ImportError as exc:
+        raise CliError(
+            f"Ray mode needs Ray: pip install 'exgen[ray]' ({exc.name or exc} is missing)"
+        ) from None
+    assert settings.ray is not None
+    try:
+        launch_ray.connect(settings.ray)
+        return launch_ray.plan_ray_slots(settings)
+    except launch_ray.RayModeError as exc:
+        raise CliError(str(exc)) from None
 
 
 def default_cpu_workers_for(model: str | None) -> int:

@@ -87,6 +87,14 @@ class Settings:
     min_ready: int | None = None  # slots ready before READY=1 (None: all)
     metrics_listen: str | None = None  # "127.0.0.1:9464"; None: off
     log_level: str = "info"
+    # Ray mode (docs/cluster.md): workers are Ray actors anywhere in a cluster. A
+    # [ray] table in the file sets these without the prefix (address = "auto").
+    ray: str | None = None  # "auto" (the cluster this machine is part of) or its address
+    ray_resource: str = "GPU"  # what a slot takes: GPU, or a custom resource's name
+    ray_gpus_per_slot: int = 1  # units of ray_resource per slot; 0: CPU slots
+    ray_cpus_per_slot: float = 1.0  # CPUs Ray reserves for each slot's actor
+    ray_worker_listen: str = "tcp://0.0.0.0:5556"  # where workers connect back (CURVE)
+    ray_kill_timeout_s: float = 5.0  # a killed worker's actor silent this long: node lost
     # The OpenAI-compatible HTTP gateway (daemon/gateway), a supervised process of
     # its own and an ordinary client of the router. Budgets: docs/http.md.
     http: str | None = None  # "HOST:PORT" or a port (then 127.0.0.1); None: off
@@ -103,6 +111,7 @@ class Settings:
 
 
 FIELD_TYPES: dict[str, Any] = {f.name: f.type for f in dataclasses.fields(Settings)}
+RAY_TABLE = "ray"  # [ray] address = ..., resource = ... → ray, ray_resource, ...
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -182,11 +191,22 @@ def parse_engine_opts(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
 def from_mapping(raw: dict[str, Any], source: str) -> dict[str, Any]:
     """Checked settings from a file's table; unknown keys are refused by name."""
     out = {}
-    for key, value in raw.items():
+    for key, value in _flatten_ray_table(raw).items():
         name = key.replace("-", "_")
         if name not in FIELD_TYPES:
             raise ConfigError(f"{source}: unknown setting {key!r}{_did_you_mean(name)}")
         out[name] = _coerce(name, value, source)
+    return out
+
+
+def _flatten_ray_table(raw: dict[str, Any]) -> dict[str, Any]:
+    """A ``[ray]`` table's keys as the flat settings (``address`` is ``ray`` itself)."""
+    table = raw.get(RAY_TABLE)
+    if not isinstance(table, dict):
+        return raw
+    out = {k: v for k, v in raw.items() if k != RAY_TABLE}
+    for key, value in table.items():
+        out[RAY_TABLE if key == "address" else f"{RAY_TABLE}_{key}"] = value
     return out
 
 
@@ -285,6 +305,29 @@ def settings_problems(settings: Settings) -> Iterator[str]:
     if settings.gpus is not None:
         yield from _problem_of(parse_gpus, settings.gpus)
     yield from _budget_problems(settings)
+    yield from _ray_problems(settings)
+
+
+def _ray_problems(settings: Settings) -> Iterator[str]:
+    if settings.ray is None:
+        return
+    if not settings.ray.strip():
+        yield 'ray = "": give "auto" or the cluster\'s address'
+    if settings.gpus is not None:
+        yield (
+            "gpus names this machine's GPUs; in Ray mode Ray places the slots: give "
+            "workers (the number of slots) and ray_gpus_per_slot instead"
+        )
+    if not settings.ray_worker_listen.startswith("tcp://"):
+        yield f"ray_worker_listen = {settings.ray_worker_listen!r}: expected tcp://HOST:PORT"
+    if settings.ray_gpus_per_slot < 0 or settings.ray_cpus_per_slot < 0:
+        yield "ray_gpus_per_slot and ray_cpus_per_slot must be 0 or more"
+    if settings.ray_gpus_per_slot == 0 and settings.ray_cpus_per_slot == 0:
+        yield "a slot must take something: ray_gpus_per_slot or ray_cpus_per_slot above 0"
+    if not settings.ray_resource.strip():
+        yield "ray_resource must name a resource (GPU, or a custom one)"
+    if settings.ray_kill_timeout_s <= 0:
+        yield "ray_kill_timeout_s must be more than 0"
 
 
 def _budget_problems(settings: Settings) -> Iterator[str]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from exgen.daemon import curve, modelstore
+from exgen.daemon import curve, modelstore, workerlink
 from exgen.daemon import supervisor as sup
 from exgen.daemon.config import Settings
 from exgen.daemon.gateway.keeper import GatewayKeeper  # issue 13: the HTTP gateway
@@ -29,6 +29,7 @@ from exgen.daemon.sdnotify import Notifier
 from exgen.daemon.slots import SlotTable
 
 if TYPE_CHECKING:
+    from exgen.daemon.launch import Launcher
     from exgen.daemon.metrics import Metrics
 
 logger = logging.getLogger("exgen.daemon")
@@ -72,21 +73,34 @@ class Daemon:
         self.child_exited = False
 
     def _wire(self, slots: list[sup.Slot], engine: str, model: str | None) -> None:
-        backend_address = f"ipc://{self.rundir / 'backend.sock'}"
-        self.backend = self.ctx.socket(zmq.ROUTER)
-        self.backend.setsockopt(zmq.LINGER, 0)
-        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.backend.bind(backend_address)
+        launcher: Launcher | None = None
+        if self.settings.ray is None:
+            self.link = workerlink.bind_local(self.ctx, self.rundir)
+            backend_address = self.link.address
+        else:
+            self.link = workerlink.bind_tcp(self.settings.ray_worker_listen)
+            launcher, backend_address = self._ray_launcher()
+        self.backend = self.link.socket
         self.table = SlotTable(slots)
         self.router = Router(self.settings, self.frontend, self.backend, self.table)
         self.router.model_name = self.settings.model_name or modelstore.served_name(model, engine)
         self.router.access = access_mode(self.listen, self.auth)
         if self.auth is not None:
             self.router.allowed_users = curve.allowed_user_ids(self.settings)
-        self.supervisor = sup.Supervisor(self.settings, self.table, backend_address, engine, model)
+        server_key = self.link.keys.public if self.link.keys is not None else None
+        self.supervisor = sup.Supervisor(
+            self.settings, self.table, backend_address, engine, model, launcher, server_key
+        )
         self.notifier = Notifier()
         self.metrics = self._start_metrics(self.settings.metrics_listen)
         self.gateway = GatewayKeeper.from_settings(self.settings, self.listen)  # issue 13
+
+    def _ray_launcher(self) -> tuple[Launcher, str]:
+        """Ray mode: actors anywhere in the cluster, dialling this machine's address."""
+        from exgen.daemon import launch_ray  # ray is imported in Ray mode only
+
+        address = workerlink.advertised(self.link.address, launch_ray.node_ip())
+        return launch_ray.RayLauncher(self.settings, self.link.keys), address
 
     # --- sockets ---------------------------------------------------------------------
 
@@ -242,8 +256,9 @@ class Daemon:
             self.router.release(keys, "the daemon stopped before this item finished")
         self.supervisor.stop_all(signal.SIGTERM)
         self.supervisor.wait_all(timeout_s=5.0)
+        self.supervisor.launcher.close()
         self.frontend.close(linger=500)
-        self.backend.close(linger=0)
+        self.link.close()
         if self.auth is not None:
             self.auth.stop()  # before term: its ZAP socket would block it
         self.ctx.term()

@@ -9,14 +9,17 @@ Which items a slot's worker holds is the ledger's to say, not this record's.
 
 from __future__ import annotations
 
-import subprocess
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exgen.daemon import policy
 
+if TYPE_CHECKING:
+    from exgen.daemon.launch import WorkerProcess
+
+PENDING = "pending"  # started, waiting for the cluster to have a place for it (Ray)
 STARTING = "starting"
 READY = "ready"
 RESTARTING = "restarting"
@@ -68,9 +71,12 @@ class Serving:
 @dataclass(slots=True)
 class Slot:
     id: int
-    devices: list[int] | None  # None: a CPU slot
-    # The process (the supervisor's side).
-    proc: subprocess.Popen[bytes] | None = None
+    devices: list[int] | None  # None: a CPU slot (or, in Ray mode, until placed)
+    resources: dict[str, float] | None = None  # what Ray must find for it (Ray mode)
+    # The process (the supervisor's side), through its launcher.
+    proc: WorkerProcess | None = None
+    node: str | None = None  # where the process runs: its Ray node id, or "local"
+    host: str | None = None
     last_pid: int | None = None  # the process before this one, for the restart line
     state: str = STARTING
     restarts: int = 0
@@ -97,6 +103,10 @@ class Slot:
     @property
     def alive(self) -> bool:
         return self.proc is not None
+
+    def is_process(self, pid: int) -> bool:
+        """Whether ``pid`` is this slot's current process (a READY's check)."""
+        return self.proc is not None and self.proc.is_pid(pid)
 
     def load(self, base_prefetch: int, outstanding: int) -> policy.WorkerLoad:
         assert self.serving is not None

@@ -63,11 +63,22 @@ def describe_clients(router: Router, now: float) -> list[dict[str, Any]]:
     return out
 
 
+def slot_devices(slot: Slot) -> list[int] | str:
+    """Its GPUs; a Ray slot not yet placed (or on a custom resource): what it asks for."""
+    if slot.devices is not None:
+        return slot.devices
+    if slot.resources:
+        return ",".join(f"{name}={amount:g}" for name, amount in slot.resources.items())
+    return "cpu"
+
+
 def describe_slot(slot: Slot, inflight: int, now: float) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "slot": slot.id,
-        "devices": slot.devices if slot.devices is not None else "cpu",
+        "devices": slot_devices(slot),
         "pid": slot.pid,
+        "node": slot.node,  # "local", or the Ray node id (None while pending)
+        "host": slot.host,
         "state": slot.state,
         "restarts": slot.restarts,
         "last_exit": slot.last_exit,
@@ -76,6 +87,8 @@ def describe_slot(slot: Slot, inflight: int, now: float) -> dict[str, Any]:
         "inflight": inflight,
         "tokens_per_s": 0.0,
     }
+    if slot.resources is not None:
+        doc["resources"] = slot.resources  # what Ray must find for it
     serving = slot.serving
     if serving is not None:
         doc.update(

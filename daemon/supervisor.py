@@ -6,6 +6,11 @@ restarts back off exponentially on deaths within the flapping window, commanded
 stops are not counted as deaths, and a boot error (exit code 3) is never retried.
 A worker that finished work before it died was not crash-looping: its death starts
 the back-off over.
+
+How a worker is started, watched and stopped is its launcher's (launch.py: a local
+subprocess, or a Ray actor anywhere in a cluster); what to do about it is decided
+here, the same whatever the launcher. A slot whose launcher has no place for it yet
+(no node with its resources) is ``pending`` and becomes ``starting`` once placed.
 """
 
 from __future__ import annotations
@@ -13,23 +18,38 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from exgen.daemon import policy
 from exgen.daemon.config import Settings
-from exgen.daemon.engines.cpu_layout import CpuLayout, cpu_layout, usable_cores, worker_env
-from exgen.daemon.slots import FAILED, READY, RESTARTING, STARTING, STOPPED, Slot, SlotTable
+from exgen.daemon.launch import Launcher, LocalLauncher, WorkerExit, WorkerProcess, read_oom_kills
+from exgen.daemon.slots import (
+    FAILED,
+    PENDING,
+    READY,
+    RESTARTING,
+    STARTING,
+    STOPPED,
+    Slot,
+    SlotTable,
+)
 from exgen.daemon.worker import WorkerSpec
 
-__all__ = ["FAILED", "READY", "RESTARTING", "STARTING", "STOPPED", "Exit", "Slot", "Supervisor"]
+__all__ = [
+    "FAILED",
+    "PENDING",
+    "READY",
+    "RESTARTING",
+    "STARTING",
+    "STOPPED",
+    "Exit",
+    "Slot",
+    "Supervisor",
+    "read_oom_kills",
+]
 
 logger = logging.getLogger("exgen.supervisor")
-
-VMSTAT = Path("/proc/vmstat")
 
 
 @dataclass(slots=True)
@@ -41,18 +61,6 @@ class Exit:
     blames_work: bool = True  # counts against the items on board (policy.death_blames_work)
 
 
-def read_oom_kills(vmstat: Path = VMSTAT) -> int | None:
-    """The kernel's count of OOM kills (global and cgroup); None where unreadable."""
-    try:
-        for line in vmstat.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == "oom_kill":
-                return int(value)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def plan_slots(settings: Settings, gpu_slots: list[list[int]] | None) -> list[Slot]:
     """One slot per GPU group, or ``workers`` CPU slots."""
     if gpu_slots:
@@ -60,12 +68,36 @@ def plan_slots(settings: Settings, gpu_slots: list[list[int]] | None) -> list[Sl
     return [Slot(i, None) for i in range(settings.workers or 1)]
 
 
+def where(slot: Slot) -> str:
+    """A slot's place for log lines: its devices, and its node and host beyond this one."""
+    devices = ",".join(map(str, slot.devices)) if slot.devices else "cpu"
+    if slot.resources:
+        devices = ",".join(f"{k}={v:g}" for k, v in slot.resources.items())
+    if slot.node in (None, "local"):
+        return f"devices {devices}"
+    return f"node {(slot.node or '')[:12]} host {slot.host} {devices}"
+
+
+def on_node(slot: Slot) -> str:
+    """`` node N host H`` for a worker on another machine; nothing for a local one."""
+    if slot.node in (None, "local"):
+        return ""
+    return f" node {(slot.node or '')[:12]} host {slot.host}"
+
+
 class Supervisor:
     """Process lifecycle of the slots in ``table`` (whose records it shares with the
-    router): spawn, reap, restart with back-off, kill, stop."""
+    router): spawn, reap, restart with back-off, kill, stop — through ``launcher``."""
 
     def __init__(
-        self, settings: Settings, table: SlotTable, backend: str, engine: str, model: str | None
+        self,
+        settings: Settings,
+        table: SlotTable,
+        backend: str,
+        engine: str,
+        model: str | None,
+        launcher: Launcher | None = None,
+        curve_server_key: str | None = None,
     ) -> None:
         self.settings = settings
         self.table = table
@@ -73,14 +105,18 @@ class Supervisor:
         self.backend = backend
         self.engine = engine
         self.model = model
-        self.oom_kills = read_oom_kills()
+        cpu_slots = sum(1 for s in table if not s.devices and not s.resources)
+        self.launcher: Launcher = launcher or LocalLauncher(cpu_slots)
+        # The backend's CURVE public key (Ray mode): workers then read their own keys
+        # from stdin, handed over by their launcher.
+        self.curve_server_key = curve_server_key
 
     def start_all(self) -> None:
         for slot in self.slots.values():
             self.spawn_worker(slot)
 
-    def spawn_worker(self, slot: Slot) -> None:
-        spec = WorkerSpec(
+    def worker_spec(self, slot: Slot) -> WorkerSpec:
+        return WorkerSpec(
             slot=slot.id,
             backend=self.backend,
             engine=self.engine,
@@ -89,73 +125,68 @@ class Supervisor:
             heartbeat_interval_s=self.settings.heartbeat_interval_s,
             devices=slot.devices,
             log_level=self.settings.log_level,
+            curve_server_key=self.curve_server_key,
         )
-        env = dict(os.environ)
-        # Narrow the GPUs before the worker imports anything: a library that opens a
-        # CUDA context on "device 0" must see this slot's card as device 0.
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slot.devices)) if slot.devices else ""
-        env["PYTHONUNBUFFERED"] = "1"
-        env["EXGEN_SLOT"] = str(slot.id)  # for engines and tools that act per slot
-        # A worker's stderr is the daemon's log: no progress bars from libraries there.
-        env.setdefault("TQDM_DISABLE", "1")
-        # CPU slots share the cores: N workers each using every core thrash.
-        env.update(worker_env(self.cpu_layout(), os.environ, is_cpu_slot=not slot.devices))
-        # A new session: Ctrl-C in a terminal reaches the supervisor only, which drains.
-        slot.proc = subprocess.Popen(
-            [sys.executable, "-m", "exgen.daemon.worker", spec.to_json(), str(os.getpid())],
-            env=env,
-            start_new_session=True,
-        )
-        slot.state = STARTING
-        slot.spawned_at = time.monotonic()
+
+    @staticmethod
+    def worker_env(slot: Slot) -> dict[str, str]:
+        """exgen's variables for a worker (its launcher adds the machine's own)."""
+        env = {
+            "PYTHONUNBUFFERED": "1",
+            "EXGEN_SLOT": str(slot.id),  # for engines and tools that act per slot
+        }
+        if "TQDM_DISABLE" not in os.environ:
+            # A worker's stderr is the daemon's log: no progress bars from libraries.
+            env["TQDM_DISABLE"] = "1"
+        return env
+
+    def spawn_worker(self, slot: Slot) -> None:
+        slot.proc = self.launcher.start(slot, self.worker_spec(slot), self.worker_env(slot))
         slot.kill_cause = None
         slot.kill_blames_work = True
         slot.stopping = False
         slot.loading_beat = 0.0
-        devices = ",".join(map(str, slot.devices)) if slot.devices else "cpu"
-        logger.info("spawn slot %d pid %d devices %s", slot.id, slot.proc.pid, devices)
+        if slot.proc.pid is None:
+            slot.state = PENDING
+            slot.node = slot.host = None
+            logger.info("pending slot %d: waiting for a place in the cluster", slot.id)
+        else:
+            self._placed(slot, time.monotonic())
 
-    def cpu_layout(self) -> CpuLayout:
-        cpu_slots = sum(1 for s in self.slots.values() if not s.devices)
-        return cpu_layout(cpu_slots, usable_cores())
+    def _placed(self, slot: Slot, now: float) -> None:
+        assert slot.proc is not None
+        slot.state = STARTING
+        slot.spawned_at = now  # the loading grace counts from here, not from pending
+        slot.node, slot.host = slot.proc.node, slot.proc.host
+        if slot.resources is not None:  # placed by Ray: the GPUs it got on its node
+            slot.devices = slot.proc.devices
+        logger.info("spawn slot %d pid %d %s", slot.id, slot.proc.pid, where(slot))
 
     def reap_workers(self, now: float) -> list[Exit]:
-        exited = [
-            s for s in self.slots.values() if s.proc is not None and s.proc.poll() is not None
-        ]
-        if not exited:
+        """Note the pending workers that got a place, and reap those that ended."""
+        pending = [s.proc for s in self.slots.values() if s.proc is not None and s.state == PENDING]
+        if pending:
+            for proc in self.launcher.placed(pending):
+                self._placed(self.slots[proc.slot], now)
+        procs = [s.proc for s in self.slots.values() if s.proc is not None]
+        if not procs:
             return []
-        oom_kill_seen = self._oom_kill_seen()
-        exits = []
-        for slot in exited:
-            assert slot.proc is not None
-            pid, returncode = slot.proc.pid, slot.proc.returncode
-            exits.append(self._on_exit(slot, pid, returncode, oom_kill_seen, now))
-        return exits
+        return [
+            self._on_exit(self.slots[proc.slot], proc, how, now)
+            for proc, how in self.launcher.exited(procs)
+        ]
 
-    def _oom_kill_seen(self) -> bool | None:
-        """Did the kernel OOM-kill anything since we last looked? None: cannot tell."""
-        before, self.oom_kills = self.oom_kills, read_oom_kills()
-        if before is None or self.oom_kills is None:
-            return None
-        return self.oom_kills > before
-
-    def _on_exit(
-        self, slot: Slot, pid: int, returncode: int, oom_kill_seen: bool | None, now: float
-    ) -> Exit:
+    def _on_exit(self, slot: Slot, proc: WorkerProcess, how: WorkerExit, now: float) -> Exit:
+        pid = proc.pid or 0
         slot.proc = None
-        slot.last_pid = pid
-        cause = slot.kill_cause or policy.describe_exit(returncode, oom_kill_seen)
-        killed_by_us = slot.kill_cause is not None
-        blames_work = slot.kill_blames_work and policy.death_blames_work(
-            returncode, killed_by_us, oom_kill_seen
-        )
+        slot.last_pid = pid or slot.last_pid
+        cause, blames_work = self._judge_death(slot, how)
         slot.last_exit = cause
         if slot.stopping:
             slot.state = STOPPED
-            logger.info("exit slot %d pid %d: stopped (%s)", slot.id, pid, cause)
+            logger.info("exit slot %d pid %d%s: stopped (%s)", slot.id, pid, on_node(slot), cause)
             return Exit(slot.id, pid, cause, crashed=False)
-        if returncode == policy.EXIT_BOOT_ERROR:
+        if how.returncode == policy.EXIT_BOOT_ERROR:
             slot.state = FAILED
             reason = slot.boot_error or "the engine cannot load (see the log above)"
             logger.error(
@@ -164,14 +195,34 @@ class Supervisor:
             return Exit(slot.id, pid, f"boot error: {reason}", crashed=False)
         self._schedule_restart(slot, now, productive=self._did_work(slot, pid))
         logger.warning(
-            "exit slot %d pid %d: %s — restart %d in %.1fs",
+            "exit slot %d pid %d%s: %s — restart %d in %.1fs",
             slot.id,
             pid,
+            on_node(slot),
             cause,
             slot.restarts + 1,
             slot.next_start_at - now,
         )
         return Exit(slot.id, pid, cause, crashed=True, blames_work=blames_work)
+
+    @staticmethod
+    def _judge_death(slot: Slot, how: WorkerExit) -> tuple[str, bool]:
+        """The death's cause in words, and whether it counts against the work."""
+        killed_by_us = slot.kill_cause is not None
+        if how.node_lost:
+            # Its machine went away: nothing about the prompts on board says why.
+            cause = how.cause or "its node was lost"
+            return (f"{slot.kill_cause}; {cause}" if killed_by_us else cause), False
+        if how.returncode is None:
+            cause = slot.kill_cause or how.cause or "ended, exit status unknown"
+            return cause, slot.kill_blames_work
+        cause = (
+            slot.kill_cause or how.cause or policy.describe_exit(how.returncode, how.oom_kill_seen)
+        )
+        blames_work = slot.kill_blames_work and policy.death_blames_work(
+            how.returncode, killed_by_us, how.oom_kill_seen
+        )
+        return cause, blames_work
 
     def _schedule_restart(self, slot: Slot, now: float, productive: bool) -> None:
         if productive:
@@ -218,43 +269,28 @@ class Supervisor:
     def kill_worker(self, slot_id: int, pid: int, cause: str, blames_work: bool = True) -> None:
         """SIGKILL a hung or frozen worker; its exit is reported with ``cause``."""
         slot = self.slots.get(slot_id)
-        if slot is None or slot.proc is None or slot.proc.pid != pid:
+        if slot is None or slot.proc is None or not slot.proc.is_pid(pid):
             return
         slot.kill_cause = cause
         slot.kill_blames_work = blames_work
-        logger.warning("kill slot %d pid %d: %s", slot_id, pid, cause)
-        self._signal(slot, signal.SIGKILL)
+        logger.warning("kill slot %d pid %d%s: %s", slot_id, pid, on_node(slot), cause)
+        self.launcher.signal(slot.proc, signal.SIGKILL)
 
     def stop_all(self, sig: int = signal.SIGTERM) -> None:
         """A commanded stop of every worker; exits are not counted as crashes."""
         for slot in self.slots.values():
             slot.stopping = True
             if slot.proc is not None:
-                self._signal(slot, sig)
-
-    def _signal(self, slot: Slot, sig: int) -> None:
-        assert slot.proc is not None
-        try:
-            slot.proc.send_signal(sig)
-        except ProcessLookupError:
-            pass
+                self.launcher.signal(slot.proc, sig)
 
     def wait_all(self, timeout_s: float) -> None:
         """Wait for every worker to exit; SIGKILL what is left after the timeout."""
-        deadline = time.monotonic() + timeout_s
+        procs = [s.proc for s in self.slots.values() if s.proc is not None]
+        self.launcher.wait(procs, timeout_s)
         for slot in self.slots.values():
-            if slot.proc is None:
-                continue
-            try:
-                slot.proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                logger.warning(
-                    "slot %d pid %d did not stop in time: SIGKILL", slot.id, slot.proc.pid
-                )
-                slot.proc.kill()
-                slot.proc.wait()
-            slot.proc = None
-            slot.state = STOPPED
+            if slot.proc is not None:
+                slot.proc = None
+                slot.state = STOPPED
 
     @property
     def all_boot_failed(self) -> bool:

@@ -11,7 +11,10 @@ wedged on the GPU stops the counter while the heartbeats go on: the router tells
 hung engine (progress deadline) from a frozen process (missed heartbeats).
 
 If the supervisor disappears, the kernel kills this process (PR_SET_PDEATHSIG) and a
-watch thread double-checks the parent: no orphaned GPU processes.
+watch thread double-checks the parent: no orphaned GPU processes. (In Ray mode the
+parent is the slot's Ray actor on this node, and the worker connects back to the
+router over TCP with CURVE: the spec names the router's public key, and the worker's
+own key pair arrives on stdin, never on the command line.)
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ class WorkerSpec:
     heartbeat_interval_s: float
     devices: list[int] | None
     log_level: str = "info"
+    node: str = ""  # the machine's id in a cluster (Ray mode); part of the identity
+    curve_server_key: str | None = None  # the router's public key: read ours from stdin
 
     def to_json(self) -> str:
         return json.dumps({name: getattr(self, name) for name in self.__slots__})
@@ -66,6 +71,28 @@ class WorkerSpec:
     @classmethod
     def from_json(cls, text: str) -> WorkerSpec:
         return cls(**json.loads(text))
+
+
+def identity(prefix: str, spec: WorkerSpec, pid: int) -> bytes:
+    """A socket identity unique across machines: pids repeat from node to node."""
+    node = f"{spec.node[:12]}-" if spec.node else ""
+    return f"{prefix}{spec.slot}-{node}{pid}".encode()
+
+
+def read_curve_keys(spec: WorkerSpec) -> tuple[str, str] | None:
+    """Our (public, secret) CURVE keys, from the one JSON line our launcher wrote to
+    stdin; None when the router speaks without CURVE."""
+    if spec.curve_server_key is None:
+        return None
+    keys = json.loads(sys.stdin.readline())
+    sys.stdin.close()
+    return str(keys["public"]), str(keys["secret"])
+
+
+def secure(sock: zmq.Socket[Any], spec: WorkerSpec, keys: tuple[str, str] | None) -> None:
+    if keys is not None and spec.curve_server_key is not None:
+        sock.curve_serverkey = spec.curve_server_key.encode()
+        sock.curve_publickey, sock.curve_secretkey = keys[0].encode(), keys[1].encode()
 
 
 class Progress:
@@ -98,12 +125,15 @@ def die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def heartbeat_loop(ctx: zmq.Context[Any], spec: WorkerSpec, progress: Progress) -> None:
+def heartbeat_loop(
+    ctx: zmq.Context[Any], spec: WorkerSpec, progress: Progress, keys: tuple[str, str] | None
+) -> None:
     """Own socket, own thread: beats go on while the main thread is inside a step."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 10)
-    sock.setsockopt(zmq.IDENTITY, f"hb{spec.slot}-{os.getpid()}".encode())
+    sock.setsockopt(zmq.IDENTITY, identity("hb", spec, os.getpid()))
+    secure(sock, spec, keys)
     sock.connect(spec.backend)
     pid = os.getpid()
     while True:
@@ -143,13 +173,16 @@ def refill_wait_ms(step_ms: float, finished: bool, pending: int, capacity: int) 
 
 
 class Worker:
-    def __init__(self, spec: WorkerSpec, ctx: zmq.Context[Any]) -> None:
+    def __init__(
+        self, spec: WorkerSpec, ctx: zmq.Context[Any], keys: tuple[str, str] | None = None
+    ) -> None:
         self.spec = spec
         self.pid = os.getpid()
         self.progress = Progress()
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 2000)
-        self.sock.setsockopt(zmq.IDENTITY, f"w{spec.slot}-{self.pid}".encode())
+        self.sock.setsockopt(zmq.IDENTITY, identity("w", spec, self.pid))
+        secure(self.sock, spec, keys)
         self.sock.connect(spec.backend)
         self.engine: Engine | None = None
 
@@ -257,13 +290,18 @@ def main(argv: list[str] | None = None) -> None:
     spec = WorkerSpec.from_json(args[0])
     parent = int(args[1]) if len(args) > 1 else os.getppid()
     die_with_parent(parent)
-    setup_logging(spec.log_level, prefix=f"slot {spec.slot} pid {os.getpid()}")
+    node = f" node {spec.node[:12]}" if spec.node else ""
+    setup_logging(spec.log_level, prefix=f"slot {spec.slot}{node} pid {os.getpid()}")
     # SIGTERM from the supervisor means "stop now"; SIGINT belongs to the supervisor.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keys = read_curve_keys(spec)
     ctx = zmq.Context()
-    worker = Worker(spec, ctx)
+    worker = Worker(spec, ctx, keys)
     threading.Thread(
-        target=heartbeat_loop, args=(ctx, spec, worker.progress), name="heartbeat", daemon=True
+        target=heartbeat_loop,
+        args=(ctx, spec, worker.progress, keys),
+        name="heartbeat",
+        daemon=True,
     ).start()
     try:
         worker.run()

@@ -61,6 +61,9 @@ class FakeProc:
     def poll(self) -> None:
         return None
 
+    def is_pid(self, pid: int) -> bool:  # launch.WorkerProcess: READY's check
+        return pid == self.pid
+
 
 @dataclass
 class ClientModel:

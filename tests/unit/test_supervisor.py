@@ -9,25 +9,58 @@ from typing import Any
 
 import pytest
 
-from exgen.daemon import policy
+from exgen.daemon import launch, policy
 from exgen.daemon import supervisor as sup
 from exgen.daemon.config import Settings
+from exgen.daemon.launch import WorkerExit
 from exgen.daemon.slots import Serving, SlotTable
+from exgen.daemon.worker import WorkerSpec
 
 
 class FakeProc:
+    """A worker process as a launcher reports it: placed at once, ended on demand."""
+
     _next_pid = 1000
 
-    def __init__(self) -> None:
+    def __init__(self, slot: int) -> None:
         FakeProc._next_pid += 1
+        self.slot = slot
         self.pid = FakeProc._next_pid
+        self.node: str | None = "local"
+        self.host: str | None = "here"
+        self.devices: list[int] | None = None
         self.returncode: int | None = None
+        self.oom_kill_seen: bool | None = False
+        self.node_lost = False
 
-    def poll(self) -> int | None:
-        return self.returncode
+    def is_pid(self, pid: int) -> bool:
+        return pid == self.pid
 
-    def send_signal(self, sig: int) -> None:
-        self.returncode = -sig
+
+class FakeLauncher:
+    name = "fake"
+
+    def start(self, slot: sup.Slot, spec: Any, env: dict[str, str]) -> FakeProc:
+        return FakeProc(slot.id)
+
+    def placed(self, procs: list[Any]) -> list[Any]:
+        return []
+
+    def exited(self, procs: list[Any]) -> list[tuple[Any, WorkerExit]]:
+        return [
+            (p, WorkerExit(p.returncode, p.oom_kill_seen, p.node_lost))
+            for p in procs
+            if p.returncode is not None or p.node_lost
+        ]
+
+    def signal(self, proc: Any, sig: int) -> None:
+        proc.returncode = -sig
+
+    def wait(self, procs: list[Any], timeout_s: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def make(settings: Settings | None = None) -> sup.Supervisor:
@@ -37,22 +70,18 @@ def make(settings: Settings | None = None) -> sup.Supervisor:
         "ipc://unused",
         "synthetic",
         None,
+        FakeLauncher(),
     )
-    supervisor.oom_kills = None  # the host's counter is not part of these tests
-
-    def spawn(slot: sup.Slot) -> None:
-        slot.proc = FakeProc()  # type: ignore[assignment]
-        slot.state = sup.STARTING
-
-    supervisor.spawn_worker = spawn  # type: ignore[method-assign]
     supervisor.start_all()
     return supervisor
 
 
-def die(supervisor: sup.Supervisor, now: float, returncode: int = 70) -> sup.Exit:
-    slot = supervisor.slots[0]
-    assert slot.proc is not None
-    slot.proc.returncode = returncode
+def die(
+    supervisor: sup.Supervisor, now: float, returncode: int = 70, oom: bool | None = False
+) -> sup.Exit:
+    proc: Any = supervisor.slots[0].proc
+    assert proc is not None
+    proc.returncode, proc.oom_kill_seen = returncode, oom
     [exit_] = supervisor.reap_workers(now)
     return exit_
 
@@ -138,22 +167,48 @@ def test_our_own_kill_names_its_cause_and_blames_the_work():
 
 
 @pytest.mark.parametrize(
-    ("before", "after", "blamed", "words"),
+    ("oom", "blamed", "words"),
     [
-        (5, 5, False, "from outside"),  # kill -9 by hand: not the prompt's fault
-        (5, 6, True, "OOM killer"),  # the kernel killed something: maybe the prompt
-        (None, None, True, "killed by hand?"),  # cannot tell: count it
+        (False, False, "from outside"),  # kill -9 by hand: not the prompt's fault
+        (True, True, "OOM killer"),  # the kernel killed something: maybe the prompt
+        (None, True, "killed by hand?"),  # cannot tell: count it
     ],
 )
-def test_an_outside_sigkill_blames_the_work_only_if_it_may_be_oom(
-    monkeypatch, before, after, blamed, words
-):
+def test_an_outside_sigkill_blames_the_work_only_if_it_may_be_oom(oom, blamed, words):
     supervisor = make()
-    supervisor.oom_kills = before
-    monkeypatch.setattr(sup, "read_oom_kills", lambda: after)
-    exit_ = die(supervisor, 0.0, returncode=-signal.SIGKILL)
+    exit_ = die(supervisor, 0.0, returncode=-signal.SIGKILL, oom=oom)
     assert exit_.crashed and exit_.blames_work is blamed
     assert words in exit_.cause
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "seen"), [(5, 5, False), (5, 6, True), (None, 3, None)]
+)
+def test_the_local_launcher_reads_the_kernels_oom_counter_around_an_exit(
+    monkeypatch, before, after, seen
+):
+    launcher = launch.LocalLauncher()
+    launcher.oom_kills = before
+    monkeypatch.setattr(launch, "read_oom_kills", lambda: after)
+    proc = launcher.start(
+        sup.Slot(0, None), WorkerSpec(0, "ipc://none", "synthetic", None, {}, 1.0, None), {}
+    )
+    launcher.signal(proc, signal.SIGKILL)
+    proc.popen.wait()
+    [(_, how)] = launcher.exited([proc])
+    assert how.returncode == -signal.SIGKILL and how.oom_kill_seen is seen
+
+
+def test_a_lost_node_blames_no_work_even_after_our_own_kill():
+    supervisor = make()
+    slot = supervisor.slots[0]
+    proc: Any = slot.proc
+    supervisor.kill_worker(0, proc.pid, "missed heartbeats for 11s (frozen?)")
+    proc.returncode, proc.node_lost = None, True  # the launcher could not reach its node
+    [exit_] = supervisor.reap_workers(1.0)
+    assert exit_.crashed and not exit_.blames_work
+    assert "missed heartbeats" in exit_.cause and "node" in exit_.cause
+    assert slot.state == sup.RESTARTING, "the slot comes back (elsewhere, or when it rejoins)"
 
 
 @pytest.mark.parametrize("returncode", [70, 1, -signal.SIGSEGV, -signal.SIGABRT])
@@ -164,12 +219,12 @@ def test_deaths_from_inside_always_blame_the_work(returncode):
 def test_read_oom_kills(tmp_path: Path):
     vmstat = tmp_path / "vmstat"
     vmstat.write_text("pgfault 12\noom_kill 7\nthp 0\n")
-    assert sup.read_oom_kills(vmstat) == 7
-    assert sup.read_oom_kills(tmp_path / "missing") is None
+    assert launch.read_oom_kills(vmstat) == 7
+    assert launch.read_oom_kills(tmp_path / "missing") is None
 
 
 def test_read_oom_kills_on_this_machine_is_an_int_or_none():
-    value: Any = sup.read_oom_kills()
+    value: Any = launch.read_oom_kills()
     assert value is None or value >= 0
 
 
