@@ -35,6 +35,7 @@ STOP = b"x"  # router -> worker: finish nothing more, exit now
 
 _JOBS_KEY = msgpack.packb("jobs")
 _ENCODE = msgspec.msgpack.Encoder().encode
+_DEFAULT_SAMPLING = SamplingParams()
 
 
 # --- WORK ------------------------------------------------------------------------
@@ -54,9 +55,26 @@ def pack_work(rows: list[bytes]) -> list[bytes]:
 
 def decode_work(body: dict[str, Any]) -> list[Job]:
     jobs = []
+    shared: dict[Any, SamplingParams] = {}
     for key, prompt, messages, params, stream in body["jobs"]:
-        jobs.append(Job(key, prompt, messages, SamplingParams.from_wire(params or {}), stream))
+        jobs.append(Job(key, prompt, messages, _sampling(params, shared), stream))
     return jobs
+
+
+def _sampling(params: dict[str, Any] | None, shared: dict[Any, SamplingParams]) -> SamplingParams:
+    """The rows of one submit carry equal params: they share one SamplingParams (never
+    mutated; engines take ``replace``d copies). Params holding lists or maps (stop,
+    json_schema) are not hashable and get their own."""
+    if not params:
+        return _DEFAULT_SAMPLING
+    try:
+        marker = tuple(params.items())
+        found = shared.get(marker)
+    except TypeError:
+        return SamplingParams.from_wire(params)
+    if found is None:
+        found = shared[marker] = SamplingParams.from_wire(params)
+    return found
 
 
 # --- DONE and CHUNKS -----------------------------------------------------------------

@@ -159,6 +159,11 @@ class Failed:
 def finished_from_choices(key: int, prompt_tokens: int, choices: list[Choice]) -> Finished:
     """One Finished for the n samples of a job (n = 1: a plain one)."""
     first = choices[0]
+    if len(choices) == 1:
+        return Finished(
+            key, first.text, first.finish_reason, prompt_tokens, first.completion_tokens,
+            first.logprobs,
+        )  # fmt: skip
     return Finished(
         key,
         first.text,

@@ -281,22 +281,32 @@ class SyntheticEngine(Engine):
         events: list[Event] = []
         for key in list(self._active):
             active = self._active[key]
-            stream = ""
-            for index, sample in enumerate(active.samples):
-                if sample.done is not None:
-                    continue
-                end = len(sample.pieces) if tokens is None else sample.produced + tokens
-                piece = "".join(sample.pieces[sample.produced : end])
-                sample.produced = min(end, len(sample.pieces))
-                sample.text.append(piece)
-                sample.done = self._choice_if_done(sample, active.job.params)
-                if index == 0 and sample.done is None:
-                    stream = piece  # n > 1 streams the first sample
-            if all(s.done is not None for s in active.samples):
+            params = active.job.params
+            samples = active.samples
+            stream = ""  # n > 1 streams the first sample
+            if len(samples) == 1:  # the common case, without the loop's bookkeeping
+                stream = self._grow(samples[0], params, tokens)
+                ended = samples[0].done is not None
+            else:
+                for index, sample in enumerate(samples):
+                    if sample.done is None:
+                        piece = self._grow(sample, params, tokens)
+                        stream = piece if index == 0 else stream
+                ended = all(s.done is not None for s in samples)
+            if ended:
                 events.append(self._end(active))
             elif active.job.stream and stream:
                 events.append(Chunk(key, stream))
         return events
+
+    def _grow(self, sample: _Sample, params: SamplingParams, tokens: int | None) -> str:
+        """The sample's next ``tokens`` tokens (None: all); ends it when it is done."""
+        end = len(sample.pieces) if tokens is None else sample.produced + tokens
+        piece = "".join(sample.pieces[sample.produced : end])
+        sample.produced = min(end, len(sample.pieces))
+        sample.text.append(piece)
+        sample.done = self._choice_if_done(sample, params)
+        return piece if sample.done is None else ""
 
     def _choice_if_done(self, sample: _Sample, params: SamplingParams) -> Choice | None:
         stops = params.stop
