@@ -82,9 +82,12 @@ def _sampling(params: dict[str, Any] | None, shared: dict[Any, SamplingParams]) 
 
 def pack_done(finished: list[Finished], failed: list[Failed]) -> list[bytes]:
     done = [
-        [e.key, e.text, e.finish_reason, e.prompt_tokens, e.completion_tokens, _extra(e)]
+        [
+            e.key, e.text, e.finish_reason, e.prompt_tokens, e.completion_tokens,
+            None if e.logprobs is None and e.choices is None else _extra(e),
+        ]
         for e in finished
-    ]
+    ]  # fmt: skip
     bad = [[e.key, e.code, e.message, e.field] for e in failed]
     return P.pack(DONE, {"done": done, "failed": bad})
 

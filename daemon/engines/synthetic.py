@@ -205,7 +205,10 @@ class SyntheticEngine(Engine):
                 f"prompt is {prompt_tokens} tokens + max_new_tokens "
                 f"{job.params.max_new_tokens} > context {self.max_seq_len}",
             )
-        samples = [self._sample(job, text, i) for i in range(job.params.n)]
+        n = job.params.n
+        samples = [self._sample(job, text, 0)] if n == 1 else [
+            self._sample(job, text, i) for i in range(n)
+        ]  # fmt: skip
         self._waiting[job.key] = _Active(job, samples, prompt_tokens)
 
     def _sample(self, job: Job, text: str, index: int) -> _Sample:
