@@ -100,7 +100,7 @@ def daemon(*extra: str, env: dict[str, str] | None = None, tcp: bool = False) ->
         ]  # fmt: skip
         # A daemon before protocol 2 knows none of the budgets (and refuses unknown
         # settings): it runs with what it has.
-        full_env = {**os.environ, **(env if P.PROTOCOL_VERSION >= 2 else {})}
+        full_env = {**os.environ, **((env or {}) if P.PROTOCOL_VERSION >= 2 else {})}
         full_env.pop("EXGEN_ADDRESS", None)
         with open(Path(tmp) / "log", "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from exgen.daemon import config as cfg
+from exgen.daemon import gcpolicy
 from exgen.daemon.engines import ENGINE_NAMES
 from exgen.daemon.logs import LEVELS, setup_logging
 
@@ -166,6 +167,7 @@ def run_daemon(settings: cfg.Settings) -> int:
     except (AddressInUse, CurveSetupError) as exc:
         raise CliError(str(exc)) from None  # one line, and nothing logged before it
     logger.info("engine %s, model %s, %d slot(s)%s", engine, model or "-", len(slots), where)
+    gcpolicy.tune()
     return daemon.run()
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import zmq
 
 from exgen.client import protocol as P
-from exgen.daemon import policy, wire
+from exgen.daemon import gcpolicy, policy, wire
 from exgen.daemon.engines import engine_class
 from exgen.daemon.engines.base import (
     Chunk,
@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM from the supervisor means "stop now"; SIGINT belongs to the supervisor.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     keys = read_curve_keys(spec)
+    gcpolicy.tune()
     ctx = zmq.Context()
     worker = Worker(spec, ctx, keys)
     threading.Thread(
