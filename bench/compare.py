@@ -59,7 +59,8 @@ def run_once(script: str, args: list[str], pythonpath: Path | None) -> dict[str,
 
 
 def numbers(doc: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Every numeric leaf, by dotted path (lists of runs are left out)."""
+    """Every numeric leaf, by dotted path; a list of records (one per engine, say) by
+    index, ``results.0.ratio``; lists of numbers (runs) are left out."""
     out: dict[str, float] = {}
     for key, value in doc.items():
         path = f"{prefix}{key}"
@@ -69,6 +70,10 @@ def numbers(doc: dict[str, Any], prefix: str = "") -> dict[str, float]:
             out[path] = float(value)
         elif isinstance(value, dict):
             out.update(numbers(value, f"{path}."))
+        elif isinstance(value, list):
+            for i, element in enumerate(value):
+                if isinstance(element, dict):
+                    out.update(numbers(element, f"{path}.{i}."))
     return out
 
 

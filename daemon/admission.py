@@ -110,9 +110,7 @@ class Admission:
 
     def submit(self, record: ClientRecord, envelope: decode.Envelope, now: float) -> None:
         client = record.identity
-        if isinstance(envelope.req, str) and self._refused(
-            client, envelope.req, envelope.ids(), envelope.raws
-        ):
+        if isinstance(envelope.req, str) and self._refused(client, envelope.req, envelope):
             return
         submit = envelope.submit()
         accepted = 0
@@ -168,17 +166,18 @@ class Admission:
             f"{self.router.model_name!r}; strict_model is on)"
         )
 
-    def _refused(self, client: bytes, req: str, ids: list[str], raws: list[Any]) -> bool:
-        """Draining or busy: the items are handed back (the client library resends)."""
+    def _refused(self, client: bytes, req: str, envelope: decode.Envelope) -> bool:
+        """Draining or busy: the items are handed back (the client library resends).
+        Their ids are read only then: a submit that is taken never decodes them twice."""
         router = self.router
         if router.draining:
             message = "the daemon is shutting down"
-            router.reply_error(client, P.E_DRAINING, message, req=req, items=ids)
+            router.reply_error(client, P.E_DRAINING, message, req=req, items=envelope.ids())
             return True
-        size = sum(len(raw) for raw in raws)
-        full = self._queue_full(client, len(ids), size)
+        raws = envelope.raws
+        full = self._queue_full(client, len(raws), sum(len(raw) for raw in raws))
         if full is not None:
-            router.reply_error(client, P.E_BUSY, full, req=req, items=ids)
+            router.reply_error(client, P.E_BUSY, full, req=req, items=envelope.ids())
             return True
         return False
 
@@ -199,8 +198,8 @@ class Admission:
     def _accept(self, client: bytes, item: P.Item, stream: bool, tier: int, now: float) -> None:
         key = self.ledger.reserve_key()
         budget = item.params.get("max_new_tokens", P.DEFAULT_PARAMS["max_new_tokens"])
-        entry = self.ledger.accept(client, item.id, wire.encode_job(key, item, stream), now, budget)
-        entry.tier = tier
+        row = wire.encode_job(key, item, stream)
+        entry = self.ledger.accept(client, item.id, row, now, budget, tier)
         if item.timeout_s is not None:
             self.router.add_deadline(entry, item.timeout_s)
         self.queue.push(client, entry.key, budget, tier)

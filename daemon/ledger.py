@@ -87,10 +87,12 @@ class Ledger:
     def count_of(self, client: bytes) -> int:
         return self.per_client.get(client, 0)
 
-    def accept(self, client: bytes, item_id: str, job: bytes, now: float, budget: int) -> Entry:
+    def accept(
+        self, client: bytes, item_id: str, job: bytes, now: float, budget: int, tier: int = 0
+    ) -> Entry:
         """A new entry; ``job`` is the encoded row and must carry the returned key."""
         nbytes = len(job) + len(item_id) + ENTRY_OVERHEAD_BYTES
-        entry = Entry(self.next_key, client, item_id, job, now, budget, nbytes=nbytes)
+        entry = Entry(self.next_key, client, item_id, job, now, budget, tier, nbytes=nbytes)
         self.next_key += 1
         self.entries[entry.key] = entry
         self.by_client_id[(client, item_id)] = entry.key
