@@ -96,25 +96,28 @@ OPTIONS: dict[str, tuple[type, object]] = {
 }
 
 
-# A word per byte value, looked up by C code: the per-byte generator this replaces
-# was the larger part of a zero-cost job's CPU (it showed in the router benchmark).
-_WORD_OF_BYTE = tuple(WORDS[b % len(WORDS)] for b in range(256))
+# A token (a space and a word) per byte value, looked up by C code: the per-byte
+# generator this replaces was the larger part of a zero-cost job's CPU (it showed in
+# the router benchmark).
+_PIECE_OF_BYTE = tuple(" " + WORDS[b % len(WORDS)] for b in range(256))
 
 
 JSON_CHARS_PER_TOKEN = 4  # structured output: a "token" is this many characters of JSON
 
 
-def synthetic_words(prompt: str, params_seed: int | None, count: int, sample: int = 0) -> list[str]:
-    """``count`` words derived from the prompt (and seed, and sample index of n):
-    deterministic everywhere."""
+def synthetic_tokens(
+    prompt: str, params_seed: int | None, count: int, sample: int = 0
+) -> list[str]:
+    """``count`` tokens (a space and a word each) derived from the prompt (and seed,
+    and sample index of n): deterministic everywhere."""
     salt = f"{params_seed}|{prompt}" if sample == 0 else f"{params_seed}|{sample}|{prompt}"
     seed = hashlib.blake2b(salt.encode(), digest_size=16).digest()
-    words: list[str] = []
+    out: list[str] = []
     block = seed
-    while len(words) < count:
+    while len(out) < count:
         block = hashlib.blake2b(block, digest_size=32).digest()
-        words.extend(map(_WORD_OF_BYTE.__getitem__, block[: count - len(words)]))
-    return words
+        out.extend(map(_PIECE_OF_BYTE.__getitem__, block[: count - len(out)]))
+    return out
 
 
 def prompt_text(job: Job) -> str:
@@ -223,8 +226,7 @@ class SyntheticEngine(Engine):
             eos_at = int(match.group(1)) if match is not None else length
             if eos_at < length:
                 length, eos = max(1, eos_at), True
-        words = synthetic_words(text, params.seed, length, index)
-        return _Sample([" " + w for w in words], eos)
+        return _Sample(synthetic_tokens(text, params.seed, length, index), eos)
 
     def cancel(self, key: int) -> None:
         self._waiting.pop(key, None)
