@@ -84,6 +84,16 @@ class Ledger:
             return set()
         return {key for key, entry in self.entries.items() if entry.client == client}
 
+    def running_keys_of(self, client: bytes) -> set[int]:
+        """The client's keys a worker holds now (waiting ones left out)."""
+        if client not in self.per_client:
+            return set()
+        return {
+            key
+            for key, entry in self.entries.items()
+            if entry.client == client and entry.slot is not None
+        }
+
     def count_of(self, client: bytes) -> int:
         return self.per_client.get(client, 0)
 

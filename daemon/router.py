@@ -293,10 +293,7 @@ class Router:
         end and the prefetched ones after them. If it comes back within the grace (a
         link that reset), they run again."""
         for record in self.delivery.take_lost():
-            running = {
-                k for k in self.ledger.keys_of(record.identity)
-                if self.ledger.holder(k) is not None  # slot 0 is a holder too
-            }  # fmt: skip
+            running = self.ledger.running_keys_of(record.identity)
             if not running:
                 continue
             self.cancel_keys(running)  # the workers drop them (nothing is answered)

@@ -159,20 +159,16 @@ class Failed:
 def finished_from_choices(key: int, prompt_tokens: int, choices: list[Choice]) -> Finished:
     """One Finished for the n samples of a job (n = 1: a plain one)."""
     first = choices[0]
-    if len(choices) == 1:
+    if len(choices) == 1:  # the common case: no sum, no list of samples
         return Finished(
             key, first.text, first.finish_reason, prompt_tokens, first.completion_tokens,
             first.logprobs,
         )  # fmt: skip
+    completion_tokens = sum(c.completion_tokens for c in choices)
     return Finished(
-        key,
-        first.text,
-        first.finish_reason,
-        prompt_tokens,
-        sum(c.completion_tokens for c in choices),
-        first.logprobs,
-        choices if len(choices) > 1 else None,
-    )
+        key, first.text, first.finish_reason, prompt_tokens, completion_tokens,
+        first.logprobs, choices,
+    )  # fmt: skip
 
 
 Event = Chunk | Finished | Failed
