@@ -23,7 +23,14 @@ from typing import Any, NoReturn, TypeVar
 import click
 from tqdm import tqdm
 
-from exgen.client.batch_api import TERMINAL, ApiError, BatchApi, Unreachable, endpoint_of
+from exgen.client.batch_api import (
+    DEFAULT_URL,
+    TERMINAL,
+    ApiError,
+    BatchApi,
+    Unreachable,
+    endpoint_of,
+)
 
 EXIT_FAILED, EXIT_USAGE, EXIT_CONNECT = 1, 2, 3
 POLL_S = 1.0
@@ -39,7 +46,7 @@ def _api_options(func: F) -> F:
     return click.option(
         "--url",
         envvar="EXGEN_HTTP_URL",
-        default="http://127.0.0.1:8000",
+        default=DEFAULT_URL,
         show_default=True,
         help="The HTTP gateway (`exgen serve --http`; $EXGEN_HTTP_URL).",
     )(func)

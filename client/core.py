@@ -52,11 +52,10 @@ from exgen.client.calls import (
     Request,
     Result,
     _Submit,
-    unencodable_field,
 )
 from exgen.client.transport import HANDSHAKE_FAILURES
 
-__all__ = ["TAG_SEP", "Call", "Core", "Receipts", "Request", "Result", "unencodable_field"]
+__all__ = ["TAG_SEP", "Call", "Core", "Receipts", "Request", "Result"]
 
 logger = logging.getLogger(__name__)
 

@@ -217,7 +217,7 @@ def _reject_undecodable(
         item_id = _ITEM_ID.decode(raw).id
     except msgspec.DecodeError:
         item_id = None
-    submit.rejected.append((P.claim_id({"id": item_id}, f"items[{i}]", seen), error))
+    submit.rejected.append((P.claim_id_value(item_id, f"items[{i}]", seen), error))
 
 
 def _validation_error(exc: msgspec.DecodeError, where: str) -> P.ValidationError:

@@ -286,8 +286,7 @@ class RayLauncher:
         """A worker we SIGKILLed whose actor does not confirm: its node is unreachable."""
         if proc.killed_at is None or now - proc.killed_at < self.settings.ray_kill_timeout_s:
             return None
-        ray.kill(proc.actor, no_restart=True)
-        silent = now - proc.killed_at
+        silent = now - proc.killed_at  # its actor is killed with the release that follows
         where = f"node {(proc.node or '?')[:12]} ({proc.host})"
         return WorkerExit(
             None, node_lost=True, cause=f"{where} did not answer for {silent:.0f}s: unreachable"

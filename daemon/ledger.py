@@ -85,14 +85,12 @@ class Ledger:
         return {key for key, entry in self.entries.items() if entry.client == client}
 
     def running_keys_of(self, client: bytes) -> set[int]:
-        """The client's keys a worker holds now (waiting ones left out)."""
+        """The client's keys a worker holds now (waiting ones left out): a look at
+        what is in flight, not a scan of every entry."""
         if client not in self.per_client:
             return set()
-        return {
-            key
-            for key, entry in self.entries.items()
-            if entry.client == client and entry.slot is not None
-        }
+        entries = self.entries
+        return {k for keys in self.held.values() for k in keys if entries[k].client == client}
 
     def count_of(self, client: bytes) -> int:
         return self.per_client.get(client, 0)

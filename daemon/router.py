@@ -166,6 +166,11 @@ class Router:
         them); their entries are returned, still in the ledger, for the caller to
         finish, drop or requeue."""
         self.queue.remove(keys)
+        self._cancel_on_workers(keys)
+        return [self.ledger.entries[key] for key in keys if key in self.ledger.entries]
+
+    def _cancel_on_workers(self, keys: set[int]) -> None:
+        """Tell each worker holding some of these keys to drop them."""
         by_slot: dict[int, list[int]] = {}
         for key in keys:
             holder = self.ledger.holder(key)
@@ -175,7 +180,6 @@ class Router:
             slot = self.table.get(slot_id)
             if slot is not None and slot.serving is not None:
                 self.backend.send_multipart([slot.serving.identity, *wire.pack_cancel(slot_keys)])
-        return [self.ledger.entries[key] for key in keys if key in self.ledger.entries]
 
     # --- workers and dispatch -------------------------------------------------------
 
@@ -296,7 +300,7 @@ class Router:
             running = self.ledger.running_keys_of(record.identity)
             if not running:
                 continue
-            self.cancel_keys(running)  # the workers drop them (nothing is answered)
+            self._cancel_on_workers(running)  # they drop them (nothing is answered)
             for entry in self.ledger.recall(running):
                 self.queue.push(entry.client, entry.key, entry.budget, entry.tier)
             logger.info(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from exgen.daemon import policy
 from exgen.daemon.config import Settings
-from exgen.daemon.launch import Launcher, LocalLauncher, WorkerExit, WorkerProcess, read_oom_kills
+from exgen.daemon.launch import Launcher, LocalLauncher, WorkerExit, WorkerProcess
 from exgen.daemon.slots import (
     FAILED,
     PENDING,
@@ -46,7 +46,6 @@ __all__ = [
     "Exit",
     "Slot",
     "Supervisor",
-    "read_oom_kills",
 ]
 
 logger = logging.getLogger("exgen.supervisor")

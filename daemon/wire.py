@@ -92,10 +92,9 @@ def pack_done(finished: list[Finished], failed: list[Failed]) -> list[bytes]:
     return P.pack(DONE, {"done": done, "failed": bad})
 
 
-def _extra(event: Finished) -> dict[str, Any] | None:
-    """What only some results carry (logprobs, n > 1 samples); None for the others."""
-    if event.logprobs is None and event.choices is None:
-        return None
+def _extra(event: Finished) -> dict[str, Any]:
+    """What only some results carry (logprobs, n > 1 samples): pack_done calls it for
+    those alone, so a plain result costs no call."""
     extra: dict[str, Any] = {}
     if event.logprobs is not None:
         extra["logprobs"] = event.logprobs

@@ -51,6 +51,7 @@ from typing import Any
 
 from exgen.client import protocol as P
 from exgen.daemon import modelstore
+from exgen.daemon.engines import grammar
 from exgen.daemon.engines.base import (
     Engine,
     EngineOptionError,
@@ -339,7 +340,7 @@ class TransformersEngine(Engine):
                 raise JobRejected(
                     P.E_BAD_REQUEST,
                     "structured output needs a fast (tokenizers) tokenizer; this model has none",
-                    "params.json_schema",
+                    grammar.FIELD,
                 )
             width = int(state.model.get_output_embeddings().weight.shape[0])
             self._grammars = Grammars.from_tokenizer_json(

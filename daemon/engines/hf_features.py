@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from exgen.client import protocol as P
+from exgen.daemon.engines import grammar
 from exgen.daemon.engines.base import (
     Choice,
     Chunk,
@@ -191,4 +192,4 @@ class JobSamples:
 
 
 def row_failed(key: int, message: str) -> Event:
-    return Failed(key, P.E_ENGINE, f"structured output failed: {message}", "params.json_schema")
+    return Failed(key, P.E_ENGINE, f"structured output failed: {message}", grammar.FIELD)

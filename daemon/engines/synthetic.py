@@ -54,6 +54,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from exgen.client import protocol as P
+from exgen.daemon.engines import grammar
 from exgen.daemon.engines.base import (
     Choice,
     Chunk,
@@ -346,8 +347,8 @@ def json_pieces(params: SamplingParams, prompt: str, index: int) -> list[str]:
     except SchemaUnsupported as exc:
         raise JobRejected(
             P.E_BAD_REQUEST,
-            f"params.json_schema: the synthetic engine cannot follow this schema: {exc}",
-            "params.json_schema",
+            f"{grammar.FIELD}: the synthetic engine cannot follow this schema: {exc}",
+            grammar.FIELD,
         ) from None
     step = JSON_CHARS_PER_TOKEN
     return [text[i : i + step] for i in range(0, len(text), step)]
