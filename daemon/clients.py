@@ -145,7 +145,7 @@ class ClientRegistry:
                 yield seq, body
 
     @staticmethod
-    def acknowledge(record: ClientRecord, seq: int, resend: bool) -> None:
+    def acknowledge(record: ClientRecord, seq: int, resend: bool, now: float) -> None:
         """Everything up to ``seq`` arrived; with ``resend``, what is above it was lost."""
         seq = max(0, min(seq, record.seq))
         while record.owed:
@@ -157,7 +157,9 @@ class ClientRegistry:
         record.acked = max(record.acked, seq)
         if resend:
             record.sent_upto = min(record.sent_upto, seq)
-        record.unacked_since = None
+        # A partial ACK shows a live reader: the clock starts again for what it has
+        # not acknowledged yet, and stops only when nothing sent is unacknowledged.
+        record.unacked_since = None if record.acked >= record.sent_upto else now
 
     def forget(self, identity: bytes) -> None:
         self.by_identity.pop(identity, None)

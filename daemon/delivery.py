@@ -155,7 +155,7 @@ class Delivery:
             return  # an acknowledgement for a session the router has forgotten
         if type(seq) is not int or not isinstance(resend, bool):
             raise P.ValidationError("seq", "must be an integer (with resend true or false)")
-        self.clients.acknowledge(record, seq, resend)
+        self.clients.acknowledge(record, seq, resend, time.monotonic())
         if resend and record.unsent:
             logger.info(
                 "client %s lost results on its link: sending %d messages again",
