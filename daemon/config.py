@@ -71,7 +71,8 @@ class Settings:
     results_message_bytes: int = 2**20  # results grouped into RESULTS messages of at most this
     max_result_bytes: int = 16 * 2**20  # one result larger than this: a too_large error
     # Clients.
-    client_heartbeat_s: float = 1.0  # ZMTP heartbeats and lease probes to clients
+    client_heartbeat_s: float = 1.0  # ZMTP heartbeats and lease probes to clients (TCP)
+    ipc_heartbeat_s: float = 0.1  # the same on an ipc address: no network between
     client_grace_s: float = 3.0  # unreachable this long: its work is cancelled
     model_name: str | None = None  # the served model's name (default: from the model)
     strict_model: bool = False  # an item naming another model: model_not_found
@@ -341,8 +342,9 @@ def _budget_problems(settings: Settings) -> Iterator[str]:
             f"max_result_bytes must be between 1024 and {MAX_MESSAGE_BYTES // 2} "
             "(half the clients' message size limit)"
         )
-    if settings.client_heartbeat_s <= 0 or settings.client_grace_s <= 0:
-        yield "client_heartbeat_s and client_grace_s must be more than 0"
+    for name in ("client_heartbeat_s", "ipc_heartbeat_s", "client_grace_s"):
+        if getattr(settings, name) <= 0:
+            yield f"{name} must be more than 0"
 
 
 def _problem_of(parse: Callable[[str], Any], text: str) -> Iterator[str]:

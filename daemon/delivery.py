@@ -12,7 +12,7 @@ non-blocking, so nothing is dropped silently:
 
 Results go out grouped into messages of at most ``results_message_bytes``; a result
 larger than ``max_result_bytes`` is replaced by a ``too_large`` error for that item.
-Leases: a client with work is probed about once a ``client_heartbeat_s`` (an unasked
+Leases: a client with work is probed once a heartbeat (listen.heartbeat_s; an unasked
 PONG, which the client reads like any PONG); one unreachable for ``client_grace_s`` is
 expired (the router cancels its work).
 """
@@ -57,6 +57,9 @@ class Delivery:
         self.blocked: set[bytes] = set()  # reachable clients with owed results unsent
         self.lost: list[ClientRecord] = []  # found unreachable since the router last looked
         self.next_probe_at = 0.0
+        # Seconds between probes: the frontend's heartbeat (the daemon sets it from its
+        # listen address, listen.heartbeat_s).
+        self.probe_s = settings.client_heartbeat_s
 
     # --- sending -----------------------------------------------------------------
 
@@ -232,7 +235,7 @@ class Delivery:
             self.update_pause(record, now)
         if now < self.next_probe_at:
             return []
-        self.next_probe_at = now + self.settings.client_heartbeat_s
+        self.next_probe_at = now + self.probe_s
         expired = []
         for record in list(self.clients):
             if not has_work(record):

@@ -52,7 +52,7 @@ def bind_frontend(
     # ZMTP heartbeats: a frozen or vanished client's connection is closed by ZMQ's
     # I/O thread (its own answers them while its program is busy), and the lease
     # probes then find it unreachable.
-    heartbeat_ms = int(settings.client_heartbeat_s * 1000)
+    heartbeat_ms = max(1, round(heartbeat_s(settings, listen) * 1000))
     sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * heartbeat_ms)
     sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * heartbeat_ms)
@@ -74,6 +74,17 @@ def bind_frontend(
         # that the operator let in, not everyone.
         os.chmod(listen[len(IPC) :], 0o660)
     return sock, auth
+
+
+def heartbeat_s(settings: Settings, listen: str) -> float:
+    """How often the frontend heartbeats and probes its clients (timeout: 3 times that).
+
+    On an ipc address the peer is a process on this machine: its ZMQ I/O thread, a
+    native thread apart from its program, answers within milliseconds unless the
+    process is stopped or gone, so a short beat finds a stopped client (SIGSTOP,
+    Ctrl-Z) before more than about a batch runs for nobody. Over TCP the network's
+    own delays (a retransmission alone takes 200 ms) call for a longer one."""
+    return settings.ipc_heartbeat_s if listen.startswith(IPC) else settings.client_heartbeat_s
 
 
 def _bind_error(listen: str, exc: zmq.ZMQError) -> str:

@@ -23,7 +23,7 @@ from exgen.daemon import curve, modelstore, workerlink
 from exgen.daemon import supervisor as sup
 from exgen.daemon.config import Settings
 from exgen.daemon.gateway.keeper import GatewayKeeper  # issue 13: the HTTP gateway
-from exgen.daemon.listen import ListenError, access_mode, bind_frontend
+from exgen.daemon.listen import ListenError, access_mode, bind_frontend, heartbeat_s
 from exgen.daemon.router import Router
 from exgen.daemon.sdnotify import Notifier
 from exgen.daemon.slots import SlotTable
@@ -85,6 +85,7 @@ class Daemon:
         self.router = Router(self.settings, self.frontend, self.backend, self.table)
         self.router.model_name = self.settings.model_name or modelstore.served_name(model, engine)
         self.router.access = access_mode(self.listen, self.auth)
+        self.router.delivery.probe_s = heartbeat_s(self.settings, self.listen)
         if self.auth is not None:
             self.router.allowed_users = curve.allowed_user_ids(self.settings)
         server_key = self.link.keys.public if self.link.keys is not None else None

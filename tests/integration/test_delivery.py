@@ -228,29 +228,40 @@ def test_a_client_that_dies_has_its_work_cancelled_within_seconds(daemon_factory
 
 
 def test_a_stopped_client_loses_its_work_and_gets_it_back_when_it_continues(daemon_factory):
+    # Items of 0.5 s: a stopped client (on the default ipc address) is found within a
+    # few short heartbeats, before its workers finish much more than what was on board.
     daemon = daemon_factory(
         "--engine", "synthetic", "--workers", "2", "--engine-opt", "capacity=4",
-        "--engine-opt", "token_ms=10",
+        "--engine-opt", "token_ms=50",
     )  # fmt: skip
-    with start_client(daemon.address, 600, 10) as client:
-        first = read_lines(client, 20)
+    with start_client(daemon.address, 120, 10) as client:
+        first = read_lines(client, 10)
         client.send_signal(signal.SIGSTOP)
+        completed_at_stop = daemon.status()["completed"]
         try:
             took = wait_for(lambda: queued_and_running(daemon) == 0, 20, "its work cancelled")
             assert took < 15
+            wasted = daemon.status()["completed"] - completed_at_stop
         finally:
             client.send_signal(signal.SIGCONT)
         assert client.stdout is not None
         rest = client.stdout.read()  # the pipe's own buffer too (communicate() would skip it)
         assert client.wait(120) == 0
+    # What was on board (2 workers x (capacity 4 + prefetch 2)) at most ran for nobody.
+    assert wasted <= 2 * (4 + 2), f"{wasted} items ran for a client that was stopped"
     ids = [line.split()[0] for line in first + rest.splitlines() if line.strip()]
-    assert sorted(ids, key=int) == [str(i) for i in range(600)], "every result exactly once"
+    assert sorted(ids, key=int) == [str(i) for i in range(120)], "every result exactly once"
 
 
 def test_a_client_that_stops_reading_stalls_only_itself(daemon_factory):
+    # A socket that stops reading also stops answering ZMTP heartbeats (its ZMQ reads
+    # nothing past RCVHWM), so after 3 beats it looks like a stopped process and its
+    # lease runs out. Beats longer than this test keep its connection: what is tested
+    # is the full pipe and the unread budget (the library's own socket reads all it
+    # gets, answers every beat, and is held back by the budget instead).
     daemon = daemon_factory(
         "--engine", "synthetic", "--workers", "2", "--engine-opt", "capacity=16",
-        env={"EXGEN_UNREAD_BUDGET_BYTES": str(2 * MiB)},
+        env={"EXGEN_UNREAD_BUDGET_BYTES": str(2 * MiB), "EXGEN_IPC_HEARTBEAT_S": "30"},
     )  # fmt: skip
     pid = daemon.proc.pid
     before = psutil.Process(pid).memory_info().rss
