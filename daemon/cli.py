@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import shutil
@@ -141,7 +140,8 @@ def serve(config_file: Path | None, engine_opt: tuple[str, ...], **options: Any)
 def run_daemon(settings: cfg.Settings) -> int:
     from exgen.client.client import user_address
     from exgen.daemon.curve import CurveSetupError, server_keys
-    from exgen.daemon.server import AddressInUse, Daemon
+    from exgen.daemon.listen import ListenError
+    from exgen.daemon.server import Daemon
     from exgen.daemon.supervisor import plan_slots
 
     listen = settings.listen or user_address()
@@ -164,7 +164,7 @@ def run_daemon(settings: cfg.Settings) -> int:
         slots, where = plan_slots(settings, gpu_slots), "" if gpu_slots else " on CPU"
     try:
         daemon = Daemon(settings, listen, slots, engine, model)
-    except (AddressInUse, CurveSetupError) as exc:
+    except (ListenError, CurveSetupError) as exc:
         raise CliError(str(exc)) from None  # one line, and nothing logged before it
     logger.info("engine %s, model %s, %d slot(s)%s", engine, model or "-", len(slots), where)
     gcpolicy.tune()
@@ -254,6 +254,8 @@ def detect_gpus() -> list[int]:
 
 def check_listen_security(listen: str, settings: cfg.Settings) -> None:
     """A TCP address beyond loopback needs CURVE keys, unless --insecure."""
+    from exgen.daemon.sockets import is_loopback
+
     if not listen.startswith("tcp://"):
         return
     host = listen[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
@@ -264,15 +266,6 @@ def check_listen_security(listen: str, settings: cfg.Settings) -> None:
             f"{listen} is reachable from other machines: give curve_secret_key and "
             "curve_allowed_dir (see `exgen keygen`), or --insecure to allow anyone"
         )
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # --- keygen -----------------------------------------------------------------------------

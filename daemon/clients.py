@@ -51,8 +51,7 @@ class ClientRecord:
     disconnected_at: float | None = None
     over_budget: bool = False  # its unread results passed the unread budget
     unacked_since: float | None = None  # results handed to ZMQ and not acknowledged since
-    paused: bool = False  # its items are not dispatched (see Delivery.update_pause)
-    pause_reason: str = ""
+    pause_reason: str = ""  # why its items are not dispatched ("": they are; Delivery)
     rate: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))
 
     def tokens_per_s(self, now: float, window_s: float = 10.0) -> float:

@@ -9,12 +9,12 @@ client authenticated with the same key; otherwise the answer is ``forbidden``.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from typing import TYPE_CHECKING, Any
 
 from exgen.client import protocol as P
 from exgen.daemon.clients import ClientRecord
+from exgen.daemon.sockets import is_loopback
 
 if TYPE_CHECKING:
     from exgen.daemon.router import Router
@@ -94,7 +94,7 @@ class Cancels:
             return True
         if mode == CURVE:
             return caller.user is not None and caller.user == target.user
-        return caller.peer is not None and _loopback(caller.peer)
+        return caller.peer is not None and is_loopback(caller.peer)
 
     def _names(self, caller: ClientRecord) -> str:
         names = [describe(r) for r in self.router.clients if r.identity != caller.identity]
@@ -112,9 +112,3 @@ def _matches(record: ClientRecord, name: str) -> bool:
         return True
     return len(name) >= MIN_ID_PREFIX and record.identity.hex().startswith(name.lower())
 
-
-def _loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False

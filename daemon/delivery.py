@@ -201,18 +201,16 @@ class Delivery:
             if stale
             else ""
         )
-        if bool(reason) != record.paused:
-            record.paused = bool(reason)
-            if record.paused:
-                self.queue.pause(record.identity)
-                logger.info(
-                    "client %s: its items wait (%s; %d bytes unread)",
-                    _who(record),
-                    reason,
-                    record.unread_bytes,
-                )
-            else:
-                self.queue.resume(record.identity)
+        if reason and not record.pause_reason:
+            self.queue.pause(record.identity)
+            logger.info(
+                "client %s: its items wait (%s; %d bytes unread)",
+                _who(record),
+                reason,
+                record.unread_bytes,
+            )
+        elif record.pause_reason and not reason:
+            self.queue.resume(record.identity)
         record.pause_reason = reason
 
     # --- leases ------------------------------------------------------------------

@@ -9,7 +9,6 @@ socket and receive the clients' traffic.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import pwd
 import socket
@@ -24,6 +23,7 @@ from exgen.client import protocol as P
 from exgen.daemon import control, curve
 from exgen.daemon.config import Settings
 from exgen.daemon.delivery import SNDHWM
+from exgen.daemon.sockets import is_loopback
 
 RCVHWM = 64  # client messages waiting to be read, per connection
 IPC = "ipc://"
@@ -152,16 +152,9 @@ def access_mode(listen: str, auth: ThreadAuthenticator | None) -> str:
         return control.CURVE
     if listen.startswith(TCP):
         host = listen[len(TCP) :].rsplit(":", 1)[0].strip("[]")
-        if host != "localhost" and not is_loopback(host):
+        if not is_loopback(host):
             return control.PEER
     return control.LOCAL
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _socket_answers(path: Path) -> bool:

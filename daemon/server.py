@@ -44,9 +44,6 @@ METRICS_EVERY_S = 1.0
 EXIT_NO_WORKERS = 3
 
 
-AddressInUse = ListenError  # the name the CLI knows
-
-
 class Daemon:
     def __init__(
         self, settings: Settings, listen: str, slots: list[sup.Slot], engine: str, model: str | None
@@ -116,7 +113,7 @@ class Daemon:
         try:
             metrics.start()
         except OSError as exc:
-            raise AddressInUse(f"metrics endpoint {listen}: {exc.strerror or exc}") from None
+            raise ListenError(f"metrics endpoint {listen}: {exc.strerror or exc}") from None
         self.router.latencies = metrics.latencies
         return metrics
 
@@ -166,17 +163,17 @@ class Daemon:
         if clients:
             self.router.handle_frontend(now)
         self.router.handle_backend(now, workers)
-        # Results out before dispatching: a client found gone while sending them
-        # gets no more of its items started.
-        self.router.flush_results()
         housekeeping = self.child_exited or now >= self.housekeeping_due
         if housekeeping:
             self._housekeep(now)
-        if self.drain_deadline is None:
-            self.router.dispatch()
-        else:
+        draining = self.drain_deadline is not None
+        if draining:
             self._continue_draining(now)
+        # Results out (the workers' and those housekeeping failed) before dispatching:
+        # a client found gone while sending them gets no more of its items started.
         self.router.flush_results()
+        if not draining:
+            self.router.dispatch()
         if housekeeping:
             self._notify_systemd(now)  # after dispatch: STATUS counts what just went out
         if self.metrics is not None and now >= self.metrics_due:

@@ -10,9 +10,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from exgen.daemon.cli import is_loopback
 from exgen.daemon.config import Settings, parse_host_port
 from exgen.daemon.gateway.store import StateDirInUse, lock_exclusively
+from exgen.daemon.sockets import is_loopback
 
 
 class GatewayUnusable(ValueError):
