@@ -223,15 +223,12 @@ def say_ready(table: SlotTable, slot_id: int, now: float) -> None:
 
 
 def spawn_lines(caplog: pytest.LogCaptureFixture, slot_id: int) -> list[str]:
-    return [
-        r.getMessage() for r in caplog.records if r.getMessage().startswith(f"spawn slot {slot_id} ")
-    ]
+    lines = [record.getMessage() for record in caplog.records]
+    return [line for line in lines if line.startswith(f"spawn slot {slot_id} ")]
 
 
 @pytest.mark.parametrize("ready_first", [True, False])
-def test_a_ray_slot_is_placed_once_whether_its_ready_or_the_poll_comes_first(
-    caplog, ready_first
-):
+def test_a_ray_slot_is_placed_once_whether_its_ready_or_the_poll_comes_first(caplog, ready_first):
     caplog.set_level(logging.INFO, logger="exgen.supervisor")
     supervisor, launcher = ray_like()
     table, slot = supervisor.table, supervisor.slots[0]
@@ -248,9 +245,14 @@ def test_a_ray_slot_is_placed_once_whether_its_ready_or_the_poll_comes_first(
         say_ready(table, 0, 1.5)
     row = describe_slot(slot, 0, 2.0)
     pid = slot.proc.facts[0]  # type: ignore[union-attr]
-    assert (row["state"], row["pid"], row["node"], row["host"], row["devices"]) == (
-        "ready", pid, "node-0b", "host-0", [1]
-    )
+    seen = {key: row[key] for key in ("state", "pid", "node", "host", "devices")}
+    assert seen == {
+        "state": "ready",
+        "pid": pid,
+        "node": "node-0b",
+        "host": "host-0",
+        "devices": [1],
+    }
     assert spawn_lines(caplog, 0) == [f"spawn slot 0 pid {pid} node node-0b host host-0 GPU=1"]
 
 
