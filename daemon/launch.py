@@ -79,7 +79,8 @@ class Launcher(Protocol):
         ...
 
     def placed(self, procs: list[WorkerProcess]) -> list[WorkerProcess]:
-        """Those of ``procs`` that were waiting for a place and now have one."""
+        """Those of ``procs`` (their place not yet noted) that have one now, whether
+        this poll or an earlier question (a READY's ``is_pid``) learnt it."""
         ...
 
     def exited(self, procs: list[WorkerProcess]) -> list[tuple[WorkerProcess, WorkerExit]]:
@@ -159,7 +160,7 @@ class LocalLauncher:
         return LocalProcess(slot.id, popen, slot.devices, host=self.host)
 
     def placed(self, procs: list[WorkerProcess]) -> list[WorkerProcess]:
-        return []  # a subprocess has its place (and pid) from the start
+        return []  # never asked: a subprocess has its place (and pid) from the start
 
     def exited(self, procs: list[WorkerProcess]) -> list[tuple[WorkerProcess, WorkerExit]]:
         ended = [p for p in procs if isinstance(p, LocalProcess) and p.popen.poll() is not None]

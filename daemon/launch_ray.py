@@ -234,14 +234,17 @@ class RayLauncher:
         return self.groups[slot.id]
 
     def placed(self, procs: list[WorkerProcess]) -> list[WorkerProcess]:
-        waiting = [p for p in procs if isinstance(p, RayProcess) and p.pid is None]
+        ours = [p for p in procs if isinstance(p, RayProcess)]
+        # Resolved already: the router's check of its READY read the actor's facts.
+        known: list[WorkerProcess] = [p for p in ours if p.pid is not None]
+        waiting = [p for p in ours if p.pid is None]
         now = time.monotonic()
         if not waiting or now < self.next_place_poll:
-            return []
+            return known
         self.next_place_poll = now + POLL_S  # a slot may wait for hours: ask Ray gently
         ready, _ = ray.wait([p.facts_ref for p in waiting], num_returns=len(waiting), timeout=0)
         ready_ids = {id(ref) for ref in ready}
-        return [p for p in waiting if id(p.facts_ref) in ready_ids and p.resolve(0)]
+        return known + [p for p in waiting if id(p.facts_ref) in ready_ids and p.resolve(0)]
 
     # --- watch ----------------------------------------------------------------------
 

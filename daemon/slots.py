@@ -75,6 +75,7 @@ class Slot:
     resources: dict[str, float] | None = None  # what Ray must find for it (Ray mode)
     # The process (the supervisor's side), through its launcher.
     proc: WorkerProcess | None = None
+    placed: bool = False  # the supervisor has noted where the process runs (below)
     node: str | None = None  # where the process runs: its Ray node id, or "local"
     host: str | None = None
     last_pid: int | None = None  # the process before this one, for the restart line

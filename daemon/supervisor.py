@@ -11,6 +11,8 @@ How a worker is started, watched and stopped is its launcher's (launch.py: a loc
 subprocess, or a Ray actor anywhere in a cluster); what to do about it is decided
 here, the same whatever the launcher. A slot whose launcher has no place for it yet
 (no node with its resources) is ``pending`` and becomes ``starting`` once placed.
+Whoever learns the place first (the placement poll, or the router checking the
+worker's READY), the supervisor notes it once: ``Slot.placed`` is its own flag.
 """
 
 from __future__ import annotations
@@ -145,16 +147,19 @@ class Supervisor:
         slot.kill_blames_work = True
         slot.stopping = False
         slot.loading_beat = 0.0
+        slot.placed = False
+        slot.state = PENDING
+        slot.node = slot.host = None
         if slot.proc.pid is None:
-            slot.state = PENDING
-            slot.node = slot.host = None
             logger.info("pending slot %d: waiting for a place in the cluster", slot.id)
         else:
             self._placed(slot, time.monotonic())
 
     def _placed(self, slot: Slot, now: float) -> None:
         assert slot.proc is not None
-        slot.state = STARTING
+        slot.placed = True
+        if slot.state == PENDING:  # not when its READY was read first: it is ready
+            slot.state = STARTING
         slot.spawned_at = now  # the loading grace counts from here, not from pending
         slot.node, slot.host = slot.proc.node, slot.proc.host
         if slot.resources is not None:  # placed by Ray: the GPUs it got on its node
@@ -162,10 +167,10 @@ class Supervisor:
         logger.info("spawn slot %d pid %d %s", slot.id, slot.proc.pid, where(slot))
 
     def reap_workers(self, now: float) -> list[Exit]:
-        """Note the pending workers that got a place, and reap those that ended."""
-        pending = [s.proc for s in self.slots.values() if s.proc is not None and s.state == PENDING]
-        if pending:
-            for proc in self.launcher.placed(pending):
+        """Note the workers that got a place, and reap those that ended."""
+        unplaced = [s.proc for s in self.slots.values() if s.proc is not None and not s.placed]
+        if unplaced:
+            for proc in self.launcher.placed(unplaced):
                 self._placed(self.slots[proc.slot], now)
         procs = [s.proc for s in self.slots.values() if s.proc is not None]
         if not procs:

@@ -13,8 +13,11 @@ checks); Ray's defaults take ~15 s (docs/cluster.md).
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +26,7 @@ from typing import Any
 import pytest
 
 from exgen.client import errors
+from exgen.daemon.config import Settings
 from tests.conftest import RunningDaemon, start_daemon
 from tests.integration.test_fault_tolerance import (
     assert_each_once_ok,
@@ -90,6 +94,51 @@ def test_workers_land_one_per_node_and_submit_works_unchanged(cluster, tmp_path)
     finally:
         assert daemon.stop() == 0
     assert "stopped" in daemon.log_text()
+
+
+def test_a_slot_whose_ready_comes_before_the_placement_poll_still_shows_its_place(
+    cluster, tmp_path, caplog
+):
+    """The daemon in this process, so the race can be made certain: the launcher's own
+    placement poll is held back until the router has read the worker's READY (whose
+    pid check reads the actor's facts first). Its place must still be noted, once."""
+    from exgen.daemon import launch_ray
+    from exgen.daemon.server import Daemon
+
+    caplog.set_level(logging.INFO, logger="exgen.supervisor")
+    settings = Settings(
+        ray=cluster.address, ray_resource=RESOURCE, ray_cpus_per_slot=0.5, workers=1,
+        ray_worker_listen="tcp://127.0.0.1:0", heartbeat_timeout_s=5.0,
+    )  # fmt: skip
+    launch_ray.connect(cluster.address)
+    daemon = None
+    try:
+        daemon = Daemon(settings, f"ipc://{tmp_path}/d.sock", launch_ray.plan_ray_slots(settings),
+                        "synthetic", None)  # fmt: skip
+        launcher = daemon.supervisor.launcher
+        assert isinstance(launcher, launch_ray.RayLauncher)
+        launcher.next_place_poll = math.inf  # the poll is late, as a busy loop may be
+        daemon.supervisor.start_all()
+        slot = daemon.supervisor.slots[0]
+        turn = lambda: daemon.tick(time.monotonic()) or time.sleep(0.005)  # noqa: E731
+        wait_for(lambda: turn() or slot.state == "ready", 60, "the slot ready")
+        launcher.next_place_poll = 0.0  # the poll runs again
+        for _ in range(20):
+            turn()
+        [row] = daemon.status(time.monotonic())["workers"]
+        nodes = {n.node_id for n in cluster.nodes}
+        assert row["state"] == "ready" and row["pid"] == slot.pid
+        assert row["node"] in nodes and row["host"] == socket.gethostname()
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("spawn ")]
+        assert lines == [f"spawn slot 0 pid {slot.pid} node {row['node'][:12]} host "
+                         f"{row['host']} {RESOURCE}=1,CPU=0.5"]  # fmt: skip
+    finally:
+        if daemon is not None:
+            daemon.shutdown()  # its launcher leaves the cluster
+        else:
+            import ray
+
+            ray.shutdown()
 
 
 def test_a_job_survives_kill_9_and_a_lost_node_and_the_slot_returns(cluster, tmp_path):

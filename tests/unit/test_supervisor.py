@@ -3,17 +3,21 @@ stops, boot errors, and which deaths count against the work on board."""
 
 from __future__ import annotations
 
+import logging
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from exgen.daemon import launch, policy
+from exgen.daemon import launch, policy, wire
 from exgen.daemon import supervisor as sup
+from exgen.daemon.backend import WorkerMessages
 from exgen.daemon.config import Settings
 from exgen.daemon.launch import WorkerExit
 from exgen.daemon.slots import Serving, SlotTable
+from exgen.daemon.status import describe_slot
 from exgen.daemon.worker import WorkerSpec
 
 
@@ -164,6 +168,116 @@ def test_our_own_kill_names_its_cause_and_blames_the_work():
     [exit_] = supervisor.reap_workers(1.0)
     assert exit_.cause == "no progress for 5s (engine hung?)"
     assert exit_.crashed and exit_.blames_work
+
+
+class UnplacedProc(FakeProc):
+    """A Ray worker: no pid, node, host or GPUs until its actor's answer is read, by
+    whoever asks first (RayProcess: the router's READY check, or the placement poll)."""
+
+    def __init__(self, slot: int) -> None:
+        super().__init__(slot)
+        self.facts = (self.pid, f"node-{slot}b", f"host-{slot}", [slot + 1])
+        self.pid: int | None = None  # type: ignore[assignment]
+        self.node = self.host = self.devices = None
+
+    def resolve(self) -> None:
+        self.pid, self.node, self.host, self.devices = self.facts
+
+    def is_pid(self, pid: int) -> bool:
+        self.resolve()
+        return pid == self.pid
+
+
+class PlacedLater(FakeLauncher):
+    """Places as RayLauncher does, but its placement poll answers only once ``poll_due``
+    is set: the race of a READY that reaches the router before the poll, made certain."""
+
+    def __init__(self) -> None:
+        self.poll_due = False
+
+    def start(self, slot: sup.Slot, spec: Any, env: dict[str, str]) -> UnplacedProc:
+        return UnplacedProc(slot.id)
+
+    def placed(self, procs: list[Any]) -> list[Any]:
+        if not self.poll_due:
+            return []
+        for proc in procs:
+            proc.resolve()  # the actor has answered by now
+        return procs
+
+
+def ray_like(slots: int = 1) -> tuple[sup.Supervisor, PlacedLater]:
+    launcher = PlacedLater()
+    table = SlotTable([sup.Slot(i, None, resources={"GPU": 1.0}) for i in range(slots)])
+    supervisor = sup.Supervisor(Settings(), table, "tcp://unused", "synthetic", None, launcher)
+    supervisor.start_all()
+    return supervisor, launcher
+
+
+def say_ready(table: SlotTable, slot_id: int, now: float) -> None:
+    """The worker's READY, through the router's own handler (which checks its pid)."""
+    proc: Any = table.by_id[slot_id].proc
+    ready = wire.Ready(slot_id, proc.facts[0], "synthetic", 4, None, 0.1, {})
+    router: Any = SimpleNamespace(engine_name=None)
+    WorkerMessages(router, None, None, table)._on_ready(b"w%d" % slot_id, ready, now)  # type: ignore[arg-type]
+
+
+def spawn_lines(caplog: pytest.LogCaptureFixture, slot_id: int) -> list[str]:
+    lines = [record.getMessage() for record in caplog.records]
+    return [line for line in lines if line.startswith(f"spawn slot {slot_id} ")]
+
+
+@pytest.mark.parametrize("ready_first", [True, False])
+def test_a_ray_slot_is_placed_once_whether_its_ready_or_the_poll_comes_first(caplog, ready_first):
+    caplog.set_level(logging.INFO, logger="exgen.supervisor")
+    supervisor, launcher = ray_like()
+    table, slot = supervisor.table, supervisor.slots[0]
+    assert slot.state == sup.PENDING
+    supervisor.reap_workers(0.0)
+    if ready_first:
+        say_ready(table, 0, 0.5)  # before the supervisor's poll has seen the placement
+        assert slot.state == sup.READY
+    launcher.poll_due = True
+    for now in (1.0, 1.1, 1.2):
+        supervisor.reap_workers(now)
+    if not ready_first:
+        assert slot.state == sup.STARTING
+        say_ready(table, 0, 1.5)
+    row = describe_slot(slot, 0, 2.0)
+    pid = slot.proc.facts[0]  # type: ignore[union-attr]
+    seen = {key: row[key] for key in ("state", "pid", "node", "host", "devices")}
+    assert seen == {
+        "state": "ready",
+        "pid": pid,
+        "node": "node-0b",
+        "host": "host-0",
+        "devices": [1],
+    }
+    assert spawn_lines(caplog, 0) == [f"spawn slot 0 pid {pid} node node-0b host host-0 GPU=1"]
+
+
+def test_a_restarted_ray_slot_is_placed_again_when_its_ready_comes_first(caplog):
+    caplog.set_level(logging.INFO, logger="exgen.supervisor")
+    supervisor, launcher = ray_like(slots=2)
+    launcher.poll_due = True
+    supervisor.reap_workers(0.0)  # both placed by the poll
+    slot = supervisor.slots[1]
+    first: Any = slot.proc
+    first.returncode = 70
+    supervisor.reap_workers(1.0)
+    launcher.poll_due = False
+    supervisor.restart_due(10.0)
+    assert slot.state == sup.PENDING and slot.node is None, "its old place is forgotten"
+    say_ready(supervisor.table, 1, 10.5)
+    launcher.poll_due = True
+    supervisor.reap_workers(11.0)
+    second: Any = slot.proc
+    row = describe_slot(slot, 0, 12.0)
+    assert (row["state"], row["pid"], row["node"]) == ("ready", second.facts[0], "node-1b")
+    assert [line.split(" node ")[0] for line in spawn_lines(caplog, 1)] == [
+        f"spawn slot 1 pid {first.facts[0]}",
+        f"spawn slot 1 pid {second.facts[0]}",
+    ]
 
 
 @pytest.mark.parametrize(
