@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from exgen.client import Client
 from exgen.client import protocol as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.netutil import free_port
 from tests.proxy import Proxy
 
 MiB = 2**20
@@ -119,12 +119,6 @@ def daemon(*extra: str, env: dict[str, str] | None = None, tcp: bool = False) ->
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def items(n: int, tokens: int = 8, prefix: str = "") -> list[dict[str, Any]]:

@@ -134,9 +134,3 @@ def _reset(sock: socket.socket) -> None:
     """Close with an RST: SO_LINGER on, timeout 0."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

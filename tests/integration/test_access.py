@@ -8,7 +8,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import time
@@ -20,14 +19,9 @@ from exgen.client import Client, CurveKeys, errors
 from exgen.daemon import cli as daemon_cli
 from exgen.daemon.config import Settings
 from tests.conftest import EXGEN, EXGEN_CLIENT
+from tests.netutil import free_port
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def keygen(directory: Path, name: str) -> None:

@@ -20,6 +20,7 @@ import zmq
 from exgen.client import Client
 from exgen.client import protocol as P
 from exgen.client.core import ACK_EVERY
+from tests.netutil import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -186,12 +187,6 @@ def test_results_lost_to_a_reset_link_are_asked_for_and_delivered_once():
     assert len(router.acks) * (ACK_EVERY // 4) < router.results_messages, (
         f"{len(router.acks)} ACKs for {router.results_messages} RESULTS messages: not batched"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_a_real_daemon_behind_a_link_that_resets_mid_stream(daemon_factory):

@@ -167,7 +167,8 @@ def test_a_strict_daemon_refuses_another_model_per_line(daemon_factory, tmp_path
 
 
 def test_cancelling_another_keys_work_over_curve_is_a_one_line_refusal(daemon_factory, tmp_path):
-    from tests.integration.test_access import free_port, keygen
+    from tests.integration.test_access import keygen
+    from tests.netutil import free_port
 
     keys, allowed = tmp_path / "keys", tmp_path / "allowed"
     allowed.mkdir()

@@ -19,7 +19,8 @@ import zmq
 
 from exgen.client import Client
 from exgen.client import protocol as P
-from tests.proxy import Proxy, free_port
+from tests.netutil import free_port
+from tests.proxy import Proxy
 
 pytestmark = pytest.mark.timeout(180)
 
