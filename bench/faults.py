@@ -37,13 +37,12 @@ from typing import Any
 
 import msgpack
 import psutil
-import zmq
 
 from exgen.client import Client
 from exgen.client import protocol as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.netutil import free_port
+from tests.netutil import free_port, raw_dealer
 from tests.proxy import Proxy
 
 MiB = 2**20
@@ -188,10 +187,7 @@ def burst() -> dict[str, Any]:
     """200 results of ~12 kB ending in one step, to a client taking messages <= 1 MiB."""
     with daemon("--engine-opt", "capacity=200") as d:
         rss = Rss(d.proc.pid)
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, MiB)
-        sock.connect(d.address)
+        sock = raw_dealer(d.address, MAXMSGSIZE=MiB)
         started = time.monotonic()
         sock.send_multipart(P.pack(P.SUBMIT, {"req": "r", "items": items(200, tokens=2000)}))
         seen: list[str] = []
@@ -234,9 +230,7 @@ def bombs() -> dict[str, Any]:
 
         thread = threading.Thread(target=job)
         thread.start()
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(d.address)
+        sock = raw_dealer(d.address)
         started = time.monotonic()
         for _ in range(4):
             for payload in payloads:
@@ -379,9 +373,7 @@ def big_prompts(chat: bool) -> dict[str, Any]:
     """Prompts of 1 MB (or chat items of 2,000 short messages) offered until busy."""
     with daemon("--engine-opt", "token_ms=200", env={"EXGEN_MAX_QUEUE_BYTES": str(256 * MiB)}) as d:
         rss = Rss(d.proc.pid)
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(d.address)
+        sock = raw_dealer(d.address)
         if chat:
             messages = [{"role": "user", "content": f"m{i}"} for i in range(1000)]
             item: dict[str, Any] = {"messages": messages}

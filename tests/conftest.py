@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,17 @@ class RunningDaemon:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(f"daemon did not stop on SIGTERM:\n{self.log_text()}") from None
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> float:
+    """Poll ``predicate`` every 50 ms until it holds; the seconds that took. Past
+    ``timeout`` an AssertionError naming ``what``."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - started
 
 
 def start_daemon(
