@@ -6,7 +6,6 @@ shapes. Run as a user does: `exgen serve` and `exgen-client submit`."""
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import jsonschema
 import pytest
@@ -28,18 +27,6 @@ SCHEMA = {
     "additionalProperties": False,
 }
 TOPICS = ["a storm at sea", "a robot chef", "a haunted library", "two rival bakers", "Mars"]
-
-
-@pytest.fixture(scope="module")
-def demo_daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from tests.conftest import start_daemon
-
-    daemon = start_daemon(tmp_path_factory.mktemp("structured"))  # the CPU default
-    try:
-        daemon.wait_ready(timeout=300)
-        yield daemon
-    finally:
-        assert daemon.stop(timeout=60) == 0
 
 
 def test_200_lines_with_a_json_schema_give_200_valid_outputs(demo_daemon, tmp_path):
