@@ -25,6 +25,9 @@ from typing import Any
 
 from exgen.client import Client, errors
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the helpers shared with tests/
+from tests.netutil import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS_PROMPTS = ROOT / "examples" / "prompts.jsonl"
 
@@ -53,7 +56,9 @@ def _wait_ready(daemon: Daemon, workers: int, timeout: float) -> dict[str, Any]:
                 return client.wait_ready(timeout=2, count=workers)
             except errors.Timeout:
                 continue  # still loading: look at the daemon again
-    raise RuntimeError(f"{workers} workers not ready in {timeout:.0f}s")
+    raise RuntimeError(
+        f"{workers} workers not ready in {timeout:.0f}s:\n{daemon.log.read_text()[-3000:]}"
+    )
 
 
 @contextlib.contextmanager
@@ -65,11 +70,13 @@ def running_daemon(
     env: dict[str, str] | None = None,
     timeout: float = 300.0,
     gpus: str | None = None,
+    tcp: bool = False,
 ) -> Iterator[Daemon]:
-    """``exgen serve`` as a subprocess on a private ipc socket, ready; SIGTERM at the end.
-    ``workers`` CPU slots, or with ``gpus`` (``--gpus``) that many GPU slots."""
+    """``exgen serve`` as a subprocess on a private ipc socket (``tcp``: on a free
+    loopback TCP port), ready; SIGTERM at the end. ``workers`` CPU slots, or with
+    ``gpus`` (``--gpus``) that many GPU slots."""
     with tempfile.TemporaryDirectory(prefix="exgen-bench-") as tmp:
-        address = f"ipc://{tmp}/exgen.sock"
+        address = f"tcp://127.0.0.1:{free_port()}" if tcp else f"ipc://{tmp}/exgen.sock"
         opts = [arg for k, v in engine_opts.items() for arg in ("--engine-opt", f"{k}={v}")]
         slots = ["--gpus", gpus] if gpus else ["--workers", str(workers)]
         cmd = [

@@ -24,12 +24,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,12 +35,13 @@ from typing import Any
 
 import msgpack
 import psutil
-import zmq
+from benchlib import Daemon, running_daemon
 
 from exgen.client import Client
 from exgen.client import protocol as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.netutil import raw_dealer
 from tests.proxy import Proxy
 
 MiB = 2**20
@@ -74,57 +72,15 @@ class Rss:
         return round(self.peak / MiB, 1)
 
 
-class Daemon:
-    def __init__(self, address: str, proc: subprocess.Popen[bytes]) -> None:
-        self.address = address
-        self.proc = proc
-
-    def status(self) -> dict[str, Any]:
-        with Client(self.address, timeout=30) as client:
-            return client.status()
-
-    def busy(self) -> int:
-        status = self.status()
-        return int(status["queued"]) + int(status["inflight"])
-
-
 @contextlib.contextmanager
 def daemon(*extra: str, env: dict[str, str] | None = None, tcp: bool = False) -> Iterator[Daemon]:
-    with tempfile.TemporaryDirectory(prefix="exgen-faults-") as tmp:
-        address = f"tcp://127.0.0.1:{free_port()}" if tcp else f"ipc://{tmp}/exgen.sock"
-        cmd = [
-            sys.executable, "-m", "exgen.daemon.cli", "serve", "--listen", address,
-            "--engine", "synthetic", "--workers", str(WORKERS), "--log-level", "warning",
-            "--engine-opt", f"token_ms={TOKEN_MS}", "--engine-opt", f"capacity={CAPACITY}",
-            "--engine-opt", "max_seq_len=100000", *extra,
-        ]  # fmt: skip
-        # A daemon before protocol 2 knows none of the budgets (and refuses unknown
-        # settings): it runs with what it has.
-        full_env = {**os.environ, **((env or {}) if P.PROTOCOL_VERSION >= 2 else {})}
-        full_env.pop("EXGEN_ADDRESS", None)
-        with open(Path(tmp) / "log", "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
-        try:
-            try:
-                with Client(address, timeout=60) as client:
-                    client.wait_ready(timeout=60)
-            except Exception:
-                print((Path(tmp) / "log").read_text()[-2000:], file=sys.stderr)
-                raise
-            yield Daemon(address, proc)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """The synthetic daemon of every scenario; ``extra`` options win over these."""
+    opts = {"token_ms": TOKEN_MS, "capacity": CAPACITY, "max_seq_len": 100000}
+    # A daemon before protocol 2 knows none of the budgets (and refuses unknown
+    # settings): it runs with what it has.
+    budgets = env if P.PROTOCOL_VERSION >= 2 else None
+    with running_daemon(WORKERS, "synthetic", opts, *extra, env=budgets, timeout=60, tcp=tcp) as d:
+        yield d
 
 
 def items(n: int, tokens: int = 8, prefix: str = "") -> list[dict[str, Any]]:
@@ -194,10 +150,7 @@ def burst() -> dict[str, Any]:
     """200 results of ~12 kB ending in one step, to a client taking messages <= 1 MiB."""
     with daemon("--engine-opt", "capacity=200") as d:
         rss = Rss(d.proc.pid)
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, MiB)
-        sock.connect(d.address)
+        sock = raw_dealer(d.address, MAXMSGSIZE=MiB)
         started = time.monotonic()
         sock.send_multipart(P.pack(P.SUBMIT, {"req": "r", "items": items(200, tokens=2000)}))
         seen: list[str] = []
@@ -240,9 +193,7 @@ def bombs() -> dict[str, Any]:
 
         thread = threading.Thread(target=job)
         thread.start()
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(d.address)
+        sock = raw_dealer(d.address)
         started = time.monotonic()
         for _ in range(4):
             for payload in payloads:
@@ -385,9 +336,7 @@ def big_prompts(chat: bool) -> dict[str, Any]:
     """Prompts of 1 MB (or chat items of 2,000 short messages) offered until busy."""
     with daemon("--engine-opt", "token_ms=200", env={"EXGEN_MAX_QUEUE_BYTES": str(256 * MiB)}) as d:
         rss = Rss(d.proc.pid)
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(d.address)
+        sock = raw_dealer(d.address)
         if chat:
             messages = [{"role": "user", "content": f"m{i}"} for i in range(1000)]
             item: dict[str, Any] = {"messages": messages}

@@ -41,23 +41,18 @@ from pathlib import Path
 from typing import Any
 
 import openai
-from benchlib import Daemon, emit, machine, median, percentile, running_daemon
+from benchlib import ROOT, Daemon, emit, machine, median, percentile, running_daemon
 
 from exgen.client import AsyncClient
 from exgen.client.batch_api import BatchApi
+
+sys.path.insert(0, str(ROOT))  # the shared helpers live with the tests
+from tests.netutil import free_port
 
 logger = logging.getLogger("bench.http")
 
 ZERO_COST = {"token_ms": 0, "batch_ms": 0}
 WARMUP = 20
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @contextlib.contextmanager

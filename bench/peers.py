@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared helpers
+from tests.netutil import free_port
 
 logger = logging.getLogger("bench.peers")
 
@@ -251,12 +253,6 @@ def run_exgen(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # --- OpenAI-compatible servers (vLLM, llama-server) ----------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -3,12 +3,13 @@ ipc address, and stop it with SIGTERM afterwards."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,39 @@ class RunningDaemon:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(f"daemon did not stop on SIGTERM:\n{self.log_text()}") from None
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> float:
+    """Poll ``predicate`` every 50 ms until it holds; the seconds that took. Past
+    ``timeout`` an AssertionError naming ``what``."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def submit_batch(
+    address: str,
+    lines: Iterable[dict[str, Any]],
+    tmp_path: Path,
+    *,
+    returncode: int = 0,
+    timeout: float = 60.0,
+) -> list[dict[str, Any]]:
+    """`exgen-client submit` of ``lines`` (a JSONL file in ``tmp_path``) with ``-o``, as a
+    user runs it; asserts its exit status is ``returncode``; the output file's records."""
+    src, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run = subprocess.run(
+        [*EXGEN_CLIENT, "submit", str(src), "-o", str(out), "--connect", address],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert run.returncode == returncode, run.stderr
+    return [json.loads(line) for line in out.read_text().splitlines()]
 
 
 def start_daemon(

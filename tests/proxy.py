@@ -1,6 +1,7 @@
 """A small TCP proxy of the tests' own: a link between a client and the daemon that
 can be cut (every connection reset at once, as a flaky network or a restarted NAT
-does) or held (bytes stop flowing both ways, as a partition does)."""
+does), held (bytes stop flowing both ways, as a partition does), or made to cut
+itself once in the middle of a message (``cut_after``)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,17 @@ from collections.abc import Iterator
 
 
 class Proxy:
-    def __init__(self, upstream: tuple[str, int]) -> None:
+    def __init__(self, upstream: tuple[str, int], cut_after: int | None = None) -> None:
+        """``cut_after``: the first connection to bring more than that many bytes from
+        upstream is closed at once, both ends, after half of the chunk that crossed the
+        mark: a message torn in the middle. Once; later connections are left alone."""
         self.upstream = upstream
+        self.cut_after = cut_after
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.setblocking(False)
         self.port = self.listener.getsockname()[1]
         self.pairs: dict[socket.socket, socket.socket] = {}
+        self.down: dict[socket.socket, int] = {}  # upstream end -> bytes it brought
         self.lock = threading.Lock()
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ)
@@ -88,6 +94,7 @@ class Proxy:
                 self.selector.register(sock, selectors.EVENT_READ)
             self.pairs[client] = server
             self.pairs[server] = client
+            self.down[server] = 0
             client.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
     def _pump(self, sock: socket.socket) -> None:
@@ -104,8 +111,12 @@ class Proxy:
             if not data:
                 self._drop(sock)
                 return
-            if sock in self.pairs and self._is_upstream(sock):
+            if sock in self.down:
                 self.bytes_down += len(data)
+                self.down[sock] += len(data)
+                if self.cut_after is not None and self.down[sock] > self.cut_after:
+                    self._tear(sock, peer, data)
+                    return
             try:
                 peer.setblocking(True)
                 peer.sendall(data)
@@ -113,11 +124,14 @@ class Proxy:
             except OSError:
                 self._drop(sock)
 
-    def _is_upstream(self, sock: socket.socket) -> bool:
-        try:
-            return sock.getpeername()[1] == self.upstream[1]
-        except OSError:
-            return False
+    def _tear(self, sock: socket.socket, peer: socket.socket, data: bytes) -> None:
+        """Half of ``data`` on to ``peer``, then both ends closed (the ``cut_after`` cut)."""
+        with contextlib.suppress(OSError):
+            peer.setblocking(True)
+            peer.sendall(data[: len(data) // 2])
+        self._drop(sock)
+        self.cut_after = None
+        self.cuts += 1
 
     def _drop(self, sock: socket.socket) -> None:
         peer = self.pairs.pop(sock, None)
@@ -125,6 +139,7 @@ class Proxy:
             if each is None:
                 continue
             self.pairs.pop(each, None)
+            self.down.pop(each, None)
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(each)
             each.close()
@@ -134,9 +149,3 @@ def _reset(sock: socket.socket) -> None:
     """Close with an RST: SO_LINGER on, timeout 0."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

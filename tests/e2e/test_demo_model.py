@@ -83,18 +83,6 @@ def direct_generate(reference: Any, prompt: str | list[dict[str, str]], max_new:
     return str(tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True))
 
 
-@pytest.fixture(scope="module")
-def demo_daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from tests.conftest import start_daemon
-
-    daemon = start_daemon(tmp_path_factory.mktemp("e2e"))  # no options: the CPU default
-    try:
-        daemon.wait_ready(timeout=300)
-        yield daemon
-    finally:
-        assert daemon.stop(timeout=60) == 0
-
-
 def test_greedy_output_equals_direct_transformers_generation(demo_daemon, reference):
     items: list[dict[str, Any]] = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PLAIN)]
     items += [{"id": f"c{i}", "messages": m} for i, m in enumerate(CHAT)]

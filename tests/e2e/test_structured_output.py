@@ -6,14 +6,11 @@ shapes. Run as a user does: `exgen serve` and `exgen-client submit`."""
 from __future__ import annotations
 
 import json
-import subprocess
-from pathlib import Path
-from typing import Any
 
 import jsonschema
 import pytest
 
-from tests.conftest import EXGEN_CLIENT
+from tests.conftest import submit_batch
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -32,32 +29,6 @@ SCHEMA = {
 TOPICS = ["a storm at sea", "a robot chef", "a haunted library", "two rival bakers", "Mars"]
 
 
-@pytest.fixture(scope="module")
-def demo_daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from tests.conftest import start_daemon
-
-    daemon = start_daemon(tmp_path_factory.mktemp("structured"))  # the CPU default
-    try:
-        daemon.wait_ready(timeout=300)
-        yield daemon
-    finally:
-        assert daemon.stop(timeout=60) == 0
-
-
-def submit(daemon: Any, lines: list[dict[str, Any]], tmp_path: Path) -> list[dict[str, Any]]:
-    path = tmp_path / "batch.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    out = tmp_path / "out.jsonl"
-    run = subprocess.run(
-        [*EXGEN_CLIENT, "submit", str(path), "-o", str(out), "--connect", daemon.address],
-        capture_output=True,
-        text=True,
-        timeout=800,
-    )
-    assert run.returncode == 0, run.stderr
-    return [json.loads(line) for line in out.read_text().splitlines()]
-
-
 def test_200_lines_with_a_json_schema_give_200_valid_outputs(demo_daemon, tmp_path):
     from openai.types.chat import ChatCompletion
 
@@ -74,7 +45,7 @@ def test_200_lines_with_a_json_schema_give_200_valid_outputs(demo_daemon, tmp_pa
             "max_tokens": 120,
         }
         lines.append({"custom_id": f"film-{i}", "url": "/v1/chat/completions", "body": body})
-    records = submit(demo_daemon, lines, tmp_path)
+    records = submit_batch(demo_daemon.address, lines, tmp_path, timeout=800)
     assert sorted(r["custom_id"] for r in records) == sorted(f"film-{i}" for i in range(200))
     titles = set()
     for record in records:
@@ -101,13 +72,14 @@ def test_logprobs_and_n_in_openai_shapes(demo_daemon, tmp_path):
         "seed": 5,
     }
     completion = {"prompt": "The capital of France is", "max_tokens": 5, "logprobs": 2}
-    records = submit(
-        demo_daemon,
+    records = submit_batch(
+        demo_daemon.address,
         [
             {"custom_id": "chat", "url": "/v1/chat/completions", "body": chat},
             {"custom_id": "cmpl", "url": "/v1/completions", "body": completion},
         ],
         tmp_path,
+        timeout=800,
     )
     by_id = {r["custom_id"]: r for r in records}
     body = ChatCompletion.model_validate(by_id["chat"]["response"]["body"])

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -17,14 +16,9 @@ from typing import Any
 import psutil
 
 from tests.conftest import RunningDaemon, start_daemon
+from tests.netutil import free_port
 
 SYNTHETIC = ("--engine", "synthetic", "--engine-opt", "token_ms=0")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class HttpDaemon:

@@ -8,7 +8,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import time
@@ -20,18 +19,10 @@ from exgen.client import Client, CurveKeys, errors
 from exgen.daemon import cli as daemon_cli
 from exgen.daemon.config import Settings
 from tests.conftest import EXGEN, EXGEN_CLIENT
+from tests.integration.curve_support import keygen, start_curve_daemon
+from tests.netutil import free_port
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def keygen(directory: Path, name: str) -> None:
-    subprocess.run([*EXGEN, "keygen", name, "--dir", str(directory)], check=True, timeout=30)
 
 
 def test_default_ipc_socket_is_owner_and_group_only(tmp_path):
@@ -85,24 +76,9 @@ def test_listen_security_rule(listen, settings, ok):
 
 @pytest.fixture
 def curve_daemon(daemon_factory, tmp_path):
-    keys = tmp_path / "keys"
-    allowed = tmp_path / "allowed"
-    allowed.mkdir()
-    for name in ("server", "alice", "mallory"):
-        keygen(keys, name)
-    (allowed / "alice.key").write_bytes((keys / "alice.key").read_bytes())
-    daemon = daemon_factory(
-        "--engine", "synthetic", "--listen", f"tcp://127.0.0.1:{free_port()}",
-        "--curve-secret-key", str(keys / "server.key_secret"),
-        "--curve-allowed-dir", str(allowed),
-        ready=False,
-    )  # fmt: skip
-    # The fixture's --listen comes first; the later one wins (click: last given).
-    daemon.address = next(a for a in daemon.proc.args if str(a).startswith("tcp://"))
-    alice = CurveKeys.from_files(keys / "server.key", keys / "alice.key_secret")
-    daemon.client = lambda **kw: Client(daemon.address, curve=alice, **kw)  # type: ignore[method-assign]
-    daemon.wait_ready()
-    return daemon, keys
+    return start_curve_daemon(
+        daemon_factory, tmp_path, "--engine", "synthetic", strangers=["mallory"]
+    )
 
 
 def test_curve_lets_in_only_allowed_keys(curve_daemon):

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import EXGEN_CLIENT
+from tests.conftest import EXGEN_CLIENT, submit_batch
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -201,16 +201,9 @@ def test_openai_output_validates_with_the_sdk_and_names_the_served_model(daemon_
             "max_tokens": 7,
         },
     }
-    src = tmp_path / "batch.jsonl"
-    src.write_text("".join(json.dumps(line) + "\n" for line in [*VLLM_STYLE_BATCH, completions]))
-    out = tmp_path / "out.jsonl"
-    run = subprocess.run(
-        [*EXGEN_CLIENT, "submit", str(src), "-o", str(out), "--connect", daemon.address],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
+    results = submit_batch(daemon.address, [*VLLM_STYLE_BATCH, completions], tmp_path)
     served = status_json(daemon.address)["model"]
-    records = {r["custom_id"]: r for r in read_results(out)}
+    records = {r["custom_id"]: r for r in results}
     assert set(records) == {"request-1", "request-2", "request-3"}
     for custom_id, record in records.items():
         assert record["error"] is None and record["response"]["status_code"] == 200

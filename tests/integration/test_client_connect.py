@@ -6,7 +6,6 @@ encoded costs its own line only."""
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import socket
@@ -21,7 +20,7 @@ import pytest
 import zmq
 
 from exgen.client import Client, errors
-from tests.conftest import EXGEN_CLIENT
+from tests.conftest import EXGEN_CLIENT, submit_batch
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -174,19 +173,12 @@ def test_a_lone_surrogate_costs_its_own_line_only(daemon_factory, tmp_path):
         results = client.generate(["fine", "scraped \ud800 text", "also fine"], max_new_tokens=3)
     assert [r.ok for r in results] == [True, False, True]
     assert isinstance(results[1].error, errors.BadRequest) and results[1].error.field == "prompt"
-    src = tmp_path / "in.jsonl"
-    src.write_text(
-        '{"id": "a", "prompt": "fine"}\n'
-        '{"id": "b", "messages": [{"role": "user", "content": "bad \\ud800"}]}\n'
-        '{"id": "c", "prompt": "fine too"}\n'
-    )
-    out = tmp_path / "out.jsonl"
-    run = subprocess.run(
-        [*EXGEN_CLIENT, "submit", str(src), "-o", str(out), "--connect", daemon.address],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert run.returncode == 1
-    records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    lines = [
+        {"id": "a", "prompt": "fine"},
+        {"id": "b", "messages": [{"role": "user", "content": "bad \ud800"}]},  # written \\ud800
+        {"id": "c", "prompt": "fine too"},
+    ]
+    records = {r["id"]: r for r in submit_batch(daemon.address, lines, tmp_path, returncode=1)}
     assert records["a"]["error"] is None and records["c"]["error"] is None
     assert records["b"]["error"]["line"] == 2
     assert "messages[0].content: holds a lone surrogate" in records["b"]["error"]["message"]

@@ -1,14 +1,13 @@
 """Issue 11 item 2, the client's side over a real link: results survive a TCP
 connection that resets mid-stream. A small router of the test's own speaks the
 delivery contract of docs/protocol.md (RESULTS with seq, kept until acknowledged,
-sent again on ACK resend; PONG with seq and known), behind a TCP proxy of the test's
-own that cuts the connection once while results flow. The client must find the gap,
-ask for the lost results, drop the duplicates, and acknowledge in batches."""
+sent again on ACK resend; PONG with seq and known), behind the tests' TCP proxy
+(tests/proxy.py, ``cut_after``) that cuts the connection once while results flow. The
+client must find the gap, ask for the lost results, drop the duplicates, and
+acknowledge in batches."""
 
 from __future__ import annotations
 
-import select
-import socket
 import threading
 import time
 from collections import Counter
@@ -20,6 +19,8 @@ import zmq
 from exgen.client import Client
 from exgen.client import protocol as P
 from exgen.client.core import ACK_EVERY
+from tests.netutil import free_port
+from tests.proxy import Proxy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -104,73 +105,12 @@ class ContractRouter:
                 self._send(peer, P.RESULTS, self.owed[seq])
 
 
-class CuttingProxy:
-    """Forwards TCP both ways; the first connection is cut after ``cut_after`` bytes
-    from the router, in the middle of whatever message is passing."""
-
-    def __init__(self, target_port: int, cut_after: int) -> None:
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.port = self.listener.getsockname()[1]
-        self.target = target_port
-        self.cut_after = cut_after
-        self.cuts = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.listener.close()
-
-    def _serve(self) -> None:
-        pairs: dict[socket.socket, socket.socket] = {}
-        from_router: dict[socket.socket, int] = {}
-        while not self._stop.is_set():
-            readable, _, _ = select.select([self.listener, *pairs], [], [], 0.02)
-            for sock in readable:
-                if sock is self.listener:
-                    client, _ = self.listener.accept()
-                    upstream = socket.create_connection(("127.0.0.1", self.target))
-                    pairs[client], pairs[upstream] = upstream, client
-                    from_router[upstream] = 0
-                    continue
-                if sock not in pairs:
-                    continue
-                try:
-                    data = sock.recv(65536)
-                except OSError:
-                    data = b""
-                other = pairs[sock]
-                if sock in from_router and data:
-                    from_router[sock] += len(data)
-                    if self.cuts == 0 and from_router[sock] > self.cut_after:
-                        other.sendall(data[: len(data) // 2])  # half a message, then gone
-                        data = b""
-                        self.cuts += 1
-                if data:
-                    try:
-                        other.sendall(data)
-                        continue
-                    except OSError:
-                        pass  # the other end went: close the pair
-                for end in (sock, other):
-                    pairs.pop(end, None)
-                    from_router.pop(end, None)
-                    end.close()
-        for sock in pairs:
-            sock.close()
-
-
 def test_results_lost_to_a_reset_link_are_asked_for_and_delivered_once():
     router = ContractRouter()
-    proxy = CuttingProxy(router.port, cut_after=20_000)
+    proxy = Proxy(("127.0.0.1", router.port), cut_after=20_000)
     items = [{"id": f"i{k}", "prompt": f"p{k}"} for k in range(3000)]
     try:
-        with Client(f"tcp://127.0.0.1:{proxy.port}", timeout=20) as client:
+        with Client(proxy.address, timeout=20) as client:
             results = list(client.iter_results(items, max_new_tokens=3))
         deadline = time.monotonic() + 5  # the last ACK is on its way through the proxy
         while router.owed and time.monotonic() < deadline:
@@ -188,24 +128,15 @@ def test_results_lost_to_a_reset_link_are_asked_for_and_delivered_once():
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_a_real_daemon_behind_a_link_that_resets_mid_stream(daemon_factory):
     port = free_port()
     daemon = daemon_factory(
-        "--engine", "synthetic", "--workers", "2", "--listen", f"tcp://127.0.0.1:{port}",
-        ready=False,
+        "--engine", "synthetic", "--workers", "2", listen=f"tcp://127.0.0.1:{port}"
     )  # fmt: skip
-    daemon.address = f"tcp://127.0.0.1:{port}"  # the later --listen wins
-    daemon.wait_ready()
-    proxy = CuttingProxy(port, cut_after=200_000)
+    proxy = Proxy(("127.0.0.1", port), cut_after=200_000)
     items = [{"id": f"r{k}", "prompt": f"prompt {k}"} for k in range(5000)]
     try:
-        with Client(f"tcp://127.0.0.1:{proxy.port}", timeout=30, name="behind the proxy") as client:
+        with Client(proxy.address, timeout=30, name="behind the proxy") as client:
             results = list(client.iter_results(items, max_new_tokens=8))
         status = acknowledged(daemon, "behind the proxy")  # the last ACK crosses the proxy
     finally:

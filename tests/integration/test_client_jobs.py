@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from exgen.client import Client, CurveKeys, errors
+from exgen.client import Client, errors
 from tests.conftest import EXGEN_CLIENT, RunningDaemon
+from tests.integration.curve_support import start_curve_daemon
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -167,25 +168,10 @@ def test_a_strict_daemon_refuses_another_model_per_line(daemon_factory, tmp_path
 
 
 def test_cancelling_another_keys_work_over_curve_is_a_one_line_refusal(daemon_factory, tmp_path):
-    from tests.integration.test_access import free_port, keygen
-
-    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
-    allowed.mkdir()
-    for name in ("server", "alice", "bob"):
-        keygen(keys, name)
-    for name in ("alice", "bob"):
-        (allowed / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
-    daemon = daemon_factory(
-        "--engine", "synthetic", "--engine-opt", "token_ms=20",
-        "--listen", f"tcp://127.0.0.1:{free_port()}",
-        "--curve-secret-key", str(keys / "server.key_secret"),
-        "--curve-allowed-dir", str(allowed),
-        ready=False,
+    daemon, keys = start_curve_daemon(
+        daemon_factory, tmp_path, "--engine", "synthetic", "--engine-opt", "token_ms=20",
+        allowed=["alice", "bob"],
     )  # fmt: skip
-    daemon.address = next(a for a in daemon.proc.args if str(a).startswith("tcp://"))
-    alice_keys = CurveKeys.from_files(keys / "server.key", keys / "alice.key_secret")
-    daemon.client = lambda **kw: Client(daemon.address, curve=alice_keys, **kw)  # type: ignore[method-assign]
-    daemon.wait_ready()
     alice = [
         "--server-key",
         str(keys / "server.key"),

@@ -190,15 +190,11 @@ def test_bad_item_gets_a_clear_error_and_others_complete(daemon_factory):
 
 
 def test_raw_frames_bad_field_is_named_and_garbage_dropped(daemon_factory):
-    import zmq
-
     from exgen.client import protocol as P
+    from tests.netutil import raw_dealer
 
     daemon = daemon_factory("--engine", "synthetic", "--workers", "1")
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(daemon.address)
+    sock = raw_dealer(daemon.address)
     try:
         sock.send_multipart([b"garbage"])
         sock.send_multipart([b"EXG\x09", P.SUBMIT, b"\x80"])  # wrong version

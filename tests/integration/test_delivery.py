@@ -15,11 +15,12 @@ from typing import Any
 import msgpack
 import psutil
 import pytest
-import zmq
 
 from exgen.client import Client
 from exgen.client import protocol as P
-from tests.proxy import Proxy, free_port
+from tests.conftest import wait_for
+from tests.netutil import free_port, raw_dealer
+from tests.proxy import Proxy
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -42,24 +43,6 @@ def items(n: int, prefix: str = "", tokens: int = 8) -> list[dict[str, Any]]:
         {"id": f"{prefix}{i}", "prompt": f"{prefix} prompt {i}", "params": params}
         for i in range(n)
     ]
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {what}")
-
-
-def raw_dealer(address: str, **options: int) -> zmq.Socket[Any]:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    for name, value in options.items():
-        sock.setsockopt(getattr(zmq, name), value)
-    sock.connect(address)
-    return sock
 
 
 def queued_and_running(daemon: Any) -> int:

@@ -20,7 +20,8 @@ import zmq
 
 from exgen.client import errors
 from exgen.client import protocol as P
-from tests.conftest import EXGEN, EXGEN_CLIENT, RunningDaemon, start_daemon
+from tests.conftest import EXGEN, EXGEN_CLIENT, RunningDaemon, start_daemon, wait_for
+from tests.netutil import raw_dealer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,14 +64,6 @@ def submit_cli(address: str, prompts_file: Path, out: Path, *extra: str) -> subp
 
 def worker_children(daemon: RunningDaemon) -> list[psutil.Process]:
     return psutil.Process(daemon.proc.pid).children()
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 # --- 1. chaos ---------------------------------------------------------------------
@@ -232,7 +225,7 @@ def test_a_slot_that_keeps_dying_backs_off_and_shows_failed(daemon_factory):
              "EXGEN_FLAP_MAX_DEATHS": "4"},
     )  # fmt: skip
     # One item that every worker dies on (after finishing it, before answering).
-    sock = raw_socket(daemon.address)
+    sock = raw_dealer(daemon.address)
     sock.send_multipart(P.pack(P.SUBMIT, {"req": "r", "items": prompts(1)}))
     seen_failed = False
     delays: list[float] = []
@@ -244,13 +237,6 @@ def test_a_slot_that_keeps_dying_backs_off_and_shows_failed(daemon_factory):
     sock.close()
     assert delays[:6] == [0.2, 0.4, 0.8, 1.6, 1.6, 1.6], delays
     assert seen_failed, "a flapping slot must show as failed in status"
-
-
-def raw_socket(address: str) -> zmq.Socket[Any]:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
-    return sock
 
 
 # --- 5. daemon restart mid-job ------------------------------------------------------
@@ -348,7 +334,7 @@ def test_sigterm_drains_and_refuses_new_work_with_draining(daemon_factory):
         "--engine", "synthetic", "--workers", "2", "--engine-opt", "token_ms=30",
         "--engine-opt", "capacity=2",
     )  # fmt: skip
-    sock = raw_socket(daemon.address)
+    sock = raw_dealer(daemon.address)
     items = [{**i, "params": {"max_new_tokens": 30}} for i in prompts(20)]
     sock.send_multipart(P.pack(P.SUBMIT, {"req": "r1", "items": items, "stream": False}))
     [(command, _)] = collect(sock, lambda: False, 0.5)
@@ -377,7 +363,7 @@ def test_a_second_signal_stops_at_once(daemon_factory, second):
         "--engine", "synthetic", "--workers", "2", "--engine-opt", "token_ms=100"
     )  # fmt: skip
     workers = worker_children(daemon)
-    sock = raw_socket(daemon.address)
+    sock = raw_dealer(daemon.address)
     long_items = [{**i, "params": {"max_new_tokens": 1000}} for i in prompts(4)]
     sock.send_multipart(P.pack(P.SUBMIT, {"req": "r", "items": long_items}))
     wait_for(lambda: daemon.status()["inflight"] == 4, 10, "work in flight")

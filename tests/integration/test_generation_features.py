@@ -4,13 +4,12 @@ the library and `exgen-client submit` with an OpenAI batch file, as a user runs 
 from __future__ import annotations
 
 import json
-import subprocess
 
 import jsonschema
 import pytest
 
 from exgen.client import Client, errors
-from tests.conftest import EXGEN_CLIENT
+from tests.conftest import submit_batch
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -72,17 +71,7 @@ def test_an_openai_batch_file_with_structured_output_logprobs_and_n(daemon_facto
             "top_logprobs": 1,
         }
         lines.append({"custom_id": f"c{i}", "url": "/v1/chat/completions", "body": body})
-    path = tmp_path / "batch.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    out = tmp_path / "out.jsonl"
-    run = subprocess.run(
-        [*EXGEN_CLIENT, "submit", str(path), "-o", str(out), "--connect", daemon.address],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    records = submit_batch(daemon.address, lines, tmp_path, timeout=120)
     assert sorted(r["custom_id"] for r in records) == sorted(f"c{i}" for i in range(30))
     for record in records:
         body = ChatCompletion.model_validate(record["response"]["body"])

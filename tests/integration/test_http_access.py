@@ -20,10 +20,10 @@ import pytest
 from tests.conftest import EXGEN
 from tests.integration.http_support import (
     HttpDaemon,
-    free_port,
     request,
     start_http_daemon,
 )
+from tests.netutil import free_port
 
 KEY = "sk-exgen-first"
 CHAT = [{"role": "user", "content": "hi"}]

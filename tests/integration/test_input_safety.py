@@ -16,18 +16,12 @@ import pytest
 import zmq
 
 from exgen.client import protocol as P
+from tests.conftest import wait_for
+from tests.netutil import raw_dealer
 
 pytestmark = pytest.mark.timeout(120)
 
 MiB = 2**20
-
-
-def raw_socket(address: str) -> zmq.Socket[Any]:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.connect(address)
-    return sock
 
 
 def rss(pid: int) -> int:
@@ -114,7 +108,7 @@ def fuzz(sock: zmq.Socket[Any], count: int, seed: int) -> tuple[set[str], dict[s
 def test_ten_thousand_malformed_frames(daemon_factory):
     daemon = daemon_factory("--engine", "synthetic", "--workers", "2", "--engine-opt", "token_ms=2")
     pid = daemon.proc.pid
-    sock = raw_socket(daemon.address)
+    sock = raw_dealer(daemon.address, RCVHWM=0)
     fuzz(sock, 1000, seed=1)  # warm up: the router's caches and buffers reach their size
     before = rss(pid)
     results: list[Any] = []
@@ -146,7 +140,7 @@ def run_job(daemon: Any, n: int) -> list[Any]:
 def test_an_oversized_frame_is_refused_by_zmq_not_read(daemon_factory):
     daemon = daemon_factory("--engine", "synthetic", "--workers", "1")
     before = rss(daemon.proc.pid)
-    sock = raw_socket(daemon.address)
+    sock = raw_dealer(daemon.address, RCVHWM=0)
     huge = bytes(P.MAX_MESSAGE_BYTES + 1)
     sock.send_multipart([P.MAGIC_VERSION, P.SUBMIT, huge])
     time.sleep(1.0)
@@ -174,7 +168,7 @@ class Flooder(threading.Thread):
         self.halt = threading.Event()
 
     def run(self) -> None:
-        sock = raw_socket(self.address)
+        sock = raw_dealer(self.address, RCVHWM=0)
         ids = itertools.count()
         while self.sent < self.total and not self.halt.is_set():
             items = [
@@ -205,7 +199,7 @@ def test_a_million_prompt_flood_is_bounded_and_a_one_liner_gets_through(daemon_f
     before = rss(pid)
     flooder = Flooder(daemon.address)
     flooder.start()
-    wait_until(lambda: flooder.busy_items > 0, 30, "the queue to fill up")
+    wait_for(lambda: flooder.busy_items > 0, 30, "the queue to fill up")
     started = time.monotonic()
     with daemon.client(timeout=30) as client:
         [result] = client.generate(["just one line"], max_new_tokens=2)
@@ -222,13 +216,6 @@ def test_a_million_prompt_flood_is_bounded_and_a_one_liner_gets_through(daemon_f
     assert queued <= 5000
     grown = rss(pid) - before
     assert grown < 64 * MiB, f"router RSS grew {grown / MiB:.0f} MiB under the flood"
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_the_client_window_bounds_a_million_prompt_iterator(daemon_factory):

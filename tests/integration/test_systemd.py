@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exgen.daemon import config as cfg
 from tests.conftest import ROOT
+from tests.netutil import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -217,12 +218,6 @@ def scrape_until(url: str, done: Callable[[Metrics], bool], timeout: float = 5.0
 
 def total(metrics: Metrics, name: str) -> float:
     return sum(value for (metric, _), value in metrics.items() if metric == name)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_metrics_move_during_a_job(daemon_factory):
