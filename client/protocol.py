@@ -597,6 +597,19 @@ def add_item(submit: Submit, i: int, raw: Any, seen: set[str]) -> None:
         submit.rejected.append((item_id, exc))
 
 
+# One setting, two spellings: an item's own choice of either replaces the call's.
+STRUCTURED_OUTPUT_PARAMS = frozenset({"json_schema", "response_format"})
+
+
+def overlaid_params(defaults: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """A call's default params with an item's own on top (to be validated). The item's
+    ``json_schema`` or ``response_format`` replaces the call's structured output,
+    whichever spelling either used; both spellings in ``own`` stay an error."""
+    if "json_schema" in own or "response_format" in own:
+        defaults = {k: v for k, v in defaults.items() if k not in STRUCTURED_OUTPUT_PARAMS}
+    return {**defaults, **own}
+
+
 def merged_params(params: dict[str, Any]) -> dict[str, Any]:
     """Defaults overlaid with a request's own (validated) params."""
     out = dict(DEFAULT_PARAMS)
