@@ -153,12 +153,14 @@ class BatchApi:
         if self.api_key:
             all_headers["Authorization"] = f"Bearer {self.api_key}"
         try:
-            conn.request(method, self.parts.path + path, body=body, headers=all_headers)
-            reply = conn.getresponse()
-        except OSError as exc:  # refused, unresolvable, closed before any answer
+            conn.connect()
+        except OSError as exc:  # refused, unresolvable, timed out, TLS refused
             conn.close()
             raise Unreachable(f"no exgen HTTP gateway at {self.url} ({exc})") from None
-        except http.client.HTTPException as exc:  # an answer that is not HTTP
+        try:
+            conn.request(method, self.parts.path + path, body=body, headers=all_headers)
+            reply = conn.getresponse()
+        except _LINK_ERRORS as exc:  # reset mid-upload, closed unanswered, not HTTP
             conn.close()
             raise self._broken(exc) from None
         if reply.status >= 400:

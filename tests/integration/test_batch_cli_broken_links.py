@@ -47,8 +47,9 @@ def whole(doc: dict[str, object]) -> list[Step]:
 class BrokenGateway:
     """A real TCP server of our own that answers each request as ``script`` says."""
 
-    def __init__(self, script: Script) -> None:
+    def __init__(self, script: Script, body_limit: int | None = None) -> None:
         self.script = script
+        self.body_limit = body_limit  # read no more of a request's body than this
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(0.1)
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
@@ -68,7 +69,7 @@ class BrokenGateway:
                 self.answer(conn)
 
     def answer(self, conn: socket.socket) -> None:
-        path = read_request(conn)
+        path = read_request(conn, self.body_limit)
         self.paths.append(path)
         for step in self.script(path):
             if isinstance(step, bytes):
@@ -85,8 +86,8 @@ class BrokenGateway:
         self.listener.close()
 
 
-def read_request(conn: socket.socket) -> str:
-    """The request's path; its head and body are read whole first."""
+def read_request(conn: socket.socket, body_limit: int | None) -> str:
+    """The request's path; its head and body (up to ``body_limit``) are read first."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = conn.recv(65536)
@@ -99,18 +100,18 @@ def read_request(conn: socket.socket) -> str:
     for line in lines[1:]:
         name, _, value = line.partition(":")
         if name.strip().lower() == "content-length":
-            length = int(value)
+            length = int(value) if body_limit is None else min(int(value), body_limit)
     while len(body) < length:
         body += conn.recv(65536)
     return lines[0].split(" ")[1]
 
 
 @pytest.fixture
-def gateway() -> Iterator[Callable[[Script], BrokenGateway]]:
+def gateway() -> Iterator[Callable[..., BrokenGateway]]:
     started: list[BrokenGateway] = []
 
-    def start(script: Script) -> BrokenGateway:
-        started.append(BrokenGateway(script))
+    def start(script: Script, body_limit: int | None = None) -> BrokenGateway:
+        started.append(BrokenGateway(script, body_limit))
         return started[-1]
 
     yield start
@@ -167,17 +168,37 @@ def truncated_error_body(path: str) -> list[Step]:
     ],
 )
 def test_a_broken_answer_is_one_line_and_exit_3(
-    gateway: Callable[[Script], BrokenGateway], script: Script
+    gateway: Callable[..., BrokenGateway], script: Script
 ) -> None:
     server = gateway(script)
     run = run_batch(server.url, "list")
     line = assert_one_clear_line(run, server.url)
     assert server.paths == ["/v1/batches?limit=20"]
-    assert "connection" in line or "no exgen HTTP gateway" in line
+    assert f"the connection to the exgen HTTP gateway at {server.url} broke (" in line
+
+
+def test_an_upload_reset_midway_is_one_line_and_exit_3(
+    gateway: Callable[..., BrokenGateway], tmp_path: Path
+) -> None:
+    server = gateway(lambda path: [RESET], body_limit=64 * 1024)
+    prompts = tmp_path / "prompts.jsonl"
+    request = {"custom_id": "r", "url": "/v1/completions", "body": {"prompt": "x" * 1000}}
+    prompts.write_text((json.dumps(request) + "\n") * 16_000)  # 16 MB: more than buffers hold
+    run = run_batch(server.url, "create", str(prompts))
+    line = assert_one_clear_line(run, server.url)
+    assert server.paths == ["/v1/files"] and " broke (" in line
+
+
+def test_nothing_listening_is_still_no_gateway_with_the_hint() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as unused:
+        url = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    line = assert_one_clear_line(run_batch(url, "list"), url)
+    assert line.startswith(f"exgen-client: no exgen HTTP gateway at {url} (")
+    assert line.endswith("is `exgen serve --http HOST:PORT` running?")
 
 
 def test_a_download_reset_midway_leaves_no_truncated_file(
-    gateway: Callable[[Script], BrokenGateway], tmp_path: Path
+    gateway: Callable[..., BrokenGateway], tmp_path: Path
 ) -> None:
     def script(path: str) -> list[Step]:
         if path.endswith("/content"):
@@ -194,7 +215,7 @@ def test_a_download_reset_midway_leaves_no_truncated_file(
 
 
 def test_a_download_cut_short_keeps_the_earlier_file(
-    gateway: Callable[[Script], BrokenGateway], tmp_path: Path
+    gateway: Callable[..., BrokenGateway], tmp_path: Path
 ) -> None:
     def script(path: str) -> list[Step]:
         if path.endswith("/content"):
@@ -210,7 +231,7 @@ def test_a_download_cut_short_keeps_the_earlier_file(
 
 
 def test_a_results_file_that_cannot_be_written_is_one_line_and_exit_4(
-    gateway: Callable[[Script], BrokenGateway], tmp_path: Path
+    gateway: Callable[..., BrokenGateway], tmp_path: Path
 ) -> None:
     def script(path: str) -> list[Step]:
         if path.endswith("/content"):
