@@ -43,6 +43,15 @@ class Unreachable(Exception):
     """No HTTP gateway answered at the URL."""
 
 
+class LinkBroken(Unreachable):
+    """The connection broke mid-answer (reset, cut short) or the answer was not HTTP."""
+
+
+# What a broken link raises in http.client: resets and timeouts are OSErrors, a bad
+# status line or a body cut short are HTTPExceptions (RemoteDisconnected is both).
+_LINK_ERRORS = (OSError, http.client.HTTPException)
+
+
 class BatchApi:
     def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60):
         self.url = (url or default_url()).rstrip("/")
@@ -105,7 +114,7 @@ class BatchApi:
         conn, reply = self._send("GET", f"/v1/files/{_quote(file_id)}/content")
         try:
             written = 0
-            while chunk := reply.read(CHUNK):
+            while chunk := self._read(reply, CHUNK):
                 out.write(chunk)
                 written += len(chunk)
             return written
@@ -123,7 +132,7 @@ class BatchApi:
     ) -> dict[str, Any]:
         conn, reply = self._send(method, path, body, headers)
         try:
-            doc: dict[str, Any] = json.loads(reply.read())
+            doc: dict[str, Any] = json.loads(self._read(reply))
             return doc
         except ValueError:
             raise ApiError(reply.status, "the answer is not JSON") from None
@@ -144,16 +153,42 @@ class BatchApi:
         if self.api_key:
             all_headers["Authorization"] = f"Bearer {self.api_key}"
         try:
-            conn.request(method, self.parts.path + path, body=body, headers=all_headers)
-            reply = conn.getresponse()
-        except OSError as exc:
+            conn.connect()
+        except OSError as exc:  # refused, unresolvable, timed out, TLS refused
             conn.close()
             raise Unreachable(f"no exgen HTTP gateway at {self.url} ({exc})") from None
-        if reply.status >= 400:
-            message = _error_message(reply.read())
+        try:
+            conn.request(method, self.parts.path + path, body=body, headers=all_headers)
+            reply = conn.getresponse()
+        except _LINK_ERRORS as exc:  # reset mid-upload, closed unanswered, not HTTP
             conn.close()
+            raise self._broken(exc) from None
+        if reply.status >= 400:
+            try:
+                message = _error_message(self._read(reply))
+            finally:
+                conn.close()
             raise ApiError(reply.status, message)
         return conn, reply
+
+    def _read(self, reply: http.client.HTTPResponse, amount: int | None = None) -> bytes:
+        """Up to ``amount`` bytes of the body (None: all of it); LinkBroken if the link
+        breaks or the body ends before its Content-Length."""
+        try:
+            data = reply.read(amount)
+        except _LINK_ERRORS as exc:
+            raise self._broken(exc) from None
+        if not data and reply.length:  # read(amount) returns b"" at an early end
+            raise self._broken(f"the answer ended {reply.length} bytes short")
+        return data
+
+    def _broken(self, why: BaseException | str) -> LinkBroken:
+        if isinstance(why, http.client.IncompleteRead) and why.expected:
+            why = f"the answer ended {why.expected} bytes short"
+        elif isinstance(why, BaseException):
+            why = f"{type(why).__name__}: {why}"
+        why = " ".join(why.split())[:200]  # one line, even for a status line of garbage
+        return LinkBroken(f"the connection to the exgen HTTP gateway at {self.url} broke ({why})")
 
 
 def _parts(head: bytes, f: IO[bytes], tail: bytes) -> Iterator[bytes]:

@@ -7,13 +7,16 @@
     exgen-client batch cancel ID
 
 Exit status as the rest of exgen-client: 0 ok, 1 the batch or the request failed,
-2 usage error, 3 no gateway at the URL.
+2 usage error, 3 no gateway at the URL, or the connection to it broke mid-answer (a
+results file is then left as it was, never written in part), 4 a results file could
+not be written.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -28,11 +31,12 @@ from exgen.client.batch_api import (
     TERMINAL,
     ApiError,
     BatchApi,
+    LinkBroken,
     Unreachable,
     endpoint_of,
 )
 
-EXIT_FAILED, EXIT_USAGE, EXIT_CONNECT = 1, 2, 3
+EXIT_FAILED, EXIT_USAGE, EXIT_CONNECT, EXIT_OUTPUT = 1, 2, 3, 4
 POLL_S = 1.0
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -61,6 +65,8 @@ def _fail(message: str, code: int) -> NoReturn:
 def _api_errors() -> Iterator[None]:
     try:
         yield
+    except LinkBroken as exc:
+        _fail(str(exc), EXIT_CONNECT)
     except Unreachable as exc:
         _fail(f"{exc}; is `exgen serve --http HOST:PORT` running?", EXIT_CONNECT)
     except ApiError as exc:
@@ -207,8 +213,17 @@ def _download_to(api: BatchApi, file_id: str, path: Path | None) -> None:
         api.download(file_id, sys.stdout.buffer)
         sys.stdout.flush()
         return
-    with open(path, "wb") as out:
-        api.download(file_id, out)
+    # Into a file beside it, renamed when whole: a download that breaks midway never
+    # leaves a truncated file (or a truncated copy of an earlier one) under its name.
+    partial = path.with_name(f".{path.name}.part")
+    try:
+        with open(partial, "wb") as out:
+            api.download(file_id, out)
+        os.replace(partial, path)
+    except OSError as exc:  # the link's own errors arrive as LinkBroken: this is the disk
+        _fail(f"cannot write {path}: {exc.strerror or exc}", EXIT_OUTPUT)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _summary(doc: dict[str, Any]) -> str:

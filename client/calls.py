@@ -336,7 +336,7 @@ class Call:
         own = raw.get("params")
         checked = None
         if own:
-            raw["params"] = {**self.defaults, **own} if isinstance(own, dict) else own
+            raw["params"] = P.overlaid_params(self.defaults, own) if isinstance(own, dict) else own
         else:  # the common case: the call's defaults, validated once for every item
             raw["params"] = checked = self.defaults
         if self.timeout_s is not None and raw.get("timeout_s") is None:

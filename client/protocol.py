@@ -21,7 +21,7 @@ import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 
@@ -271,7 +271,9 @@ def _check_json_schema(value: Any) -> str | None:
         return None
     if isinstance(value, dict):
         try:
-            value = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            # NaN and inf are written out as such: _schema_text refuses them as it
+            # refuses them in a schema given as text, with the same words.
+            value = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
         except (TypeError, ValueError) as exc:
             raise ValidationError("", f"not JSON-serialisable: {exc}") from None
         except RecursionError:
@@ -288,9 +290,11 @@ def _schema_text(text: str) -> str:
     """The compact text of a schema's JSON, checked once per distinct text (a file of
     100,000 lines usually carries one schema)."""
     try:
-        schema = json.loads(text)
+        schema = json.loads(text, parse_constant=_refuse_non_finite, parse_float=_finite_float)
     except RecursionError:
         raise ValidationError("", f"nested deeper than {MAX_SCHEMA_DEPTH} levels") from None
+    except ValidationError:
+        raise
     except ValueError as exc:
         raise ValidationError("", f"not valid JSON ({exc})") from None
     if not isinstance(schema, dict):
@@ -298,6 +302,22 @@ def _schema_text(text: str) -> str:
     _check_depth(schema)
     # Key order is kept: the grammar generates properties in the schema's order.
     return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+
+
+_NON_FINITE = "must not hold NaN or Infinity (JSON has no such numbers)"
+
+
+def _refuse_non_finite(token: str) -> NoReturn:
+    """json.loads would take NaN, Infinity and -Infinity; JSON (and a map's check) does not."""
+    raise ValidationError("", _NON_FINITE)
+
+
+def _finite_float(token: str) -> float:
+    """A JSON number; one too large for a float (1e999) would be Infinity."""
+    value = float(token)
+    if not math.isfinite(value):
+        raise ValidationError("", _NON_FINITE)
+    return value
 
 
 def _check_depth(schema: Any) -> None:
@@ -595,6 +615,19 @@ def add_item(submit: Submit, i: int, raw: Any, seen: set[str]) -> None:
         submit.items.append(_validate_item_fields(raw, where, item_id))
     except ValidationError as exc:
         submit.rejected.append((item_id, exc))
+
+
+# One setting, two spellings: an item's own choice of either replaces the call's.
+STRUCTURED_OUTPUT_PARAMS = frozenset({"json_schema", "response_format"})
+
+
+def overlaid_params(defaults: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """A call's default params with an item's own on top (to be validated). The item's
+    ``json_schema`` or ``response_format`` replaces the call's structured output,
+    whichever spelling either used; both spellings in ``own`` stay an error."""
+    if "json_schema" in own or "response_format" in own:
+        defaults = {k: v for k, v in defaults.items() if k not in STRUCTURED_OUTPUT_PARAMS}
+    return {**defaults, **own}
 
 
 def merged_params(params: dict[str, Any]) -> dict[str, Any]:

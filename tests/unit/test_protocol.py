@@ -3,6 +3,7 @@ failure names the field. Framing refuses garbage and other versions."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgpack
@@ -287,3 +288,73 @@ def test_a_callers_id_limit_is_below_the_wires():
         P.validate_item({"id": "i" * (P.MAX_ID_CHARS + 1), "prompt": "x"}, "item")
     wire_id = "i" * P.MAX_WIRE_ID_CHARS
     assert P.validate_submit(submit([{"id": wire_id, "prompt": "x"}])).items
+
+
+SCHEMA_TEXT = '{"type":"object","properties":{"a":{"type":"integer"}}}'
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA_TEXT}}
+
+
+@pytest.mark.parametrize(
+    ("call_level", "own", "expected"),
+    [
+        ({"json_schema": SCHEMA_TEXT}, {"response_format": "json_object"}, P.JSON_OBJECT_SCHEMA),
+        ({"response_format": "json_object"}, {"response_format": SCHEMA_FORMAT}, SCHEMA_TEXT),
+        (
+            {"response_format": SCHEMA_FORMAT},
+            {"json_schema": {"type": "object"}},
+            '{"type":"object"}',
+        ),
+        ({"json_schema": SCHEMA_TEXT}, {"response_format": {"type": "text"}}, None),
+        ({"json_schema": SCHEMA_TEXT}, {"json_schema": None}, None),
+        ({"json_schema": SCHEMA_TEXT}, {"temperature": 0.5}, SCHEMA_TEXT),
+    ],
+    ids=[
+        "schema<-format",
+        "format<-format",
+        "format<-schema",
+        "schema<-text",
+        "schema<-none",
+        "inherited",
+    ],
+)
+def test_an_items_structured_output_replaces_the_calls_whichever_the_spelling(
+    call_level, own, expected
+):
+    defaults = P.validate_params(call_level)
+    params = P.validate_params(P.overlaid_params(defaults, own), "item.params")
+    assert params.get("json_schema") == expected
+    # the call's other params stay
+    with_top_k = P.overlaid_params({**defaults, "top_k": 5}, own)
+    assert P.validate_params(with_top_k)["top_k"] == 5
+
+
+def test_both_spellings_in_one_params_map_stay_an_error():
+    defaults = P.validate_params({"json_schema": SCHEMA_TEXT})
+    own = {"response_format": "json_object", "json_schema": SCHEMA_TEXT}
+    with pytest.raises(P.ValidationError, match="not both") as info:
+        P.validate_params(P.overlaid_params(defaults, own), "item.params")
+    assert info.value.field == "item.params.response_format"
+    with pytest.raises(P.ValidationError, match="not both"):
+        P.validate_params({"response_format": SCHEMA_FORMAT, "json_schema": None})
+
+
+@pytest.mark.parametrize(
+    ("in_text", "in_map"),
+    [("NaN", math.nan), ("Infinity", math.inf), ("-Infinity", -math.inf), ("1e999", math.inf)],
+)
+def test_a_schema_holding_nan_or_infinity_is_refused_as_text_and_as_a_map(in_text, in_map):
+    text = '{"type":"number","maximum":' + in_text + "}"
+    as_map = {"type": "number", "maximum": in_map}
+    messages = []
+    for value in (text, as_map):
+        with pytest.raises(P.ValidationError) as info:
+            P.validate_params({"json_schema": value})
+        assert info.value.field == "params.json_schema"
+        messages.append(info.value.message)
+        wrapped = {"type": "json_schema", "json_schema": {"name": "s", "schema": value}}
+        with pytest.raises(P.ValidationError) as info:
+            P.validate_params({"response_format": wrapped})
+        assert info.value.field == "params.response_format.json_schema.schema"
+    assert messages[0] == messages[1] and "NaN" in messages[0] and "Infinity" in messages[0]
+    # a string that reads NaN is no number: fine
+    assert P.validate_params({"json_schema": {"const": "NaN", "maximum": 1e308}})
