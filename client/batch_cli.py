@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
 from tqdm import tqdm
@@ -35,8 +35,8 @@ from exgen.client.batch_api import (
     Unreachable,
     endpoint_of,
 )
+from exgen.client.exits import EXIT_CONNECT, EXIT_FAILED, EXIT_OUTPUT, EXIT_USAGE, fail
 
-EXIT_FAILED, EXIT_USAGE, EXIT_CONNECT, EXIT_OUTPUT = 1, 2, 3, 4
 POLL_S = 1.0
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -56,23 +56,18 @@ def _api_options(func: F) -> F:
     )(func)
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"exgen-client: {message}", err=True)
-    sys.exit(code)
-
-
 @contextlib.contextmanager
 def _api_errors() -> Iterator[None]:
     try:
         yield
     except LinkBroken as exc:
-        _fail(str(exc), EXIT_CONNECT)
+        fail(str(exc), EXIT_CONNECT)
     except Unreachable as exc:
-        _fail(f"{exc}; is `exgen serve --http HOST:PORT` running?", EXIT_CONNECT)
+        fail(f"{exc}; is `exgen serve --http HOST:PORT` running?", EXIT_CONNECT)
     except ApiError as exc:
-        _fail(str(exc), EXIT_FAILED)
+        fail(str(exc), EXIT_FAILED)
     except ValueError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
 
 
 @click.group("batch")
@@ -221,7 +216,7 @@ def _download_to(api: BatchApi, file_id: str, path: Path | None) -> None:
             api.download(file_id, out)
         os.replace(partial, path)
     except OSError as exc:  # the link's own errors arrive as LinkBroken: this is the disk
-        _fail(f"cannot write {path}: {exc.strerror or exc}", EXIT_OUTPUT)
+        fail(f"cannot write {path}: {exc.strerror or exc}", EXIT_OUTPUT)
     finally:
         partial.unlink(missing_ok=True)
 

@@ -29,16 +29,20 @@ from exgen.client import errors
 from exgen.client import protocol as P
 from exgen.client.batch_cli import batch as batch_group  # issue 13: the HTTP Batch API
 from exgen.client.client import DEFAULT_CONNECT_TIMEOUT_S, Client, Result, default_address
+from exgen.client.exits import (
+    EXIT_CONNECT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_USAGE,
+    fail,
+    warn,
+)
 from exgen.client.keys import CurveKeys
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_CONNECT = 3
-EXIT_OUTPUT = 4
-EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE)  # exit 128 + the signal
 SUMMARY_DETAILS = 3  # malformed lines / failures named in the summary line
 
@@ -194,17 +198,6 @@ def sampling_params(values: dict[str, Any]) -> dict[str, Any]:
     except P.ValidationError as exc:
         option = "--" + exc.field.removeprefix("params.").split("[")[0].replace("_", "-")
         raise click.BadParameter(exc.message, param_hint=option) from None
-
-
-def fail(message: str, code: int) -> NoReturn:
-    with contextlib.suppress(OSError):
-        click.echo(f"exgen-client: {message}", err=True)
-    sys.exit(code)
-
-
-def warn(message: str) -> None:
-    with contextlib.suppress(OSError):
-        click.echo(f"exgen-client: warning: {message}", err=True)
 
 
 START_HINT = (

@@ -1,0 +1,31 @@
+"""The command-line tools' exit codes and their one-line error, shared by
+``exgen-client`` (cli.py) and its ``batch`` commands (batch_cli.py); the meaning of
+each code is in cli.EXIT_HELP."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from typing import NoReturn
+
+import click
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CONNECT = 3
+EXIT_OUTPUT = 4
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """One line on stderr (unless stderr itself is gone), then exit with ``code``."""
+    with contextlib.suppress(OSError):
+        click.echo(f"exgen-client: {message}", err=True)
+    sys.exit(code)
+
+
+def warn(message: str) -> None:
+    with contextlib.suppress(OSError):
+        click.echo(f"exgen-client: warning: {message}", err=True)
