@@ -223,14 +223,15 @@ with Client(address, timeout=300) as client:
 
 
 def client_dies(
-    how: str, n: int = 3000, tokens: int = 40, token_ms: int = TOKEN_MS
+    how: str, n: int = 3000, tokens: int = 40, token_ms: int = TOKEN_MS, tcp: bool = False
 ) -> dict[str, Any]:
-    """A client process with ``n`` prompts out is killed (or stopped) mid-job.
+    """A client process with ``n`` prompts out is killed (or stopped) mid-job, on the
+    default ipc address or (``tcp``) over loopback TCP, where the heartbeat is longer.
 
     Wasted: the items that completed for it after its death, and an upper bound of
     the slot-time spent on it: from its death until none of its items ran any more,
     every slot (all capacity of both workers) counted as busy for it."""
-    with daemon("--engine-opt", f"token_ms={token_ms}") as d:
+    with daemon("--engine-opt", f"token_ms={token_ms}", tcp=tcp) as d:
         rss = Rss(d.proc.pid)
         proc = subprocess.Popen(
             [sys.executable, "-c", CLIENT, d.address, str(n), str(tokens)],
@@ -371,6 +372,8 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     # GPU-like items: 200 tokens at 20 ms, 4 s each (a batch of 8 per worker).
     "client-kill-9-long": lambda: client_dies("kill -9", 400, 200, 20),
     "client-sigstop-long": lambda: client_dies("SIGSTOP", 400, 200, 20),
+    "client-sigstop-tcp": lambda: client_dies("SIGSTOP", tcp=True),
+    "client-sigstop-long-tcp": lambda: client_dies("SIGSTOP", 400, 200, 20, tcp=True),
     "stopped-reader": stopped_reader,
     "big-prompts": lambda: big_prompts(chat=False),
     "chat-items": lambda: big_prompts(chat=True),
