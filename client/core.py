@@ -39,6 +39,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import msgpack
 import zmq
 
 from exgen.client import errors
@@ -64,6 +65,24 @@ ACK_EVERY = 64  # RESULTS messages acknowledged at once at full speed
 ACK_DELAY_S = 0.2  # the longest a received RESULTS message waits for its ACK
 RESEND_RETRY_S = 1.0  # a resend asked for and not answered is asked for again
 MAX_WAKEUP_S = 0.2  # the longest a shell sleeps before looking at the timers again
+
+
+_REQ_KEY = msgpack.packb("req")
+_ITEMS_KEY = msgpack.packb("items")
+_STREAM_KEY = msgpack.packb("stream")
+_PRIORITY_KEY = msgpack.packb("priority")
+
+
+def submit_body(req: str, rows: list[bytes], stream: bool, priority: str) -> bytes:
+    """A SUBMIT body, ``{"req", "items", "stream"[, "priority"]}``, from its items
+    encoded one by one (the bytes ``msgpack.packb`` writes for the map itself); the
+    default priority goes unsaid."""
+    said = priority != "interactive"
+    parts = [b"\x84" if said else b"\x83", _REQ_KEY, msgpack.packb(req), _ITEMS_KEY]
+    parts += [P.array_header(len(rows)), *rows, _STREAM_KEY, msgpack.packb(stream)]
+    if said:
+        parts += [_PRIORITY_KEY, msgpack.packb(priority)]
+    return b"".join(parts)
 
 
 class Receipts:
@@ -204,8 +223,7 @@ class Core:
             logger.info(
                 "cancelling %d unfinished items of an abandoned call", len(call.outstanding)
             )
-        call.outstanding.clear()
-        call.resend.clear()
+        call.forget_outstanding()
         return bool(cancels)
 
     def open_request(
@@ -286,22 +304,15 @@ class Core:
                 if call.ready or call.finished:
                     self.touched.add(call)  # answered on this side, or all done
                 return
+            if call.ready:
+                self.touched.add(call)  # some were answered on this side (unencodable)
             order = next(self.counter)
             req = f"s{order}"
-            body: dict[str, Any] = {"req": req, "items": batch, "stream": call.stream}
-            if call.priority != "interactive":  # the default goes unsaid
-                body["priority"] = call.priority
-            try:
-                frames = P.pack(P.SUBMIT, body)
-            except UnicodeEncodeError:
-                body["items"] = batch = call.drop_unencodable(batch)
-                self.touched.add(call)
-                if not batch:
-                    continue
-                frames = P.pack(P.SUBMIT, body)
-            submit = _Submit(req, call, order, [w["id"] for w in batch])
+            rows = call.rows
+            body = submit_body(req, [rows[i] for i in batch], call.stream, call.priority)
+            submit = _Submit(req, call, order, batch)
             self.submits[req] = submit
-            out.append(Outgoing(frames, submit))
+            out.append(Outgoing([P.MAGIC_VERSION, P.SUBMIT, body], submit))
 
     def not_sent(self, outgoing: Outgoing) -> None:
         """A frame that could not leave (no peer): a submit's items go out again."""

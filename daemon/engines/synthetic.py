@@ -101,6 +101,9 @@ OPTIONS: dict[str, tuple[type, object]] = {
 # generator this replaces was the larger part of a zero-cost job's CPU (it showed in
 # the router benchmark).
 _PIECE_OF_BYTE = tuple(" " + WORDS[b % len(WORDS)] for b in range(256))
+_piece_of_byte = _PIECE_OF_BYTE.__getitem__
+_blake2b = hashlib.blake2b
+_BLOCK = 32  # bytes (tokens) per hash block
 
 
 JSON_CHARS_PER_TOKEN = 4  # structured output: a "token" is this many characters of JSON
@@ -112,12 +115,13 @@ def synthetic_tokens(
     """``count`` tokens (a space and a word each) derived from the prompt (and seed,
     and sample index of n): deterministic everywhere."""
     salt = f"{params_seed}|{prompt}" if sample == 0 else f"{params_seed}|{sample}|{prompt}"
-    seed = hashlib.blake2b(salt.encode(), digest_size=16).digest()
+    block = _blake2b(salt.encode(), digest_size=16).digest()
+    if count <= _BLOCK:  # one block: the common case, without the loop
+        return list(map(_piece_of_byte, _blake2b(block, digest_size=_BLOCK).digest()[:count]))
     out: list[str] = []
-    block = seed
     while len(out) < count:
-        block = hashlib.blake2b(block, digest_size=32).digest()
-        out.extend(map(_PIECE_OF_BYTE.__getitem__, block[: count - len(out)]))
+        block = _blake2b(block, digest_size=_BLOCK).digest()
+        out.extend(map(_piece_of_byte, block[: count - len(out)]))
     return out
 
 
@@ -169,6 +173,8 @@ class SyntheticEngine(Engine):
         self.opts = take_options(options, OPTIONS, self.name)
         if self.opts["capacity"] < 1:
             raise EngineUnavailable("synthetic: capacity must be at least 1")
+        self._capacity = int(self.opts["capacity"])  # read per job: not from opts each time
+        self._max_seq_len = int(self.opts["max_seq_len"])
         self._waiting: OrderedDict[int, _Active] = OrderedDict()
         self._active: OrderedDict[int, _Active] = OrderedDict()
         self._ended = 0
@@ -187,11 +193,11 @@ class SyntheticEngine(Engine):
 
     @property
     def capacity(self) -> int:
-        return int(self.opts["capacity"])
+        return self._capacity
 
     @property
     def max_seq_len(self) -> int:
-        return int(self.opts["max_seq_len"])
+        return self._max_seq_len
 
     @property
     def pending(self) -> int:
@@ -201,13 +207,13 @@ class SyntheticEngine(Engine):
         return {"model": "synthetic", "max_seq_len": self.max_seq_len}
 
     def add(self, job: Job) -> None:
-        text = prompt_text(job)
+        text = (job.prompt or "") if job.messages is None else prompt_text(job)
         prompt_tokens = len(text.split())
-        if prompt_tokens + job.params.max_new_tokens > self.max_seq_len:
+        if prompt_tokens + job.params.max_new_tokens > self._max_seq_len:
             raise JobRejected(
                 P.E_PROMPT_TOO_LONG,
                 f"prompt is {prompt_tokens} tokens + max_new_tokens "
-                f"{job.params.max_new_tokens} > context {self.max_seq_len}",
+                f"{job.params.max_new_tokens} > context {self._max_seq_len}",
             )
         n = job.params.n
         samples = [self._sample(job, text, 0)] if n == 1 else [
@@ -262,9 +268,10 @@ class SyntheticEngine(Engine):
         time.sleep(max(0.0, self._step_end - now))
 
     def _admit(self) -> None:
-        while self._waiting and len(self._active) < self.capacity:
-            key, active = self._waiting.popitem(last=False)
-            self._active[key] = active
+        waiting, running, capacity = self._waiting, self._active, self._capacity
+        while waiting and len(running) < capacity:
+            key, active = waiting.popitem(last=False)
+            running[key] = active
 
     def _maybe_fault(self) -> None:
         marker = self.opts["crash_marker"]
@@ -285,13 +292,16 @@ class SyntheticEngine(Engine):
     def _advance(self, tokens: int | None) -> list[Event]:
         """Each active job's samples gain ``tokens`` tokens (None: all of them)."""
         events: list[Event] = []
-        for key in list(self._active):
-            active = self._active[key]
+        for key, active in list(self._active.items()):
             params = active.job.params
             samples = active.samples
             stream = ""  # n > 1 streams the first sample
             if len(samples) == 1:  # the common case, without the loop's bookkeeping (a
                 # zero-cost job's step: measured 1.10x the workers' CPU without it)
+                plain = self._plain_end(active, samples[0], params, tokens)
+                if plain is not None:
+                    events.append(plain)
+                    continue
                 stream = self._grow(samples[0], params, tokens)
                 ended = samples[0].done is not None
             else:
@@ -305,6 +315,24 @@ class SyntheticEngine(Engine):
             elif active.job.stream and stream:
                 events.append(Chunk(key, stream))
         return events
+
+    def _plain_end(
+        self, active: _Active, sample: _Sample, params: SamplingParams, tokens: int | None
+    ) -> Finished | None:
+        """The Finished of a one-sample job that ends in this step with nothing to look
+        for (no stop strings, no logprobs); None for any other (``_grow`` then does
+        it): the same event as _grow, _choice and _end make, without their calls (a
+        zero-cost job is mostly this)."""
+        pieces = sample.pieces
+        if (tokens is not None and sample.produced + tokens < len(pieces)) or params.stop:
+            return None
+        if params.logprobs or params.top_logprobs > 0:
+            return None
+        last = "".join(pieces[sample.produced :])
+        text = "".join([*sample.text, last]) if sample.text else last
+        reason = P.FINISH_STOP if sample.eos else P.FINISH_LENGTH
+        self._retire(active.job.key)
+        return Finished(active.job.key, text, reason, active.prompt_tokens, len(pieces))
 
     def _grow(self, sample: _Sample, params: SamplingParams, tokens: int | None) -> str:
         """The sample's next ``tokens`` tokens (None: all); ends it when it is done."""
@@ -337,14 +365,18 @@ class SyntheticEngine(Engine):
         return Choice(text, reason, sample.produced, logprobs)
 
     def _end(self, active: _Active) -> Finished:
-        del self._active[active.job.key]
+        self._retire(active.job.key)
+        choices = [s.done for s in active.samples if s.done is not None]
+        return finished_from_choices(active.job.key, active.prompt_tokens, choices)
+
+    def _retire(self, key: int) -> None:
+        """A job ended: out of the batch, counted (``crash_after``)."""
+        del self._active[key]
         self._ended += 1
         crash_after = self.opts["crash_after"]
         if crash_after and self._ended >= crash_after:
             logger.warning("synthetic: %d jobs ended, dying as asked", self._ended)
             os._exit(CRASH_EXIT_CODE)
-        choices = [s.done for s in active.samples if s.done is not None]
-        return finished_from_choices(active.job.key, active.prompt_tokens, choices)
 
 
 def json_pieces(params: SamplingParams, prompt: str, index: int) -> list[str]:
