@@ -198,6 +198,7 @@ class Worker:
             engine.load()
         except EngineUnavailable as exc:
             self.fail_boot(str(exc))
+        gcpolicy.freeze()  # the engine's libraries and model objects live as long as we do
         load_s = time.monotonic() - started
         ready = wire.Ready(
             slot=self.spec.slot,

@@ -38,7 +38,6 @@ completed the stop string.
 from __future__ import annotations
 
 import fcntl
-import gc
 import logging
 import math
 import os
@@ -156,10 +155,6 @@ class TransformersEngine(Engine):
             self._kv_token_budget = kv_token_budget(
                 self._state.kv_bytes_per_token, available_memory_bytes()
             )
-        # The libraries' import graph is large and immortal: out of the collector's
-        # sight, collections during decoding stop walking it (5 % of a profile).
-        gc.collect()
-        gc.freeze()
         self.load_s = time.monotonic() - started
         logger.info(
             "loaded %s on %s (%s, max_seq_len %s, batch %d, KV budget %s tokens) in %.1fs",
