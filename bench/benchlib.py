@@ -71,12 +71,16 @@ def running_daemon(
     timeout: float = 300.0,
     gpus: str | None = None,
     tcp: bool = False,
+    host: str = "127.0.0.1",
 ) -> Iterator[Daemon]:
     """``exgen serve`` as a subprocess on a private ipc socket (``tcp``: on a free
-    loopback TCP port), ready; SIGTERM at the end. ``workers`` CPU slots, or with
-    ``gpus`` (``--gpus``) that many GPU slots."""
+    TCP port of ``host``; one other machines reach runs ``--insecure``), ready;
+    SIGTERM at the end. ``workers`` CPU slots, or with ``gpus`` (``--gpus``) that
+    many GPU slots."""
     with tempfile.TemporaryDirectory(prefix="exgen-bench-") as tmp:
-        address = f"tcp://127.0.0.1:{free_port()}" if tcp else f"ipc://{tmp}/exgen.sock"
+        address = f"tcp://{host}:{free_port()}" if tcp else f"ipc://{tmp}/exgen.sock"
+        if tcp and host != "127.0.0.1":
+            extra = ("--insecure", *extra)
         opts = [arg for k, v in engine_opts.items() for arg in ("--engine-opt", f"{k}={v}")]
         slots = ["--gpus", gpus] if gpus else ["--workers", str(workers)]
         cmd = [

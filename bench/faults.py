@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -73,13 +74,28 @@ class Rss:
 
 
 @contextlib.contextmanager
-def daemon(*extra: str, env: dict[str, str] | None = None, tcp: bool = False) -> Iterator[Daemon]:
+def network_host() -> str:
+    """This machine's first IPv4 address other than loopback: a TCP address as a
+    client on another machine would reach it (the daemon's long heartbeat)."""
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return str(address.address)
+    raise SystemExit("no network address on this machine for the TCP scenarios")
+
+
+def daemon(
+    *extra: str, env: dict[str, str] | None = None, tcp: bool = False, network: bool = False
+) -> Iterator[Daemon]:
     """The synthetic daemon of every scenario; ``extra`` options win over these."""
     opts = {"token_ms": TOKEN_MS, "capacity": CAPACITY, "max_seq_len": 100000}
     # A daemon before protocol 2 knows none of the budgets (and refuses unknown
     # settings): it runs with what it has.
     budgets = env if P.PROTOCOL_VERSION >= 2 else None
-    with running_daemon(WORKERS, "synthetic", opts, *extra, env=budgets, timeout=60, tcp=tcp) as d:
+    host = network_host() if network else "127.0.0.1"
+    with running_daemon(
+        WORKERS, "synthetic", opts, *extra, env=budgets, timeout=60, tcp=tcp or network, host=host
+    ) as d:
         yield d
 
 
@@ -223,15 +239,16 @@ with Client(address, timeout=300) as client:
 
 
 def client_dies(
-    how: str, n: int = 3000, tokens: int = 40, token_ms: int = TOKEN_MS, tcp: bool = False
+    how: str, n: int = 3000, tokens: int = 40, token_ms: int = TOKEN_MS, network: bool = False
 ) -> dict[str, Any]:
     """A client process with ``n`` prompts out is killed (or stopped) mid-job, on the
-    default ipc address or (``tcp``) over loopback TCP, where the heartbeat is longer.
+    default ipc address or (``network``) on a TCP address of this machine that other
+    machines reach, where the heartbeat is longer (``client_heartbeat_s``).
 
     Wasted: the items that completed for it after its death, and an upper bound of
     the slot-time spent on it: from its death until none of its items ran any more,
     every slot (all capacity of both workers) counted as busy for it."""
-    with daemon("--engine-opt", f"token_ms={token_ms}", tcp=tcp) as d:
+    with daemon("--engine-opt", f"token_ms={token_ms}", network=network) as d:
         rss = Rss(d.proc.pid)
         proc = subprocess.Popen(
             [sys.executable, "-c", CLIENT, d.address, str(n), str(tokens)],
@@ -372,8 +389,8 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     # GPU-like items: 200 tokens at 20 ms, 4 s each (a batch of 8 per worker).
     "client-kill-9-long": lambda: client_dies("kill -9", 400, 200, 20),
     "client-sigstop-long": lambda: client_dies("SIGSTOP", 400, 200, 20),
-    "client-sigstop-tcp": lambda: client_dies("SIGSTOP", tcp=True),
-    "client-sigstop-long-tcp": lambda: client_dies("SIGSTOP", 400, 200, 20, tcp=True),
+    "client-sigstop-network": lambda: client_dies("SIGSTOP", network=True),
+    "client-sigstop-long-network": lambda: client_dies("SIGSTOP", 400, 200, 20, network=True),
     "stopped-reader": stopped_reader,
     "big-prompts": lambda: big_prompts(chat=False),
     "chat-items": lambda: big_prompts(chat=True),

@@ -79,12 +79,19 @@ def bind_frontend(
 def heartbeat_s(settings: Settings, listen: str) -> float:
     """How often the frontend heartbeats and probes its clients (timeout: 3 times that).
 
-    On an ipc address the peer is a process on this machine: its ZMQ I/O thread, a
-    native thread apart from its program, answers within milliseconds unless the
-    process is stopped or gone, so a short beat finds a stopped client (SIGSTOP,
-    Ctrl-Z) before more than about a batch runs for nobody. Over TCP the network's
-    own delays (a retransmission alone takes 200 ms) call for a longer one."""
-    return settings.ipc_heartbeat_s if listen.startswith(IPC) else settings.client_heartbeat_s
+    On an ipc or loopback address every peer is a process on this machine: its ZMQ
+    I/O thread, a native thread apart from its program, answers within milliseconds
+    unless the process is stopped or gone, so a short beat finds a stopped client
+    (SIGSTOP, Ctrl-Z) before more than about a batch runs for nobody. Over a network
+    its own delays (a retransmission alone takes 200 ms) call for a longer one."""
+    return settings.local_heartbeat_s if is_local(listen) else settings.client_heartbeat_s
+
+
+def is_local(listen: str) -> bool:
+    """Whether only this machine's processes can reach ``listen``."""
+    if listen.startswith(IPC):
+        return True
+    return is_loopback(listen[len(TCP) :].rsplit(":", 1)[0].strip("[]"))
 
 
 def _bind_error(listen: str, exc: zmq.ZMQError) -> str:
@@ -150,11 +157,7 @@ def access_mode(listen: str, auth: ThreadAuthenticator | None) -> str:
     """Who counts as a local user, for cancelling other clients' work (control.py)."""
     if auth is not None:
         return control.CURVE
-    if listen.startswith(TCP):
-        host = listen[len(TCP) :].rsplit(":", 1)[0].strip("[]")
-        if not is_loopback(host):
-            return control.PEER
-    return control.LOCAL
+    return control.LOCAL if is_local(listen) else control.PEER
 
 
 def _socket_answers(path: Path) -> bool:
