@@ -73,7 +73,6 @@ class Rss:
         return round(self.peak / MiB, 1)
 
 
-@contextlib.contextmanager
 def network_host() -> str:
     """This machine's first IPv4 address other than loopback: a TCP address as a
     client on another machine would reach it (the daemon's long heartbeat)."""
@@ -84,6 +83,7 @@ def network_host() -> str:
     raise SystemExit("no network address on this machine for the TCP scenarios")
 
 
+@contextlib.contextmanager
 def daemon(
     *extra: str, env: dict[str, str] | None = None, tcp: bool = False, network: bool = False
 ) -> Iterator[Daemon]:
