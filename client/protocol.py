@@ -625,7 +625,7 @@ def overlaid_params(defaults: dict[str, Any], own: dict[str, Any]) -> dict[str, 
     """A call's default params with an item's own on top (to be validated). The item's
     ``json_schema`` or ``response_format`` replaces the call's structured output,
     whichever spelling either used; both spellings in ``own`` stay an error."""
-    if "json_schema" in own or "response_format" in own:
+    if not STRUCTURED_OUTPUT_PARAMS.isdisjoint(own):
         defaults = {k: v for k, v in defaults.items() if k not in STRUCTURED_OUTPUT_PARAMS}
     return {**defaults, **own}
 

@@ -254,12 +254,9 @@ def detect_gpus() -> list[int]:
 
 def check_listen_security(listen: str, settings: cfg.Settings) -> None:
     """A TCP address beyond loopback needs CURVE keys, unless --insecure."""
-    from exgen.daemon.sockets import is_loopback
+    from exgen.daemon.listen import is_local
 
-    if not listen.startswith("tcp://"):
-        return
-    host = listen[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
-    if is_loopback(host) or settings.insecure:
+    if is_local(listen) or settings.insecure:
         return
     if not (settings.curve_secret_key and settings.curve_allowed_dir):
         raise CliError(
