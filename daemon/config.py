@@ -72,7 +72,7 @@ class Settings:
     max_result_bytes: int = 16 * 2**20  # one result larger than this: a too_large error
     # Clients.
     client_heartbeat_s: float = 1.0  # ZMTP heartbeats and lease probes to clients (TCP)
-    local_heartbeat_s: float = 0.1  # the same on ipc or loopback TCP: no network between
+    ipc_heartbeat_s: float = 0.1  # the same on an ipc address: no network between
     client_grace_s: float = 3.0  # unreachable this long: its work is cancelled
     model_name: str | None = None  # the served model's name (default: from the model)
     strict_model: bool = False  # an item naming another model: model_not_found
@@ -342,7 +342,7 @@ def _budget_problems(settings: Settings) -> Iterator[str]:
             f"max_result_bytes must be between 1024 and {MAX_MESSAGE_BYTES // 2} "
             "(half the clients' message size limit)"
         )
-    for name in ("client_heartbeat_s", "local_heartbeat_s", "client_grace_s"):
+    for name in ("client_heartbeat_s", "ipc_heartbeat_s", "client_grace_s"):
         if getattr(settings, name) <= 0:
             yield f"{name} must be more than 0"
 

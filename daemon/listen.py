@@ -79,12 +79,13 @@ def bind_frontend(
 def heartbeat_s(settings: Settings, listen: str) -> float:
     """How often the frontend heartbeats and probes its clients (timeout: 3 times that).
 
-    On an ipc or loopback address every peer is a process on this machine: its ZMQ
-    I/O thread, a native thread apart from its program, answers within milliseconds
-    unless the process is stopped or gone, so a short beat finds a stopped client
-    (SIGSTOP, Ctrl-Z) before more than about a batch runs for nobody. Over a network
-    its own delays (a retransmission alone takes 200 ms) call for a longer one."""
-    return settings.local_heartbeat_s if is_local(listen) else settings.client_heartbeat_s
+    On an ipc address every peer is a process on this machine: its ZMQ I/O thread, a
+    native thread apart from its program, answers within milliseconds unless the
+    process is stopped or gone, so a short beat finds a stopped client (SIGSTOP,
+    Ctrl-Z) before more than about a batch runs for nobody. Over TCP a network may
+    lie between, its own delays (a retransmission alone takes 200 ms) calling for a
+    longer beat — on loopback too, the usual far end of an SSH tunnel."""
+    return settings.ipc_heartbeat_s if listen.startswith(IPC) else settings.client_heartbeat_s
 
 
 def is_local(listen: str) -> bool:

@@ -244,7 +244,7 @@ def test_a_client_that_stops_reading_stalls_only_itself(daemon_factory):
     # gets, answers every beat, and is held back by the budget instead).
     daemon = daemon_factory(
         "--engine", "synthetic", "--workers", "2", "--engine-opt", "capacity=16",
-        env={"EXGEN_UNREAD_BUDGET_BYTES": str(2 * MiB), "EXGEN_LOCAL_HEARTBEAT_S": "30"},
+        env={"EXGEN_UNREAD_BUDGET_BYTES": str(2 * MiB), "EXGEN_IPC_HEARTBEAT_S": "30"},
     )  # fmt: skip
     pid = daemon.proc.pid
     before = psutil.Process(pid).memory_info().rss
