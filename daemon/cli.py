@@ -225,13 +225,16 @@ def resolve_engine_and_model(settings: cfg.Settings) -> tuple[str, str | None]:
 
 
 def choose_engine(path: Path) -> str:
+    """Engine ``auto`` for this model, or one line saying why none can serve it."""
+    from exgen.daemon.engines.base import EngineUnavailable
+
     try:
         from exgen.daemon import inspect as model_inspect
     except ImportError:
         return "transformers"
     try:
         return model_inspect.choose_engine(path)
-    except ValueError as exc:
+    except (EngineUnavailable, ValueError) as exc:
         raise CliError(str(exc)) from None
 
 

@@ -22,6 +22,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from exgen.client import protocol as P
+from exgen.daemon import nesting
 
 Scalar = str | int | float | bool | None
 
@@ -105,7 +106,7 @@ class Envelope:
         for raw in self.raws:
             try:
                 item_id = _ITEM_ID.decode(raw).id
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):
                 continue
             if isinstance(item_id, str):
                 out.append(item_id)
@@ -169,6 +170,8 @@ def decode_submit(payload: bytes) -> Envelope:
         return Envelope(_ENVELOPE.decode(payload))
     except msgspec.DecodeError as exc:
         raise _validation_error(exc, "") from None
+    except RecursionError:
+        raise _too_deep(payload) from None
 
 
 def request_id(payload: bytes) -> str | None:
@@ -177,6 +180,8 @@ def request_id(payload: bytes) -> str | None:
         req = _REQ_ONLY.decode(payload).req
     except msgspec.DecodeError:
         return None
+    except RecursionError:  # skipping a deep field: read req without recursion
+        req = nesting.scan(payload).req
     return req if isinstance(req, str) else None
 
 
@@ -185,6 +190,8 @@ def decode_cancel(payload: bytes) -> dict[str, Any]:
         shape = _CANCEL.decode(payload)
     except msgspec.DecodeError as exc:
         raise _validation_error(exc, "") from None
+    except RecursionError:
+        raise _too_deep(payload) from None
     out = {name: getattr(shape, name) for name in shape.__struct_fields__}
     if out["ids"] is UNSET:
         del out["ids"]
@@ -199,6 +206,8 @@ def decode_small(payload: bytes) -> dict[str, Any]:
         return _SMALL_BODY.decode(payload)
     except msgspec.DecodeError as exc:
         raise _validation_error(exc, "") from None
+    except RecursionError:
+        raise _too_deep(payload) from None
 
 
 def _decode_item(raw: msgspec.Raw, i: int) -> _Item | P.ValidationError:
@@ -206,6 +215,15 @@ def _decode_item(raw: msgspec.Raw, i: int) -> _Item | P.ValidationError:
         return _ITEM.decode(raw)
     except msgspec.DecodeError as exc:
         return _validation_error(exc, f"items[{i}]")
+    except RecursionError:
+        return _too_deep(bytes(raw), f"items[{i}]")
+
+
+def _too_deep(payload: bytes, where: str = "") -> P.ValidationError:
+    """msgspec recursed too deep: name the field where the walk finds it, else the body."""
+    path = nesting.scan(payload).too_deep
+    field = ".".join(part for part in (where, path) if part) or "body"
+    return P.ValidationError(field, f"nested more than {nesting.MAX_NESTING} levels deep")
 
 
 def _reject_undecodable(
@@ -215,7 +233,7 @@ def _reject_undecodable(
     envelope is bad, as for any item without a usable id)."""
     try:
         item_id = _ITEM_ID.decode(raw).id
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         item_id = None
     submit.rejected.append((P.claim_id_value(item_id, f"items[{i}]", seen), error))
 

@@ -135,6 +135,40 @@ def test_ten_thousand_malformed_frames(daemon_factory):
     assert fuzz_s < 30
 
 
+def deeply_nested(depth: int) -> bytes:
+    """msgpack of a list nested ``depth`` deep (no encoder builds one: it would recurse)."""
+    return b"\x91" * depth + b"\xc0"
+
+
+@pytest.mark.parametrize(
+    ("where", "field"),
+    [("items", "items[0]"), ("item", "items[0]"), ("params", "items[0].params"), ("x", "x[0]")],
+)
+def test_a_frame_nested_100000_deep_is_a_bad_request_naming_its_field(daemon_factory, where, field):
+    daemon = daemon_factory("--engine", "synthetic", "--workers", "1")
+    deep = deeply_nested(100_000)
+    enc = msgpack.packb
+    item = b"\x81" + enc("id") + enc("a")
+    if where == "items":
+        body = b"\x82" + enc("req") + enc("r1") + enc("items") + deep
+    elif where == "item":
+        body = b"\x82" + enc("req") + enc("r1") + enc("items") + b"\x91" + deep
+    elif where == "params":
+        item = b"\x82" + enc("id") + enc("a") + enc("params") + b"\x81" + enc("stop") + deep
+        body = b"\x82" + enc("req") + enc("r1") + enc("items") + b"\x91" + item
+    else:  # a field nobody knows
+        body = b"\x83" + enc("req") + enc("r1") + enc("x") + deep + enc("items") + b"\x91" + item
+    sock = raw_dealer(daemon.address, RCVHWM=0)
+    sock.send_multipart([P.MAGIC_VERSION, P.SUBMIT, body])
+    assert sock.poll(10_000), "no answer"
+    command, reply = P.unpack(sock.recv_multipart())
+    sock.close()
+    assert (command, reply["code"], reply["req"]) == (P.ERROR, P.E_BAD_REQUEST, "r1"), reply
+    assert reply["field"].startswith(field) and "nested more than" in reply["message"], reply
+    with daemon.client(timeout=10) as client:
+        assert client.generate(["still serving"], max_new_tokens=3)[0].ok
+
+
 def run_job(daemon: Any, n: int) -> list[Any]:
     items = [{"id": f"ok{i}", "prompt": f"fine {i}"} for i in range(n)]
     with daemon.client(timeout=30) as client:

@@ -70,3 +70,26 @@ def test_models_inspect_takes_the_name_models_list_prints(name: str) -> None:
 def test_models_inspect_of_an_unknown_name_says_what_there_is() -> None:
     code, _, err = run("models", "inspect", "no-such-model")
     assert code == 2 and "not found" in err and "available" in err
+
+
+def test_serve_on_a_directory_without_weights_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """A real `exgen serve` process: the user sees why, not a traceback."""
+    import subprocess
+
+    from tests.conftest import EXGEN
+
+    empty = tmp_path / "my-model"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no weights here\n")
+    run_ = subprocess.run(
+        [*EXGEN, "serve", "--model", str(empty), "--listen", f"ipc://{tmp_path}/s"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run_.returncode == 2, run_.stderr
+    assert "Traceback" not in run_.stderr
+    lines = [line for line in run_.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, run_.stderr
+    assert "no config.json, safetensors or .gguf found" in lines[0] and str(empty) in lines[0]

@@ -75,3 +75,22 @@ def test_small_bodies_are_scalars_only_and_bounded():
         decode.decode_small(msgpack.packb({"req": [0] * 10}))
     with pytest.raises(P.ValidationError, match="larger than"):
         decode.decode_small(msgpack.packb({"req": "x" * (decode.SMALL_BODY_BYTES + 1)}))
+
+
+def test_the_nesting_walk_names_the_first_field_too_deep_and_reads_req() -> None:
+    from exgen.daemon import nesting
+
+    body = msgpack.packb({"req": "r9", "a": [1, "x", {"b": [[[[]]]]}], "c": 2})
+    assert nesting.scan(body, limit=3) == nesting.Scan(too_deep="a[2].b", req="r9")
+    assert nesting.scan(body) == nesting.Scan(too_deep=None, req="r9")
+
+
+def test_the_nesting_walk_gives_up_after_its_step_budget() -> None:
+    from exgen.daemon import nesting
+
+    deep = b"\x91" * 50 + b"\xc0"
+    flat_then_deep = b"\x82" + msgpack.packb("a") + msgpack.packb(list(range(1000)))
+    flat_then_deep += msgpack.packb("b") + deep
+    assert nesting.scan(flat_then_deep).too_deep == "b[0][0]"
+    assert nesting.scan(flat_then_deep, max_steps=100).too_deep is None
+    assert nesting.scan(deep, max_steps=100).too_deep == "[0][0][0]"
