@@ -37,11 +37,18 @@ typecheck: setup
 	ln -sfn ../../../daemon build/typecheck/exgen/daemon
 	cd build/typecheck && ../../$(VENV)/bin/mypy -p exgen.client -p exgen.daemon --config-file ../../pyproject.toml
 
+# The suite runs with a TMPDIR of its own, new and empty, removed after: nothing an
+# earlier run left in /tmp (Ray's /tmp/ray hid a failure once) can make it pass here
+# and fail on a fresh machine. pytest's exit 5 (no test ran) fails like any other.
+PYTEST_FRESH = tmp=$$(mktemp -d -t exgen-test.XXXXXX) && \
+	echo "pytest: TMPDIR=$$tmp (new, empty, removed after)" && \
+	TMPDIR=$$tmp $(PY) -m pytest -q -ra
+
 test: setup lint
-	$(PY) -m pytest -q -ra
+	$(PYTEST_FRESH); status=$$?; rm -rf "$$tmp"; exit $$status
 
 test-fast: setup
-	$(PY) -m pytest -q -ra -m "not slow and not e2e"
+	$(PYTEST_FRESH) -m "not slow and not e2e"; status=$$?; rm -rf "$$tmp"; exit $$status
 
 bench: setup
 	$(PY) bench/run_all.py

@@ -81,8 +81,10 @@ def gcs_target(address: str) -> str | None:
 
 
 def _current_cluster_file() -> str | None:
-    """Where `ray start` on this machine records its cluster's address."""
-    path = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    """Where `ray start` on this machine records its cluster's address: under
+    RAY_TMPDIR if set, else the temp dir (TMPDIR, /tmp), as Ray looks for it."""
+    base = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+    path = Path(base) / "ray" / "ray_current_cluster"
     try:
         return path.read_text().strip() or None
     except OSError:

@@ -4,7 +4,10 @@ custom resource standing in for GPUs.
 
 Everything stays on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray bind and
 advertise 127.0.0.1), the cluster's files live in a private temp dir, and
-``shutdown`` stops every process it started. ``fast_health_checks`` declares a lost
+``shutdown`` stops every process it started. That dir is also RAY_TMPDIR: Ray writes
+the head's address to ``<RAY_TMPDIR>/ray/ray_current_cluster`` whatever the head's own
+``temp_dir``, and a machine that never ran Ray has no ``/tmp/ray`` for it (a run that
+left one there hid this: every cluster test failed on a fresh machine). ``fast_health_checks`` declares a lost
 node dead in about 0.6 s (200 ms × 3); Ray's defaults take ~15 s.
 """
 
@@ -15,6 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -34,10 +38,13 @@ worker_listen = "tcp://127.0.0.1:0"
 
 
 class LocalRayCluster:
-    def __init__(self, fast_health_checks: bool = True) -> None:
+    """Made inside ``local_ray_cluster``, which points RAY_TMPDIR at ``temp_dir``."""
+
+    def __init__(self, temp_dir: str, fast_health_checks: bool = True) -> None:
         from ray import cluster_utils
 
-        self.temp_dir = tempfile.mkdtemp(prefix="exray-")  # short: Ray's socket paths
+        self.temp_dir = temp_dir
+        os.makedirs(self.address_file.parent, exist_ok=True)
         head: dict[str, Any] = {
             "num_cpus": 0,
             "temp_dir": self.temp_dir,
@@ -51,6 +58,11 @@ class LocalRayCluster:
     @property
     def address(self) -> str:
         return str(self.cluster.address)
+
+    @property
+    def address_file(self) -> Path:
+        """Where Ray records the head's address (as `ray start` does)."""
+        return Path(self.temp_dir) / "ray" / "ray_current_cluster"
 
     def add_node(self, units: int = 1) -> str:
         node = self.cluster.add_node(num_cpus=1, resources={RESOURCE: units})
@@ -72,17 +84,20 @@ class LocalRayCluster:
 @contextmanager
 def local_ray_cluster(nodes: int = 2, fast_health_checks: bool = True) -> Iterator[LocalRayCluster]:
     """A cluster of ``nodes`` one-unit nodes, on loopback, shut down whatever happens."""
-    saved = {k: os.environ.get(k) for k in LOOPBACK_ENV}
-    os.environ.update(LOOPBACK_ENV)
+    temp_dir = tempfile.mkdtemp(prefix="exray-")  # short: Ray's socket paths
+    env = {**LOOPBACK_ENV, "RAY_TMPDIR": temp_dir}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     cluster = None
     try:
-        cluster = LocalRayCluster(fast_health_checks)
+        cluster = LocalRayCluster(temp_dir, fast_health_checks)
         for _ in range(nodes):
             cluster.add_node()
         yield cluster
     finally:
         if cluster is not None:
             cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -57,13 +57,13 @@ def cluster() -> Iterator[LocalRayCluster]:
 
 
 def start_ray_daemon(
-    tmp_path: Path, cluster: LocalRayCluster, workers: int, *extra: str
+    tmp_path: Path, cluster: LocalRayCluster, workers: int, *extra: str, ray: str = ""
 ) -> RunningDaemon:
     config = tmp_path / "exgen.toml"
     config.write_text(DAEMON_CONFIG)
     daemon = start_daemon(
         tmp_path,
-        *("--ray", cluster.address, "--config", str(config), "--workers", str(workers)),
+        *("--ray", ray or cluster.address, "--config", str(config), "--workers", str(workers)),
         *("--engine", "synthetic", "--heartbeat-timeout", "5", *extra),
         env=LOOPBACK_ENV,
     )
@@ -75,7 +75,10 @@ def slots_of(daemon: RunningDaemon) -> dict[int, dict[str, Any]]:
 
 
 def test_workers_land_one_per_node_and_submit_works_unchanged(cluster, tmp_path):
-    daemon = start_ray_daemon(tmp_path, cluster, 2)
+    """`--ray auto` finds the cluster where Ray recorded it: in the cluster's own
+    RAY_TMPDIR, not a /tmp/ray that only a machine which ran Ray before would have."""
+    assert cluster.address_file.read_text().strip() == cluster.address
+    daemon = start_ray_daemon(tmp_path, cluster, 2, ray="auto")
     try:
         status = daemon.wait_ready(timeout=90)
         workers = status["workers"]
