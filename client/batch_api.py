@@ -47,6 +47,11 @@ class LinkBroken(Unreachable):
     """The connection broke mid-answer (reset, cut short) or the answer was not HTTP."""
 
 
+class NotAGateway(Unreachable):
+    """Something answered at the URL, but not with the object the Batch API defines
+    (a proxy's page, another service, a gateway of another kind)."""
+
+
 # What a broken link raises in http.client: resets and timeouts are OSErrors, a bad
 # status line or a body cut short are HTTPExceptions (RemoteDisconnected is both).
 _LINK_ERRORS = (OSError, http.client.HTTPException)
@@ -81,7 +86,10 @@ class BatchApi:
             "Content-Length": str(size),
         }
         with path.open("rb") as f:
-            return self._json("POST", "/v1/files", _parts(head, f, tail), headers)
+            uploaded = self._json("POST", "/v1/files", _parts(head, f, tail), headers)
+        if not isinstance(uploaded.get("id"), str):
+            raise self._not_a_gateway("a file object", "'id'")
+        return uploaded
 
     def create_batch(
         self,
@@ -97,17 +105,23 @@ class BatchApi:
         }
         if metadata:
             body["metadata"] = metadata
-        return self._post_json("/v1/batches", body)
+        return self._batch(self._post_json("/v1/batches", body))
 
     def get_batch(self, batch_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/batches/{_quote(batch_id)}")
+        return self._batch(self._json("GET", f"/v1/batches/{_quote(batch_id)}"))
 
     def list_batches(self, limit: int = 20, after: str | None = None) -> dict[str, Any]:
         query = {"limit": str(limit)} | ({"after": after} if after else {})
-        return self._json("GET", f"/v1/batches?{urllib.parse.urlencode(query)}")
+        listed = self._json("GET", f"/v1/batches?{urllib.parse.urlencode(query)}")
+        data = listed.get("data")
+        if not isinstance(data, list):
+            raise self._not_a_gateway("a list of batches", "'data' list")
+        for doc in data:
+            self._batch(doc)
+        return listed
 
     def cancel_batch(self, batch_id: str) -> dict[str, Any]:
-        return self._post_json(f"/v1/batches/{_quote(batch_id)}/cancel", {})
+        return self._batch(self._post_json(f"/v1/batches/{_quote(batch_id)}/cancel", {}))
 
     def download(self, file_id: str, out: IO[bytes]) -> int:
         """GET /v1/files/{id}/content into ``out``, streamed; the bytes written."""
@@ -132,12 +146,28 @@ class BatchApi:
     ) -> dict[str, Any]:
         conn, reply = self._send(method, path, body, headers)
         try:
-            doc: dict[str, Any] = json.loads(self._read(reply))
-            return doc
+            doc = json.loads(self._read(reply))
         except ValueError:
             raise ApiError(reply.status, "the answer is not JSON") from None
         finally:
             conn.close()
+        if not isinstance(doc, dict):
+            raise self._not_a_gateway("a JSON object", "keys")
+        return doc
+
+    def _batch(self, doc: Any) -> dict[str, Any]:
+        """``doc`` if it is a Batch object as far as this client reads one."""
+        if not isinstance(doc, dict) or not all(
+            isinstance(doc.get(name), str) for name in ("id", "status")
+        ):
+            raise self._not_a_gateway("a batch", "'id' or 'status'")
+        counts = doc.get("request_counts")
+        optional = (doc.get("output_file_id"), doc.get("error_file_id"))
+        if not isinstance(counts, dict | None) or not all(
+            isinstance(v, str | None) for v in optional
+        ):
+            raise self._not_a_gateway("a batch", "request counts or file ids of the right types")
+        return doc
 
     def _send(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
@@ -181,6 +211,12 @@ class BatchApi:
         if not data and reply.length:  # read(amount) returns b"" at an early end
             raise self._broken(f"the answer ended {reply.length} bytes short")
         return data
+
+    def _not_a_gateway(self, expected: str, lacking: str) -> NotAGateway:
+        return NotAGateway(
+            f"what answers at {self.url} is not an exgen HTTP gateway "
+            f"(its answer is not {expected}: it has no {lacking})"
+        )
 
     def _broken(self, why: BaseException | str) -> LinkBroken:
         if isinstance(why, http.client.IncompleteRead) and why.expected:

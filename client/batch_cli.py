@@ -7,9 +7,10 @@
     exgen-client batch cancel ID
 
 Exit status as the rest of exgen-client: 0 ok, 1 the batch or the request failed,
-2 usage error, 3 no gateway at the URL, or the connection to it broke mid-answer (a
-results file is then left as it was, never written in part), 4 a results file could
-not be written.
+2 usage error, 3 no gateway at the URL (or something else answering there), or the
+connection to it broke mid-answer (a results file is then left as it was, never
+written in part), 4 a results file could not be written, 141 standard output's
+reader went away (`... | head`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,14 @@ from exgen.client.batch_api import (
     Unreachable,
     endpoint_of,
 )
-from exgen.client.exits import EXIT_CONNECT, EXIT_FAILED, EXIT_OUTPUT, EXIT_USAGE, fail
+from exgen.client.exits import (
+    EXIT_CONNECT,
+    EXIT_FAILED,
+    EXIT_OUTPUT,
+    EXIT_USAGE,
+    fail,
+    reader_gone,
+)
 
 POLL_S = 1.0
 F = TypeVar("F", bound=Callable[..., Any])
@@ -205,8 +213,13 @@ def _follow(api: BatchApi, batch_id: str) -> dict[str, Any]:
 
 def _download_to(api: BatchApi, file_id: str, path: Path | None) -> None:
     if path is None:
-        api.download(file_id, sys.stdout.buffer)
-        sys.stdout.flush()
+        try:
+            api.download(file_id, sys.stdout.buffer)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            reader_gone()
+        except OSError as exc:  # the link's own errors arrive as LinkBroken: this is stdout
+            fail(f"cannot write the output: {exc.strerror or exc}", EXIT_OUTPUT)
         return
     # Into a file beside it, renamed when whole: a download that breaks midway never
     # leaves a truncated file (or a truncated copy of an earlier one) under its name.

@@ -7,8 +7,9 @@ advertise 127.0.0.1), the cluster's files live in a private temp dir, and
 ``shutdown`` stops every process it started. That dir is also RAY_TMPDIR: Ray writes
 the head's address to ``<RAY_TMPDIR>/ray/ray_current_cluster`` whatever the head's own
 ``temp_dir``, and a machine that never ran Ray has no ``/tmp/ray`` for it (a run that
-left one there hid this: every cluster test failed on a fresh machine). ``fast_health_checks`` declares a lost
-node dead in about 0.6 s (200 ms × 3); Ray's defaults take ~15 s.
+left one there hid this: every cluster test failed on a fresh machine).
+``fast_health_checks`` declares a lost node dead in about 0.6 s (200 ms × 3); Ray's
+defaults take ~15 s.
 """
 
 from __future__ import annotations

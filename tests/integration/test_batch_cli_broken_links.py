@@ -249,3 +249,47 @@ def test_a_results_file_that_cannot_be_written_is_one_line_and_exit_4(
     fine = tmp_path / "results.jsonl"
     assert run_batch(server.url, "download", "batch_1", "-o", str(fine)).returncode == 0
     assert fine.read_bytes() == b'{"custom_id": "r1"}\n' and list(tmp_path.iterdir()) == [fine]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("list",), ("status", "batch_1"), ("download", "batch_1"), ("cancel", "batch_1"), ("create",)],
+)
+@pytest.mark.parametrize("answer", [{}, [], {"data": {}}, {"id": "b", "status": 3}])
+def test_an_answer_without_the_batch_fields_is_one_line_and_exit_3(
+    gateway: Callable[..., BrokenGateway], tmp_path: Path, args: tuple[str, ...], answer: object
+) -> None:
+    """Something else answering at the URL (a proxy, another service): said as such."""
+    body = json.dumps(answer).encode()
+    server = gateway(lambda path: [http_head("200 OK", len(body)) + body])
+    if args == ("create",):
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text(json.dumps({"custom_id": "r", "url": "/v1/completions"}) + "\n")
+        args = ("create", str(prompts))
+    line = assert_one_clear_line(run_batch(server.url, *args), server.url)
+    assert f"what answers at {server.url} is not an exgen HTTP gateway (its answer is" in line
+
+
+def test_a_download_to_a_closed_pipe_exits_quietly_as_sigpipe_would(
+    gateway: Callable[..., BrokenGateway],
+) -> None:
+    part = b'{"custom_id": "r1"}\n' * 200_000  # 4 MB: far more than a pipe holds
+
+    def script(path: str) -> list[Step]:
+        if path.endswith("/content"):
+            return [http_head("200 OK", len(part), "application/jsonl") + part]
+        return whole(BATCH)
+
+    server = gateway(script)
+    proc = subprocess.Popen(
+        [*EXGEN_CLIENT, "batch", "download", "batch_1", "--url", server.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(10) == b'{"custom_i'
+    proc.stdout.close()  # the reader goes, as `| head -c 10` does
+    with proc.stderr:
+        stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=30) == 141, stderr
+    assert stderr == "", stderr
