@@ -150,6 +150,15 @@ EXLLAMAV2_API: tuple[ApiUse, ...] = (
     ApiUse(f"{_GEN}:ExLlamaV2DynamicGenerator", "cancel", "method", ("job",)),
     ApiUse(f"{_GEN}:ExLlamaV2DynamicGenerator", "iterate", "method"),
     ApiUse(f"{_GEN}:ExLlamaV2DynamicJob", "__init__", "method", _JOB_KWARGS),
+    # Overridden by RawLogitsJob: the generator calls one, then the other, per step.
+    ApiUse(f"{_GEN}:ExLlamaV2DynamicJob", "receive_logits", "method", ("logits",)),
+    ApiUse(f"{_GEN}:ExLlamaV2DynamicJob", "receive_sample", "method", ("logits",)),
+    ApiUse(f"{_GEN}:ExLlamaV2DynamicJob", "return_logits", "attr"),
+    # Shut down on close(): the library never does (sampling_pool exists only when
+    # the generator samples on several threads).
+    ApiUse(f"{_GEN}:ExLlamaV2DynamicGenerator", "sampling_pool", "attr"),
+    ApiUse(f"{_GEN}:ExLlamaV2DynamicGenerator", "max_sampling_threads", "attr"),
+    ApiUse(f"{_GEN}:ExLlamaV2DynamicGenerator", "filter_pool", "attr"),
     ApiUse(f"{_GEN}:ExLlamaV2Sampler.Settings", "__init__", "fields", _SAMPLER_FIELDS),
     ApiUse("exllamav2:ExLlamaV2Config", "vocab_size", "attr"),
     ApiUse(
@@ -330,14 +339,14 @@ class ExLlamaV2Library:
 
     def submit(self, spec: JobSpec) -> Any:
         import torch
-        from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
+        from exllamav2.generator import ExLlamaV2Sampler
 
         # Annotated int upstream, but None is what asks for a random seed there.
         seed: Any = spec.params.seed
         filters = []
         if spec.grammar is not None:
             filters.append(schema_filter_class()(self._model, self._tokenizer, spec.grammar()))
-        job = ExLlamaV2DynamicJob(
+        job = raw_logits_job_class()(
             input_ids=torch.tensor([spec.input_ids], dtype=torch.long),
             max_new_tokens=spec.max_new_tokens,
             min_new_tokens=0,
@@ -350,7 +359,8 @@ class ExLlamaV2Library:
             filters=filters,
             filter_prefer_eos=False,
             # The logits before sampling, for logprobs: the library's own token probs
-            # are those after top-k/top-p (1.0 for every greedy token).
+            # are those after top-k/top-p (1.0 for every greedy token); RawLogitsJob
+            # keeps them free of the penalties the sampler applies in place.
             return_logits=spec.top_logprobs is not None,
         )
         self._generator.enqueue(job=job)
@@ -388,7 +398,58 @@ class ExLlamaV2Library:
         }
 
     def close(self) -> None:
+        """Free what the replica holds: the generator's two thread pools (the library
+        never shuts them down), the weights, and the cache and generator, whose
+        tensors would otherwise stay on the card until a garbage collection."""
+        import gc
+
+        import torch
+
+        generator, self._generator = self._generator, None
+        pools = [generator.filter_pool]
+        if generator.max_sampling_threads > 1:  # else the generator has no sampling_pool
+            pools.append(generator.sampling_pool)
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         self._model.unload()
+        del generator
+        self._cache = None
+        gc.collect()  # the generator and its jobs refer to each other
+        torch.cuda.empty_cache()
+
+
+class RawLogitsMixin:
+    """For an ExLlamaV2DynamicJob: the logits it returns (for logprobs) are the model's
+    own. exllamav2's sampler applies the repetition, presence and frequency penalties
+    to the step's logits in place, and the job then holds those penalised logits, so
+    a request with penalties would get other logprobs here than on exllamav3, whose
+    sampler works on a copy. Each step's logits are copied before sampling (only for
+    jobs that return logits), and that copy is what the job holds.
+
+    The generator calls ``receive_logits`` then ``receive_sample`` for a job, in turn
+    (the first maybe on a sampling thread), so one pending copy per job suffices."""
+
+    return_logits: bool
+    _pre_sampling: Any = None
+
+    def receive_logits(self, logits: Any) -> Any:
+        if self.return_logits:
+            self._pre_sampling = logits[:1].clone()
+        return super().receive_logits(logits)  # type: ignore[misc]
+
+    def receive_sample(self, logits: Any, *rest: Any) -> Any:
+        if self._pre_sampling is not None:
+            logits, self._pre_sampling = self._pre_sampling, None
+        return super().receive_sample(logits, *rest)  # type: ignore[misc]
+
+
+@functools.cache
+def raw_logits_job_class() -> type:
+    """``RawLogitsJob``, defined on first use (exllamav2 is imported in workers only)."""
+    from exllamav2.generator import ExLlamaV2DynamicJob
+
+    return type("RawLogitsJob", (RawLogitsMixin, ExLlamaV2DynamicJob), {})
 
 
 @functools.cache

@@ -318,6 +318,9 @@ def emitted_eos_reasons(path: Path) -> set[str]:
 # Keywords and attributes of things that are not the library (torch, logging, ours).
 FOREIGN_KWARGS = {"dtype", "strict"}  # torch.tensor(..., dtype=torch.long), zip(strict=)
 FOREIGN_ATTRS = {"tensor", "long", "tolist", "warning", "info", "debug", "append", "get", "shape"}
+# torch's and concurrent.futures' (close() and RawLogitsMixin in exl2.py)
+FOREIGN_ATTRS |= {"clone", "empty_cache", "shutdown"}
+FOREIGN_KWARGS |= {"wait", "cancel_futures"}  # ThreadPoolExecutor.shutdown()
 # ``**`` in a library call is allowed only for these, whose keys the tables declare.
 SPLAT_FUNCTIONS = {"sampler_settings", "sampler_kwargs"}
 
@@ -397,6 +400,7 @@ def _on_self_or_module(node: ast.Attribute) -> bool:
         "log",
         "torch",
         "math",
+        "gc",
     }
 
 
@@ -534,6 +538,22 @@ def test_exllamav2_returns_the_logits_before_sampling_and_masks_out_of_place() -
     assert "output_probs" in sampler and "top_k_cpu" in (
         root_of("exllamav2") / "exllamav2/exllamav2_ext/ext_sampling.cpp"
     ).read_text(encoding="utf-8")
+
+
+def test_exllamav2_penalises_in_place_between_the_two_hooks_raw_logits_job_overrides() -> None:
+    # RawLogitsMixin copies the logits in receive_logits (before the sampler's in-place
+    # penalties) and hands the copy to receive_sample, which holds what it is given:
+    # that holds only while the generator passes one tensor to both, in that order.
+    gen = root_of("exllamav2") / "exllamav2/generator"
+    dynamic = (gen / "dynamic.py").read_text(encoding="utf-8")
+    sampler = (gen / "sampler.py").read_text(encoding="utf-8")
+    sample_at = dynamic.index("job.receive_logits(job_logits)")
+    assert "self.sampling_pool.submit(job.receive_logits, job_logits)" in dynamic
+    assert "eos, sampled_token = job.receive_sample(\n                    job_logits," in dynamic
+    assert dynamic.index("job.receive_sample(", sample_at) > sample_at
+    assert "ext_c.apply_rep_penalty(sequence_ids[:, :]," in sampler
+    call = sampler[sampler.index("ext_c.apply_rep_penalty(") :]
+    assert call[: call.index(")")].rstrip().endswith("logits")  # written into, in place
 
 
 def test_exllamav3_returns_probabilities_of_the_raw_logits() -> None:

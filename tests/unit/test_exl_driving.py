@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -590,3 +591,92 @@ def test_engine_modules_import_neither_torch_nor_the_libraries() -> None:
         "bad = {'torch', 'exllamav2', 'exllamav3'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# --- exllamav2: logprobs free of in-place penalties; close() frees what it holds -----------
+
+
+class PenalisingJob:
+    """TEST DOUBLE with ExLlamaV2DynamicJob's two step hooks as 0.3.2 runs them (read by
+    test_exl_conformance.py): the sampler penalises the logits in place, then the job
+    holds the logits ``receive_sample`` is given."""
+
+    def __init__(self, return_logits: bool) -> None:
+        self.return_logits = return_logits
+        self.held: list[Any] = []
+
+    def receive_logits(self, logits: Any) -> int:
+        logits[0, 0, 7] -= 5.0  # ext_c.apply_rep_penalty works in place
+        return int(logits.argmax())
+
+    def receive_sample(self, logits: Any, token: int) -> None:
+        self.held.append(logits[:1, :, :].clone())
+
+
+class RawLogitsPenalisingJob(exl2.RawLogitsMixin, PenalisingJob):
+    pass
+
+
+@pytest.mark.parametrize("threads", [False, True])
+def test_exllamav2_jobs_hold_the_logits_from_before_the_in_place_penalties(threads: bool) -> None:
+    import torch
+
+    steps = [torch.arange(10, dtype=torch.float).view(1, 1, 10) for _ in range(3)]
+    plain, raw = PenalisingJob(True), RawLogitsPenalisingJob(True)
+    for job in (plain, raw):
+        for step in steps:
+            logits = step.clone()  # the generator's batch buffer, reused each step
+            if threads:  # a sampling thread runs receive_logits first
+                with ThreadPoolExecutor(1) as pool:
+                    token = pool.submit(job.receive_logits, logits).result()
+            else:
+                token = job.receive_logits(logits)
+            job.receive_sample(logits, token)
+    assert all(torch.equal(h, s) for h, s in zip(raw.held, steps, strict=True))
+    assert all(h[0, 0, 7] == 2.0 for h in plain.held)  # what it returned before
+
+
+def test_exllamav2_jobs_without_logprobs_copy_nothing() -> None:
+    import torch
+
+    job = RawLogitsPenalisingJob(False)
+    logits = torch.arange(10, dtype=torch.float).view(1, 1, 10)
+    job.receive_sample(logits, job.receive_logits(logits))
+    assert job._pre_sampling is None and job.held[0][0, 0, 7] == 2.0
+
+
+def test_exllamav2_close_shuts_the_generators_pools_and_drops_the_cache() -> None:
+    import weakref
+
+    class Model:
+        unloaded = False
+
+        def unload(self) -> None:
+            self.unloaded = True
+
+    class Cache:
+        pass
+
+    class Generator:
+        def __init__(self, cache: Cache) -> None:
+            self.cache = cache
+            self.max_sampling_threads = 4
+            self.sampling_pool = ThreadPoolExecutor(2)
+            self.filter_pool = ThreadPoolExecutor(2)
+            self.me = self  # the library's generator and jobs refer to each other
+
+    library = object.__new__(exl2.ExLlamaV2Library)
+    cache = Cache()
+    generator = Generator(cache)
+    pools = (generator.sampling_pool, generator.filter_pool)
+    for pool in pools:
+        pool.submit(lambda: None).result()  # its threads started
+    library._model, library._cache, library._generator = Model(), cache, generator
+    gone = weakref.ref(cache)
+    del cache, generator
+    library.close()
+    assert library._model.unloaded and gone() is None
+    assert all(pool._shutdown for pool in pools)
+    for thread in (t for pool in pools for t in pool._threads):
+        thread.join(timeout=10)
+        assert not thread.is_alive()
