@@ -144,6 +144,7 @@ class Finished:
     completion_tokens: int
     logprobs: list[TokenLogprob] | None = None
     choices: list[Choice] | None = None
+    cached_tokens: int = 0  # leading prompt tokens reused from a prefix cache
 
 
 @dataclass(slots=True)
@@ -215,6 +216,11 @@ class Engine(abc.ABC):
 
     def describe(self) -> dict[str, Any]:
         """Facts for the READY message and status (model name, dtype, devices...)."""
+        return {}
+
+    def counters(self) -> dict[str, int]:
+        """Running totals for the heartbeat (prefix-cache hits, prefill tokens saved...);
+        read from the heartbeat thread, so a copy of plain ints."""
         return {}
 
     def close(self) -> None:  # noqa: B027 - optional hook

@@ -50,7 +50,7 @@ from typing import Any
 
 from exgen.client import protocol as P
 from exgen.daemon import modelstore
-from exgen.daemon.engines import grammar
+from exgen.daemon.engines import grammar, hf_prefix
 from exgen.daemon.engines.base import (
     Engine,
     EngineOptionError,
@@ -65,6 +65,7 @@ from exgen.daemon.engines.cpu_layout import available_memory_bytes, cpu_flags, n
 from exgen.daemon.engines.grammar import Grammars
 from exgen.daemon.engines.hf_decode import DecodeBatch, Model, Row, logits_processors
 from exgen.daemon.engines.hf_features import BatchFeatures, JobSamples, RowExtras
+from exgen.daemon.engines.hf_prefix import PrefixKV
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,11 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     # Convert a GGUF once to safetensors in the cache: later loads take seconds, not
     # the half minute GGUF parsing and tokenizer conversion cost every time.
     "gguf_cache": (bool, True),
+    # The prefix cache (hf_prefix): tokens of KV kept across batches for prompt blocks;
+    # -1: a tenth of the memory available at load (CPU: host, CUDA: the card's free
+    # memory), 0: no cache. prefix_block: tokens per cached block.
+    "prefix_cache_tokens": (int, -1),
+    "prefix_block": (int, hf_prefix.DEFAULT_BLOCK),
 }
 
 
@@ -131,6 +137,7 @@ class TransformersEngine(Engine):
         self._samples = JobSamples()  # n > 1: a job's rows and their gathering
         self._grammars: Grammars | None = None  # built on the first JSON Schema job
         self._pieces: dict[int, str] = {}  # token id -> its text, for logprobs
+        self._prefixes: PrefixKV | None = None  # the prefix cache, made at load
         self.load_s = 0.0
         self.decode_steps = 0  # advanced during generate(), read by a heartbeat
 
@@ -155,15 +162,18 @@ class TransformersEngine(Engine):
             self._kv_token_budget = kv_token_budget(
                 self._state.kv_bytes_per_token, available_memory_bytes()
             )
+        self._prefixes = self._make_prefix_cache(torch, device)
         self.load_s = time.monotonic() - started
         logger.info(
-            "loaded %s on %s (%s, max_seq_len %s, batch %d, KV budget %s tokens) in %.1fs",
+            "loaded %s on %s (%s, max_seq_len %s, batch %d, KV budget %s tokens, "
+            "prefix cache %s tokens) in %.1fs",
             self._state.name,
             ",".join(self._state.devices),
             self._state.dtype,
             self._state.max_seq_len,
             self._batch_limit,
             self._kv_token_budget or "-",
+            self._prefixes.blocks.capacity_tokens if self._prefixes else "-",
             self.load_s,
         )
 
@@ -171,6 +181,20 @@ class TransformersEngine(Engine):
         self._waiting.clear()
         self._batch = None
         self._state = None
+        if self._prefixes is not None:
+            self._prefixes.blocks.clear()
+
+    def _make_prefix_cache(self, torch: Any, device: str) -> PrefixKV | None:
+        state = self._loaded()
+        tokens = self._opts["prefix_cache_tokens"]
+        if tokens < 0:
+            available = available_memory_bytes()
+            if device != "cpu":
+                available = int(torch.cuda.mem_get_info()[0])
+            tokens = hf_prefix.default_capacity_tokens(state.kv_bytes_per_token, available)
+        if tokens < self._opts["prefix_block"]:
+            return None
+        return PrefixKV(torch, self._opts["prefix_block"], tokens)
 
     @property
     def capacity(self) -> int:
@@ -197,8 +221,12 @@ class TransformersEngine(Engine):
             "max_seq_len": state.max_seq_len,
             "mode": self._opts["mode"],
             "batch_size": self._batch_limit,
+            "prefix_cache_tokens": self._prefixes.blocks.capacity_tokens if self._prefixes else 0,
             "load_s": round(self.load_s, 2),
         }
+
+    def counters(self) -> dict[str, int]:
+        return self._prefixes.stats.to_dict() if self._prefixes else {}
 
     # --- jobs -----------------------------------------------------------------------
 
@@ -311,7 +339,7 @@ class TransformersEngine(Engine):
         ):
             features = BatchFeatures(state.torch, params, self._piece)
         processors = logits_processors(params)
-        self._batch = DecodeBatch(model, rows, processors, params.greedy, features)
+        self._batch = DecodeBatch(model, rows, processors, params.greedy, features, self._prefixes)
         self._batch_rows = batch
 
     def _rows_of(self, waiting: _Waiting) -> list[Row]:
@@ -402,6 +430,10 @@ def _check_options(opts: dict[str, Any]) -> dict[str, Any]:
             )
     if opts["batch_size"] < 0 or opts["threads"] < 0:
         raise EngineOptionError("transformers: batch_size and threads must be >= 0")
+    if opts["prefix_block"] < 1 or opts["prefix_cache_tokens"] < -1:
+        raise EngineOptionError(
+            "transformers: prefix_block must be >= 1 and prefix_cache_tokens >= -1"
+        )
     return opts
 
 

@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exgen.client import protocol as P
-from exgen.daemon.engines.base import Chunk, Event, Finished, Job
+from exgen.daemon.engines.base import Chunk, Event, Finished, Job, SamplingParams
 from exgen.daemon.engines.hf_features import BatchFeatures, RowExtras, row_failed, text_logprobs
+from exgen.daemon.engines.hf_prefix import PrefixKV
+from exgen.daemon.engines.prefix import shared_prefixes
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class Row:
     sent: str = ""  # text streamed so far
     done: bool = False
     extras: RowExtras = field(default_factory=RowExtras)  # schema, logprobs, sample index
+    cached: int = 0  # leading prompt tokens taken from the prefix cache, not prefilled
 
 
 @dataclass(slots=True)
@@ -187,9 +190,11 @@ class DecodeBatch:
         processors: Any,
         greedy: bool,
         features: BatchFeatures | None = None,
+        prefixes: PrefixKV | None = None,
     ) -> None:
         self.m = model
         self.rows = rows
+        self.prefixes = prefixes
         self.processors = processors
         self.greedy = greedy
         self.features = features
@@ -242,6 +247,8 @@ class DecodeBatch:
     # --- forward passes -----------------------------------------------------------
 
     def _prefill(self) -> Any:
+        if self.prefixes is not None and self._grouped:
+            return self._prefill_cached(self.prefixes)
         if not self._grouped or len(self.rows) == 1:
             out = self.m.model(
                 input_ids=self.sequences[:, : self.width],
@@ -294,6 +301,89 @@ class DecodeBatch:
                     keys, values = keys[copies], values[copies]
                 layer.place(index, self.width - width, keys, values)
         return logits
+
+    def _prefill_cached(self, prefixes: PrefixKV, count: bool = True) -> Any:
+        """The prefill with the prefix cache (the steps in ``hf_prefix``): each distinct
+        prompt's cached blocks copied in, the rest prefilled in groups of similar
+        uncached length that attend to the copied columns as their past."""
+        firsts, holders = distinct_prompts([r.input_ids for r in self.rows])
+        prompts = [self.rows[i].input_ids for i in firsts]
+        warm_shared_prefixes(self.m, prefixes, prompts)
+        hits = prefixes.match_all(prompts, count)
+        self._copy_hits(hits, firsts, holders)
+        uncached = [len(ids) - cached for ids, (cached, _) in zip(prompts, hits, strict=True)]
+        logits: Any = None
+        for group in prefill_groups(uncached):
+            reps = [firsts[g] for g in group]
+            width = max(uncached[g] for g in group)  # the columns computed for this group
+            out = self._prefill_suffixes(reps, holders, width)
+            if logits is None:
+                logits = out.new_empty((len(self.rows), out.shape[-1]))
+            for j, g in enumerate(group):
+                prefilled = min(len(prompts[g]), width)
+                prefixes.stats.tokens_prefilled += prefilled
+                for i in holders[firsts[g]]:
+                    logits[i] = out[j]
+                    self.rows[i].cached = len(prompts[g]) - prefilled
+                if count:
+                    prefixes.stats.tokens_saved += len(prompts[g]) - prefilled
+        for first, ids in zip(firsts, prompts, strict=True):
+            prefixes.store(ids, self.cache.layers, first, self.width - len(ids))
+        return logits
+
+    def _copy_hits(
+        self, hits: list[tuple[int, Any]], firsts: list[int], holders: dict[int, list[int]]
+    ) -> None:
+        """Cached keys and values into the batch cache, where each prompt starts."""
+        for first, (cached, kv) in zip(firsts, hits, strict=True):
+            if not cached:
+                continue
+            keys, values = kv
+            for i in holders[first]:
+                start = self.width - len(self.rows[i].input_ids)
+                for n, layer in enumerate(self.cache.layers):
+                    if layer.key_buffer is None:
+                        layer.reserve(keys[n].unsqueeze(0), len(self.rows))
+                    layer.key_buffer[i, :, start : start + cached] = keys[n]
+                    layer.value_buffer[i, :, start : start + cached] = values[n]
+
+    def _prefill_suffixes(self, reps: list[int], holders: dict[int, list[int]], width: int) -> Any:
+        """Prefill the last ``width`` columns of rows ``reps``, attending to what the
+        batch cache holds before them; their keys and values go into the batch cache,
+        to every row holding the same prompt, and their last logits are returned."""
+        torch = self.m.torch
+        from transformers import DynamicCache
+
+        source = torch.tensor(reps, device=self.mask.device)
+        start = min(self.width - len(self.rows[i].input_ids) for i in reps)
+        past_end = self.width - width
+        scratch: Any = DynamicCache(config=self.m.model.config)
+        if past_end > start:
+            for n, layer in enumerate(self.cache.layers):
+                scratch.update(
+                    layer.key_buffer[source, :, start:past_end],
+                    layer.value_buffer[source, :, start:past_end],
+                    n,
+                )
+        mask = self.mask[source, start : self.width]
+        out = self.m.model(
+            input_ids=self.sequences[source, past_end : self.width],
+            attention_mask=mask,
+            position_ids=self._prompt_positions(mask)[:, -width:],
+            cache=scratch,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        pairs = [(i, j) for j, rep in enumerate(reps) for i in holders[rep]]
+        index = torch.tensor([i for i, _ in pairs], device=self.mask.device)
+        which = torch.tensor([j for _, j in pairs], device=self.mask.device)
+        for layer, done in zip(self.cache.layers, scratch.layers, strict=True):
+            if layer.key_buffer is None:
+                layer.reserve(done.keys, len(self.rows))
+            keys = done.keys[which, :, -width:]
+            values = done.values[which, :, -width:]
+            layer.place(index, past_end, keys, values)
+        return out.logits[:, -1]
 
     def _prompt_positions(self, mask: Any) -> Any:
         # As generate() does: positions count real tokens; padding sits at 0.
@@ -387,9 +477,9 @@ class DecodeBatch:
         logprobs = text_logprobs(
             row.extras, len(tokens), bool(tokens) and tokens[-1] in self.m.eos_ids
         )
-        events.append(
-            Finished(row.job.key, text, reason, len(row.input_ids), len(tokens), logprobs)
-        )
+        finished = Finished(row.job.key, text, reason, len(row.input_ids), len(tokens), logprobs)
+        finished.cached_tokens = row.cached
+        events.append(finished)
         return events
 
     def _compact_if_worth_it(self) -> None:
@@ -403,6 +493,23 @@ class DecodeBatch:
         self.sequences = self.sequences[index]
         self.positions = self.positions[index]
         self.rows = [self.rows[i] for i in keep]
+
+
+# A shared prefix prefilled ahead of the prompts that share it: a row never decoded.
+_WARM_PARAMS = SamplingParams(max_new_tokens=1)
+
+
+def warm_shared_prefixes(model: Model, prefixes: PrefixKV, prompts: list[list[int]]) -> None:
+    """Step 1 of ``hf_prefix``: block-aligned prefixes that several of these prompts
+    share and the cache lacks, prefilled once each (themselves reusing what is cached)
+    and stored, so that the prompts find them."""
+    if not prefixes.blocks.capacity_blocks:
+        return
+    chains = shared_prefixes(prefixes.blocks, prompts)
+    if not chains:
+        return
+    rows = [Row(Job(-1, None, None, _WARM_PARAMS), chain) for chain in chains]
+    DecodeBatch(model, rows, None, True, prefixes=prefixes)._prefill_cached(prefixes, count=False)
 
 
 def decode(tokenizer: Any, tokens: list[int]) -> str:
