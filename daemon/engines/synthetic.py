@@ -14,24 +14,36 @@ which the router cannot know in advance (finish_reason "stop").
 
 Engine options (``--engine-opt KEY=VALUE``):
 
-=================  =======  =====================================================
-capacity           8        concurrent jobs (the router keeps about this many here)
-token_ms           0        milliseconds per step
-batch_ms           0        extra milliseconds per step per active job
-max_seq_len        4096     context in "tokens" (words): longer prompts are refused
-paced              0        keep a clock: a step ends token_ms + batch_ms × active after
-                            the previous one, host jitter caught up (see _pace)
-eos_from_prompt    0        a prompt containing ``len=N`` ends after N tokens (if fewer
-                            than max_new_tokens), as if the model emitted its EOS
-boot_s             0        seconds load() takes (slow boot)
-fail_load          ""       load() fails with this message (a boot error)
-fail_load_slots    ""       ...only in these slots ("1" or "0,2"; $EXGEN_SLOT): the
-                            others load, as when one card of a box is broken
-crash_after        0        the process dies (os._exit 70) after this many jobs end
-crash_marker       ""       a job whose prompt contains this kills the process
-hang_marker        ""       a job whose prompt contains this makes step() hang
-hang_after         0        step() hangs forever once this many jobs have ended
-=================  =======  =====================================================
+===================  =======  =====================================================
+capacity             8        concurrent jobs (the router keeps about this many here)
+token_ms             0        milliseconds per step
+batch_ms             0        extra milliseconds per step per active job
+max_seq_len          4096     context in "tokens" (words): longer prompts are refused
+paced                0        keep a clock: a step ends token_ms + batch_ms × active after
+                              the previous one, host jitter caught up (see _pace)
+eos_from_prompt      0        a prompt containing ``len=N`` ends after N tokens (if fewer
+                              than max_new_tokens), as if the model emitted its EOS
+boot_s               0        seconds load() takes (slow boot)
+fail_load            ""       load() fails with this message (a boot error)
+fail_load_slots      ""       ...only in these slots ("1" or "0,2"; $EXGEN_SLOT): the
+                              others load, as when one card of a box is broken
+crash_after          0        the process dies (os._exit 70) after this many jobs end
+crash_marker         ""       a job whose prompt contains this kills the process
+hang_marker          ""       a job whose prompt contains this makes step() hang
+hang_after           0        step() hangs forever once this many jobs have ended
+prefill_token_ms     0        milliseconds per prompt token not found in the prefix
+                              cache, spent in the step a job joins the batch
+prefix_cache_tokens  0        a prefix cache of this many prompt tokens (words) per
+                              worker, LRU; 0: none
+prefix_block         16       tokens (words) per cached block
+===================  =======  =====================================================
+
+Prefill and the prefix cache, modelled for placement: a prompt's tokens are its words;
+its leading whole blocks found in the cache (``prefix.PrefixCache``, keyed as the
+transformers engine keys token ids) cost nothing, the rest ``prefill_token_ms``
+each. A job's blocks are cached as it joins the batch, so a job admitted later, in
+the same step or after, finds them. ``Finished.cached_tokens`` says how many
+tokens a job found; ``counters()`` totals hits and tokens saved.
 
 What batch users ask of a generation, modelled cheaply: ``json_schema`` gives a JSON
 instance of the schema (:mod:`synthetic_json`; a schema it cannot instantiate is a
@@ -69,6 +81,7 @@ from exgen.daemon.engines.base import (
     finished_from_choices,
     take_options,
 )
+from exgen.daemon.engines.prefix import PrefixCache, PrefixStats
 from exgen.daemon.engines.synthetic_json import SchemaUnsupported, instance_text
 
 logger = logging.getLogger(__name__)
@@ -94,6 +107,9 @@ OPTIONS: dict[str, tuple[type, object]] = {
     "crash_marker": (str, ""),
     "hang_marker": (str, ""),
     "hang_after": (int, 0),
+    "prefill_token_ms": (float, 0.0),
+    "prefix_cache_tokens": (int, 0),
+    "prefix_block": (int, 16),
 }
 
 
@@ -159,6 +175,7 @@ class _Active:
     job: Job
     samples: list[_Sample]
     prompt_tokens: int
+    cached_tokens: int = 0
 
     @property
     def produced(self) -> int:
@@ -180,6 +197,16 @@ class SyntheticEngine(Engine):
         self._ended = 0
         self._hanging = False
         self._step_end = 0.0
+        self._prefill_ms = float(self.opts["prefill_token_ms"])
+        self._prefixes: PrefixCache[None] | None = None
+        if self.opts["prefix_cache_tokens"] > 0:
+            if self.opts["prefix_block"] < 1:
+                raise EngineUnavailable("synthetic: prefix_block must be at least 1")
+            self._prefixes = PrefixCache(
+                self.opts["prefix_block"], self.opts["prefix_cache_tokens"]
+            )
+        self._stats = self._prefixes.stats if self._prefixes is not None else PrefixStats()
+        self._models_prefill = self._prefill_ms > 0 or self._prefixes is not None
 
     def load(self) -> None:
         if self.opts["boot_s"] > 0:
@@ -205,6 +232,9 @@ class SyntheticEngine(Engine):
 
     def describe(self) -> dict[str, object]:
         return {"model": "synthetic", "max_seq_len": self.max_seq_len}
+
+    def counters(self) -> dict[str, int]:
+        return self._stats.to_dict() if self._models_prefill else {}
 
     def add(self, job: Job) -> None:
         text = (job.prompt or "") if job.messages is None else prompt_text(job)
@@ -240,18 +270,36 @@ class SyntheticEngine(Engine):
         self._active.pop(key, None)
 
     def step(self) -> list[Event]:
-        self._admit()
+        admitted = self._admit()
         self._maybe_fault()
         if not self._active:
             return []
-        delay_ms = self.opts["token_ms"] + self.opts["batch_ms"] * len(self._active)
+        decode_ms = self.opts["token_ms"] + self.opts["batch_ms"] * len(self._active)
+        delay_ms = decode_ms
+        if admitted:
+            delay_ms += self._prefill_ms * self._prefill(admitted)
         if delay_ms > 0:
             if self.opts["paced"]:
                 self._pace(delay_ms / 1000)
             else:
                 time.sleep(delay_ms / 1000)
-            return self._advance(1)
-        return self._advance(None)
+        return self._advance(1 if decode_ms > 0 else None)
+
+    def _prefill(self, admitted: list[_Active]) -> int:
+        """Prompt tokens these newly admitted jobs must prefill (the rest is cached);
+        their blocks are cached for the jobs after them."""
+        total = 0
+        cache = self._prefixes
+        for active in admitted:
+            tokens = prompt_text(active.job).split()
+            if cache is not None:
+                active.cached_tokens = len(cache.match(tokens)) * cache.block
+                cache.insert(tokens, _no_value)
+            uncached = len(tokens) - active.cached_tokens
+            self._stats.tokens_saved += active.cached_tokens
+            self._stats.tokens_prefilled += uncached
+            total += uncached
+        return total
 
     def _pace(self, seconds: float) -> None:
         """End this step ``seconds`` after the previous one ended, as a GPU's would.
@@ -267,11 +315,16 @@ class SyntheticEngine(Engine):
         self._step_end += seconds
         time.sleep(max(0.0, self._step_end - now))
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[_Active]:
+        """Waiting jobs into the batch; those admitted now, where prefill is modelled."""
         waiting, running, capacity = self._waiting, self._active, self._capacity
+        admitted: list[_Active] = []
         while waiting and len(running) < capacity:
             key, active = waiting.popitem(last=False)
             running[key] = active
+            if self._models_prefill:
+                admitted.append(active)
+        return admitted
 
     def _maybe_fault(self) -> None:
         marker = self.opts["crash_marker"]
@@ -332,7 +385,9 @@ class SyntheticEngine(Engine):
         text = "".join([*sample.text, last]) if sample.text else last
         reason = P.FINISH_STOP if sample.eos else P.FINISH_LENGTH
         self._retire(active.job.key)
-        return Finished(active.job.key, text, reason, active.prompt_tokens, len(pieces))
+        finished = Finished(active.job.key, text, reason, active.prompt_tokens, len(pieces))
+        finished.cached_tokens = active.cached_tokens
+        return finished
 
     def _grow(self, sample: _Sample, params: SamplingParams, tokens: int | None) -> str:
         """The sample's next ``tokens`` tokens (None: all); ends it when it is done."""
@@ -367,7 +422,9 @@ class SyntheticEngine(Engine):
     def _end(self, active: _Active) -> Finished:
         self._retire(active.job.key)
         choices = [s.done for s in active.samples if s.done is not None]
-        return finished_from_choices(active.job.key, active.prompt_tokens, choices)
+        finished = finished_from_choices(active.job.key, active.prompt_tokens, choices)
+        finished.cached_tokens = active.cached_tokens
+        return finished
 
     def _retire(self, key: int) -> None:
         """A job ended: out of the batch, counted (``crash_after``)."""
@@ -377,6 +434,10 @@ class SyntheticEngine(Engine):
         if crash_after and self._ended >= crash_after:
             logger.warning("synthetic: %d jobs ended, dying as asked", self._ended)
             os._exit(CRASH_EXIT_CODE)
+
+
+def _no_value(index: int) -> None:
+    """A simulated block holds nothing."""
 
 
 def json_pieces(params: SamplingParams, prompt: str, index: int) -> list[str]:

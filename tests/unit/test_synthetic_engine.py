@@ -137,3 +137,63 @@ def test_len_in_a_prompt_means_nothing_without_the_option():
     engine.load()
     engine.add(job(1, "task a len=7", max_new_tokens=20))
     assert run(engine)[0].completion_tokens == 20
+
+
+FEW_SHOT = " ".join(f"example {i} says {i * 7}." for i in range(20))  # 80 words
+
+
+def prefill_engine(monkeypatch, **options):
+    """An engine whose sleeps are recorded, not slept: the timing model without a clock."""
+    slept: list[float] = []
+    monkeypatch.setattr("exgen.daemon.engines.synthetic.time.sleep", slept.append)
+    engine = SyntheticEngine(None, options)
+    engine.load()
+    return engine, slept
+
+
+def test_prefill_costs_each_prompt_token_without_a_cache(monkeypatch):
+    engine, slept = prefill_engine(monkeypatch, prefill_token_ms="2", capacity="4")
+    engine.add(job(1, FEW_SHOT + " first question", max_new_tokens=3))
+    engine.add(job(2, FEW_SHOT + " second one here", max_new_tokens=3))
+    done = {e.key: e for e in run(engine)}
+    assert slept == [pytest.approx((82 + 83) * 2 / 1000)]  # one step: both prefills
+    assert done[1].cached_tokens == done[2].cached_tokens == 0
+    assert engine.counters()["prefill_tokens"] == 165
+    assert engine.counters()["prefix_hits"] == 0
+
+
+def test_a_cached_prefix_skips_its_prefill_cost(monkeypatch):
+    engine, slept = prefill_engine(
+        monkeypatch, prefill_token_ms="1", prefix_cache_tokens="1000", token_ms="1"
+    )
+    engine.add(job(1, FEW_SHOT + " first question", max_new_tokens=2))
+    engine.add(job(2, FEW_SHOT + " second one here", max_new_tokens=2))
+    done = {e.key: e for e in run(engine)}
+    # Job 2 joined the batch after job 1, in the same step: 80 words = 5 blocks of 16.
+    assert done[1].cached_tokens == 0 and done[2].cached_tokens == 80
+    assert slept[0] == pytest.approx((1 + 82 + 3) / 1000) and slept[1:] == [0.001]
+    counters = engine.counters()
+    assert counters["prefix_hits"] == 1 and counters["prefill_tokens_saved"] == 80
+    assert counters["prefill_tokens"] == 82 + 3
+    engine.add(job(3, FEW_SHOT + " a later batch", max_new_tokens=1))
+    assert run(engine)[0].cached_tokens == 80
+
+
+def test_the_prefix_cache_is_bounded_and_least_recently_used(monkeypatch):
+    engine, _ = prefill_engine(monkeypatch, prefix_cache_tokens="96", prefix_block="16")
+    other = " ".join(f"other {i} words {i}." for i in range(20))  # 80 words, nothing shared
+    for key, prompt in enumerate([FEW_SHOT + " a", other + " b", FEW_SHOT + " c"]):
+        engine.add(job(key, prompt, max_new_tokens=1))
+        result = run(engine)[0]
+    # 6 blocks: the other prompt's 5 pushed out the few-shot's last 4 (chain ends first).
+    assert result.cached_tokens == 16
+    assert engine.describe() == {"model": "synthetic", "max_seq_len": 4096}
+
+
+def test_without_prefill_options_no_counters_and_no_cached_tokens():
+    engine = SyntheticEngine(None, {})
+    engine.load()
+    engine.add(job(1, FEW_SHOT, max_new_tokens=2))
+    engine.add(job(2, FEW_SHOT, max_new_tokens=2))
+    assert [e.cached_tokens for e in run(engine)] == [0, 0]
+    assert engine.counters() == {}
