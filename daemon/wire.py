@@ -13,7 +13,7 @@ bytes joined under one header.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -27,7 +27,8 @@ HEARTBEAT = b"h"  # worker -> router: Beat
 WORK = b"w"  # router -> worker: {"jobs": [[key, prompt, messages, params, stream]...]}
 DONE = b"d"  # worker -> router: {"done": [[key, text, finish, prompt_t, completion_t, extra]...],
 #                                "failed": [[key, code, message, field]...]}
-#      extra: null, or {"logprobs"?: [...], "choices"?: [{text, finish_reason, ...}...]}
+#      extra: null, or {"logprobs"?: [...], "choices"?: [{text, finish_reason, ...}...],
+#                       "cached_tokens"?: int (leading prompt tokens a prefix cache gave)}
 CHUNKS = b"K"  # worker -> router: {"chunks": [[key, text]...]}
 CANCEL = b"C"  # router -> worker: {"keys": [key...]}
 FATAL = b"f"  # worker -> router: {"slot", "pid", "code", "message"}, then exit
@@ -84,7 +85,8 @@ def pack_done(finished: list[Finished], failed: list[Failed]) -> list[bytes]:
     done = [
         [
             e.key, e.text, e.finish_reason, e.prompt_tokens, e.completion_tokens,
-            None if e.logprobs is None and e.choices is None else _extra(e),
+            None if e.logprobs is None and e.choices is None and not e.cached_tokens
+            else _extra(e),
         ]
         for e in finished
     ]  # fmt: skip
@@ -93,9 +95,11 @@ def pack_done(finished: list[Finished], failed: list[Failed]) -> list[bytes]:
 
 
 def _extra(event: Finished) -> dict[str, Any]:
-    """What only some results carry (logprobs, n > 1 samples): pack_done calls it for
-    those alone, so a plain result costs no call."""
+    """What only some results carry (logprobs, n > 1 samples, a prefix-cache hit):
+    pack_done calls it for those alone, so a plain result costs no call."""
     extra: dict[str, Any] = {}
+    if event.cached_tokens:
+        extra["cached_tokens"] = event.cached_tokens
     if event.logprobs is not None:
         extra["logprobs"] = event.logprobs
     if event.choices is not None:
@@ -112,6 +116,7 @@ def decode_done(body: dict[str, Any]) -> tuple[list[Finished], list[Failed]]:
             choices = extra.get("choices")
             if choices is not None:
                 event.choices = [Choice(**c) for c in choices]
+            event.cached_tokens = int(extra.get("cached_tokens", 0))
         finished.append(event)
     failed = [
         Failed(int(k), str(code), str(message), None if f is None else str(f))
@@ -178,6 +183,9 @@ class Beat:
     progress: int  # engine steps + decode steps: stalls when a step is wedged
     pending: int
     tokens: int
+    # The engine's running totals (Engine.counters(): prefix_hits, prefill_tokens_saved,
+    # prefill_tokens, prefix_lookups where it has a prefix cache); {} when it has none.
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 def pack_heartbeat(beat: Beat) -> list[bytes]:
@@ -192,6 +200,7 @@ def decode_heartbeat(body: dict[str, Any]) -> Beat:
         progress=int(body.get("progress", 0)),
         pending=int(body.get("pending", 0)),
         tokens=int(body.get("tokens", 0)),
+        counters={str(k): int(v) for k, v in (body.get("counters") or {}).items()},
     )
 
 

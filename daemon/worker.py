@@ -144,6 +144,7 @@ def heartbeat_loop(
             progress=progress.steps + (progress.engine.decode_steps if progress.engine else 0),
             pending=progress.pending,
             tokens=progress.tokens,
+            counters=progress.engine.counters() if progress.engine else {},
         )
         try:
             sock.send_multipart(wire.pack_heartbeat(beat), flags=zmq.NOBLOCK)
