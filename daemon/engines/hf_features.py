@@ -183,7 +183,9 @@ class JobSamples:
             return None
         choices = [got[i] for i in range(n)]
         self.forget(key)
-        return finished_from_choices(key, event.prompt_tokens, choices)
+        gathered = finished_from_choices(key, event.prompt_tokens, choices)
+        gathered.cached_tokens = event.cached_tokens  # the samples share one prompt
+        return gathered
 
     def forget(self, key: int) -> None:
         for internal in self._internal.pop(key, []):

@@ -76,7 +76,8 @@ def test_a_shared_prefix_is_prefilled_once_and_output_is_unchanged(
     before = cached.counters()
     with_cache = run(cached, *jobs)
     assert tokens_of(with_cache) == tokens_of(run(uncached, *jobs))
-    # Every row reused the few-shot system prompt (all but the last block of it at least).
+    # Every row reused the few-shot system prompt (all but a few blocks of it at least:
+    # a row prefills as many columns as the longest uncached rest in its group).
     prefix = len(cached._encode(Job(0, None, chat(""), SamplingParams()))) - 64
     assert all(r.cached_tokens >= prefix for r in with_cache.values())
     after = cached.counters()
@@ -145,9 +146,11 @@ def test_a_cache_smaller_than_the_prefix_still_gives_the_same_output(
 def test_n_samples_of_one_prompt_share_its_cached_prefix(
     cached: TransformersEngine, uncached: TransformersEngine
 ) -> None:
+    run(cached, *jobs_of([chat("what is 9 plus 9?")], first_key=599))  # caches the prefix
     params = SamplingParams(max_new_tokens=NEW, n=2)
     job = Job(600, None, chat("what is 6 plus 6?"), params)
     with_cache = run(cached, job)[600]
     without = run(uncached, Job(600, None, chat("what is 6 plus 6?"), params))[600]
     assert with_cache.choices is not None and without.choices is not None
     assert [c.text for c in with_cache.choices] == [c.text for c in without.choices]
+    assert with_cache.cached_tokens > 0 and without.cached_tokens == 0
