@@ -2,8 +2,9 @@
 
 Blocks are keyed and evicted by :class:`prefix.PrefixCache` (a chain of exact token
 blocks, LRU over a budget in tokens). A block's value here is its keys and values for
-every layer, two tensors of shape (layers, kv_heads, block, head_dim), copied out of a
-batch's cache right after its prefill. Keys are stored after the rotary embedding:
+every layer, tensors of shape (kv_heads, block, head_dim), copied out of a
+batch's cache right after its prefill, one tensor per layer (a slot of several GPUs
+has its layers on different cards). Keys are stored after the rotary embedding:
 a prefix always starts at position 0 (positions count real tokens, left padding sits
 outside them), so a cached block is valid in any row that starts with its chain.
 
@@ -37,7 +38,7 @@ DEFAULT_BLOCK = 16
 # available at load, in tokens of KV (CPU: host memory; CUDA: the card's free memory).
 MEMORY_SHARE = 0.1
 
-KV = tuple[Any, Any]  # keys, values: (layers, kv_heads, tokens, head_dim) each
+KV = tuple[list[Any], list[Any]]  # keys, values per layer: (kv_heads, tokens, head_dim)
 
 
 class PrefixKV:
@@ -66,8 +67,10 @@ class PrefixKV:
                 continue
             end = chain[-1].id
             if end not in joined:
-                keys = self.torch.cat([b.value[0] for b in chain], dim=2)
-                values = self.torch.cat([b.value[1] for b in chain], dim=2)
+                layers = range(len(chain[0].value[0]))
+                cat = self.torch.cat
+                keys = [cat([b.value[0][n] for b in chain], dim=1) for n in layers]
+                values = [cat([b.value[1][n] for b in chain], dim=1) for n in layers]
                 joined[end] = (keys, values)
             out.append((len(chain) * self.blocks.block, joined[end]))
         return out
@@ -75,12 +78,12 @@ class PrefixKV:
     def store(self, ids: Sequence[int], layers: Sequence[Any], row: int, start: int) -> int:
         """Cache the whole blocks of a prompt whose keys and values sit in ``row`` of a
         batch cache's ``layers`` from column ``start``; returns the blocks added."""
-        torch, block = self.torch, self.blocks.block
+        block = self.blocks.block
 
         def make(index: int) -> KV:
             cols = slice(start + index * block, start + (index + 1) * block)
-            keys = torch.stack([layer.key_buffer[row, :, cols] for layer in layers])
-            values = torch.stack([layer.value_buffer[row, :, cols] for layer in layers])
+            keys = [layer.key_buffer[row, :, cols].clone() for layer in layers]
+            values = [layer.value_buffer[row, :, cols].clone() for layer in layers]
             return keys, values
 
         return self.blocks.insert(ids, make)
