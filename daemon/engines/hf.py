@@ -22,6 +22,13 @@ see ``cpu_layout.native_bf16``), float32 on other CPUs (emulated bf16 is slower)
 bf16/fp16 on CUDA. Measured on the demo model (Zen 4, 2 cores): bf16 prefills about
 3x and decodes about 1.5-2x faster than fp32.
 
+Prefix cache (``hf_prefix``): the keys and values of prompt blocks (16 tokens, keyed
+by their whole prefix) are kept across batches within ``prefix_cache_tokens``, least
+recently used first out; a prefix that several prompts of a batch share is prefilled
+once, and each prompt prefills only what the cache lacks. Greedy fp32 output equals
+the uncached path's, token for token (tested); in bf16 a row's output can change with
+the shape of the products it went through, as it does with the batch it is in.
+
 Determinism: greedy jobs batch together; their output equals a plain single-prompt
 ``model.generate`` in the same dtype (tested). Jobs with repetition_penalty != 1
 only batch with prompts of the same length, because the penalty would otherwise
