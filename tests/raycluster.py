@@ -29,7 +29,6 @@ FAST_HEALTH_CHECKS = {
     "health_check_initial_delay_ms": 0,
 }
 RESOURCE = "fake_gpu"
-RAY_TEMP_BASE_MAX = 24  # characters: /tmp/exgen-test.XXXXXX (make test's TMPDIR) fits
 # exgen.toml for a daemon on this cluster: workers dial back on loopback.
 DAEMON_CONFIG = f"""
 [ray]
@@ -83,19 +82,10 @@ class LocalRayCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def short_temp_base() -> str:
-    """Where the cluster's own dir goes: the temp dir, unless its path is so long that
-    Ray's unix sockets (``<dir>/session_<date>_<pid>/sockets/plasma_store``, about 70
-    characters more) would pass the 107 a socket path may have; then /tmp, which
-    is short (the dir is still new and the cluster's alone)."""
-    base = tempfile.gettempdir()
-    return base if len(base) <= RAY_TEMP_BASE_MAX else "/tmp"
-
-
 @contextmanager
 def local_ray_cluster(nodes: int = 2, fast_health_checks: bool = True) -> Iterator[LocalRayCluster]:
     """A cluster of ``nodes`` one-unit nodes, on loopback, shut down whatever happens."""
-    temp_dir = tempfile.mkdtemp(prefix="exray-", dir=short_temp_base())
+    temp_dir = tempfile.mkdtemp(prefix="exray-")  # short: Ray's socket paths
     env = {**LOOPBACK_ENV, "RAY_TMPDIR": temp_dir}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
