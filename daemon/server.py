@@ -95,15 +95,18 @@ class RouterSockets:
         self.router.on_client([part.bytes for part in parts], now, user, peer)
 
     def read_workers(self) -> None:
-        """Each message is stamped with the time it was read (backend.py says why)."""
+        """Each message is stamped with the time it was read (backend.py says why).
+        What they make the router send (streamed text) goes once they are read: a
+        worker's message asks for no send whose outcome the next one depends on."""
+        now = time.monotonic()
         for _ in range(MAX_FRAMES_PER_TICK):
             if not readable(self.backend):
                 self.router.caught_up_with_workers(time.monotonic())
-                return
+                break
             frames = self.backend.recv_multipart()
             now = time.monotonic()
             self.router.on_worker(frames, now)
-            self.send(now)
+        self.send(now)
 
     def send(self, now: float) -> None:
         """Everything in the router's outbox (``Outbox.send_with``)."""
