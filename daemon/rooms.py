@@ -1,6 +1,6 @@
 """The router's rooms, built once by the ``Router`` and handed to its handlers.
 
-Each room owns its own state and is changed only through its methods:
+Each owns one kind of state (the ledger's counts change only through its methods):
 
 - ``Ledger`` (ledger.py): every accepted item until its one answer; who holds what;
   the counts of what was answered.
