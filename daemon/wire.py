@@ -31,7 +31,6 @@ DONE = b"d"  # worker -> router: {"done": [[key, text, finish, prompt_t, complet
 CHUNKS = b"K"  # worker -> router: {"chunks": [[key, text]...]}
 CANCEL = b"C"  # router -> worker: {"keys": [key...]}
 FATAL = b"f"  # worker -> router: {"slot", "pid", "code", "message"}, then exit
-STOP = b"x"  # router -> worker: finish nothing more, exit now
 
 _JOBS_KEY = msgpack.packb("jobs")
 _ENCODE = msgspec.msgpack.Encoder().encode
@@ -128,7 +127,7 @@ def decode_chunks(body: dict[str, Any]) -> list[Chunk]:
     return [Chunk(int(key), str(text)) for key, text in body["chunks"]]
 
 
-# --- CANCEL and STOP ---------------------------------------------------------------
+# --- CANCEL ------------------------------------------------------------------------
 
 
 def pack_cancel(keys: list[int]) -> list[bytes]:
