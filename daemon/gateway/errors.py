@@ -36,6 +36,21 @@ OPENAI_CODES = {P.E_PROMPT_TOO_LONG: "context_length_exceeded"}
 PARAM_BY_CODE = {P.E_MODEL_NOT_FOUND: "model", P.E_TOO_LARGE: "max_tokens"}
 # What a code adds to the daemon's message: the gateway setting behind it.
 SETTING_BY_CODE = {P.E_TIMEOUT: "the request's deadline, http_request_timeout_s"}
+# The code of an error raised without one: every error object carries a code.
+CODE_BY_STATUS = {
+    400: P.E_BAD_REQUEST,
+    401: "invalid_api_key",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limit_exceeded",
+    502: "bad_gateway",
+    503: "unavailable",
+    504: "timeout",
+}
 _PARAM_IN_MESSAGE = re.compile(r"body\.'?([A-Za-z_]\w*)")
 
 
@@ -56,7 +71,7 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.param = param
-        self.code = code
+        self.code = code or CODE_BY_STATUS.get(status, P.E_INTERNAL)
         self.kind = kind or (INVALID if status < 500 else SERVER)
         self.retry_after_s = retry_after_s
 
@@ -96,7 +111,9 @@ def from_exgen_error(exc: errors.ExgenError) -> ApiError:
             503, f"the exgen daemon does not answer: {exc}", code="unavailable", retry_after_s=1
         )
     if isinstance(exc, errors.ProtocolMismatch):  # the router behind us speaks another version
-        return ApiError(502, f"the exgen daemon's answer was not understood: {exc}")
+        return ApiError(
+            502, f"the exgen daemon's answer was not understood: {exc}", code=P.E_PROTOCOL
+        )
     return ApiError(500, f"{type(exc).__name__}: {exc}")
 
 

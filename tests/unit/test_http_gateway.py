@@ -133,7 +133,7 @@ def test_errors_map_to_statuses() -> None:
         (errors.ConnectTimeout("no handshake"), 503, "unavailable", "1"),
         (errors.Timeout("silent"), 503, "unavailable", "1"),
         (errors.UnsafeSocket("another user's"), 503, "unavailable", "1"),
-        (errors.ProtocolMismatch("v1"), 502, None, None),
+        (errors.ProtocolMismatch("v1"), 502, "protocol", None),
     ]
     for exc, status, code, retry in cases:
         api = from_exgen_error(exc)
@@ -258,8 +258,11 @@ def test_batches_list_newest_first_with_after(tmp_path: Path) -> None:
     store = S.Store(tmp_path)
     for i in range(5):
         store.add_batch(batch_row(f"b{i}", "completed"))
-    assert [r["id"] for r in store.list_batches(None, 2)] == ["b4", "b3"]
-    assert [r["id"] for r in store.list_batches("b3", 10)] == ["b2", "b1", "b0"]
+    assert [r["id"] for r in store.list_batches(None, True, 2)] == ["b4", "b3"]
+    after_b3 = store.rowid("batches", "b3")
+    assert [r["id"] for r in store.list_batches(after_b3, True, 10)] == ["b2", "b1", "b0"]
+    assert [r["id"] for r in store.list_batches(after_b3, False, 10)] == ["b4"]
+    assert store.rowid("batches", "nothing") is None
     store.close()
 
 
