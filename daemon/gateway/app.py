@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -62,6 +63,9 @@ class Gateway:
             self._status_task.cancel()
         self.upstream.close()
         self.store.close()
+        # Collected now, a task some request leaked is reported in the log (as "Task was
+        # destroyed but it is pending!"), not lost with the process.
+        gc.collect()
 
     def admit(self) -> None:
         """One more interactive request, or a 429 past http_max_inflight."""

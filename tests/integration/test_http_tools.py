@@ -5,6 +5,7 @@ send. Each against a real `exgen serve --http` (synthetic engine)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +81,39 @@ def test_batches_list_refuses_a_bad_page_naming_it(fresh: HttpDaemon) -> None:
     for query, param in (("limit=0", "limit"), ("limit=101", "limit"), ("after=batch_x", "after")):
         status, body = request(f"{fresh.url}/v1/batches?{query}")
         assert status == 400 and body["error"]["param"] == param, (query, body)
+
+
+def test_concurrent_streams_leave_no_pending_task_behind(http_daemon: Any) -> None:
+    """16 streamed chats, 8 at a time, every other one abandoned after a few chunks:
+    each wait the gateway starts for them ends with them (a task left pending is
+    reported when it is collected, at the latest as the gateway stops)."""
+    daemon = http_daemon("--engine", "synthetic", "--engine-opt", "token_ms=5", "--workers", "2")
+    daemon.wait_healthy()
+
+    async def one(client: openai.AsyncOpenAI, gate: asyncio.Semaphore, i: int) -> str:
+        async with gate:
+            stream = await client.chat.completions.create(
+                model="x",
+                messages=[{"role": "user", "content": f"river {i}"}],
+                max_tokens=20,
+                stream=True,
+            )
+            text = ""
+            async for chunk in stream:
+                text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+                if i % 2 and len(text.split()) >= 3:
+                    await stream.close()
+                    break
+            return text
+
+    async def main() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=daemon.base_url, api_key="x", max_retries=0)
+        gate = asyncio.Semaphore(8)
+        async with client:
+            return await asyncio.gather(*(one(client, gate, i) for i in range(16)))
+
+    texts = asyncio.run(main())
+    assert [len(t.split()) for t in texts[::2]] == [20] * 8
+    assert daemon.stop() == 0
+    log = daemon.daemon.log_text()
+    assert "Task was destroyed" not in log and "never awaited" not in log, log[-3000:]
