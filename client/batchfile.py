@@ -131,7 +131,7 @@ OPENAI_NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "functions": ((None,), "tool calling is not supported"),
     "function_call": ((None, "none"), "tool calling is not supported"),
 }
-_OPENAI_LINE_KEYS = frozenset({"custom_id", "method", "url", "body"})
+OPENAI_LINE_KEYS = frozenset({"custom_id", "method", "url", "body"})
 COMPLETIONS_MAX_LOGPROBS = 5  # OpenAI's limit for /v1/completions' logprobs
 
 
@@ -241,7 +241,7 @@ def parse_line(raw: bytes | str, line_no: int, *, openai_default: bool = False) 
     if not isinstance(obj, dict):
         message = f"must be a JSON object, got {_json_type(obj)}"
         return LineError(line_no, message, fallback_id(line_no), openai_default)
-    is_openai = bool(_OPENAI_LINE_KEYS & obj.keys())
+    is_openai = bool(OPENAI_LINE_KEYS & obj.keys())
     item_id = _usable_id(obj.get("custom_id" if is_openai else "id"), line_no)
     try:
         _check_encodable(obj, raw)
@@ -352,8 +352,8 @@ def _parse_plain(obj: dict[str, Any], line_no: int) -> BatchLine:
 
 def _parse_openai(obj: dict[str, Any], line_no: int) -> BatchLine:
     for key in obj:
-        if key not in _OPENAI_LINE_KEYS:
-            raise _unknown_key(key, _OPENAI_LINE_KEYS)
+        if key not in OPENAI_LINE_KEYS:
+            raise _unknown_key(key, OPENAI_LINE_KEYS)
     if "custom_id" not in obj:
         raise _Malformed("custom_id is missing (an OpenAI batch line needs one)")
     item_id = _check_id(obj["custom_id"], "custom_id")
@@ -505,6 +505,22 @@ OPENAI_HTTP_ERRORS: dict[str, tuple[int, str]] = {
 }
 
 
+# exgen's codes that OpenAI spells its own way (in batch output and HTTP answers alike).
+OPENAI_ERROR_CODES = {P.E_PROMPT_TOO_LONG: "context_length_exceeded"}
+
+
+def param_in_message(message: str) -> str | None:
+    """The body field a parser message is about (``body.'temprature'``, ``body.n=2``,
+    ``body.messages[0].content: ...``): the request field it names first."""
+    found = re.search(r"body\.'?([A-Za-z_]\w*)", message)
+    return found.group(1) if found else None
+
+
+def prompt_field(url: str | None) -> str:
+    """The request field that holds the prompt: what a too-long prompt's error names."""
+    return "messages" if url == CHAT_URL else "prompt"
+
+
 def _error_object(error: Any) -> dict[str, Any]:
     code = getattr(error, "code", P.E_INTERNAL)
     message = getattr(error, "message", None) or str(error)
@@ -535,25 +551,27 @@ def format_result(
         }
         return _add_samples(record, result)
     if error is not None:
-        return _openai_failure(line.id, error, getattr(result.error, "field", None))
+        return _openai_failure(line, error, getattr(result.error, "field", None))
     created = int(time.time() if now is None else now)
     model = getattr(result, "model", None) or default_model
     body = _openai_body(line, result, created, model)
     return _openai_line(line.id, _openai_response(200, body), None)
 
 
-def _openai_failure(custom_id: str, error: dict[str, Any], param: str | None) -> dict[str, Any]:
+def _openai_failure(line: BatchLine, error: dict[str, Any], field: str | None) -> dict[str, Any]:
     """A failed OpenAI line in the shape of OpenAI's batch error file."""
     http = OPENAI_HTTP_ERRORS.get(error["code"])
     if http is None:
-        return _openai_line(custom_id, None, error)
+        return _openai_line(line.id, None, error)
     status, kind = http
+    param = field.removeprefix("params.") if field else None
     if error["code"] == P.E_MODEL_NOT_FOUND:
         param = "model"
-    body = {
-        "error": {"message": error["message"], "type": kind, "param": param, "code": error["code"]}
-    }
-    return _openai_line(custom_id, _openai_response(status, body), None)
+    elif error["code"] == P.E_PROMPT_TOO_LONG:
+        param = prompt_field(line.url)
+    code = OPENAI_ERROR_CODES.get(error["code"], error["code"])
+    body = {"error": {"message": error["message"], "type": kind, "param": param, "code": code}}
+    return _openai_line(line.id, _openai_response(status, body), None)
 
 
 def _openai_response(status: int, body: dict[str, Any]) -> dict[str, Any]:
@@ -665,10 +683,14 @@ def _openai_body(line: BatchLine, result: ResultLike, created: int, model: str) 
 
 
 def format_line_error(err: LineError) -> dict[str, Any]:
-    """The output line answering a malformed input line."""
+    """The output line answering a malformed input line; an OpenAI line's as the 400
+    the same body gets from the HTTP endpoint (plus the line's number)."""
     error = {"code": P.E_BAD_REQUEST, "message": str(err), "line": err.line_no}
     if err.is_openai:
-        return _openai_line(err.id, None, error)
+        status, kind = OPENAI_HTTP_ERRORS[P.E_BAD_REQUEST]
+        param = param_in_message(err.message)
+        body = {"error": {"message": str(err), "type": kind, "param": param, **error}}
+        return _openai_line(err.id, _openai_response(status, body), None)
     return {
         "id": err.id,
         "text": "",

@@ -178,9 +178,9 @@ class Completions:
         try:
             [result] = await self.upstream.client.generate([item_for(parsed.line, self.timeout_s)])
         except errors.ExgenError as exc:
-            raise from_exgen_error(exc) from None
+            raise from_exgen_error(exc, parsed.line.url) from None
         if result.error is not None:
-            raise from_request_failed(result.error)
+            raise from_request_failed(result.error, parsed.line.url)
         return response_body(parsed.line, result, self.upstream.model)
 
     def stream(self, parsed: Parsed) -> AsyncGenerator[str | Result, None]:

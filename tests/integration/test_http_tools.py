@@ -6,21 +6,33 @@ send. Each against a real `exgen serve --http` (synthetic engine)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-from tests.integration.http_support import HttpDaemon, batch_lines, request
+from tests.integration.http_support import (
+    SYNTHETIC,
+    HttpDaemon,
+    batch_lines,
+    request,
+    start_http_daemon,
+)
+
+CONTEXT = 256  # the synthetic engine's context: a longer prompt is refused
+CHAT_URL = "/v1/chat/completions"
+FINAL = ("completed", "failed", "expired", "cancelled")
 
 
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A daemon whose file list is this module's alone."""
-    from tests.integration.http_support import SYNTHETIC, start_http_daemon
-
-    daemon = start_http_daemon(tmp_path_factory.mktemp("tools"), *SYNTHETIC, "--workers", "2")
+    daemon = start_http_daemon(
+        tmp_path_factory.mktemp("tools"), *SYNTHETIC, "--engine-opt", f"max_seq_len={CONTEXT}"
+    )
     daemon.wait_healthy()
     yield daemon
     assert daemon.stop() == 0
@@ -117,3 +129,73 @@ def test_concurrent_streams_leave_no_pending_task_behind(http_daemon: Any) -> No
     assert daemon.stop() == 0
     log = daemon.daemon.log_text()
     assert "Task was destroyed" not in log and "never awaited" not in log, log[-3000:]
+
+
+def run_batch(sdk: openai.OpenAI, tmp_path: Path, lines: list[dict[str, Any]]) -> Any:
+    path = tmp_path / "lines.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with path.open("rb") as f:
+        file = sdk.files.create(file=f, purpose="batch")
+    batch = sdk.batches.create(input_file_id=file.id, endpoint=CHAT_URL, completion_window="24h")
+    deadline = time.monotonic() + 60
+    while (batch := sdk.batches.retrieve(batch.id)).status not in FINAL:
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.1)
+    return batch
+
+
+def chat_line(custom_id: str, content: str = "hi", **body: Any) -> dict[str, Any]:
+    messages = [{"role": "user", "content": content}]
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": CHAT_URL,
+        "body": {"model": "x", "messages": messages, "max_tokens": 3, **body},
+    }
+
+
+def test_an_unknown_key_on_a_batch_line_fails_the_file_naming_it(
+    fresh: HttpDaemon, tmp_path: Path
+) -> None:
+    sdk = openai.OpenAI(base_url=fresh.base_url, api_key="x", max_retries=0)
+    batch = run_batch(sdk, tmp_path, [chat_line("a"), {**chat_line("b"), "metdata": {}}])
+    assert batch.status == "failed" and batch.errors is not None
+    [error] = batch.errors.data
+    assert (error.line, error.param, error.code) == (2, "metdata", "invalid_request")
+    assert "metdata" in (error.message or "")
+
+
+def test_per_request_failures_share_one_shape_and_code(fresh: HttpDaemon, tmp_path: Path) -> None:
+    """A too-long prompt and a bad body fail alone, each as the 400 the same request
+    gets interactively: the same error object, the same codes, never a null one."""
+    sdk = openai.OpenAI(base_url=fresh.base_url, api_key="x", max_retries=0)
+    long = "word " * (CONTEXT * 2)
+    lines = [
+        chat_line("ok"),
+        chat_line("long", long),
+        chat_line("typo", temprature=0.5),
+        chat_line("best", best_of=3),
+    ]
+    batch = run_batch(sdk, tmp_path, lines)
+    assert batch.status == "completed" and batch.request_counts.failed == 3
+    failed = {
+        r["custom_id"]: r
+        for r in map(json.loads, sdk.files.content(batch.error_file_id).text.splitlines())
+    }
+    codes = {}
+    for custom_id, record in failed.items():
+        assert record["error"] is None and record["response"]["status_code"] == 400, record
+        error = record["response"]["body"]["error"]
+        assert {"message", "type", "param", "code"} <= error.keys(), record
+        assert error["type"] == "invalid_request_error" and error["code"], record
+        codes[custom_id] = (error["code"], error["param"])
+    assert codes == {
+        "long": ("context_length_exceeded", "messages"),
+        "typo": ("bad_request", "temprature"),
+        "best": ("bad_request", "best_of"),
+    }
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.chat.completions.create(
+            model="x", messages=[{"role": "user", "content": long}], max_tokens=3
+        )
+    assert (caught.value.code, caught.value.param) == ("context_length_exceeded", "messages")

@@ -436,7 +436,7 @@ def test_openai_output_of_a_failure() -> None:
     [
         (errors.ModelNotFound("model 'x' is not served"), 404, "model"),
         (errors.BadRequest("bad", field="messages"), 400, "messages"),
-        (errors.PromptTooLong("too long"), 400, None),
+        (errors.PromptTooLong("too long"), 400, "messages"),
         (errors.WorkerDied("poison"), 500, None),
     ],
 )
@@ -446,7 +446,8 @@ def test_openai_http_like_failures(error: errors.RequestFailed, status: int, par
     )
     assert out["response"]["status_code"] == status and out["error"] is None
     assert out["response"]["body"]["error"]["param"] == param
-    assert out["response"]["body"]["error"]["code"] == error.code
+    code = "context_length_exceeded" if error.code == "prompt_too_long" else error.code
+    assert out["response"]["body"]["error"]["code"] == code  # as the HTTP answer's
     assert B.output_record_status(out) == ("req-1", False)  # resume retries it
 
 
@@ -513,8 +514,12 @@ def test_line_error_output_plain_and_openai() -> None:
     assert plain["error"]["code"] == "bad_request" and plain["error"]["line"] == 1
     assert "temprature" in plain["error"]["message"]
     oai = B.format_line_error(error_of(openai_line({**CHAT_BODY, "best_of": 3})))
-    assert oai["custom_id"] == "req-1" and oai["response"] is None
-    assert oai["error"]["line"] == 1 and "best_of=1" in oai["error"]["message"]
+    # As the HTTP endpoint answers the same body: a 400 naming the field.
+    assert oai["custom_id"] == "req-1" and oai["error"] is None
+    assert oai["response"]["status_code"] == 400
+    error = oai["response"]["body"]["error"]
+    assert (error["code"], error["param"], error["line"]) == ("bad_request", "best_of", 1)
+    assert error["type"] == "invalid_request_error" and "best_of=1" in error["message"]
 
 
 def test_writer_writes_one_flushed_line_each(tmp_path: Path) -> None:
