@@ -15,8 +15,9 @@ In an OpenAI body, ``max_tokens`` / ``max_completion_tokens``,
 ``frequency_penalty``, ``response_format`` (``json_object``, ``json_schema``: the
 output is constrained to it) and ``logprobs`` / ``top_logprobs`` (chat: a bool and a
 count; completions: ``logprobs: N`` asks for N alternatives) are mapped, and the
-common extensions ``top_k``, ``min_p`` and ``repetition_penalty`` are accepted as
-vLLM does. A line's params override the command line's defaults.
+common extensions ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
+``min_tokens``, ``skip_special_tokens`` and ``include_stop_str_in_output`` are accepted
+as vLLM does. A line's params override the command line's defaults.
 
 Strictness, on purpose: an unknown key rejects the line with a message naming it (a
 typo like ``temprature`` must not silently run a whole file greedily). OpenAI body
@@ -104,6 +105,10 @@ OPENAI_PARAM_ALIASES: dict[str, str] = {
     "top_k": "top_k",
     "min_p": "min_p",
     "repetition_penalty": "repetition_penalty",
+    "ignore_eos": "ignore_eos",
+    "min_tokens": "min_tokens",
+    "skip_special_tokens": "skip_special_tokens",
+    "include_stop_str_in_output": "include_stop_str_in_output",
 }
 # OpenAI body fields that cannot change the generated text: accepted and ignored.
 OPENAI_IGNORED = frozenset(

@@ -108,6 +108,11 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "logprobs": False,
     "top_logprobs": 0,  # > 0 implies logprobs
     "json_schema": None,  # the JSON Schema every output must match, as compact JSON text
+    # vLLM's extensions, which its clients (load generators, harnesses) send by default.
+    "ignore_eos": False,  # the end-of-sequence token does not end the text
+    "min_tokens": 0,  # neither EOS nor a stop string ends the text before this many
+    "skip_special_tokens": True,  # special tokens (EOS, template markers) left out of text
+    "include_stop_str_in_output": False,  # the stop string that ended the text kept in it
 }
 # ``response_format`` (OpenAI's shape, or "json_object") is accepted where params are
 # and becomes ``json_schema``: the wire carries only the latter.
@@ -382,6 +387,10 @@ _PARAM_CHECKS: dict[str, Callable[[Any], Any]] = {
     "top_logprobs": lambda v: _check_number("", v, 0, MAX_TOP_LOGPROBS, integer=True),
     "json_schema": _check_json_schema,
     "response_format": schema_of_response_format,
+    "ignore_eos": _check_bool,
+    "min_tokens": lambda v: _check_number("", v, 0, MAX_NEW_TOKENS, integer=True),
+    "skip_special_tokens": _check_bool,
+    "include_stop_str_in_output": _check_bool,
 }
 assert set(_PARAM_CHECKS) == PARAM_NAMES
 
@@ -411,6 +420,8 @@ def validate_params(raw: Any, where: str = "params") -> dict[str, Any]:
             name = "json_schema"
         if checked is not None or name not in _NONE_MEANS_UNSET:
             out[name] = checked
+    if out.get("min_tokens", 0) > out.get("max_new_tokens", MAX_NEW_TOKENS):
+        raise ValidationError(f"{where}.min_tokens", "must not be more than max_new_tokens")
     return out
 
 

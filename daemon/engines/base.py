@@ -67,6 +67,10 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     json_schema: str | None = None  # compact JSON text (protocol-checked)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -172,6 +176,23 @@ def finished_from_choices(key: int, prompt_tokens: int, choices: list[Choice]) -
 
 
 Event = Chunk | Finished | Failed
+
+
+def find_stop(text: str, stops: list[str], floor: int = 0) -> tuple[int, int] | None:
+    """(start, end) of the first stop string in ``text`` that ends past its first
+    ``floor`` characters: text written before ``min_tokens`` cannot end a job (vLLM's
+    rule), though a stop string may begin there."""
+    best: tuple[int, int] | None = None
+    for stop in stops:
+        start = text.find(stop, max(0, floor - len(stop) + 1))
+        if start >= 0 and (best is None or start < best[0]):
+            best = (start, start + len(stop))
+    return best
+
+
+def text_to_stop(text: str, found: tuple[int, int], params: SamplingParams) -> str:
+    """The text a stop string ends: up to it, or through it with include_stop_str_in_output."""
+    return text[: found[1] if params.include_stop_str_in_output else found[0]]
 
 
 class Engine(abc.ABC):

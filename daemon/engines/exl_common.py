@@ -406,6 +406,7 @@ class _Running:
     prompt_tokens: int
     samples: list[_Sample]
     top_logprobs: int | None = None
+    keep_stop: bool = False  # include_stop_str_in_output
 
     def handles(self) -> list[Any]:
         return [s.handle for s in self.samples if s.done is None]
@@ -526,11 +527,20 @@ class ExlEngine(Engine, abc.ABC):
         ids = adapter.encode(text, add_bos)
         params = job.params
         self._check_length(len(ids), params.max_new_tokens, adapter.max_seq_len)
+        if params.min_tokens and params.stop:
+            # The libraries' min_new_tokens holds stop tokens back, not stop strings.
+            raise JobRejected(
+                P.E_BAD_REQUEST,
+                f"{self.name} cannot hold stop strings back until min_tokens: "
+                "give min_tokens or stop, not both",
+                "params.min_tokens",
+            )
+        eos_ids = [] if params.ignore_eos else self._eos_ids
         grammar = None
         if params.json_schema is not None:
             grammar = self._grammar_for(params.json_schema)
         top = params.top_logprobs if params.wants_logprobs else None
-        running = _Running(job.stream, len(ids), [], top)
+        running = _Running(job.stream, len(ids), [], top, params.include_stop_str_in_output)
         # n samples are n library jobs on one prompt: the generators share the prompt's
         # full cache pages between them (page hashing), so those are prefilled once.
         for index in range(params.n):
@@ -539,7 +549,7 @@ class ExlEngine(Engine, abc.ABC):
                 input_ids=ids,
                 max_new_tokens=params.max_new_tokens,
                 params=params.for_sample(index) if params.n > 1 else params,
-                stop_conditions=stop_conditions(self._eos_ids, params.stop),
+                stop_conditions=stop_conditions(eos_ids, params.stop),
                 index=index,
                 grammar=grammar,
                 top_logprobs=top,
@@ -605,7 +615,9 @@ class ExlEngine(Engine, abc.ABC):
         if running.top_logprobs is not None and result.get("stage") == "streaming":
             self._collect_logprobs(sample, result, running.top_logprobs)
         stream = running.stream and index == 0  # n > 1 streams the first sample
-        events, done = translate_result(key, result, stream, sample.parts, running.prompt_tokens)
+        events, done = translate_result(
+            key, result, stream, sample.parts, running.prompt_tokens, running.keep_stop
+        )
         if not done:
             return events
         finished = [e for e in events if isinstance(e, Finished)]
@@ -687,10 +699,16 @@ def logprobs_for_text(entries: list[TokenLogprob], text: str) -> list[TokenLogpr
 
 
 def translate_result(
-    key: int, result: dict[str, Any], stream: bool, parts: list[str], prompt_tokens: int
+    key: int,
+    result: dict[str, Any],
+    stream: bool,
+    parts: list[str],
+    prompt_tokens: int,
+    keep_stop: bool = False,
 ) -> tuple[list[Event], bool]:
     """Events for one result dict, and whether the job is done. ``parts`` collects the
-    job's text so far, so the final text is exactly what was streamed."""
+    job's text so far, so the final text is exactly what was streamed; ``keep_stop``:
+    the stop string that ended it is text too (include_stop_str_in_output)."""
     stage = result.get("stage")
     if stage == "error":  # ExLlamaV3 contains a job's own failure this way
         return [
@@ -702,6 +720,8 @@ def translate_result(
     text = str(result.get("text") or "")
     if result.get("eos"):
         text += recovered_held_text(result)
+        if keep_stop and result.get("eos_reason") == "stop_string":
+            text += str(result.get("eos_triggering_string") or "")
     if text:
         parts.append(text)
         if stream:

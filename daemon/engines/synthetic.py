@@ -39,7 +39,9 @@ per-item error, as a real engine's compile error), written a few characters per
 token and ended as by an EOS; ``logprobs`` gives made-up but well-formed values (the
 chosen token first among its alternatives, all <= 0); ``n`` samples differ from each
 other (sample 0 is the n = 1 text); presence and frequency penalties are accepted and
-change nothing.
+change nothing. vLLM's ``ignore_eos`` and ``min_tokens`` hold back the ``len=N`` EOS and
+stop strings as they do on a model; ``include_stop_str_in_output`` keeps the stop
+string; ``skip_special_tokens`` changes nothing: its words are no special tokens.
 """
 
 from __future__ import annotations
@@ -66,8 +68,10 @@ from exgen.daemon.engines.base import (
     JobRejected,
     SamplingParams,
     TokenLogprob,
+    find_stop,
     finished_from_choices,
     take_options,
+    text_to_stop,
 )
 from exgen.daemon.engines.synthetic_json import SchemaUnsupported, instance_text
 
@@ -228,9 +232,10 @@ class SyntheticEngine(Engine):
             pieces = json_pieces(params, text, index)
             return _Sample(pieces[:length], eos=len(pieces) <= length)
         eos = False
-        if self.opts["eos_from_prompt"]:
+        if self.opts["eos_from_prompt"] and not params.ignore_eos:
             match = _EOS_AT.search(text)
             eos_at = int(match.group(1)) if match is not None else length
+            eos_at = max(eos_at, params.min_tokens)  # no EOS before min_tokens
             if eos_at < length:
                 length, eos = max(1, eos_at), True
         return _Sample(synthetic_tokens(text, params.seed, length, index), eos)
@@ -348,10 +353,14 @@ class SyntheticEngine(Engine):
         if not stops and sample.produced < len(sample.pieces):
             return None  # nothing to look for yet: no joining the whole text every step
         text = "".join(sample.text)
-        for stop in stops:
-            cut = text.find(stop)
-            if cut >= 0:
-                return self._choice(sample, params, text[:cut], P.FINISH_STOP)
+        if stops:
+            # One piece is one token: the first min_tokens - 1 cannot end the text.
+            floor = len("".join(sample.pieces[: max(0, params.min_tokens - 1)]))
+            found = find_stop(text, stops, floor)
+            if found is not None:
+                return self._choice(
+                    sample, params, text_to_stop(text, found, params), P.FINISH_STOP
+                )
         if sample.produced >= len(sample.pieces):
             reason = P.FINISH_STOP if sample.eos else P.FINISH_LENGTH
             return self._choice(sample, params, text, reason)

@@ -31,7 +31,12 @@ FINAL = ("completed", "failed", "expired", "cancelled")
 def fresh(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A daemon whose file list is this module's alone."""
     daemon = start_http_daemon(
-        tmp_path_factory.mktemp("tools"), *SYNTHETIC, "--engine-opt", f"max_seq_len={CONTEXT}"
+        tmp_path_factory.mktemp("tools"),
+        *SYNTHETIC,
+        "--engine-opt",
+        f"max_seq_len={CONTEXT}",
+        "--engine-opt",
+        "eos_from_prompt=1",  # a prompt holding len=N ends with an EOS after N tokens
     )
     daemon.wait_healthy()
     yield daemon
@@ -199,3 +204,89 @@ def test_per_request_failures_share_one_shape_and_code(fresh: HttpDaemon, tmp_pa
             model="x", messages=[{"role": "user", "content": long}], max_tokens=3
         )
     assert (caught.value.code, caught.value.param) == ("context_length_exceeded", "messages")
+
+
+# --- vLLM's extensions -------------------------------------------------------------------
+
+
+def complete(sdk: openai.OpenAI, prompt: str, **extra: Any) -> Any:
+    max_tokens = extra.pop("max_tokens", 8)
+    reply = sdk.completions.create(
+        model="x", prompt=prompt, max_tokens=max_tokens, extra_body=extra
+    )
+    return reply.choices[0], reply.usage
+
+
+def test_ignore_eos_and_min_tokens_hold_the_eos_back(fresh: HttpDaemon) -> None:
+    sdk = openai.OpenAI(base_url=fresh.base_url, api_key="x", max_retries=0)
+    choice, usage = complete(sdk, "len=3 rivers")
+    assert (choice.finish_reason, usage.completion_tokens) == ("stop", 3)
+    choice, usage = complete(sdk, "len=3 rivers", ignore_eos=True)
+    assert (choice.finish_reason, usage.completion_tokens) == ("length", 8)
+    choice, usage = complete(sdk, "len=3 rivers", min_tokens=5)
+    assert (choice.finish_reason, usage.completion_tokens) == ("stop", 5)
+    plain, _ = complete(sdk, "len=3 rivers", max_tokens=8, ignore_eos=True)
+    assert plain.text.startswith(choice.text)
+
+
+def test_stop_strings_with_include_stop_str_and_min_tokens(fresh: HttpDaemon) -> None:
+    sdk = openai.OpenAI(base_url=fresh.base_url, api_key="x", max_retries=0)
+    whole, _ = complete(sdk, "the sea", max_tokens=12)
+    words = whole.text.split(" ")  # synthetic words each begin with a space
+    stop = " " + words[3]
+    before = " ".join(words[:3])
+    cut, _ = complete(sdk, "the sea", max_tokens=12, stop=[stop])
+    assert (cut.text, cut.finish_reason) == (before, "stop")
+    kept, _ = complete(sdk, "the sea", max_tokens=12, stop=[stop], include_stop_str_in_output=True)
+    assert (kept.text, kept.finish_reason) == (before + stop, "stop")
+    late, _ = complete(sdk, "the sea", max_tokens=12, stop=[stop], min_tokens=6)
+    assert late.text.startswith(before + stop) and len(late.text) > len(before + stop)
+    same, _ = complete(sdk, "the sea", max_tokens=12, skip_special_tokens=False)
+    assert same.text == whole.text  # the synthetic engine has no special tokens to show
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"ignore_eos": "yes"}, "ignore_eos"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 9}, "min_tokens"),  # more than max_tokens
+        ({"skip_special_tokens": 1}, "skip_special_tokens"),
+        ({"include_stop_str_in_output": None}, "include_stop_str_in_output"),
+        (
+            {"stream": True, "stream_options": {"continuous_usage_stats": "y"}},
+            "continuous_usage_stats",
+        ),
+        ({"stream": True, "stream_options": {"include_usgae": True}}, "include_usgae"),
+    ],
+)
+def test_bad_extension_values_are_400s_naming_them(
+    fresh: HttpDaemon, extra: dict[str, Any], param: str
+) -> None:
+    status, body = request(
+        f"{fresh.url}/v1/completions", {"model": "x", "prompt": "hi", "max_tokens": 8, **extra}
+    )
+    assert status == 400 and body["error"]["param"] == param, body
+
+
+def test_continuous_usage_stats_counts_tokens_on_every_chunk(fresh: HttpDaemon) -> None:
+    sdk = openai.OpenAI(base_url=fresh.base_url, api_key="x", max_retries=0)
+    chunks = list(
+        sdk.chat.completions.create(
+            model="x",
+            messages=[{"role": "user", "content": "one two three"}],
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+        )
+    )
+    counted = [c.usage for c in chunks if c.choices]
+    assert counted and all(u is not None for u in counted), chunks
+    tokens = [u.completion_tokens for u in counted]
+    assert tokens == sorted(tokens) and tokens[-1] == 6
+    final = chunks[-1]
+    assert final.choices == [] and final.usage is not None
+    assert final.usage.completion_tokens == 6
+    assert {u.prompt_tokens for u in counted} == {final.usage.prompt_tokens}
+    assert all(u.total_tokens == u.prompt_tokens + u.completion_tokens for u in counted)

@@ -182,6 +182,10 @@ GOOD_PARAMS = {
     "logprobs": True,
     "top_logprobs": P.MAX_TOP_LOGPROBS,
     "json_schema": '{"type":"object","properties":{"a":' * 15 + "{}" + "}}" * 15,
+    "ignore_eos": True,
+    "min_tokens": P.MAX_NEW_TOKENS,
+    "skip_special_tokens": False,
+    "include_stop_str_in_output": True,
 }
 
 
