@@ -137,6 +137,26 @@ def local_error(item_id: str, exc: errors.RequestFailed) -> Result:
     return Result(item_id, "", P.FINISH_ERROR, error=exc)
 
 
+class StreamText(str):
+    """A stream's text chunk: a str, with the token counts the engine had reached when
+    it wrote it (zero from a router that does not send them)."""
+
+    completion_tokens: int
+    prompt_tokens: int
+
+    @classmethod
+    def of(cls, row: list[Any]) -> StreamText:
+        """From a CHUNKS row: [id, text, completion_tokens?, prompt_tokens?]."""
+        counts = [c if type(c) is int else 0 for c in row[2:4]]
+        return cls.counted(row[1], *(*counts, 0, 0)[:2])
+
+    @classmethod
+    def counted(cls, text: str, completion_tokens: int, prompt_tokens: int) -> StreamText:
+        out = cls(text)
+        out.completion_tokens, out.prompt_tokens = completion_tokens, prompt_tokens
+        return out
+
+
 class Place:
     """An ordered call's item in input order; holds its result once it came."""
 
@@ -250,7 +270,7 @@ class Call:
         self.taken: dict[str, None] = {}
         self.ready: deque[Result] = deque()  # results to hand to the caller
         self.order: deque[Place] = deque()  # ordered calls: input order, not yet handed
-        self.chunks: deque[str] = deque()  # streamed text not yet handed
+        self.chunks: deque[StreamText] = deque()  # streamed text not yet handed
         self.streamed = ""  # a stream's text handed so far
         self.final: Result | None = None  # a stream's result, once it came (not failed)
         self.resend: deque[str] = deque()  # wire ids to send again (busy, reconnect)
@@ -282,7 +302,7 @@ class Call:
         back. A failed result becomes the call's error (raised after these texts); a
         good one is kept as ``final``.
         """
-        texts = list(self.chunks)
+        texts: list[str] = list(self.chunks)
         self.chunks.clear()
         self.streamed += "".join(texts)
         while self.ready:
@@ -292,7 +312,10 @@ class Call:
                 continue
             self.final = result
             if result.text.startswith(self.streamed) and len(result.text) > len(self.streamed):
-                texts.append(result.text[len(self.streamed) :])
+                rest = result.text[len(self.streamed) :]
+                texts.append(
+                    StreamText.counted(rest, result.completion_tokens, result.prompt_tokens)
+                )
                 self.streamed = result.text
         return texts
 

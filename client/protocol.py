@@ -39,7 +39,9 @@ STATUS = b"?"  # client -> router: {}
 ACK = b"a"  # client -> router: {"seq", "resend"?}: every RESULTS up to seq arrived
 ACCEPTED = b"A"  # router -> client: {"req", "n", "queued"}
 RESULTS = b"R"  # router -> client: {"req"?, "results": [result...]}
-CHUNKS = b"K"  # router -> client: {"chunks": [[id, text]...]}
+# router -> client: {"chunks": [[id, text, completion_tokens?, prompt_tokens?]...]}: the
+# counts so far (a router before them sends [id, text])
+CHUNKS = b"K"
 ERROR = b"E"  # router -> client: {"req"?, "code", "message", "field"?}
 STATUS_REPLY = b"!"  # router -> client: the status document
 PING = b"p"  # client -> router: {"req"?}; liveness while waiting for long results

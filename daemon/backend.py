@@ -157,15 +157,11 @@ class WorkerMessages:
         for failure in failed:
             entry = self._settle(slot, serving, failure.key, now, ok=False)
             if entry is not None:
-                result = P.result_error(
-                    entry.item_id, failure.code, failure.message, failure.field
-                )
+                result = P.result_error(entry.item_id, failure.code, failure.message, failure.field)
                 result["slot"] = slot.id
                 self.router.answer(entry, result, now)
 
-    def _settle(
-        self, slot: Slot, serving: Serving, key: int, now: float, ok: bool
-    ) -> Entry | None:
+    def _settle(self, slot: Slot, serving: Serving, key: int, now: float, ok: bool) -> Entry | None:
         entry = self.ledger.settle(key, slot.id, ok)
         if entry is not None:
             serving.progress_at = now
@@ -183,7 +179,7 @@ class WorkerMessages:
         for chunk in chunks:
             entry = self.ledger.entries.get(chunk.key)
             if entry is not None and entry.slot == slot.id:
-                out.setdefault(entry.client, []).append([entry.item_id, chunk.text])
+                row = [entry.item_id, chunk.text, chunk.completion_tokens, chunk.prompt_tokens]
+                out.setdefault(entry.client, []).append(row)
         for client, batch in out.items():
             self.router.reply(client, P.CHUNKS, {"chunks": batch})  # best effort: not owed
-

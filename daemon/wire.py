@@ -28,7 +28,7 @@ WORK = b"w"  # router -> worker: {"jobs": [[key, prompt, messages, params, strea
 DONE = b"d"  # worker -> router: {"done": [[key, text, finish, prompt_t, completion_t, extra]...],
 #                                "failed": [[key, code, message, field]...]}
 #      extra: null, or {"logprobs"?: [...], "choices"?: [{text, finish_reason, ...}...]}
-CHUNKS = b"K"  # worker -> router: {"chunks": [[key, text]...]}
+CHUNKS = b"K"  # worker -> router: {"chunks": [[key, text, completion_tokens, prompt_tokens]...]}
 CANCEL = b"C"  # router -> worker: {"keys": [key...]}
 FATAL = b"f"  # worker -> router: {"slot", "pid", "code", "message"}, then exit
 STOP = b"x"  # router -> worker: finish nothing more, exit now
@@ -121,11 +121,12 @@ def decode_done(body: dict[str, Any]) -> tuple[list[Finished], list[Failed]]:
 
 
 def pack_chunks(chunks: list[Chunk]) -> list[bytes]:
-    return P.pack(CHUNKS, {"chunks": [[c.key, c.text] for c in chunks]})
+    rows = [[c.key, c.text, c.completion_tokens, c.prompt_tokens] for c in chunks]
+    return P.pack(CHUNKS, {"chunks": rows})
 
 
 def decode_chunks(body: dict[str, Any]) -> list[Chunk]:
-    return [Chunk(int(key), str(text)) for key, text in body["chunks"]]
+    return [Chunk(int(row[0]), str(row[1]), *map(int, row[2:4])) for row in body["chunks"]]
 
 
 # --- CANCEL and STOP ---------------------------------------------------------------

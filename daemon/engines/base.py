@@ -105,10 +105,13 @@ class Job:
 
 @dataclass(slots=True)
 class Chunk:
-    """Newly generated text of a streaming job."""
+    """Newly generated text of a streaming job, with the token counts so far (the
+    completion's: tokens generated up to this text; the prompt's)."""
 
     key: int
     text: str
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
 
 
 # One generated token's log probabilities: [token text, logprob, [[alt text, logprob]...]]

@@ -398,6 +398,7 @@ class _Sample:
     parts: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     done: Choice | None = None
+    tokens: int = 0  # generated so far: what a chunk's usage counts
 
 
 @dataclass(slots=True)
@@ -615,8 +616,15 @@ class ExlEngine(Engine, abc.ABC):
         if running.top_logprobs is not None and result.get("stage") == "streaming":
             self._collect_logprobs(sample, result, running.top_logprobs)
         stream = running.stream and index == 0  # n > 1 streams the first sample
+        sample.tokens += token_count(result)
         events, done = translate_result(
-            key, result, stream, sample.parts, running.prompt_tokens, running.keep_stop
+            key,
+            result,
+            stream,
+            sample.parts,
+            running.prompt_tokens,
+            running.keep_stop,
+            sample.tokens,
         )
         if not done:
             return events
@@ -705,6 +713,7 @@ def translate_result(
     parts: list[str],
     prompt_tokens: int,
     keep_stop: bool = False,
+    tokens: int = 0,
 ) -> tuple[list[Event], bool]:
     """Events for one result dict, and whether the job is done. ``parts`` collects the
     job's text so far, so the final text is exactly what was streamed; ``keep_stop``:
@@ -720,12 +729,13 @@ def translate_result(
     text = str(result.get("text") or "")
     if result.get("eos"):
         text += recovered_held_text(result)
+        tokens = int(result.get("new_tokens") or tokens)  # the library's own count
         if keep_stop and result.get("eos_reason") == "stop_string":
             text += str(result.get("eos_triggering_string") or "")
     if text:
         parts.append(text)
         if stream:
-            events.append(Chunk(key, text))
+            events.append(Chunk(key, text, tokens, prompt_tokens))
     if not result.get("eos"):
         return events, False
     events.append(
@@ -738,6 +748,13 @@ def translate_result(
         )
     )
     return events, True
+
+
+def token_count(result: dict[str, Any]) -> int:
+    """Tokens a streaming result emits: its ``token_ids``, shape (1, n)."""
+    ids = result.get("token_ids")
+    shape = getattr(ids, "shape", None)
+    return int(shape[-1]) if shape else 0
 
 
 def recovered_held_text(result: dict[str, Any]) -> str:

@@ -374,7 +374,7 @@ class DecodeBatch:
                 new = stream_ready(text, row.sent, self.hold)
                 if new:
                     row.sent += new
-                    events.append(Chunk(row.job.key, new))
+                    events.append(Chunk(row.job.key, new, len(row.tokens), len(row.input_ids)))
         return events
 
     def _finish_reason(self, row: Row, token: int) -> str | None:
@@ -415,7 +415,8 @@ class DecodeBatch:
             ends_with_eos = False
         events: list[Event] = []
         if row.job.stream and text.startswith(row.sent) and len(text) > len(row.sent):
-            events.append(Chunk(row.job.key, text[len(row.sent) :]))
+            new = text[len(row.sent) :]
+            events.append(Chunk(row.job.key, new, len(tokens), len(row.input_ids)))
         elif row.job.stream and not text.startswith(row.sent):
             logger.warning("job %d: streamed text is not a prefix of its final text", row.job.key)
         logprobs = text_logprobs(row.extras, len(tokens), ends_with_eos)

@@ -318,7 +318,7 @@ class SyntheticEngine(Engine):
             if ended:
                 events.append(self._end(active))
             elif active.job.stream and stream:
-                events.append(Chunk(key, stream))
+                events.append(Chunk(key, stream, samples[0].produced, active.prompt_tokens))
         return events
 
     def _plain_end(

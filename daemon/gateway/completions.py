@@ -21,6 +21,7 @@ from typing import Any
 
 from exgen.client import batchfile as B
 from exgen.client import errors
+from exgen.client.calls import StreamText
 from exgen.client.client import Result
 from exgen.daemon.gateway.errors import ApiError, bad_body, from_exgen_error, from_request_failed
 from exgen.daemon.gateway.upstream import Upstream
@@ -35,6 +36,7 @@ class Parsed:
     line: B.BatchLine  # the body as a batch line: url, prompt or messages, params
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False  # usage on every chunk (vLLM's continuous_usage_stats)
 
     @property
     def chat(self) -> bool:
@@ -47,14 +49,14 @@ def parse_body(raw: bytes, url: str) -> Parsed:
     stream = body.pop("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise ApiError(400, "stream must be true or false", param="stream")
-    include_usage = _include_usage(body.pop("stream_options", None))
+    include_usage, continuous = _stream_options(body.pop("stream_options", None))
     request_id = f"{'chatcmpl' if url == B.CHAT_URL else 'cmpl'}-{uuid.uuid4().hex}"
     entry = B.parse_line(json.dumps({"custom_id": request_id, "url": url, "body": body}), 1)
     if isinstance(entry, B.LineError):
         raise bad_body(entry.message)
     if stream:
         _check_streamable(entry)
-    return Parsed(entry, bool(stream), include_usage)
+    return Parsed(entry, bool(stream), include_usage, include_usage and continuous)
 
 
 def _check_streamable(line: B.BatchLine) -> None:
@@ -75,15 +77,25 @@ def json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _include_usage(options: Any) -> bool:
+# stream_options' fields: OpenAI's, and vLLM's continuous_usage_stats (usage on every
+# chunk, when include_usage is on too, as vLLM has it). include_obfuscation pads
+# chunks against length side channels on OpenAI's service; there is none to pad here.
+STREAM_OPTIONS = ("include_usage", "continuous_usage_stats", "include_obfuscation")
+
+
+def _stream_options(options: Any) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats); an unknown or non-bool field is a 400."""
     if options is None:
-        return False
+        return False, False
     if not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object", param="stream_options")
-    value = options.get("include_usage", False)
-    if not isinstance(value, bool):
-        raise ApiError(400, "include_usage must be true or false", param="include_usage")
-    return value
+    for key, value in options.items():
+        if key not in STREAM_OPTIONS:
+            known = ", ".join(STREAM_OPTIONS)
+            raise ApiError(400, f"stream_options.{key}: unknown (known: {known})", param=key)
+        if not isinstance(value, bool) and value is not None:
+            raise ApiError(400, f"stream_options.{key} must be true or false", param=key)
+    return bool(options.get("include_usage")), bool(options.get("continuous_usage_stats"))
 
 
 def item_for(line: B.BatchLine, timeout_s: float | None = None) -> dict[str, Any]:
@@ -112,6 +124,7 @@ class ChunkWriter:
 
     def __init__(self, parsed: Parsed, model: str) -> None:
         self.parsed = parsed
+        self.counts = (0, 0)  # (prompt, completion) tokens so far: continuous usage
         self.head: dict[str, Any] = {
             "id": parsed.line.id,
             "object": "chat.completion.chunk" if parsed.chat else "text_completion",
@@ -135,18 +148,36 @@ class ChunkWriter:
         out["finish_reason"] = finish_reason
         return out
 
-    def first(self) -> bytes:
+    def _usage_so_far(self, text: str | None = None) -> dict[str, Any]:
+        """Continuous usage: the counts the engine sent with this text (a text without
+        them, the last counts seen); nothing without continuous_usage_stats."""
+        if not self.parsed.continuous_usage:
+            return {}
+        prompt, completion = self.counts
+        if isinstance(text, StreamText) and text.prompt_tokens:
+            prompt, completion = text.prompt_tokens, text.completion_tokens
+            self.counts = (prompt, completion)
+        total = prompt + completion
+        counts = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+        return {"usage": counts}
+
+    def first(self, first: str | Result) -> bytes:
         """Chat streams open with the assistant's role, as OpenAI's do."""
         if not self.parsed.chat:
             return b""
+        if isinstance(first, StreamText | Result) and first.prompt_tokens:
+            self.counts = (first.prompt_tokens, 0)
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}}
-        return self._event([{**choice, "logprobs": None, "finish_reason": None}])
+        return self._event(
+            [{**choice, "logprobs": None, "finish_reason": None}], **self._usage_so_far()
+        )
 
     def text(self, text: str) -> bytes:
-        return self._event([self._choice(text, None)])
+        return self._event([self._choice(text, None)], **self._usage_so_far(text))
 
     def last(self, result: Result) -> bytes:
-        out = self._event([self._choice(None, result.finish_reason)])
+        whole = {"usage": usage(result)} if self.parsed.continuous_usage else {}
+        out = self._event([self._choice(None, result.finish_reason)], **whole)
         if self.parsed.include_usage:
             out += self._event([], usage=usage(result))
         return out + STREAM_END

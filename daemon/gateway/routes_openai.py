@@ -147,7 +147,7 @@ class EventStream(Response):
         first: str | Result,
         events: AsyncGenerator[str | Result, None],
     ) -> None:
-        out = writer.first()
+        out = writer.first(first)
         event = first
         try:
             while not isinstance(event, Result):

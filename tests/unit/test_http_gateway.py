@@ -150,7 +150,7 @@ def test_stream_chunks_validate_as_the_sdks_type() -> None:
     parsed = parse_body(body(stream=True, stream_options={"include_usage": True}), CHAT_URL)
     writer = ChunkWriter(parsed, "served")
     result = Result("x", "a b", "length", prompt_tokens=2, completion_tokens=2)
-    raw = writer.first() + writer.text("a b") + writer.last(result)
+    raw = writer.first("a b") + writer.text("a b") + writer.last(result)
     events = [e.removeprefix(b"data: ") for e in raw.split(b"\n\n") if e]
     assert events[-1] == b"[DONE]"
     chunks = [ChatCompletionChunk.model_validate_json(e) for e in events[:-1]]
