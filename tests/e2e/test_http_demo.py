@@ -67,3 +67,30 @@ def test_a_batch_on_the_demo_model(demo: HttpDaemon, tmp_path: Path) -> None:
     for line in sdk.files.content(batch.output_file_id).text.splitlines():
         body = ChatCompletion.model_validate(json.loads(line)["response"]["body"])
         assert body.model == served and body.choices[0].message.content
+
+
+def test_vllm_extensions_on_the_demo_model(demo: HttpDaemon) -> None:
+    """ignore_eos, min_tokens, skip_special_tokens and include_stop_str_in_output, as a
+    load generator or harness sends them, on a real tokenizer with a real EOS."""
+    sdk = openai.OpenAI(base_url=demo.base_url, api_key="x", max_retries=0)
+
+    def chat(**extra: object) -> tuple[str, str, int]:
+        reply = sdk.chat.completions.create(
+            model="x", messages=CHAT, max_tokens=48, extra_body=extra, timeout=300
+        )
+        assert reply.usage is not None
+        choice = reply.choices[0]
+        return choice.message.content or "", choice.finish_reason, reply.usage.completion_tokens
+
+    text, reason, tokens = chat()
+    assert reason == "stop" and tokens < 40, "the demo model's answer ends with its EOS"
+    longer, reason, count = chat(ignore_eos=True)
+    assert (reason, count) == ("length", 48) and longer.startswith(text)
+    _, _, count = chat(min_tokens=tokens + 4)
+    assert count >= tokens + 4
+    shown, _, _ = chat(ignore_eos=True, skip_special_tokens=False)
+    assert "<|im_end|>" in shown and "<|im_end|>" not in longer
+    stop = text.split()[2]
+    cut, reason, _ = chat(stop=[stop])
+    kept, _, _ = chat(stop=[stop], include_stop_str_in_output=True)
+    assert reason == "stop" and kept == cut + stop and text.startswith(kept)
