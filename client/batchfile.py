@@ -372,6 +372,8 @@ def _parse_openai(obj: dict[str, Any], line_no: int) -> BatchLine:
     if not isinstance(body, dict):
         raise _Malformed("body must be an object")
     _check_openai_body_keys(body, url)
+    # null is "not given", as OpenAI's API and vLLM take it (clients send it for unset fields)
+    body = {key: value for key, value in body.items() if value is not None}
     params, written = _map_params(body, OPENAI_PARAM_ALIASES, "body.")
     _openai_logprobs(body, url, params, written)
     raw: dict[str, Any] = {"id": item_id, "params": params}

@@ -47,6 +47,12 @@ def _gateway(request: Request) -> Gateway:
 @router.post("/v1/files")
 async def create_file(request: Request) -> dict[str, Any]:
     gateway = _gateway(request)
+    kind = request.headers.get("content-type", "")
+    if not kind.lower().startswith("multipart/form-data"):
+        message = (
+            f"The upload must be multipart/form-data (a purpose and a file field), not {kind!r}"
+        )
+        raise ApiError(400, message, param="file")
     limit = gateway.options.max_file_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:

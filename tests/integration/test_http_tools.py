@@ -252,7 +252,7 @@ def test_stop_strings_with_include_stop_str_and_min_tokens(fresh: HttpDaemon) ->
         ({"min_tokens": -1}, "min_tokens"),
         ({"min_tokens": 9}, "min_tokens"),  # more than max_tokens
         ({"skip_special_tokens": 1}, "skip_special_tokens"),
-        ({"include_stop_str_in_output": None}, "include_stop_str_in_output"),
+        ({"include_stop_str_in_output": "no"}, "include_stop_str_in_output"),
         (
             {"stream": True, "stream_options": {"continuous_usage_stats": "y"}},
             "continuous_usage_stats",

@@ -107,3 +107,10 @@ def test_every_field_the_docs_refuse_is_refused_naming_it(name: str) -> None:
     with pytest.raises(ApiError) as caught:
         parse_body(body(url, **{name: REFUSED[name]}), url)
     assert (caught.value.status, caught.value.param) == (400, name)
+
+
+def test_null_is_not_given() -> None:
+    """As OpenAI's API and vLLM take it: clients send null for fields they leave unset."""
+    fields = dict.fromkeys(("max_tokens", "n", "temperature", "top_logprobs", "min_tokens"))
+    parsed = parse_body(body(CHAT_URL, **fields), CHAT_URL)
+    assert parsed.line.params == {}
