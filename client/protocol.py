@@ -424,6 +424,10 @@ def validate_params(raw: Any, where: str = "params") -> dict[str, Any]:
             out[name] = checked
     if out.get("min_tokens", 0) > out.get("max_new_tokens", MAX_NEW_TOKENS):
         raise ValidationError(f"{where}.min_tokens", "must not be more than max_new_tokens")
+    if out.get("json_schema") is not None:
+        for name in ("ignore_eos", "min_tokens"):
+            if out.get(name):  # a schema's end is the text's end: no EOS to hold back
+                raise ValidationError(f"{where}.{name}", "cannot be combined with a JSON schema")
     return out
 
 

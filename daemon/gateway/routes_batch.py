@@ -130,7 +130,7 @@ def _cursor(store: Store, table: str, after: str | None) -> int | None:
         return None
     rowid = store.rowid(table, after)
     if rowid is None:
-        what = table.removesuffix("es").removesuffix("s")
+        what = {"files": "file", "batches": "batch"}[table]
         raise ApiError(400, f"after: no {what} with id {after!r}", param="after")
     return rowid
 

@@ -92,6 +92,8 @@ def test_files_list_refuses_a_bad_page_naming_it(fresh: HttpDaemon, query: str, 
     status, body = fresh.get(f"/v1/files?{query}")
     assert status == 400, body
     assert body["error"]["param"] == param and body["error"]["code"], body
+    if param == "after":
+        assert "no file with id 'file-nosuchfile'" in body["error"]["message"]
 
 
 def test_batches_list_refuses_a_bad_page_naming_it(fresh: HttpDaemon) -> None:

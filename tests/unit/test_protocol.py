@@ -182,8 +182,8 @@ GOOD_PARAMS = {
     "logprobs": True,
     "top_logprobs": P.MAX_TOP_LOGPROBS,
     "json_schema": '{"type":"object","properties":{"a":' * 15 + "{}" + "}}" * 15,
-    "ignore_eos": True,
-    "min_tokens": P.MAX_NEW_TOKENS,
+    "ignore_eos": False,  # at their limits they cannot go with json_schema (below)
+    "min_tokens": 0,
     "skip_special_tokens": False,
     "include_stop_str_in_output": True,
 }
@@ -196,6 +196,20 @@ def test_every_parameter_at_its_limit_is_accepted():
     assert set(GOOD_PARAMS) | {"response_format"} == P.PARAM_NAMES, (
         "a new parameter needs limits and tests"
     )
+
+
+def test_vllm_extensions_at_their_limits_and_what_they_cannot_go_with():
+    params = {"max_new_tokens": P.MAX_NEW_TOKENS, "min_tokens": P.MAX_NEW_TOKENS}
+    assert P.validate_params({**params, "ignore_eos": True}) == {**params, "ignore_eos": True}
+    for bad, name in (
+        ({"max_new_tokens": 4, "min_tokens": 5}, "min_tokens"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"ignore_eos": True, "response_format": "json_object"}, "ignore_eos"),
+        ({"min_tokens": 2, "json_schema": '{"type":"object"}'}, "min_tokens"),
+    ):
+        with pytest.raises(P.ValidationError) as caught:
+            P.validate_params(bad)
+        assert caught.value.field == f"params.{name}"
 
 
 def test_integral_floats_and_single_stop_strings_are_normalised():
