@@ -475,7 +475,8 @@ def _openai_prompt(value: Any) -> Any:
         if len(value) == 1 and isinstance(value[0], str):
             return value[0]
         raise _Malformed(
-            "body.prompt: one string per line is supported (not several prompts or token ids)"
+            "body.prompt: one string per line is supported in a batch file (a list of "
+            "strings over HTTP); token ids are not supported"
         )
     if value is None:
         raise _Malformed("body.prompt is missing")

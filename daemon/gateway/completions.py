@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from exgen.client import batchfile as B
@@ -29,6 +29,7 @@ from exgen.daemon.gateway.upstream import Upstream
 logger = logging.getLogger("exgen.gateway.completions")
 
 STREAM_END = b"data: [DONE]\n\n"
+MAX_PROMPTS = 256  # prompts in one /v1/completions request (each is an item)
 
 
 @dataclass(slots=True)
@@ -37,6 +38,8 @@ class Parsed:
     stream: bool
     include_usage: bool
     continuous_usage: bool = False  # usage on every chunk (vLLM's continuous_usage_stats)
+    # /v1/completions with a list of prompts: one line each (``line`` is the first)
+    lines: list[B.BatchLine] = field(default_factory=list)
 
     @property
     def chat(self) -> bool:
@@ -51,12 +54,41 @@ def parse_body(raw: bytes, url: str) -> Parsed:
         raise ApiError(400, "stream must be true or false", param="stream")
     include_usage, continuous = _stream_options(body.pop("stream_options", None))
     request_id = f"{'chatcmpl' if url == B.CHAT_URL else 'cmpl'}-{uuid.uuid4().hex}"
+    prompts = several_prompts(body) if url == B.COMPLETIONS_URL else None
+    if prompts is None:
+        lines = [_line(request_id, url, body)]
+    else:
+        # One item a prompt, each its own line (ids: the request's, numbered).
+        lines = [
+            _line(f"{request_id}-{i}", url, body | {"prompt": p}) for i, p in enumerate(prompts)
+        ]
+        if stream:
+            raise ApiError(
+                400, "several prompts are not supported with stream: true", param="prompt"
+            )
+    if stream:
+        _check_streamable(lines[0])
+    return Parsed(lines[0], bool(stream), include_usage, include_usage and continuous, lines)
+
+
+def several_prompts(body: dict[str, Any]) -> list[str] | None:
+    """The prompts of a completions body holding a list of several strings; None for
+    one prompt (the line parser takes that, and refuses what is neither)."""
+    prompts = body.get("prompt")
+    if not isinstance(prompts, list) or len(prompts) < 2:
+        return None
+    if not all(isinstance(p, str) for p in prompts):
+        return None  # token ids: the line parser's message says what is supported
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(400, f"at most {MAX_PROMPTS} prompts in one request", param="prompt")
+    return prompts
+
+
+def _line(request_id: str, url: str, body: dict[str, Any]) -> B.BatchLine:
     entry = B.parse_line(json.dumps({"custom_id": request_id, "url": url, "body": body}), 1)
     if isinstance(entry, B.LineError):
         raise bad_body(entry.message)
-    if stream:
-        _check_streamable(entry)
-    return Parsed(entry, bool(stream), include_usage, include_usage and continuous)
+    return entry
 
 
 def _check_streamable(line: B.BatchLine) -> None:
@@ -116,6 +148,24 @@ def response_body(line: B.BatchLine, result: Result, served_model: str) -> dict[
     record = B.format_result(honest, result, default_model=served_model)
     body: dict[str, Any] = record["response"]["body"]
     body["id"] = line.id
+    return body
+
+
+def merged(bodies: list[dict[str, Any]], request_id: str) -> dict[str, Any]:
+    """One response for several prompts: their choices in prompt order, numbered
+    across them (prompt i's n samples are i*n .. i*n+n-1), their usage summed."""
+    body = bodies[0]
+    body["id"] = request_id
+    if len(bodies) == 1:
+        return body
+    choices = [c for b in bodies for c in b["choices"]]
+    for index, choice in enumerate(choices):
+        choice["index"] = index
+    body["choices"] = choices
+    body["usage"] = {
+        name: sum(b["usage"][name] for b in bodies)
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens")
+    }
     return body
 
 
@@ -206,13 +256,21 @@ class Completions:
 
     async def complete(self, parsed: Parsed) -> dict[str, Any]:
         """One whole response, or an ApiError."""
+        lines = parsed.lines or [parsed.line]
         try:
-            [result] = await self.upstream.client.generate([item_for(parsed.line, self.timeout_s)])
+            results = await self.upstream.client.generate(
+                [item_for(line, self.timeout_s) for line in lines]
+            )
         except errors.ExgenError as exc:
             raise from_exgen_error(exc, parsed.line.url) from None
-        if result.error is not None:
-            raise from_request_failed(result.error, parsed.line.url)
-        return response_body(parsed.line, result, self.upstream.model)
+        for result in results:
+            if result.error is not None:  # one prompt failed: the request did, as vLLM's
+                raise from_request_failed(result.error, parsed.line.url)
+        bodies = [
+            response_body(line, r, self.upstream.model)
+            for line, r in zip(lines, results, strict=True)
+        ]
+        return merged(bodies, parsed.line.id)
 
     def stream(self, parsed: Parsed) -> AsyncGenerator[str | Result, None]:
         """Text chunks, then the Result; a failure raises an ExgenError."""

@@ -15,6 +15,7 @@ from typing import Any
 
 from exgen.client import batchfile as B
 from exgen.client import protocol as P
+from exgen.daemon.gateway.completions import MAX_PROMPTS
 
 JSON = "application/json"
 Schema = dict[str, Any]
@@ -117,7 +118,7 @@ def request_schemas() -> dict[str, Schema]:
                 "prompt": {
                     "anyOf": [
                         prompt,
-                        {"type": "array", "items": prompt, "minItems": 1, "maxItems": 1},
+                        {"type": "array", "items": prompt, "minItems": 1, "maxItems": MAX_PROMPTS},
                     ]
                 },
                 "logprobs": nullable(

@@ -292,3 +292,32 @@ def test_continuous_usage_stats_counts_tokens_on_every_chunk(fresh: HttpDaemon) 
     assert final.usage.completion_tokens == 6
     assert {u.prompt_tokens for u in counted} == {final.usage.prompt_tokens}
     assert all(u.total_tokens == u.prompt_tokens + u.completion_tokens for u in counted)
+
+
+# --- what evaluation harnesses send -------------------------------------------------------
+
+
+def test_several_prompts_in_one_completions_request(fresh: HttpDaemon) -> None:
+    """lm-eval's batch_size > 1 (with tokenized_requests off): a list of prompts, one
+    answer each, n samples each, in prompt order, as OpenAI and vLLM number them."""
+    sdk = openai.OpenAI(base_url=fresh.base_url, api_key="x", max_retries=0)
+    prompts = ["rivers run", "mountains stand", "the sea"]
+    reply = sdk.completions.create(
+        model="x", prompt=prompts, max_tokens=4, n=2, seed=5, temperature=0.9
+    )
+    assert [c.index for c in reply.choices] == list(range(6))
+    for i, prompt in enumerate(prompts):
+        alone = sdk.completions.create(
+            model="x", prompt=prompt, max_tokens=4, n=2, seed=5, temperature=0.9
+        )
+        assert [c.text for c in reply.choices[2 * i : 2 * i + 2]] == [c.text for c in alone.choices]
+    assert reply.usage is not None and reply.usage.completion_tokens == 6 * 4
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.completions.create(model="x", prompt=["a", "b"], max_tokens=4, stream=True)
+    assert caught.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.completions.create(model="x", prompt=["a"] * 257, max_tokens=4)
+    assert caught.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError) as caught:  # one of them too long: the request
+        sdk.completions.create(model="x", prompt=["a", "word " * (CONTEXT * 2)], max_tokens=4)
+    assert caught.value.code == "context_length_exceeded"
