@@ -18,6 +18,7 @@ CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
 
 # A value that uses each field the docs name (not its neutral value, where it has one).
 ACCEPTED: dict[str, Any] = {
+    "prompt": ["one", "two"],
     "max_tokens": 5,
     "max_completion_tokens": 5,
     "temperature": 0.7,
@@ -96,7 +97,8 @@ def test_every_field_the_docs_map_is_accepted() -> None:
         fields = {name: ACCEPTED[name]}
         if name in STREAM_ONLY:
             fields["stream"] = True
-        parse_body(body(CHAT_URL, **fields), CHAT_URL)  # raises ApiError if refused
+        url = COMPLETIONS_URL if name == "prompt" else CHAT_URL
+        parse_body(body(url, **fields), url)  # raises ApiError if refused
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
