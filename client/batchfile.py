@@ -146,7 +146,7 @@ class BatchLine:
 
     line_no: int
     id: str
-    prompt: str | None = None
+    prompt: str | list[int] | None = None  # text, or token ids
     messages: list[dict[str, str]] | None = None
     params: dict[str, Any] = field(default_factory=dict)
     url: str | None = None  # set for OpenAI lines: which endpoint they address
@@ -470,13 +470,16 @@ def _join_text_parts(parts: list[Any], index: int) -> str:
 
 
 def _openai_prompt(value: Any) -> Any:
-    """A completions prompt: a string, or a list holding exactly one string."""
+    """A completions prompt: a string or token ids, or a list holding exactly one of
+    them (several prompts are the HTTP endpoint's to split); shapes left to validation."""
+    if isinstance(value, list) and value and all(type(t) is int for t in value):
+        return value  # token ids
     if isinstance(value, list):
-        if len(value) == 1 and isinstance(value[0], str):
-            return value[0]
+        if len(value) == 1 and isinstance(value[0], str | list):
+            return _openai_prompt(value[0])
         raise _Malformed(
-            "body.prompt: one string per line is supported in a batch file (a list of "
-            "strings over HTTP); token ids are not supported"
+            "body.prompt: one prompt per line is supported in a batch file (a list of "
+            "prompts over HTTP)"
         )
     if value is None:
         raise _Malformed("body.prompt is missing")

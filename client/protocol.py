@@ -79,6 +79,8 @@ MAX_MODEL_CHARS = 256
 MAX_CLIENT_NAME_CHARS = 200
 PRIORITIES = ("interactive", "batch")  # dispatched in this order
 MAX_PROMPT_CHARS = 1_000_000
+MAX_PROMPT_IDS = 262_144  # a prompt given as token ids (vLLM's and OpenAI's token prompts)
+MAX_TOKEN_ID = 2**31 - 1
 MAX_MESSAGES = 1_000
 MAX_NEW_TOKENS = 1_000_000
 MAX_STOP_STRINGS = 16
@@ -210,7 +212,7 @@ class Item:
     """One prompt of a submit, validated."""
 
     id: str
-    prompt: str | None
+    prompt: str | list[int] | None  # text, or the model's token ids
     messages: list[dict[str, str]] | None
     params: dict[str, Any] = field(default_factory=dict)
     timeout_s: float | None = None  # deadline from acceptance
@@ -509,6 +511,21 @@ def _validate_item_fields(
     )
 
 
+def _check_prompt(path: str, prompt: Any) -> None:
+    """Text, or token ids (what the engine's tokenizer gave a client: the model's own)."""
+    if isinstance(prompt, str):
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValidationError(path, f"longer than {MAX_PROMPT_CHARS} characters")
+        return
+    if not isinstance(prompt, list):
+        raise ValidationError(path, "must be a string or a list of token ids")
+    if not prompt or len(prompt) > MAX_PROMPT_IDS:
+        raise ValidationError(path, f"must hold 1 to {MAX_PROMPT_IDS} token ids")
+    for i, token in enumerate(prompt):
+        if type(token) is not int or not 0 <= token <= MAX_TOKEN_ID:
+            raise ValidationError(f"{path}[{i}]", "must be a token id (an integer >= 0)")
+
+
 def validate_item_parts(
     where: str,
     item_id: str,
@@ -525,10 +542,7 @@ def validate_item_parts(
     if (prompt is None) == (messages is None):
         raise ValidationError(where, "needs exactly one of prompt or messages")
     if prompt is not None:
-        if not isinstance(prompt, str):
-            raise ValidationError(f"{where}.prompt", "must be a string")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise ValidationError(f"{where}.prompt", f"longer than {MAX_PROMPT_CHARS} characters")
+        _check_prompt(f"{where}.prompt", prompt)
     checked_messages = (
         None if messages is None else _validate_messages(f"{where}.messages", messages)
     )

@@ -51,6 +51,15 @@ class JobRejected(ValueError):
         self.field = field
 
 
+def vocabulary_problem(ids: list[int], vocab_size: int) -> JobRejected | None:
+    """A token-id prompt with an id the model has no embedding for: the job's error."""
+    outside = next((t for t in ids if t >= vocab_size), None)
+    if outside is None:
+        return None
+    message = f"token id {outside} is outside the vocabulary ({vocab_size} tokens)"
+    return JobRejected(P.E_BAD_REQUEST, message, "prompt")
+
+
 @dataclass(slots=True)
 class SamplingParams:
     max_new_tokens: int = P.DEFAULT_PARAMS["max_new_tokens"]
@@ -97,7 +106,7 @@ class Job:
     """One prompt to generate for. ``key`` is the router's id for it."""
 
     key: int
-    prompt: str | None
+    prompt: str | list[int] | None  # text, or token ids (the engine's tokenizer's)
     messages: list[dict[str, str]] | None
     params: SamplingParams
     stream: bool = False

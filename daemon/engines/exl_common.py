@@ -42,6 +42,7 @@ from exgen.daemon.engines.base import (
     TokenLogprob,
     finished_from_choices,
     take_options,
+    vocabulary_problem,
 )
 from exgen.daemon.engines.grammar import Grammars, SchemaMatcher
 from exgen.daemon.inspect import FORMAT_NAMES, ModelInspectError, inspect_model, read_json
@@ -203,6 +204,7 @@ class PromptBuilder:
     def text_for(self, job: Job) -> tuple[str, bool]:
         """(text, add_bos). Raises JobRejected for messages this model cannot take."""
         if job.messages is None:
+            assert not isinstance(job.prompt, list), "token ids are not text to tokenize"
             return job.prompt or "", self.plain_adds_bos
         # A rendered template carries its own BOS (HF tokenizes it without adding one).
         return self.render_chat(job.messages), False
@@ -524,8 +526,7 @@ class ExlEngine(Engine, abc.ABC):
         self._check_thread()
         if job.key in self._jobs:
             raise JobRejected(P.E_INTERNAL, f"job key {job.key} is already running")
-        text, add_bos = self._prompts_or_fail().text_for(job)
-        ids = adapter.encode(text, add_bos)
+        ids = self._encode(adapter, job)
         params = job.params
         self._check_length(len(ids), params.max_new_tokens, adapter.max_seq_len)
         if params.min_tokens and params.stop:
@@ -564,6 +565,15 @@ class ExlEngine(Engine, abc.ABC):
                     P.E_ENGINE, f"{self.name} refused the job: {first_line(exc)}"
                 ) from None
         self._jobs[job.key] = running
+
+    def _encode(self, adapter: LibraryAdapter, job: Job) -> list[int]:
+        if isinstance(job.prompt, list):  # the model's token ids, as a client's tokenizer gave them
+            problem = vocabulary_problem(job.prompt, adapter.vocab_size)
+            if problem is not None:
+                raise problem
+            return list(job.prompt)
+        text, add_bos = self._prompts_or_fail().text_for(job)
+        return adapter.encode(text, add_bos)
 
     def _grammar_for(self, schema: str) -> Callable[[], SchemaMatcher]:
         """A maker of matchers for this schema, compiled (once per worker) now, so a

@@ -60,6 +60,7 @@ from exgen.daemon.engines.base import (
     Job,
     JobRejected,
     take_options,
+    vocabulary_problem,
 )
 from exgen.daemon.engines.cpu_layout import available_memory_bytes, cpu_flags, native_bf16
 from exgen.daemon.engines.grammar import Grammars
@@ -247,6 +248,12 @@ class TransformersEngine(Engine):
         return self._state
 
     def _encode(self, job: Job) -> list[int]:
+        if isinstance(job.prompt, list):  # the model's token ids, as a client's tokenizer gave them
+            model = self._loaded().model
+            problem = vocabulary_problem(job.prompt, model.get_input_embeddings().num_embeddings)
+            if problem is not None:
+                raise problem
+            return list(job.prompt)
         tokenizer = self._loaded().tokenizer
         if job.messages is not None:
             try:

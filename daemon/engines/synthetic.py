@@ -132,6 +132,8 @@ def synthetic_tokens(
 def prompt_text(job: Job) -> str:
     if job.messages is not None:
         return "\n".join(f"{m['role']}: {m['content']}" for m in job.messages)
+    if isinstance(job.prompt, list):  # token ids: word i of the vocabulary, one a token
+        return " ".join(WORDS[token % len(WORDS)] for token in job.prompt)
     return job.prompt or ""
 
 
@@ -211,7 +213,7 @@ class SyntheticEngine(Engine):
         return {"model": "synthetic", "max_seq_len": self.max_seq_len}
 
     def add(self, job: Job) -> None:
-        text = (job.prompt or "") if job.messages is None else prompt_text(job)
+        text = prompt_text(job)
         prompt_tokens = len(text.split())
         if prompt_tokens + job.params.max_new_tokens > self._max_seq_len:
             raise JobRejected(

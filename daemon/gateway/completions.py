@@ -71,14 +71,14 @@ def parse_body(raw: bytes, url: str) -> Parsed:
     return Parsed(lines[0], bool(stream), include_usage, include_usage and continuous, lines)
 
 
-def several_prompts(body: dict[str, Any]) -> list[str] | None:
-    """The prompts of a completions body holding a list of several strings; None for
-    one prompt (the line parser takes that, and refuses what is neither)."""
+def several_prompts(body: dict[str, Any]) -> list[Any] | None:
+    """The prompts of a completions body holding several (strings, or lists of token
+    ids); None for one prompt, which the line parser takes (and refuses what is neither)."""
     prompts = body.get("prompt")
     if not isinstance(prompts, list) or len(prompts) < 2:
         return None
-    if not all(isinstance(p, str) for p in prompts):
-        return None  # token ids: the line parser's message says what is supported
+    if not all(isinstance(p, str | list) for p in prompts):
+        return None  # one prompt of token ids, or a shape the line parser names
     if len(prompts) > MAX_PROMPTS:
         raise ApiError(400, f"at most {MAX_PROMPTS} prompts in one request", param="prompt")
     return prompts

@@ -108,7 +108,14 @@ def request_schemas() -> dict[str, Schema]:
             "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": content_part}]},
         },
     }
-    prompt = {"type": "string", "maxLength": P.MAX_PROMPT_CHARS}
+    text = {"type": "string", "maxLength": P.MAX_PROMPT_CHARS}
+    ids = {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0, "maximum": P.MAX_TOKEN_ID},
+        "minItems": 1,
+        "maxItems": P.MAX_PROMPT_IDS,
+    }
+    prompt = {"anyOf": [text, ids]}
     return {
         "CompletionRequest": {
             "type": "object",
@@ -117,7 +124,8 @@ def request_schemas() -> dict[str, Schema]:
             "properties": {
                 "prompt": {
                     "anyOf": [
-                        prompt,
+                        text,
+                        ids,
                         {"type": "array", "items": prompt, "minItems": 1, "maxItems": MAX_PROMPTS},
                     ]
                 },

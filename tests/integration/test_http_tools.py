@@ -321,3 +321,17 @@ def test_several_prompts_in_one_completions_request(fresh: HttpDaemon) -> None:
     with pytest.raises(openai.BadRequestError) as caught:  # one of them too long: the request
         sdk.completions.create(model="x", prompt=["a", "word " * (CONTEXT * 2)], max_tokens=4)
     assert caught.value.code == "context_length_exceeded"
+
+
+def test_token_id_prompts(fresh: HttpDaemon) -> None:
+    """lm-eval's tokenized_requests (its default): prompts as token ids, one or a batch."""
+    sdk = openai.OpenAI(base_url=fresh.base_url, api_key="x", max_retries=0)
+    one = sdk.completions.create(model="x", prompt=[3, 7, 11], max_tokens=4)
+    assert one.usage is not None and one.usage.prompt_tokens == 3
+    batch = sdk.completions.create(model="x", prompt=[[3, 7, 11], [5, 5]], max_tokens=4)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert batch.choices[0].text == one.choices[0].text != batch.choices[1].text
+    assert batch.usage is not None and batch.usage.prompt_tokens == 5
+    for bad in ([3, -1], [3, 1.5], [[3], "x", []], [[0] * 10, [True]]):
+        status, body = request(f"{fresh.url}/v1/completions", {"prompt": bad, "max_tokens": 2})
+        assert status == 400 and body["error"]["param"] == "prompt", (bad, body)

@@ -332,8 +332,12 @@ def test_openai_bad_bodies(body: dict[str, Any], needle: str) -> None:
         (openai_line(CHAT_BODY, url="/v1/embeddings"), "/v1/embeddings"),
         (openai_line(CHAT_BODY, extra=1), "'extra'"),
         ({"custom_id": "r", "url": B.CHAT_URL, "body": "x"}, "body must be an object"),
-        (openai_line({"prompt": ["a", "b"]}, B.COMPLETIONS_URL), "one string per line"),
-        (openai_line({"prompt": [1, 2, 3]}, B.COMPLETIONS_URL), "token ids"),
+        (openai_line({"prompt": ["a", "b"]}, B.COMPLETIONS_URL), "one prompt per line"),
+        (
+            openai_line({"prompt": [1, -2, 3]}, B.COMPLETIONS_URL),
+            "body.prompt[1]: must be a token id",
+        ),
+        (openai_line({"prompt": [[1], [2]]}, B.COMPLETIONS_URL), "one prompt per line"),
         (openai_line({"model": "m"}, B.COMPLETIONS_URL), "body.prompt is missing"),
         (
             openai_line({"messages": [{"role": "user", "content": "x"}]}, B.COMPLETIONS_URL),
@@ -640,3 +644,9 @@ def test_resume_then_append_gives_each_id_once(
                 writer.write_result(one({"id": item_id, "prompt": "x"}), FakeResult(item_id))
     ids = [json.loads(x)["id"] for x in path.read_text(encoding="utf-8").splitlines()]
     assert sorted(ids) == list("abcdefgh")
+
+
+def test_a_token_id_prompt_is_sent_as_it_is() -> None:
+    line = one(openai_line({"prompt": [5, 0, 17], "max_tokens": 2}, B.COMPLETIONS_URL))
+    assert line.prompt == [5, 0, 17] and line.to_item()["prompt"] == [5, 0, 17]
+    assert one(openai_line({"prompt": [[5, 6]]}, B.COMPLETIONS_URL)).prompt == [5, 6]
