@@ -109,6 +109,8 @@ OPENAI_PARAM_ALIASES: dict[str, str] = {
     "min_tokens": "min_tokens",
     "skip_special_tokens": "skip_special_tokens",
     "include_stop_str_in_output": "include_stop_str_in_output",
+    "prompt_logprobs": "prompt_logprobs",
+    # echo: completions only (see _openai_echo)
 }
 # OpenAI body fields that cannot change the generated text: accepted and ignored.
 OPENAI_IGNORED = frozenset(
@@ -128,7 +130,6 @@ OPENAI_IGNORED = frozenset(
 OPENAI_NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "best_of": ((1, None), "only best_of=1 is supported"),
     "stream": ((False, None), "streaming is not supported in a batch file"),
-    "echo": ((False, None), "echo is not supported"),
     "logit_bias": ((None,), "not supported"),
     "suffix": ((None, ""), "not supported"),
     "tools": ((None,), "tool calling is not supported"),
@@ -376,6 +377,7 @@ def _parse_openai(obj: dict[str, Any], line_no: int) -> BatchLine:
     body = {key: value for key, value in body.items() if value is not None}
     params, written = _map_params(body, OPENAI_PARAM_ALIASES, "body.")
     _openai_logprobs(body, url, params, written)
+    _openai_echo(body, url, params, written)
     raw: dict[str, Any] = {"id": item_id, "params": params}
     if url == CHAT_URL:
         if "messages" not in body:
@@ -419,10 +421,27 @@ def _openai_logprobs(
     written["top_logprobs"] = "body.logprobs"
 
 
+def _openai_echo(
+    body: Mapping[str, Any], url: str, params: dict[str, Any], written: dict[str, str]
+) -> None:
+    """``echo`` (completions): the prompt comes back before the text, and with
+    ``logprobs: N`` so do its tokens' logprobs (the loglikelihood request)."""
+    value = body.get("echo")
+    if value is None or value is False:
+        return
+    if url == CHAT_URL:
+        raise _Malformed("body.echo: a completions field (chat answers do not repeat the prompt)")
+    params["echo"] = value
+    written["echo"] = "body.echo"
+    if "top_logprobs" in params and "prompt_logprobs" not in params:
+        params["prompt_logprobs"] = params["top_logprobs"]
+        written["prompt_logprobs"] = "body.logprobs"
+
+
 def _check_openai_body_keys(body: Mapping[str, Any], url: str) -> None:
     text_key = "messages" if url == CHAT_URL else "prompt"
     known = (
-        {text_key, "model", "logprobs"}
+        {text_key, "model", "logprobs", "echo"}
         | OPENAI_PARAM_ALIASES.keys()
         | OPENAI_IGNORED
         | OPENAI_NEUTRAL.keys()
@@ -649,37 +668,77 @@ def _chat_logprobs(logprobs: Any) -> dict[str, Any]:
     return {"content": content, "refusal": None}
 
 
-def _completion_logprobs(logprobs: Any, top_wanted: bool) -> dict[str, Any]:
+def _completion_logprobs(
+    logprobs: Any, top_wanted: bool, prompt: list[list[Any]] | None = None
+) -> dict[str, Any]:
+    """OpenAI's completions logprobs; with echo, the prompt's tokens first (the first
+    one's logprob and alternatives null, as OpenAI's)."""
+    rows = [(p[1], p[2], None if p[2] is None else [a[1:] for a in p[4]]) for p in prompt or ()]
+    rows += [(token, lp, top) for token, lp, top in logprobs]
     offsets, offset = [], 0
-    for token, _, _ in logprobs:
+    for token, _, _ in rows:
         offsets.append(offset)
         offset += len(token)
     return {
-        "tokens": [token for token, _, _ in logprobs],
-        "token_logprobs": [lp for _, lp, _ in logprobs],
-        "top_logprobs": [dict(top) for _, _, top in logprobs] if top_wanted else None,
+        "tokens": [token for token, _, _ in rows],
+        "token_logprobs": [lp for _, lp, _ in rows],
+        "top_logprobs": [None if t is None else dict(t) for _, _, t in rows]
+        if top_wanted
+        else None,
         "text_offset": offsets,
     }
 
 
-def _openai_choice(line: BatchLine, index: int, sample: tuple[str, Any, Any]) -> dict[str, Any]:
+def _openai_choice(
+    line: BatchLine, index: int, sample: tuple[str, Any, Any], prompt: Any = None
+) -> dict[str, Any]:
     text, finish_reason, logprobs = sample
     choice: dict[str, Any] = {"index": index}
     if line.url == CHAT_URL:
         choice["message"] = {"role": "assistant", "content": text}
         choice["logprobs"] = None if logprobs is None else _chat_logprobs(logprobs)
     else:
-        choice["text"] = text
         top = bool(line.params.get("top_logprobs"))
-        choice["logprobs"] = None if logprobs is None else _completion_logprobs(logprobs, top)
+        echoed = prompt if line.params.get("echo") else None
+        choice["text"] = text if echoed is None else _prompt_text(line, echoed) + text
+        if logprobs is not None:
+            prompt_entries = getattr(echoed, "logprobs", None) or []
+            choice["logprobs"] = _completion_logprobs(logprobs, top, prompt_entries)
+        else:
+            choice["logprobs"] = None
+        if getattr(prompt, "logprobs", None) is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(prompt.logprobs)
     choice["finish_reason"] = finish_reason
     return choice
 
 
+def _prompt_text(line: BatchLine, prompt: Any) -> str:
+    """The echoed prompt: as the request wrote it, or its token ids' text."""
+    return line.prompt if isinstance(line.prompt, str) else str(prompt.text)
+
+
+def vllm_prompt_logprobs(entries: list[list[Any]]) -> list[dict[str, Any] | None]:
+    """vLLM's prompt_logprobs: per prompt token, {token id: {logprob, rank,
+    decoded_token}} for it and its alternatives; None for the first token."""
+    out: list[dict[str, Any] | None] = []
+    for token, piece, logprob, rank, alternatives in entries:
+        if logprob is None:
+            out.append(None)
+            continue
+        position = {str(token): {"logprob": logprob, "rank": rank, "decoded_token": piece}}
+        for place, (alt, alt_piece, alt_lp) in enumerate(alternatives, 1):
+            position.setdefault(
+                str(alt), {"logprob": alt_lp, "rank": place, "decoded_token": alt_piece}
+            )
+        out.append(position)
+    return out
+
+
 def _openai_body(line: BatchLine, result: ResultLike, created: int, model: str) -> dict[str, Any]:
     chat = line.url == CHAT_URL
-    choices = [_openai_choice(line, i, s) for i, s in enumerate(_samples(result))]
-    return {
+    prompt = getattr(result, "prompt", None)
+    choices = [_openai_choice(line, i, s, prompt) for i, s in enumerate(_samples(result))]
+    body: dict[str, Any] = {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
         "object": "chat.completion" if chat else "text_completion",
         "created": created,
@@ -691,6 +750,10 @@ def _openai_body(line: BatchLine, result: ResultLike, created: int, model: str) 
             "total_tokens": result.prompt_tokens + result.completion_tokens,
         },
     }
+    entries = getattr(prompt, "logprobs", None)
+    if chat and entries is not None:  # vLLM's place for a chat's (completions: a choice's)
+        body["prompt_logprobs"] = vllm_prompt_logprobs(entries)
+    return body
 
 
 def format_line_error(err: LineError) -> dict[str, Any]:

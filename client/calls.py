@@ -49,6 +49,29 @@ def _logprobs_from_wire(raw: Any) -> list[TokenLogprob] | None:
 
 
 @dataclass(slots=True)
+class PromptEcho:
+    """The prompt as the engine saw it (``Result.prompt``, where the params asked with
+    ``echo`` or ``prompt_logprobs``): its token ids, their text, and per token
+    ``[id, text, logprob, rank, [[alt id, alt text, logprob]...]]`` (the first token's
+    logprob and rank None)."""
+
+    ids: list[int]
+    text: str
+    logprobs: list[list[Any]] | None = None
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> PromptEcho | None:
+        if not isinstance(raw, dict):
+            return None
+        logprobs = raw.get("logprobs")
+        return cls(
+            [int(t) for t in raw.get("ids") or ()],
+            str(raw.get("text") or ""),
+            logprobs if isinstance(logprobs, list) else None,
+        )
+
+
+@dataclass(slots=True)
 class Choice:
     """One of the ``n`` samples of a prompt (``Result.choices``)."""
 
@@ -82,6 +105,7 @@ class Result:
     model: str | None = None
     logprobs: list[TokenLogprob] | None = None
     choices: list[Choice] = field(default_factory=list)
+    prompt: PromptEcho | None = None
 
     @property
     def ok(self) -> bool:
@@ -128,6 +152,8 @@ class Result:
                     )
                     for i, c in enumerate(choices)
                 ]
+        if "prompt" in body:
+            result.prompt = PromptEcho.from_wire(body["prompt"])
         return result
 
 

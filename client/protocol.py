@@ -117,6 +117,11 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "min_tokens": 0,  # neither EOS nor a stop string ends the text before this many
     "skip_special_tokens": True,  # special tokens (EOS, template markers) left out of text
     "include_stop_str_in_output": False,  # the stop string that ended the text kept in it
+    # The prompt itself in the result: its token ids and their text (echo), and each
+    # prompt token's logprob with this many alternatives (vLLM's prompt_logprobs): what
+    # loglikelihood evaluations ask, most with max_new_tokens 0.
+    "echo": False,
+    "prompt_logprobs": None,
 }
 # ``response_format`` (OpenAI's shape, or "json_object") is accepted where params are
 # and becomes ``json_schema``: the wire carries only the latter.
@@ -376,7 +381,7 @@ def schema_of_response_format(value: Any) -> str | None:
 # the field relative to the parameter ("" or "[i]"). Every item of a submit goes
 # through these: a table lookup, and the field's path is built only for an error.
 _PARAM_CHECKS: dict[str, Callable[[Any], Any]] = {
-    "max_new_tokens": lambda v: _check_number("", v, 1, MAX_NEW_TOKENS, integer=True),
+    "max_new_tokens": lambda v: _check_number("", v, 0, MAX_NEW_TOKENS, integer=True),
     "temperature": lambda v: float(_check_number("", v, 0.0, 100.0)),
     "top_p": _positive_fraction,
     "top_k": lambda v: _check_number("", v, 0, 1_000_000, integer=True),
@@ -395,6 +400,10 @@ _PARAM_CHECKS: dict[str, Callable[[Any], Any]] = {
     "min_tokens": lambda v: _check_number("", v, 0, MAX_NEW_TOKENS, integer=True),
     "skip_special_tokens": _check_bool,
     "include_stop_str_in_output": _check_bool,
+    "echo": _check_bool,
+    "prompt_logprobs": lambda v: (
+        None if v is None else _check_number("", v, 0, MAX_TOP_LOGPROBS, integer=True)
+    ),
 }
 assert set(_PARAM_CHECKS) == PARAM_NAMES
 
@@ -433,7 +442,7 @@ def validate_params(raw: Any, where: str = "params") -> dict[str, Any]:
     return out
 
 
-_NONE_MEANS_UNSET = frozenset({"seed", "json_schema"})
+_NONE_MEANS_UNSET = frozenset({"seed", "json_schema", "prompt_logprobs"})
 
 
 def _validate_stop(path: str, value: Any) -> list[str]:

@@ -153,6 +153,8 @@ class WorkerMessages:
                     result["logprobs"] = event.logprobs
                 if event.choices is not None:
                     result["choices"] = [c.to_wire() for c in event.choices]
+                if event.prompt is not None:
+                    result["prompt"] = event.prompt.to_wire()
                 self.router.answer(entry, result, now)
         for failure in failed:
             entry = self._settle(slot, serving, failure.key, now, ok=False)

@@ -20,7 +20,15 @@ import msgpack
 import msgspec
 
 from exgen.client import protocol as P
-from exgen.daemon.engines.base import Choice, Chunk, Failed, Finished, Job, SamplingParams
+from exgen.daemon.engines.base import (
+    Choice,
+    Chunk,
+    Failed,
+    Finished,
+    Job,
+    PromptEcho,
+    SamplingParams,
+)
 
 READY = b"r"  # worker -> router: Ready
 HEARTBEAT = b"h"  # worker -> router: Beat
@@ -84,7 +92,7 @@ def pack_done(finished: list[Finished], failed: list[Failed]) -> list[bytes]:
     done = [
         [
             e.key, e.text, e.finish_reason, e.prompt_tokens, e.completion_tokens,
-            None if e.logprobs is None and e.choices is None else _extra(e),
+            None if e.logprobs is None and e.choices is None and e.prompt is None else _extra(e),
         ]
         for e in finished
     ]  # fmt: skip
@@ -100,6 +108,8 @@ def _extra(event: Finished) -> dict[str, Any]:
         extra["logprobs"] = event.logprobs
     if event.choices is not None:
         extra["choices"] = [c.to_wire() for c in event.choices]
+    if event.prompt is not None:
+        extra["prompt"] = event.prompt.to_wire()
     return extra
 
 
@@ -112,6 +122,8 @@ def decode_done(body: dict[str, Any]) -> tuple[list[Finished], list[Failed]]:
             choices = extra.get("choices")
             if choices is not None:
                 event.choices = [Choice(**c) for c in choices]
+            if extra.get("prompt") is not None:
+                event.prompt = PromptEcho.from_wire(extra["prompt"])
         finished.append(event)
     failed = [
         Failed(int(k), str(code), str(message), None if f is None else str(f))

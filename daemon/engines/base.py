@@ -80,6 +80,13 @@ class SamplingParams:
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    echo: bool = False
+    prompt_logprobs: int | None = None
+
+    @property
+    def wants_prompt(self) -> bool:
+        """The result carries the prompt (its ids and text, or its logprobs)."""
+        return self.echo or self.prompt_logprobs is not None
 
     @property
     def greedy(self) -> bool:
@@ -160,6 +167,28 @@ class Finished:
     completion_tokens: int
     logprobs: list[TokenLogprob] | None = None
     choices: list[Choice] | None = None
+    prompt: PromptEcho | None = None  # where the params asked (echo, prompt_logprobs)
+
+
+# One prompt token's log probability: [id, text, logprob, rank, [[alt id, alt text,
+# logprob]...]]; the first token's logprob and rank are None (nothing precedes it).
+PromptLogprob = list[Any]
+
+
+@dataclass(slots=True)
+class PromptEcho:
+    """The prompt as the engine saw it: token ids, their text, their logprobs."""
+
+    ids: list[int]
+    text: str
+    logprobs: list[PromptLogprob] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"ids": self.ids, "text": self.text, "logprobs": self.logprobs}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> PromptEcho:
+        return cls(list(raw["ids"]), str(raw["text"]), raw.get("logprobs"))
 
 
 @dataclass(slots=True)

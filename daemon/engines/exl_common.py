@@ -529,6 +529,14 @@ class ExlEngine(Engine, abc.ABC):
         ids = self._encode(adapter, job)
         params = job.params
         self._check_length(len(ids), params.max_new_tokens, adapter.max_seq_len)
+        if params.wants_prompt or params.max_new_tokens == 0:
+            # The libraries' generators return generated tokens' logits, not the prompt's.
+            raise JobRejected(
+                P.E_BAD_REQUEST,
+                f"{self.name} cannot return the prompt (echo, prompt logprobs) or run a "
+                "job of max_tokens 0 yet",
+                _prompt_field(params),
+            )
         if params.min_tokens and params.stop:
             # The libraries' min_new_tokens holds stop tokens back, not stop strings.
             raise JobRejected(
@@ -758,6 +766,12 @@ def translate_result(
         )
     )
     return events, True
+
+
+def _prompt_field(params: SamplingParams) -> str:
+    if params.prompt_logprobs is not None:
+        return "params.prompt_logprobs"
+    return "params.echo" if params.echo else "params.max_new_tokens"
 
 
 def token_count(result: dict[str, Any]) -> int:

@@ -52,8 +52,10 @@ import os
 import random
 import re
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 from exgen.client import protocol as P
 from exgen.daemon.engines import grammar
@@ -66,6 +68,7 @@ from exgen.daemon.engines.base import (
     Finished,
     Job,
     JobRejected,
+    PromptEcho,
     SamplingParams,
     TokenLogprob,
     find_stop,
@@ -81,6 +84,7 @@ WORDS = (
     "the quick brown fox jumps over lazy dog river stone light shadow morning evening "
     "garden window letter story ocean mountain silver golden quiet gentle ancient city"
 ).split()
+_WORD_IDS = {word: i for i, word in enumerate(WORDS)}
 CRASH_EXIT_CODE = 70
 _EOS_AT = re.compile(r"\blen=(\d{1,7})\b")
 
@@ -127,6 +131,27 @@ def synthetic_tokens(
         block = _blake2b(block, digest_size=_BLOCK).digest()
         out.extend(map(_piece_of_byte, block[: count - len(out)]))
     return out
+
+
+def prompt_echo(job: Job) -> PromptEcho:
+    """The prompt as this engine tokenizes it (a word a token: its place among WORDS,
+    another word a stable hash), with made-up but well-formed logprobs where asked."""
+    text = prompt_text(job)
+    if isinstance(job.prompt, list):
+        ids = list(job.prompt)
+    else:
+        ids = [_WORD_IDS.get(w, zlib.crc32(w.encode()) % len(WORDS)) for w in text.split()]
+    top = job.params.prompt_logprobs
+    if top is None:
+        return PromptEcho(ids, text)
+    words = [WORDS[t % len(WORDS)] for t in ids]
+    entries: list[list[Any]] = [[ids[0], words[0], None, None, []]] if ids else []
+    for i in range(1, len(ids)):
+        chosen = -0.1 * (1 + i % 5)
+        alternatives = [[ids[i], words[i], chosen]]
+        alternatives += [[j, WORDS[j], chosen - j - 1] for j in range(top - 1)]
+        entries.append([ids[i], words[i], chosen, 1, alternatives[:top]])
+    return PromptEcho(ids, text, entries)
 
 
 def prompt_text(job: Job) -> str:
@@ -339,7 +364,10 @@ class SyntheticEngine(Engine):
         text = "".join([*sample.text, last]) if sample.text else last
         reason = P.FINISH_STOP if sample.eos else P.FINISH_LENGTH
         self._retire(active.job.key)
-        return Finished(active.job.key, text, reason, active.prompt_tokens, len(pieces))
+        finished = Finished(active.job.key, text, reason, active.prompt_tokens, len(pieces))
+        if params.wants_prompt:
+            finished.prompt = prompt_echo(active.job)
+        return finished
 
     def _grow(self, sample: _Sample, params: SamplingParams, tokens: int | None) -> str:
         """The sample's next ``tokens`` tokens (None: all); ends it when it is done."""
@@ -378,7 +406,10 @@ class SyntheticEngine(Engine):
     def _end(self, active: _Active) -> Finished:
         self._retire(active.job.key)
         choices = [s.done for s in active.samples if s.done is not None]
-        return finished_from_choices(active.job.key, active.prompt_tokens, choices)
+        finished = finished_from_choices(active.job.key, active.prompt_tokens, choices)
+        if active.job.params.wants_prompt:
+            finished.prompt = prompt_echo(active.job)
+        return finished
 
     def _retire(self, key: int) -> None:
         """A job ended: out of the batch, counted (``crash_after``)."""

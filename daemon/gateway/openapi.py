@@ -49,7 +49,6 @@ STOP_STRING: Schema = {"type": "string", "minLength": 1, "maxLength": P.MAX_STOP
 IGNORED: Schema = dict.fromkeys(sorted(B.OPENAI_IGNORED - {"stream_options"}), ANY)
 NEUTRAL: Schema = {
     "best_of": {"enum": [1, None]},
-    "echo": {"enum": [False, None]},
     "logit_bias": {"anyOf": [{"type": "null"}, {"type": "object", "maxProperties": 0}]},
     "suffix": {"enum": ["", None]},
     "tools": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]},
@@ -61,7 +60,7 @@ NEUTRAL: Schema = {
 
 def sampling_fields() -> Schema:
     """The body fields both endpoints map to sampling params, as batchfile maps them."""
-    tokens = integer(1, P.MAX_NEW_TOKENS)
+    tokens = integer(0, P.MAX_NEW_TOKENS)  # 0: the prompt's logprobs, no text
     return {
         "model": nullable({"type": "string", "minLength": 1, "maxLength": P.MAX_MODEL_CHARS}),
         "max_tokens": tokens,
@@ -87,6 +86,7 @@ def sampling_fields() -> Schema:
         "min_tokens": integer(0, P.MAX_NEW_TOKENS),
         "skip_special_tokens": BOOL,
         "include_stop_str_in_output": BOOL,
+        "prompt_logprobs": integer(0, P.MAX_TOP_LOGPROBS),
         "stream": BOOL,
         "stream_options": nullable(ref("StreamOptions")),
         **IGNORED,
@@ -132,6 +132,7 @@ def request_schemas() -> dict[str, Schema]:
                 "logprobs": nullable(
                     {"type": "integer", "minimum": 0, "maximum": B.COMPLETIONS_MAX_LOGPROBS}
                 ),
+                "echo": BOOL,
                 **sampling_fields(),
             },
         },
@@ -148,6 +149,7 @@ def request_schemas() -> dict[str, Schema]:
                 },
                 "logprobs": BOOL,
                 "top_logprobs": integer(0, P.MAX_TOP_LOGPROBS),
+                "echo": {"enum": [False, None]},
                 **sampling_fields(),
             },
         },

@@ -335,3 +335,35 @@ def test_token_id_prompts(fresh: HttpDaemon) -> None:
     for bad in ([3, -1], [3, 1.5], [[3], "x", []], [[0] * 10, [True]]):
         status, body = request(f"{fresh.url}/v1/completions", {"prompt": bad, "max_tokens": 2})
         assert status == 400 and body["error"]["param"] == "prompt", (bad, body)
+
+
+def test_the_loglikelihood_request(fresh: HttpDaemon) -> None:
+    """lm-eval's loglikelihood: echo, logprobs over the prompt's tokens, max_tokens 0 or 1."""
+    sdk = openai.OpenAI(base_url=fresh.base_url, api_key="x", max_retries=0)
+    prompt = "the quick brown fox"
+    zero = sdk.completions.create(model="x", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    [choice] = zero.choices
+    assert choice.text == prompt and zero.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens == ["the", "quick", "brown", "fox"]
+    assert lp.token_logprobs[0] is None and all(v < 0 for v in lp.token_logprobs[1:])
+    assert lp.top_logprobs[0] is None and all(len(t) == 1 for t in lp.top_logprobs[1:])
+    one = sdk.completions.create(model="x", prompt=prompt, max_tokens=1, echo=True, logprobs=1)
+    assert one.choices[0].text.startswith(prompt) and len(one.choices[0].logprobs.tokens) == 5
+    assert one.choices[0].logprobs.token_logprobs[:4] == lp.token_logprobs
+    ids = sdk.completions.create(
+        model="x", prompt=[[3, 7], [5]], max_tokens=0, echo=True, logprobs=0
+    )
+    assert [len(c.logprobs.tokens) for c in ids.choices] == [2, 1]
+    raw = request(
+        f"{fresh.url}/v1/completions",
+        {"prompt": prompt, "max_tokens": 1, "prompt_logprobs": 2},
+    )[1]
+    positions = raw["choices"][0]["prompt_logprobs"]
+    assert positions[0] is None and len(positions) == 4
+    assert all(len(p) == 2 and all(v["rank"] >= 1 for v in p.values()) for p in positions[1:])
+    status, body = request(
+        f"{fresh.url}/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "echo": True},
+    )
+    assert status == 400 and body["error"]["param"] == "echo"

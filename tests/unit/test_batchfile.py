@@ -137,7 +137,7 @@ def test_unknown_key_in_nested_params() -> None:
     [
         ({"prompt": "x", "temperature": -1}, "temperature"),
         ({"prompt": "x", "temperature": "hot"}, "temperature: must be a number"),
-        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
         ({"prompt": "x", "max_new_tokens": 1.5}, "max_new_tokens: must be an integer"),
         ({"prompt": "x", "top_p": 0}, "top_p"),
         ({"prompt": "x", "stop": [""]}, "stop[0]"),

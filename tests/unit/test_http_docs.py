@@ -19,6 +19,8 @@ CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
 # A value that uses each field the docs name (not its neutral value, where it has one).
 ACCEPTED: dict[str, Any] = {
     "prompt": ["one", "two"],
+    "echo": True,
+    "prompt_logprobs": 2,
     "max_tokens": 5,
     "max_completion_tokens": 5,
     "temperature": 0.7,
@@ -49,7 +51,6 @@ ACCEPTED: dict[str, Any] = {
 }
 REFUSED: dict[str, Any] = {
     "best_of": 2,
-    "echo": True,
     "logit_bias": {"50256": -100},
     "suffix": "end",
     "tools": [{"type": "function", "function": {"name": "f"}}],
@@ -97,7 +98,7 @@ def test_every_field_the_docs_map_is_accepted() -> None:
         fields = {name: ACCEPTED[name]}
         if name in STREAM_ONLY:
             fields["stream"] = True
-        url = COMPLETIONS_URL if name == "prompt" else CHAT_URL
+        url = COMPLETIONS_URL if name in ("prompt", "echo") else CHAT_URL
         parse_body(body(url, **fields), url)  # raises ApiError if refused
 
 

@@ -106,7 +106,7 @@ def test_a_body_maps_as_a_batch_line_does() -> None:
         ({"n": 2, "stream": True}, "n"),
         ({"logprobs": True, "stream": True}, "logprobs"),
         ({"temprature": 1}, "temprature"),
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
         ({"stream": "yes"}, "stream"),
         ({"stream_options": {"include_usage": 1}}, "include_usage"),
         ({"max_tokens": 1, "max_completion_tokens": 2}, "max_tokens"),

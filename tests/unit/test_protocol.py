@@ -104,7 +104,7 @@ def test_a_bad_item_is_rejected_alone_naming_the_field(item, field):
 
 
 BAD_PARAMS = [
-    ("max_new_tokens", 0),
+    ("max_new_tokens", -1),  # 0 is a job that reads its prompt (echo, prompt_logprobs)
     ("max_new_tokens", P.MAX_NEW_TOKENS + 1),
     ("max_new_tokens", 1.5),
     ("max_new_tokens", "10"),
@@ -186,6 +186,8 @@ GOOD_PARAMS = {
     "min_tokens": 0,
     "skip_special_tokens": False,
     "include_stop_str_in_output": True,
+    "echo": True,
+    "prompt_logprobs": P.MAX_TOP_LOGPROBS,
 }
 
 
