@@ -110,6 +110,7 @@ OPENAI_PARAM_ALIASES: dict[str, str] = {
     "skip_special_tokens": "skip_special_tokens",
     "include_stop_str_in_output": "include_stop_str_in_output",
     "prompt_logprobs": "prompt_logprobs",
+    "add_special_tokens": "add_special_tokens",
     # echo: completions only (see _openai_echo)
 }
 # OpenAI body fields that cannot change the generated text: accepted and ignored.
@@ -484,7 +485,10 @@ def _join_text_parts(parts: list[Any], index: int) -> str:
             raise _Malformed(
                 f"body.messages[{index}].content: only text parts are supported, got {kind!r}"
             )
-        texts.append(str(part.get("text", "")))
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise _Malformed(f"body.messages[{index}].content: a text part's text must be a string")
+        texts.append(text)
     return "".join(texts)
 
 
@@ -693,6 +697,8 @@ def _openai_choice(
     line: BatchLine, index: int, sample: tuple[str, Any, Any], prompt: Any = None
 ) -> dict[str, Any]:
     text, finish_reason, logprobs = sample
+    if logprobs is None and (line.params.get("logprobs") or line.params.get("top_logprobs")):
+        logprobs = []  # asked, and no token generated (max_tokens 0)
     choice: dict[str, Any] = {"index": index}
     if line.url == CHAT_URL:
         choice["message"] = {"role": "assistant", "content": text}

@@ -122,6 +122,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     # loglikelihood evaluations ask, most with max_new_tokens 0.
     "echo": False,
     "prompt_logprobs": None,
+    "add_special_tokens": True,  # a text prompt's BOS and such (chat templates carry theirs)
 }
 # ``response_format`` (OpenAI's shape, or "json_object") is accepted where params are
 # and becomes ``json_schema``: the wire carries only the latter.
@@ -401,6 +402,7 @@ _PARAM_CHECKS: dict[str, Callable[[Any], Any]] = {
     "skip_special_tokens": _check_bool,
     "include_stop_str_in_output": _check_bool,
     "echo": _check_bool,
+    "add_special_tokens": _check_bool,
     "prompt_logprobs": lambda v: (
         None if v is None else _check_number("", v, 0, MAX_TOP_LOGPROBS, integer=True)
     ),
@@ -474,7 +476,7 @@ def _validate_messages(path: str, value: Any) -> list[dict[str, str]]:
         if not isinstance(msg, dict):
             raise ValidationError(where, "must be a map with role and content")
         role, content = msg.get("role"), msg.get("content")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:  # a map is unhashable
             raise ValidationError(
                 f"{where}.role", f"must be one of {', '.join(sorted(CHAT_ROLES))}"
             )
@@ -520,19 +522,23 @@ def _validate_item_fields(
     )
 
 
-def _check_prompt(path: str, prompt: Any) -> None:
-    """Text, or token ids (what the engine's tokenizer gave a client: the model's own)."""
+def _check_prompt(path: str, prompt: Any) -> str | list[int]:
+    """Text, or token ids (what the engine's tokenizer gave a client: the model's own);
+    an integral float is its integer, as for every integer here."""
     if isinstance(prompt, str):
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ValidationError(path, f"longer than {MAX_PROMPT_CHARS} characters")
-        return
+        return prompt
     if not isinstance(prompt, list):
         raise ValidationError(path, "must be a string or a list of token ids")
     if not prompt or len(prompt) > MAX_PROMPT_IDS:
         raise ValidationError(path, f"must hold 1 to {MAX_PROMPT_IDS} token ids")
-    for i, token in enumerate(prompt):
-        if type(token) is not int or not 0 <= token <= MAX_TOKEN_ID:
-            raise ValidationError(f"{path}[{i}]", "must be a token id (an integer >= 0)")
+    if all(type(t) is int for t in prompt) and min(prompt) >= 0 and max(prompt) <= MAX_TOKEN_ID:
+        return prompt  # the common case, checked in C
+    return [
+        int(_check_number(f"{path}[{i}]", t, 0, MAX_TOKEN_ID, integer=True))
+        for i, t in enumerate(prompt)
+    ]
 
 
 def validate_item_parts(
@@ -551,7 +557,7 @@ def validate_item_parts(
     if (prompt is None) == (messages is None):
         raise ValidationError(where, "needs exactly one of prompt or messages")
     if prompt is not None:
-        _check_prompt(f"{where}.prompt", prompt)
+        prompt = _check_prompt(f"{where}.prompt", prompt)
     checked_messages = (
         None if messages is None else _validate_messages(f"{where}.messages", messages)
     )

@@ -82,6 +82,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     echo: bool = False
     prompt_logprobs: int | None = None
+    add_special_tokens: bool = True
 
     @property
     def wants_prompt(self) -> bool:

@@ -581,7 +581,7 @@ class ExlEngine(Engine, abc.ABC):
                 raise problem
             return list(job.prompt)
         text, add_bos = self._prompts_or_fail().text_for(job)
-        return adapter.encode(text, add_bos)
+        return adapter.encode(text, add_bos and job.params.add_special_tokens)
 
     def _grammar_for(self, schema: str) -> Callable[[], SchemaMatcher]:
         """A maker of matchers for this schema, compiled (once per worker) now, so a

@@ -204,6 +204,7 @@ class TransformersEngine(Engine):
             "mode": self._opts["mode"],
             "batch_size": self._batch_limit,
             "load_s": round(self.load_s, 2),
+            "tokenizer": tokenizer_info(state.tokenizer, state.max_seq_len),
         }
 
     # --- jobs -----------------------------------------------------------------------
@@ -283,7 +284,8 @@ class TransformersEngine(Engine):
             # The rendered template carries its own special tokens (as in HF's own path).
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
-            ids = tokenizer(job.prompt or "")["input_ids"]
+            special = job.params.add_special_tokens
+            ids = tokenizer(job.prompt or "", add_special_tokens=special)["input_ids"]
         if not ids:
             raise JobRejected(P.E_BAD_REQUEST, "prompt is empty (0 tokens)")
         return list(ids)
@@ -474,6 +476,21 @@ def _batch_key(waiting: _Waiting) -> tuple[Any, ...]:
     if p.repetition_penalty != 1.0:
         key += (len(waiting.input_ids),)  # no padding for the penalty to see
     return key
+
+
+def tokenizer_info(tokenizer: Any, max_seq_len: int | None) -> dict[str, Any]:
+    """What a client needs to tokenize as this engine does (vLLM's /tokenizer_info)."""
+    return {
+        "tokenizer_class": type(tokenizer).__name__,
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "unk_token": tokenizer.unk_token,
+        "add_bos_token": getattr(tokenizer, "add_bos_token", None),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "model_max_length": max_seq_len,
+        "vocab_size": len(tokenizer),
+    }
 
 
 def _one_line(exc: BaseException) -> str:

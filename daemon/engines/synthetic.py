@@ -235,7 +235,14 @@ class SyntheticEngine(Engine):
         return len(self._waiting) + len(self._active)
 
     def describe(self) -> dict[str, object]:
-        return {"model": "synthetic", "max_seq_len": self.max_seq_len}
+        tokenizer = {
+            "tokenizer_class": "SyntheticWords",  # a word a token (prompt_echo)
+            "eos_token": None,
+            "chat_template": None,
+            "model_max_length": self.max_seq_len,
+            "vocab_size": len(WORDS),
+        }
+        return {"model": "synthetic", "max_seq_len": self.max_seq_len, "tokenizer": tokenizer}
 
     def add(self, job: Job) -> None:
         text = prompt_text(job)

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exgen.daemon.gateway import openapi, routes_batch, routes_openai
+from exgen.daemon.gateway import openapi, routes_batch, routes_openai, routes_tokens
 from exgen.daemon.gateway.auth import ApiKeys
 from exgen.daemon.gateway.batches import BatchManager
 from exgen.daemon.gateway.completions import Completions
@@ -155,7 +155,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def allowed_methods(request: Request) -> list[str]:
-    routes = [*routes_openai.router.routes, *routes_batch.router.routes, *request.app.routes]
+    routers = (routes_openai.router, routes_batch.router, routes_tokens.router)
+    routes = [route for r in routers for route in r.routes] + list(request.app.routes)
     methods: set[str] = set()
     for route in routes:
         if isinstance(route, BaseRoute) and route.matches(request.scope)[0] != Match.NONE:
@@ -184,6 +185,7 @@ def create_app(options: GatewayOptions) -> FastAPI:
     app.add_middleware(KeysAndMetrics, gateway=gateway)
     app.include_router(routes_openai.router)
     app.include_router(routes_batch.router)
+    app.include_router(routes_tokens.router)
     _add_small_routes(app, gateway)
     return app
 

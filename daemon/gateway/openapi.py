@@ -208,6 +208,30 @@ def request_schemas() -> dict[str, Schema]:
                 ),
             },
         },
+        "TokenizeRequest": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "model": ANY,
+                "prompt": {"anyOf": [text, ids]},
+                "messages": {
+                    "type": "array",
+                    "items": message,
+                    "minItems": 1,
+                    "maxItems": P.MAX_MESSAGES,
+                },
+                "add_special_tokens": BOOL,
+                "add_generation_prompt": {"enum": [True, None]},
+                "return_token_strs": {"enum": [False, None]},
+            },
+            "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}],
+        },
+        "DetokenizeRequest": {
+            "type": "object",
+            "required": ["tokens"],
+            "additionalProperties": False,
+            "properties": {"model": ANY, "tokens": ids},
+        },
         "FileUpload": {
             "type": "object",
             "required": ["purpose", "file"],
@@ -346,6 +370,19 @@ def response_schemas() -> dict[str, Schema]:
             {"object": {"const": "list"}, "data": {"type": "array", "items": ref("Model")}}
         ),
         "Health": obj({"status": {"const": "ok"}, "model": STRING}),
+        "Tokens": obj(
+            {
+                "count": INT,
+                "max_model_len": NULL_INT,
+                "tokens": {"type": "array", "items": INT},
+                "token_strs": {"type": "null"},
+            }
+        ),
+        "Detokenized": obj({"prompt": STRING}),
+        "TokenizerInfo": obj(
+            {"tokenizer_class": STRING},
+            {"eos_token": NULL_STRING, "chat_template": NULL_STRING, "vocab_size": INT},
+        ),
         "Error": error,
     }
 
@@ -438,6 +475,19 @@ def operations() -> dict[str, dict[str, Any]]:
                 },
             }
         },
+        "/tokenize": {
+            "post": {
+                "requestBody": json_body("TokenizeRequest"),
+                "responses": {**ok(ref("Tokens")), **errors(400, 413, 429, 500, 503, 504)},
+            }
+        },
+        "/detokenize": {
+            "post": {
+                "requestBody": json_body("DetokenizeRequest"),
+                "responses": {**ok(ref("Detokenized")), **errors(400, 413, 429, 500, 503, 504)},
+            }
+        },
+        "/tokenizer_info": {"get": {"responses": {**ok(ref("TokenizerInfo")), **errors(404, 503)}}},
         "/v1/files": {
             "get": {
                 "parameters": [

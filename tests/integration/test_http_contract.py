@@ -45,7 +45,7 @@ def test_every_route_is_in_the_document_with_its_bodies(served: HttpDaemon) -> N
     assert status == 200
     ops = {(path, method) for path, item in doc["paths"].items() for method in item}
     assert ("/v1/files", "post") in ops and ("/v1/batches/{batch_id}/cancel", "post") in ops
-    assert len(ops) == 15
+    assert len(ops) == 18
     for path, method in ops:
         operation = doc["paths"][path][method]
         assert "200" in operation["responses"], (path, method)
@@ -70,6 +70,12 @@ def test_an_upload_without_multipart_is_a_400(served: HttpDaemon) -> None:
         status, _, body = raw(f"{served.url}/v1/files", "POST", b"{}", headers)
         error = json.loads(body)["error"]
         assert status == 400 and error["code"] and "multipart/form-data" in error["message"]
+
+
+def test_a_role_that_is_not_a_string_is_a_400(served: HttpDaemon) -> None:
+    for path in ("/v1/chat/completions", "/tokenize"):
+        status, body = request(f"{served.url}{path}", {"messages": [{"role": {}, "content": ""}]})
+        assert status == 400 and body["error"]["param"] == "messages", (path, body)
 
 
 def test_a_bad_query_is_a_400_with_a_code(served: HttpDaemon) -> None:

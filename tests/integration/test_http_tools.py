@@ -43,6 +43,12 @@ def fresh(tmp_path_factory: pytest.TempPathFactory) -> Any:
     assert daemon.stop() == 0
 
 
+@pytest.fixture
+def client(fresh: HttpDaemon) -> Any:
+    with openai.OpenAI(base_url=fresh.base_url, api_key="x", max_retries=0) as sdk:
+        yield sdk
+
+
 def upload_files(sdk: openai.OpenAI, tmp_path: Path, count: int) -> list[str]:
     path = tmp_path / "input.jsonl"
     path.write_text(batch_lines(1))
@@ -53,8 +59,10 @@ def upload_files(sdk: openai.OpenAI, tmp_path: Path, count: int) -> list[str]:
     return ids
 
 
-def test_files_list_pages_through_every_file(fresh: HttpDaemon, tmp_path: Path) -> None:
-    sdk = openai.OpenAI(base_url=fresh.base_url, api_key="x", max_retries=0)
+def test_files_list_pages_through_every_file(
+    fresh: HttpDaemon, tmp_path: Path, client: openai.OpenAI
+) -> None:
+    sdk = client
     ids = upload_files(sdk, tmp_path, 7)
     first = sdk.files.list(limit=2)
     assert [f.id for f in first.data] == ids[::-1][:2] and first.has_more
@@ -162,9 +170,9 @@ def chat_line(custom_id: str, content: str = "hi", **body: Any) -> dict[str, Any
 
 
 def test_an_unknown_key_on_a_batch_line_fails_the_file_naming_it(
-    fresh: HttpDaemon, tmp_path: Path
+    fresh: HttpDaemon, tmp_path: Path, client: openai.OpenAI
 ) -> None:
-    sdk = openai.OpenAI(base_url=fresh.base_url, api_key="x", max_retries=0)
+    sdk = client
     batch = run_batch(sdk, tmp_path, [chat_line("a"), {**chat_line("b"), "metdata": {}}])
     assert batch.status == "failed" and batch.errors is not None
     [error] = batch.errors.data
@@ -172,10 +180,12 @@ def test_an_unknown_key_on_a_batch_line_fails_the_file_naming_it(
     assert "metdata" in (error.message or "")
 
 
-def test_per_request_failures_share_one_shape_and_code(fresh: HttpDaemon, tmp_path: Path) -> None:
+def test_per_request_failures_share_one_shape_and_code(
+    fresh: HttpDaemon, tmp_path: Path, client: openai.OpenAI
+) -> None:
     """A too-long prompt and a bad body fail alone, each as the 400 the same request
     gets interactively: the same error object, the same codes, never a null one."""
-    sdk = openai.OpenAI(base_url=fresh.base_url, api_key="x", max_retries=0)
+    sdk = client
     long = "word " * (CONTEXT * 2)
     lines = [
         chat_line("ok"),
@@ -219,8 +229,10 @@ def complete(sdk: openai.OpenAI, prompt: str, **extra: Any) -> Any:
     return reply.choices[0], reply.usage
 
 
-def test_ignore_eos_and_min_tokens_hold_the_eos_back(fresh: HttpDaemon) -> None:
-    sdk = openai.OpenAI(base_url=fresh.base_url, api_key="x", max_retries=0)
+def test_ignore_eos_and_min_tokens_hold_the_eos_back(
+    fresh: HttpDaemon, client: openai.OpenAI
+) -> None:
+    sdk = client
     choice, usage = complete(sdk, "len=3 rivers")
     assert (choice.finish_reason, usage.completion_tokens) == ("stop", 3)
     choice, usage = complete(sdk, "len=3 rivers", ignore_eos=True)
@@ -231,8 +243,10 @@ def test_ignore_eos_and_min_tokens_hold_the_eos_back(fresh: HttpDaemon) -> None:
     assert plain.text.startswith(choice.text)
 
 
-def test_stop_strings_with_include_stop_str_and_min_tokens(fresh: HttpDaemon) -> None:
-    sdk = openai.OpenAI(base_url=fresh.base_url, api_key="x", max_retries=0)
+def test_stop_strings_with_include_stop_str_and_min_tokens(
+    fresh: HttpDaemon, client: openai.OpenAI
+) -> None:
+    sdk = client
     whole, _ = complete(sdk, "the sea", max_tokens=12)
     words = whole.text.split(" ")  # synthetic words each begin with a space
     stop = " " + words[3]
@@ -271,8 +285,10 @@ def test_bad_extension_values_are_400s_naming_them(
     assert status == 400 and body["error"]["param"] == param, body
 
 
-def test_continuous_usage_stats_counts_tokens_on_every_chunk(fresh: HttpDaemon) -> None:
-    sdk = openai.OpenAI(base_url=fresh.base_url, api_key="x", max_retries=0)
+def test_continuous_usage_stats_counts_tokens_on_every_chunk(
+    fresh: HttpDaemon, client: openai.OpenAI
+) -> None:
+    sdk = client
     chunks = list(
         sdk.chat.completions.create(
             model="x",
@@ -297,10 +313,12 @@ def test_continuous_usage_stats_counts_tokens_on_every_chunk(fresh: HttpDaemon) 
 # --- what evaluation harnesses send -------------------------------------------------------
 
 
-def test_several_prompts_in_one_completions_request(fresh: HttpDaemon) -> None:
+def test_several_prompts_in_one_completions_request(
+    fresh: HttpDaemon, client: openai.OpenAI
+) -> None:
     """lm-eval's batch_size > 1 (with tokenized_requests off): a list of prompts, one
     answer each, n samples each, in prompt order, as OpenAI and vLLM number them."""
-    sdk = openai.OpenAI(base_url=fresh.base_url, api_key="x", max_retries=0)
+    sdk = client
     prompts = ["rivers run", "mountains stand", "the sea"]
     reply = sdk.completions.create(
         model="x", prompt=prompts, max_tokens=4, n=2, seed=5, temperature=0.9
@@ -323,9 +341,9 @@ def test_several_prompts_in_one_completions_request(fresh: HttpDaemon) -> None:
     assert caught.value.code == "context_length_exceeded"
 
 
-def test_token_id_prompts(fresh: HttpDaemon) -> None:
+def test_token_id_prompts(fresh: HttpDaemon, client: openai.OpenAI) -> None:
     """lm-eval's tokenized_requests (its default): prompts as token ids, one or a batch."""
-    sdk = openai.OpenAI(base_url=fresh.base_url, api_key="x", max_retries=0)
+    sdk = client
     one = sdk.completions.create(model="x", prompt=[3, 7, 11], max_tokens=4)
     assert one.usage is not None and one.usage.prompt_tokens == 3
     batch = sdk.completions.create(model="x", prompt=[[3, 7, 11], [5, 5]], max_tokens=4)
@@ -337,9 +355,9 @@ def test_token_id_prompts(fresh: HttpDaemon) -> None:
         assert status == 400 and body["error"]["param"] == "prompt", (bad, body)
 
 
-def test_the_loglikelihood_request(fresh: HttpDaemon) -> None:
+def test_the_loglikelihood_request(fresh: HttpDaemon, client: openai.OpenAI) -> None:
     """lm-eval's loglikelihood: echo, logprobs over the prompt's tokens, max_tokens 0 or 1."""
-    sdk = openai.OpenAI(base_url=fresh.base_url, api_key="x", max_retries=0)
+    sdk = client
     prompt = "the quick brown fox"
     zero = sdk.completions.create(model="x", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
     [choice] = zero.choices
@@ -367,3 +385,30 @@ def test_the_loglikelihood_request(fresh: HttpDaemon) -> None:
         {"messages": [{"role": "user", "content": "hi"}], "echo": True},
     )
     assert status == 400 and body["error"]["param"] == "echo"
+
+
+def test_tokenize_detokenize_and_tokenizer_info(fresh: HttpDaemon) -> None:
+    """vLLM's tokenizer routes, answered by the engine's own tokenizer (here one
+    synthetic word a token)."""
+    status, tokens = request(f"{fresh.url}/tokenize", {"prompt": "the quick brown fox"})
+    assert status == 200, tokens
+    assert tokens["count"] == 4 and len(tokens["tokens"]) == 4
+    assert tokens["max_model_len"] == CONTEXT and tokens["token_strs"] is None
+    status, text = request(f"{fresh.url}/detokenize", {"tokens": tokens["tokens"]})
+    assert (status, text) == (200, {"prompt": "the quick brown fox"})
+    messages = [{"role": "user", "content": "one two"}]
+    status, chat = request(f"{fresh.url}/tokenize", {"messages": messages})
+    assert status == 200 and chat["count"] == 3  # "user:" "one" "two"
+    status, info = request(f"{fresh.url}/tokenizer_info")
+    assert status == 200 and info["tokenizer_class"] == "SyntheticWords"
+    for path, body, param in (
+        ("/tokenize", {"prompt": "x", "messages": messages}, "prompt"),
+        ("/tokenize", {"text": "x"}, "text"),
+        ("/tokenize", {"prompt": 5}, "prompt"),
+        ("/tokenize", {"prompt": "x", "add_special_tokens": "no"}, "add_special_tokens"),
+        ("/detokenize", {"tokens": [1, -2]}, "tokens"),
+        ("/detokenize", {"tokens": "1 2"}, "tokens"),
+        ("/detokenize", {}, "tokens"),
+    ):
+        status, error = request(f"{fresh.url}{path}", body)
+        assert status == 400 and error["error"]["param"] == param, (path, body, error)

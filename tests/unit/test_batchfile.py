@@ -335,7 +335,7 @@ def test_openai_bad_bodies(body: dict[str, Any], needle: str) -> None:
         (openai_line({"prompt": ["a", "b"]}, B.COMPLETIONS_URL), "one prompt per line"),
         (
             openai_line({"prompt": [1, -2, 3]}, B.COMPLETIONS_URL),
-            "body.prompt[1]: must be a token id",
+            "body.prompt[1]: must be between 0",
         ),
         (openai_line({"prompt": [[1], [2]]}, B.COMPLETIONS_URL), "one prompt per line"),
         (openai_line({"model": "m"}, B.COMPLETIONS_URL), "body.prompt is missing"),

@@ -188,6 +188,7 @@ GOOD_PARAMS = {
     "include_stop_str_in_output": True,
     "echo": True,
     "prompt_logprobs": P.MAX_TOP_LOGPROBS,
+    "add_special_tokens": False,
 }
 
 
