@@ -97,6 +97,10 @@ def _check_streamable(line: B.BatchLine) -> None:
         raise ApiError(400, "n > 1 is not supported with stream: true", param="n")
     if line.params.get("logprobs") or line.params.get("top_logprobs"):
         raise ApiError(400, "logprobs are not supported with stream: true", param="logprobs")
+    for name in ("echo", "prompt_logprobs"):  # the prompt comes back with a whole answer
+        value = line.params.get(name)
+        if value is not None and value is not False:  # prompt_logprobs 0 is asked too
+            raise ApiError(400, f"{name} is not supported with stream: true", param=name)
 
 
 def json_object(raw: bytes) -> dict[str, Any]:

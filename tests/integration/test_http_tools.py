@@ -385,6 +385,11 @@ def test_the_loglikelihood_request(fresh: HttpDaemon, client: openai.OpenAI) -> 
         {"messages": [{"role": "user", "content": "hi"}], "echo": True},
     )
     assert status == 400 and body["error"]["param"] == "echo"
+    for extra in ({"echo": True}, {"prompt_logprobs": 0}):
+        status, body = request(
+            f"{fresh.url}/v1/completions", {"prompt": "x", "stream": True, **extra}
+        )
+        assert status == 400 and body["error"]["param"] in extra, body
 
 
 def test_tokenize_detokenize_and_tokenizer_info(fresh: HttpDaemon) -> None:
