@@ -65,7 +65,9 @@ class Admission:
                 self._small(record, command, body, req, now)
         except P.ValidationError as exc:
             req = req or decode.request_id(payload)
-            router.reply_error(client, P.E_BAD_REQUEST, exc.message, req=req, field_name=exc.field)
+            router.reply_error(
+                client, P.E_BAD_REQUEST, exc.message, req=req, field_name=exc.field
+            )
         except Exception:
             # A bug of ours met by one client's message must cost that message only,
             # not the router loop (and everyone's work with it).

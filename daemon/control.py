@@ -111,3 +111,4 @@ def _matches(record: ClientRecord, name: str) -> bool:
     if record.name == name or (record.pid is not None and str(record.pid) == name):
         return True
     return len(name) >= MIN_ID_PREFIX and record.identity.hex().startswith(name.lower())
+

@@ -236,7 +236,9 @@ class Router:
         held = {slot_id: len(keys) for slot_id, keys in self.ledger.held.items()}
         heard_until = min(now, self.workers.heard_until)
         lagged = now - self.last_stall_at < self.settings.heartbeat_timeout_s
-        return liveness.find_unresponsive(self.table, held, now, heard_until, lagged, self.settings)
+        return liveness.find_unresponsive(
+            self.table, held, now, heard_until, lagged, self.settings
+        )
 
     def note_turn(self, started: float, ended: float) -> None:
         """One loop turn's length: a long one is the router's own stall."""

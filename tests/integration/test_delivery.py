@@ -40,7 +40,8 @@ with Client(address, timeout=120) as client:
 def items(n: int, prefix: str = "", tokens: int = 8) -> list[dict[str, Any]]:
     params = {"max_new_tokens": tokens}
     return [
-        {"id": f"{prefix}{i}", "prompt": f"{prefix} prompt {i}", "params": params} for i in range(n)
+        {"id": f"{prefix}{i}", "prompt": f"{prefix} prompt {i}", "params": params}
+        for i in range(n)
     ]
 
 

@@ -82,3 +82,4 @@ def test_an_openai_batch_file_with_structured_output_logprobs_and_n(daemon_facto
             assert choice.logprobs is not None and choice.logprobs.content
             tokens = "".join(t.token for t in choice.logprobs.content)
             assert tokens == choice.message.content
+

@@ -54,7 +54,7 @@ def test_a_misspelt_key_in_the_ray_table_is_named(tmp_path: Path) -> None:
         ({"ray_worker_listen": "ipc:///tmp/x"}, "expected tcp://HOST:PORT"),
         ({"ray_gpus_per_slot": 0, "ray_cpus_per_slot": 0}, "a slot must take something"),
         ({"ray_gpus_per_slot": -1}, "0 or more"),
-        ({"ray": " "}, 'give "auto"'),
+        ({"ray": " "}, "give \"auto\""),
     ],
 )
 def test_ray_settings_that_cannot_work_are_refused(changes: dict, words: str) -> None:
