@@ -159,11 +159,15 @@ class WorkerMessages:
         for failure in failed:
             entry = self._settle(slot, serving, failure.key, now, ok=False)
             if entry is not None:
-                result = P.result_error(entry.item_id, failure.code, failure.message, failure.field)
+                result = P.result_error(
+                    entry.item_id, failure.code, failure.message, failure.field
+                )
                 result["slot"] = slot.id
                 self.router.answer(entry, result, now)
 
-    def _settle(self, slot: Slot, serving: Serving, key: int, now: float, ok: bool) -> Entry | None:
+    def _settle(
+        self, slot: Slot, serving: Serving, key: int, now: float, ok: bool
+    ) -> Entry | None:
         entry = self.ledger.settle(key, slot.id, ok)
         if entry is not None:
             serving.progress_at = now
