@@ -40,7 +40,8 @@ Output: plain/chat lines get ``{"id", "text", "finish_reason", "prompt_tokens",
 "completion_tokens", "error"}`` (``error``: null or ``{"code", "message"}``), and
 where the line asked: ``"logprobs": [{"token", "logprob", "top_logprobs": [{"token",
 "logprob"}...]}...]`` and, for n > 1, ``"choices": [{"text", "finish_reason",
-"completion_tokens", "logprobs"?}...]``. OpenAI lines get n choices and OpenAI's
+"completion_tokens", "logprobs"?}...]``; with ``echo`` or ``prompt_logprobs``,
+``"prompt": {"ids", "text", "logprobs"}``. OpenAI lines get n choices and OpenAI's
 logprobs shapes (chat: ``logprobs.content``; completions: ``tokens``,
 ``token_logprobs``, ``top_logprobs``, ``text_offset``). Timing
 and slot are left out so that two greedy runs give identical files. OpenAI lines get
@@ -643,10 +644,14 @@ def _plain_logprobs(logprobs: Any) -> list[dict[str, Any]]:
 
 
 def _add_samples(record: dict[str, Any], result: ResultLike) -> dict[str, Any]:
-    """A plain line's logprobs and n > 1 samples, where it asked for them."""
+    """A plain line's logprobs, n > 1 samples and prompt (echo, prompt_logprobs), where
+    it asked for them."""
     logprobs = getattr(result, "logprobs", None)
     if logprobs is not None:
         record["logprobs"] = _plain_logprobs(logprobs)
+    prompt = getattr(result, "prompt", None)
+    if prompt is not None:
+        record["prompt"] = {"ids": prompt.ids, "text": prompt.text, "logprobs": prompt.logprobs}
     choices = getattr(result, "choices", None)
     if choices and len(choices) > 1:
         record["choices"] = [

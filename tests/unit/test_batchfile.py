@@ -650,3 +650,12 @@ def test_a_token_id_prompt_is_sent_as_it_is() -> None:
     line = one(openai_line({"prompt": [5, 0, 17], "max_tokens": 2}, B.COMPLETIONS_URL))
     assert line.prompt == [5, 0, 17] and line.to_item()["prompt"] == [5, 0, 17]
     assert one(openai_line({"prompt": [[5, 6]]}, B.COMPLETIONS_URL)).prompt == [5, 6]
+
+
+def test_a_plain_line_that_asks_for_its_prompt_gets_it() -> None:
+    from exgen.client.calls import PromptEcho, Result
+
+    line = one({"id": "a", "prompt": "x y", "echo": True, "max_tokens": 0})
+    result = Result("a", "", "length", 2, 0, prompt=PromptEcho([4, 5], "x y"))
+    record = B.format_result(line, result)
+    assert record["prompt"] == {"ids": [4, 5], "text": "x y", "logprobs": None}
