@@ -380,6 +380,9 @@ def _parse_openai(obj: dict[str, Any], line_no: int) -> BatchLine:
     params, written = _map_params(body, OPENAI_PARAM_ALIASES, "body.")
     _openai_logprobs(body, url, params, written)
     _openai_echo(body, url, params, written)
+    _chat_special_tokens(body, url)
+    if url == CHAT_URL:
+        params.pop("add_special_tokens", None)
     raw: dict[str, Any] = {"id": item_id, "params": params}
     if url == CHAT_URL:
         if "messages" not in body:
@@ -423,6 +426,13 @@ def _openai_logprobs(
     written["top_logprobs"] = "body.logprobs"
 
 
+def _chat_special_tokens(body: Mapping[str, Any], url: str) -> None:
+    """A chat's prompt is its template's text, special tokens and all (vLLM's default);
+    adding a BOS before it is not something this server does."""
+    if url == CHAT_URL and body.get("add_special_tokens") is True:
+        raise _Malformed("body.add_special_tokens: only false on chat (the template carries them)")
+
+
 def _openai_echo(
     body: Mapping[str, Any], url: str, params: dict[str, Any], written: dict[str, str]
 ) -> None:
@@ -433,6 +443,7 @@ def _openai_echo(
         return
     if url == CHAT_URL:
         raise _Malformed("body.echo: a completions field (chat answers do not repeat the prompt)")
+
     params["echo"] = value
     written["echo"] = "body.echo"
     if "top_logprobs" in params and "prompt_logprobs" not in params:

@@ -133,6 +133,7 @@ def request_schemas() -> dict[str, Schema]:
                     {"type": "integer", "minimum": 0, "maximum": B.COMPLETIONS_MAX_LOGPROBS}
                 ),
                 "echo": BOOL,
+                "add_special_tokens": BOOL,
                 **sampling_fields(),
             },
         },
@@ -150,6 +151,7 @@ def request_schemas() -> dict[str, Schema]:
                 "logprobs": BOOL,
                 "top_logprobs": integer(0, P.MAX_TOP_LOGPROBS),
                 "echo": {"enum": [False, None]},
+                "add_special_tokens": {"enum": [False, None]},
                 **sampling_fields(),
             },
         },
