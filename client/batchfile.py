@@ -504,18 +504,24 @@ def _join_text_parts(parts: list[Any], index: int) -> str:
     return "".join(texts)
 
 
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+
 def _openai_prompt(value: Any) -> Any:
     """A completions prompt: a string or token ids, or a list holding exactly one of
     them (several prompts are the HTTP endpoint's to split); shapes left to validation."""
-    if isinstance(value, list) and value and all(type(t) is int for t in value):
-        return value  # token ids
+    if _token_ids(value):
+        return value
     if isinstance(value, list):
-        if len(value) == 1 and isinstance(value[0], str | list):
-            return _openai_prompt(value[0])
-        raise _Malformed(
-            "body.prompt: one prompt per line is supported in a batch file (a list of "
-            "prompts over HTTP)"
-        )
+        if len(value) == 1 and (isinstance(value[0], str) or _token_ids(value[0])):
+            return value[0]
+        if len(value) > 1 and all(isinstance(p, str | list) for p in value):
+            raise _Malformed(
+                "body.prompt: one prompt per line is supported in a batch file (a list of "
+                "prompts over HTTP)"
+            )
+        raise _Malformed("body.prompt: must be a string, token ids (integers), or a list of either")
     if value is None:
         raise _Malformed("body.prompt is missing")
     return value
