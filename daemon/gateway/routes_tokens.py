@@ -23,8 +23,16 @@ if TYPE_CHECKING:
     from exgen.daemon.gateway.app import Gateway
 
 router = APIRouter()
-TOKENIZE_KEYS = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt"}
-TOKENIZE_KEYS |= {"return_token_strs"}
+TOKENIZE_KEYS = frozenset(
+    (
+        "model",
+        "prompt",
+        "messages",
+        "add_special_tokens",
+        "add_generation_prompt",
+        "return_token_strs",
+    )
+)
 
 
 @router.post("/tokenize")
@@ -106,7 +114,7 @@ def _messages(value: Any) -> Any:
     return entry.messages
 
 
-def _only(body: dict[str, Any], known: set[str]) -> None:
+def _only(body: dict[str, Any], known: frozenset[str] | set[str]) -> None:
     for key in body:
         if key not in known:
             names = ", ".join(sorted(known))
