@@ -139,6 +139,8 @@ class WorkerMessages:
                     result["logprobs"] = event.logprobs
                 if event.choices is not None:
                     result["choices"] = [c.to_wire() for c in event.choices]
+                if event.prompt is not None:
+                    result["prompt"] = event.prompt.to_wire()
                 self.answers.answer(entry, result, now)
         for failure in failed:
             entry = self._settle(slot, serving, failure.key, now, ok=False)
@@ -165,6 +167,7 @@ class WorkerMessages:
         for chunk in chunks:
             entry = self.ledger.entries.get(chunk.key)
             if entry is not None and entry.slot == slot.id:
-                out.setdefault(entry.client, []).append([entry.item_id, chunk.text])
+                row = [entry.item_id, chunk.text, chunk.completion_tokens, chunk.prompt_tokens]
+                out.setdefault(entry.client, []).append(row)
         for client, batch in out.items():
             self.outbox.reply(client, P.CHUNKS, {"chunks": batch})  # best effort: not owed

@@ -93,5 +93,6 @@ def describe_slot(slot: Slot, inflight: int, now: float) -> dict[str, Any]:
             engine=serving.engine,
             load_s=serving.load_s,
             max_seq_len=serving.max_seq_len,
+            tokenizer=serving.describe.get("tokenizer"),  # the gateway's /tokenizer_info
         )
     return doc
