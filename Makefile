@@ -39,8 +39,11 @@ typecheck: setup
 
 # The suite runs with a TMPDIR of its own, new and empty, removed after: nothing an
 # earlier run left in /tmp (Ray's /tmp/ray hid a failure once) can make it pass here
-# and fail on a fresh machine. pytest's exit 5 (no test ran) fails like any other.
-PYTEST_FRESH = tmp=$$(mktemp -d -t exgen-test.XXXXXX) && \
+# and fail on a fresh machine. It is under /tmp whatever TMPDIR says, as short as
+# /tmp's own paths (a unix socket's path has at most 107 characters: the tests' ipc
+# sockets and Ray's live in it), and has /tmp's mode, 1777 (the tests of another
+# user's sockets run that user in it). pytest's exit 5 (no test ran) fails as any other.
+PYTEST_FRESH = tmp=$$(mktemp -d /tmp/exgen-test.XXXXXX) && chmod 1777 "$$tmp" && \
 	echo "pytest: TMPDIR=$$tmp (new, empty, removed after)" && \
 	TMPDIR=$$tmp $(PY) -m pytest -q -ra
 

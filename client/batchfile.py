@@ -15,8 +15,9 @@ In an OpenAI body, ``max_tokens`` / ``max_completion_tokens``,
 ``frequency_penalty``, ``response_format`` (``json_object``, ``json_schema``: the
 output is constrained to it) and ``logprobs`` / ``top_logprobs`` (chat: a bool and a
 count; completions: ``logprobs: N`` asks for N alternatives) are mapped, and the
-common extensions ``top_k``, ``min_p`` and ``repetition_penalty`` are accepted as
-vLLM does. A line's params override the command line's defaults.
+common extensions ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
+``min_tokens``, ``skip_special_tokens`` and ``include_stop_str_in_output`` are accepted
+as vLLM does. A line's params override the command line's defaults.
 
 Strictness, on purpose: an unknown key rejects the line with a message naming it (a
 typo like ``temprature`` must not silently run a whole file greedily). OpenAI body
@@ -39,7 +40,8 @@ Output: plain/chat lines get ``{"id", "text", "finish_reason", "prompt_tokens",
 "completion_tokens", "error"}`` (``error``: null or ``{"code", "message"}``), and
 where the line asked: ``"logprobs": [{"token", "logprob", "top_logprobs": [{"token",
 "logprob"}...]}...]`` and, for n > 1, ``"choices": [{"text", "finish_reason",
-"completion_tokens", "logprobs"?}...]``. OpenAI lines get n choices and OpenAI's
+"completion_tokens", "logprobs"?}...]``; with ``echo`` or ``prompt_logprobs``,
+``"prompt": {"ids", "text", "logprobs"}``. OpenAI lines get n choices and OpenAI's
 logprobs shapes (chat: ``logprobs.content``; completions: ``tokens``,
 ``token_logprobs``, ``top_logprobs``, ``text_offset``). Timing
 and slot are left out so that two greedy runs give identical files. OpenAI lines get
@@ -104,6 +106,13 @@ OPENAI_PARAM_ALIASES: dict[str, str] = {
     "top_k": "top_k",
     "min_p": "min_p",
     "repetition_penalty": "repetition_penalty",
+    "ignore_eos": "ignore_eos",
+    "min_tokens": "min_tokens",
+    "skip_special_tokens": "skip_special_tokens",
+    "include_stop_str_in_output": "include_stop_str_in_output",
+    "prompt_logprobs": "prompt_logprobs",
+    "add_special_tokens": "add_special_tokens",
+    # echo: completions only (see _openai_echo)
 }
 # OpenAI body fields that cannot change the generated text: accepted and ignored.
 OPENAI_IGNORED = frozenset(
@@ -123,7 +132,6 @@ OPENAI_IGNORED = frozenset(
 OPENAI_NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "best_of": ((1, None), "only best_of=1 is supported"),
     "stream": ((False, None), "streaming is not supported in a batch file"),
-    "echo": ((False, None), "echo is not supported"),
     "logit_bias": ((None,), "not supported"),
     "suffix": ((None, ""), "not supported"),
     "tools": ((None,), "tool calling is not supported"),
@@ -131,7 +139,7 @@ OPENAI_NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "functions": ((None,), "tool calling is not supported"),
     "function_call": ((None, "none"), "tool calling is not supported"),
 }
-_OPENAI_LINE_KEYS = frozenset({"custom_id", "method", "url", "body"})
+OPENAI_LINE_KEYS = frozenset({"custom_id", "method", "url", "body"})
 COMPLETIONS_MAX_LOGPROBS = 5  # OpenAI's limit for /v1/completions' logprobs
 
 
@@ -141,7 +149,7 @@ class BatchLine:
 
     line_no: int
     id: str
-    prompt: str | None = None
+    prompt: str | list[int] | None = None  # text, or token ids
     messages: list[dict[str, str]] | None = None
     params: dict[str, Any] = field(default_factory=dict)
     url: str | None = None  # set for OpenAI lines: which endpoint they address
@@ -241,7 +249,7 @@ def parse_line(raw: bytes | str, line_no: int, *, openai_default: bool = False) 
     if not isinstance(obj, dict):
         message = f"must be a JSON object, got {_json_type(obj)}"
         return LineError(line_no, message, fallback_id(line_no), openai_default)
-    is_openai = bool(_OPENAI_LINE_KEYS & obj.keys())
+    is_openai = bool(OPENAI_LINE_KEYS & obj.keys())
     item_id = _usable_id(obj.get("custom_id" if is_openai else "id"), line_no)
     try:
         _check_encodable(obj, raw)
@@ -352,8 +360,8 @@ def _parse_plain(obj: dict[str, Any], line_no: int) -> BatchLine:
 
 def _parse_openai(obj: dict[str, Any], line_no: int) -> BatchLine:
     for key in obj:
-        if key not in _OPENAI_LINE_KEYS:
-            raise _unknown_key(key, _OPENAI_LINE_KEYS)
+        if key not in OPENAI_LINE_KEYS:
+            raise _unknown_key(key, OPENAI_LINE_KEYS)
     if "custom_id" not in obj:
         raise _Malformed("custom_id is missing (an OpenAI batch line needs one)")
     item_id = _check_id(obj["custom_id"], "custom_id")
@@ -367,8 +375,14 @@ def _parse_openai(obj: dict[str, Any], line_no: int) -> BatchLine:
     if not isinstance(body, dict):
         raise _Malformed("body must be an object")
     _check_openai_body_keys(body, url)
+    # null is "not given", as OpenAI's API and vLLM take it (clients send it for unset fields)
+    body = {key: value for key, value in body.items() if value is not None}
     params, written = _map_params(body, OPENAI_PARAM_ALIASES, "body.")
     _openai_logprobs(body, url, params, written)
+    _openai_echo(body, url, params, written)
+    _chat_special_tokens(body, url)
+    if url == CHAT_URL:
+        params.pop("add_special_tokens", None)
     raw: dict[str, Any] = {"id": item_id, "params": params}
     if url == CHAT_URL:
         if "messages" not in body:
@@ -412,10 +426,35 @@ def _openai_logprobs(
     written["top_logprobs"] = "body.logprobs"
 
 
+def _chat_special_tokens(body: Mapping[str, Any], url: str) -> None:
+    """A chat's prompt is its template's text, special tokens and all (vLLM's default);
+    adding a BOS before it is not something this server does."""
+    if url == CHAT_URL and body.get("add_special_tokens") is True:
+        raise _Malformed("body.add_special_tokens: only false on chat (the template carries them)")
+
+
+def _openai_echo(
+    body: Mapping[str, Any], url: str, params: dict[str, Any], written: dict[str, str]
+) -> None:
+    """``echo`` (completions): the prompt comes back before the text, and with
+    ``logprobs: N`` so do its tokens' logprobs (the loglikelihood request)."""
+    value = body.get("echo")
+    if value is None or value is False:
+        return
+    if url == CHAT_URL:
+        raise _Malformed("body.echo: a completions field (chat answers do not repeat the prompt)")
+
+    params["echo"] = value
+    written["echo"] = "body.echo"
+    if "top_logprobs" in params and "prompt_logprobs" not in params:
+        params["prompt_logprobs"] = params["top_logprobs"]
+        written["prompt_logprobs"] = "body.logprobs"
+
+
 def _check_openai_body_keys(body: Mapping[str, Any], url: str) -> None:
     text_key = "messages" if url == CHAT_URL else "prompt"
     known = (
-        {text_key, "model", "logprobs"}
+        {text_key, "model", "logprobs", "echo"}
         | OPENAI_PARAM_ALIASES.keys()
         | OPENAI_IGNORED
         | OPENAI_NEUTRAL.keys()
@@ -458,18 +497,31 @@ def _join_text_parts(parts: list[Any], index: int) -> str:
             raise _Malformed(
                 f"body.messages[{index}].content: only text parts are supported, got {kind!r}"
             )
-        texts.append(str(part.get("text", "")))
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise _Malformed(f"body.messages[{index}].content: a text part's text must be a string")
+        texts.append(text)
     return "".join(texts)
 
 
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+
 def _openai_prompt(value: Any) -> Any:
-    """A completions prompt: a string, or a list holding exactly one string."""
+    """A completions prompt: a string or token ids, or a list holding exactly one of
+    them (several prompts are the HTTP endpoint's to split); shapes left to validation."""
+    if _token_ids(value):
+        return value
     if isinstance(value, list):
-        if len(value) == 1 and isinstance(value[0], str):
+        if len(value) == 1 and (isinstance(value[0], str) or _token_ids(value[0])):
             return value[0]
-        raise _Malformed(
-            "body.prompt: one string per line is supported (not several prompts or token ids)"
-        )
+        if len(value) > 1 and all(isinstance(p, str | list) for p in value):
+            raise _Malformed(
+                "body.prompt: one prompt per line is supported in a batch file (a list of "
+                "prompts over HTTP)"
+            )
+        raise _Malformed("body.prompt: must be a string, token ids (integers), or a list of either")
     if value is None:
         raise _Malformed("body.prompt is missing")
     return value
@@ -505,6 +557,22 @@ OPENAI_HTTP_ERRORS: dict[str, tuple[int, str]] = {
 }
 
 
+# exgen's codes that OpenAI spells its own way (in batch output and HTTP answers alike).
+OPENAI_ERROR_CODES = {P.E_PROMPT_TOO_LONG: "context_length_exceeded"}
+
+
+def param_in_message(message: str) -> str | None:
+    """The body field a parser message is about (``body.'temprature'``, ``body.n=2``,
+    ``body.messages[0].content: ...``): the request field it names first."""
+    found = re.search(r"body\.'?([A-Za-z_]\w*)", message)
+    return found.group(1) if found else None
+
+
+def prompt_field(url: str | None) -> str:
+    """The request field that holds the prompt: what a too-long prompt's error names."""
+    return "messages" if url == CHAT_URL else "prompt"
+
+
 def _error_object(error: Any) -> dict[str, Any]:
     code = getattr(error, "code", P.E_INTERNAL)
     message = getattr(error, "message", None) or str(error)
@@ -535,25 +603,27 @@ def format_result(
         }
         return _add_samples(record, result)
     if error is not None:
-        return _openai_failure(line.id, error, getattr(result.error, "field", None))
+        return _openai_failure(line, error, getattr(result.error, "field", None))
     created = int(time.time() if now is None else now)
     model = getattr(result, "model", None) or default_model
     body = _openai_body(line, result, created, model)
     return _openai_line(line.id, _openai_response(200, body), None)
 
 
-def _openai_failure(custom_id: str, error: dict[str, Any], param: str | None) -> dict[str, Any]:
+def _openai_failure(line: BatchLine, error: dict[str, Any], field: str | None) -> dict[str, Any]:
     """A failed OpenAI line in the shape of OpenAI's batch error file."""
     http = OPENAI_HTTP_ERRORS.get(error["code"])
     if http is None:
-        return _openai_line(custom_id, None, error)
+        return _openai_line(line.id, None, error)
     status, kind = http
+    param = field.removeprefix("params.") if field else None
     if error["code"] == P.E_MODEL_NOT_FOUND:
         param = "model"
-    body = {
-        "error": {"message": error["message"], "type": kind, "param": param, "code": error["code"]}
-    }
-    return _openai_line(custom_id, _openai_response(status, body), None)
+    elif error["code"] == P.E_PROMPT_TOO_LONG:
+        param = prompt_field(line.url)
+    code = OPENAI_ERROR_CODES.get(error["code"], error["code"])
+    body = {"error": {"message": error["message"], "type": kind, "param": param, "code": code}}
+    return _openai_line(line.id, _openai_response(status, body), None)
 
 
 def _openai_response(status: int, body: dict[str, Any]) -> dict[str, Any]:
@@ -591,10 +661,14 @@ def _plain_logprobs(logprobs: Any) -> list[dict[str, Any]]:
 
 
 def _add_samples(record: dict[str, Any], result: ResultLike) -> dict[str, Any]:
-    """A plain line's logprobs and n > 1 samples, where it asked for them."""
+    """A plain line's logprobs, n > 1 samples and prompt (echo, prompt_logprobs), where
+    it asked for them."""
     logprobs = getattr(result, "logprobs", None)
     if logprobs is not None:
         record["logprobs"] = _plain_logprobs(logprobs)
+    prompt = getattr(result, "prompt", None)
+    if prompt is not None:
+        record["prompt"] = {"ids": prompt.ids, "text": prompt.text, "logprobs": prompt.logprobs}
     choices = getattr(result, "choices", None)
     if choices and len(choices) > 1:
         record["choices"] = [
@@ -620,37 +694,79 @@ def _chat_logprobs(logprobs: Any) -> dict[str, Any]:
     return {"content": content, "refusal": None}
 
 
-def _completion_logprobs(logprobs: Any, top_wanted: bool) -> dict[str, Any]:
+def _completion_logprobs(
+    logprobs: Any, top_wanted: bool, prompt: list[list[Any]] | None = None
+) -> dict[str, Any]:
+    """OpenAI's completions logprobs; with echo, the prompt's tokens first (the first
+    one's logprob and alternatives null, as OpenAI's)."""
+    rows = [(p[1], p[2], None if p[2] is None else [a[1:] for a in p[4]]) for p in prompt or ()]
+    rows += [(token, lp, top) for token, lp, top in logprobs]
     offsets, offset = [], 0
-    for token, _, _ in logprobs:
+    for token, _, _ in rows:
         offsets.append(offset)
         offset += len(token)
     return {
-        "tokens": [token for token, _, _ in logprobs],
-        "token_logprobs": [lp for _, lp, _ in logprobs],
-        "top_logprobs": [dict(top) for _, _, top in logprobs] if top_wanted else None,
+        "tokens": [token for token, _, _ in rows],
+        "token_logprobs": [lp for _, lp, _ in rows],
+        "top_logprobs": [None if t is None else dict(t) for _, _, t in rows]
+        if top_wanted
+        else None,
         "text_offset": offsets,
     }
 
 
-def _openai_choice(line: BatchLine, index: int, sample: tuple[str, Any, Any]) -> dict[str, Any]:
+def _openai_choice(
+    line: BatchLine, index: int, sample: tuple[str, Any, Any], prompt: Any = None
+) -> dict[str, Any]:
     text, finish_reason, logprobs = sample
+    if logprobs is None and (line.params.get("logprobs") or line.params.get("top_logprobs")):
+        logprobs = []  # asked, and no token generated (max_tokens 0)
     choice: dict[str, Any] = {"index": index}
     if line.url == CHAT_URL:
         choice["message"] = {"role": "assistant", "content": text}
         choice["logprobs"] = None if logprobs is None else _chat_logprobs(logprobs)
     else:
-        choice["text"] = text
         top = bool(line.params.get("top_logprobs"))
-        choice["logprobs"] = None if logprobs is None else _completion_logprobs(logprobs, top)
+        echoed = prompt if line.params.get("echo") else None
+        choice["text"] = text if echoed is None else _prompt_text(line, echoed) + text
+        if logprobs is not None:
+            prompt_entries = getattr(echoed, "logprobs", None) or []
+            choice["logprobs"] = _completion_logprobs(logprobs, top, prompt_entries)
+        else:
+            choice["logprobs"] = None
+        if getattr(prompt, "logprobs", None) is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(prompt.logprobs)
     choice["finish_reason"] = finish_reason
     return choice
 
 
+def _prompt_text(line: BatchLine, prompt: Any) -> str:
+    """The echoed prompt: as the request wrote it, or its token ids' text."""
+    return line.prompt if isinstance(line.prompt, str) else str(prompt.text)
+
+
+def vllm_prompt_logprobs(entries: list[list[Any]]) -> list[dict[str, Any] | None]:
+    """vLLM's prompt_logprobs: per prompt token, {token id: {logprob, rank,
+    decoded_token}} for it and its alternatives; None for the first token."""
+    out: list[dict[str, Any] | None] = []
+    for token, piece, logprob, rank, alternatives in entries:
+        if logprob is None:
+            out.append(None)
+            continue
+        position = {str(token): {"logprob": logprob, "rank": rank, "decoded_token": piece}}
+        for place, (alt, alt_piece, alt_lp) in enumerate(alternatives, 1):
+            position.setdefault(
+                str(alt), {"logprob": alt_lp, "rank": place, "decoded_token": alt_piece}
+            )
+        out.append(position)
+    return out
+
+
 def _openai_body(line: BatchLine, result: ResultLike, created: int, model: str) -> dict[str, Any]:
     chat = line.url == CHAT_URL
-    choices = [_openai_choice(line, i, s) for i, s in enumerate(_samples(result))]
-    return {
+    prompt = getattr(result, "prompt", None)
+    choices = [_openai_choice(line, i, s, prompt) for i, s in enumerate(_samples(result))]
+    body: dict[str, Any] = {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
         "object": "chat.completion" if chat else "text_completion",
         "created": created,
@@ -662,13 +778,21 @@ def _openai_body(line: BatchLine, result: ResultLike, created: int, model: str) 
             "total_tokens": result.prompt_tokens + result.completion_tokens,
         },
     }
+    entries = getattr(prompt, "logprobs", None)
+    if chat and entries is not None:  # vLLM's place for a chat's (completions: a choice's)
+        body["prompt_logprobs"] = vllm_prompt_logprobs(entries)
+    return body
 
 
 def format_line_error(err: LineError) -> dict[str, Any]:
-    """The output line answering a malformed input line."""
+    """The output line answering a malformed input line; an OpenAI line's as the 400
+    the same body gets from the HTTP endpoint (plus the line's number)."""
     error = {"code": P.E_BAD_REQUEST, "message": str(err), "line": err.line_no}
     if err.is_openai:
-        return _openai_line(err.id, None, error)
+        status, kind = OPENAI_HTTP_ERRORS[P.E_BAD_REQUEST]
+        param = param_in_message(err.message)
+        body = {"error": {"message": str(err), "type": kind, "param": param, **error}}
+        return _openai_line(err.id, _openai_response(status, body), None)
     return {
         "id": err.id,
         "text": "",

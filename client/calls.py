@@ -49,6 +49,29 @@ def _logprobs_from_wire(raw: Any) -> list[TokenLogprob] | None:
 
 
 @dataclass(slots=True)
+class PromptEcho:
+    """The prompt as the engine saw it (``Result.prompt``, where the params asked with
+    ``echo`` or ``prompt_logprobs``): its token ids, their text, and per token
+    ``[id, text, logprob, rank, [[alt id, alt text, logprob]...]]`` (the first token's
+    logprob and rank None)."""
+
+    ids: list[int]
+    text: str
+    logprobs: list[list[Any]] | None = None
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> PromptEcho | None:
+        if not isinstance(raw, dict):
+            return None
+        logprobs = raw.get("logprobs")
+        return cls(
+            [int(t) for t in raw.get("ids") or ()],
+            str(raw.get("text") or ""),
+            logprobs if isinstance(logprobs, list) else None,
+        )
+
+
+@dataclass(slots=True)
 class Choice:
     """One of the ``n`` samples of a prompt (``Result.choices``)."""
 
@@ -82,6 +105,7 @@ class Result:
     model: str | None = None
     logprobs: list[TokenLogprob] | None = None
     choices: list[Choice] = field(default_factory=list)
+    prompt: PromptEcho | None = None
 
     @property
     def ok(self) -> bool:
@@ -128,6 +152,8 @@ class Result:
                     )
                     for i, c in enumerate(choices)
                 ]
+        if "prompt" in body:
+            result.prompt = PromptEcho.from_wire(body["prompt"])
         return result
 
 
@@ -135,6 +161,26 @@ def local_error(item_id: str, exc: errors.RequestFailed) -> Result:
     """A Result for an item that failed on this side (it was never sent)."""
     exc.item_id = item_id
     return Result(item_id, "", P.FINISH_ERROR, error=exc)
+
+
+class StreamText(str):
+    """A stream's text chunk: a str, with the token counts the engine had reached when
+    it wrote it (zero from a router that does not send them)."""
+
+    completion_tokens: int
+    prompt_tokens: int
+
+    @classmethod
+    def of(cls, row: list[Any]) -> StreamText:
+        """From a CHUNKS row: [id, text, completion_tokens?, prompt_tokens?]."""
+        counts = [c if type(c) is int else 0 for c in row[2:4]]
+        return cls.counted(row[1], *(*counts, 0, 0)[:2])
+
+    @classmethod
+    def counted(cls, text: str, completion_tokens: int, prompt_tokens: int) -> StreamText:
+        out = cls(text)
+        out.completion_tokens, out.prompt_tokens = completion_tokens, prompt_tokens
+        return out
 
 
 class Place:
@@ -250,7 +296,7 @@ class Call:
         self.taken: dict[str, None] = {}
         self.ready: deque[Result] = deque()  # results to hand to the caller
         self.order: deque[Place] = deque()  # ordered calls: input order, not yet handed
-        self.chunks: deque[str] = deque()  # streamed text not yet handed
+        self.chunks: deque[StreamText] = deque()  # streamed text not yet handed
         self.streamed = ""  # a stream's text handed so far
         self.final: Result | None = None  # a stream's result, once it came (not failed)
         self.resend: deque[str] = deque()  # wire ids to send again (busy, reconnect)
@@ -282,7 +328,7 @@ class Call:
         back. A failed result becomes the call's error (raised after these texts); a
         good one is kept as ``final``.
         """
-        texts = list(self.chunks)
+        texts: list[str] = list(self.chunks)
         self.chunks.clear()
         self.streamed += "".join(texts)
         while self.ready:
@@ -292,7 +338,10 @@ class Call:
                 continue
             self.final = result
             if result.text.startswith(self.streamed) and len(result.text) > len(self.streamed):
-                texts.append(result.text[len(self.streamed) :])
+                rest = result.text[len(self.streamed) :]
+                texts.append(
+                    StreamText.counted(rest, result.completion_tokens, result.prompt_tokens)
+                )
                 self.streamed = result.text
         return texts
 

@@ -677,8 +677,11 @@ class AsyncClient(_Shell):
             event.clear()
             self._kick()
             waiting = asyncio.ensure_future(event.wait())
-            await asyncio.wait((waiting, reader), return_when=asyncio.FIRST_COMPLETED)
-            if not waiting.done():
+            try:
+                await asyncio.wait((waiting, reader), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # Also when this coroutine is cancelled (a caller gone): a wait left
+                # pending is collected later as "Task was destroyed but it is pending".
                 waiting.cancel()
             if reader.done() and not waiter.has_news:
                 reader.result()  # the reader's failure, raised here

@@ -52,6 +52,7 @@ from exgen.client.calls import (
     Outgoing,
     Request,
     Result,
+    StreamText,
     _Submit,
 )
 from exgen.client.transport import HANDSHAKE_FAILURES
@@ -421,10 +422,11 @@ class Core:
             self._ask_resend(now)  # its results are kept; the resend fills the gap
 
     def _on_chunks(self, body: dict[str, Any]) -> None:
-        for wire_id, text in body.get("chunks", ()):
+        for row in body.get("chunks", ()):
+            wire_id = row[0]
             call = self.calls.get(str(wire_id).partition(TAG_SEP)[0])
             if call is not None and wire_id in call.outstanding:
-                call.chunks.append(text)
+                call.chunks.append(StreamText.of(row))
                 self.touched.add(call)
 
     def _on_accepted(self, body: dict[str, Any]) -> None:

@@ -39,7 +39,9 @@ STATUS = b"?"  # client -> router: {}
 ACK = b"a"  # client -> router: {"seq", "resend"?}: every RESULTS up to seq arrived
 ACCEPTED = b"A"  # router -> client: {"req", "n", "queued"}
 RESULTS = b"R"  # router -> client: {"req"?, "results": [result...]}
-CHUNKS = b"K"  # router -> client: {"chunks": [[id, text]...]}
+# router -> client: {"chunks": [[id, text, completion_tokens?, prompt_tokens?]...]}: the
+# counts so far (a router before them sends [id, text])
+CHUNKS = b"K"
 ERROR = b"E"  # router -> client: {"req"?, "code", "message", "field"?}
 STATUS_REPLY = b"!"  # router -> client: the status document
 PING = b"p"  # client -> router: {"req"?}; liveness while waiting for long results
@@ -77,6 +79,8 @@ MAX_MODEL_CHARS = 256
 MAX_CLIENT_NAME_CHARS = 200
 PRIORITIES = ("interactive", "batch")  # dispatched in this order
 MAX_PROMPT_CHARS = 1_000_000
+MAX_PROMPT_IDS = 262_144  # a prompt given as token ids (vLLM's and OpenAI's token prompts)
+MAX_TOKEN_ID = 2**31 - 1
 MAX_MESSAGES = 1_000
 MAX_NEW_TOKENS = 1_000_000
 MAX_STOP_STRINGS = 16
@@ -108,6 +112,17 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "logprobs": False,
     "top_logprobs": 0,  # > 0 implies logprobs
     "json_schema": None,  # the JSON Schema every output must match, as compact JSON text
+    # vLLM's extensions, which its clients (load generators, harnesses) send by default.
+    "ignore_eos": False,  # the end-of-sequence token does not end the text
+    "min_tokens": 0,  # neither EOS nor a stop string ends the text before this many
+    "skip_special_tokens": True,  # special tokens (EOS, template markers) left out of text
+    "include_stop_str_in_output": False,  # the stop string that ended the text kept in it
+    # The prompt itself in the result: its token ids and their text (echo), and each
+    # prompt token's logprob with this many alternatives (vLLM's prompt_logprobs): what
+    # loglikelihood evaluations ask, most with max_new_tokens 0.
+    "echo": False,
+    "prompt_logprobs": None,
+    "add_special_tokens": True,  # a text prompt's BOS and such (chat templates carry theirs)
 }
 # ``response_format`` (OpenAI's shape, or "json_object") is accepted where params are
 # and becomes ``json_schema``: the wire carries only the latter.
@@ -203,7 +218,7 @@ class Item:
     """One prompt of a submit, validated."""
 
     id: str
-    prompt: str | None
+    prompt: str | list[int] | None  # text, or the model's token ids
     messages: list[dict[str, str]] | None
     params: dict[str, Any] = field(default_factory=dict)
     timeout_s: float | None = None  # deadline from acceptance
@@ -367,7 +382,7 @@ def schema_of_response_format(value: Any) -> str | None:
 # the field relative to the parameter ("" or "[i]"). Every item of a submit goes
 # through these: a table lookup, and the field's path is built only for an error.
 _PARAM_CHECKS: dict[str, Callable[[Any], Any]] = {
-    "max_new_tokens": lambda v: _check_number("", v, 1, MAX_NEW_TOKENS, integer=True),
+    "max_new_tokens": lambda v: _check_number("", v, 0, MAX_NEW_TOKENS, integer=True),
     "temperature": lambda v: float(_check_number("", v, 0.0, 100.0)),
     "top_p": _positive_fraction,
     "top_k": lambda v: _check_number("", v, 0, 1_000_000, integer=True),
@@ -382,6 +397,15 @@ _PARAM_CHECKS: dict[str, Callable[[Any], Any]] = {
     "top_logprobs": lambda v: _check_number("", v, 0, MAX_TOP_LOGPROBS, integer=True),
     "json_schema": _check_json_schema,
     "response_format": schema_of_response_format,
+    "ignore_eos": _check_bool,
+    "min_tokens": lambda v: _check_number("", v, 0, MAX_NEW_TOKENS, integer=True),
+    "skip_special_tokens": _check_bool,
+    "include_stop_str_in_output": _check_bool,
+    "echo": _check_bool,
+    "add_special_tokens": _check_bool,
+    "prompt_logprobs": lambda v: (
+        None if v is None else _check_number("", v, 0, MAX_TOP_LOGPROBS, integer=True)
+    ),
 }
 assert set(_PARAM_CHECKS) == PARAM_NAMES
 
@@ -411,10 +435,16 @@ def validate_params(raw: Any, where: str = "params") -> dict[str, Any]:
             name = "json_schema"
         if checked is not None or name not in _NONE_MEANS_UNSET:
             out[name] = checked
+    if out.get("min_tokens", 0) > out.get("max_new_tokens", MAX_NEW_TOKENS):
+        raise ValidationError(f"{where}.min_tokens", "must not be more than max_new_tokens")
+    if out.get("json_schema") is not None:
+        for name in ("ignore_eos", "min_tokens"):
+            if out.get(name):  # a schema's end is the text's end: no EOS to hold back
+                raise ValidationError(f"{where}.{name}", "cannot be combined with a JSON schema")
     return out
 
 
-_NONE_MEANS_UNSET = frozenset({"seed", "json_schema"})
+_NONE_MEANS_UNSET = frozenset({"seed", "json_schema", "prompt_logprobs"})
 
 
 def _validate_stop(path: str, value: Any) -> list[str]:
@@ -446,7 +476,7 @@ def _validate_messages(path: str, value: Any) -> list[dict[str, str]]:
         if not isinstance(msg, dict):
             raise ValidationError(where, "must be a map with role and content")
         role, content = msg.get("role"), msg.get("content")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:  # a map is unhashable
             raise ValidationError(
                 f"{where}.role", f"must be one of {', '.join(sorted(CHAT_ROLES))}"
             )
@@ -492,6 +522,25 @@ def _validate_item_fields(
     )
 
 
+def _check_prompt(path: str, prompt: Any) -> str | list[int]:
+    """Text, or token ids (what the engine's tokenizer gave a client: the model's own);
+    an integral float is its integer, as for every integer here."""
+    if isinstance(prompt, str):
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValidationError(path, f"longer than {MAX_PROMPT_CHARS} characters")
+        return prompt
+    if not isinstance(prompt, list):
+        raise ValidationError(path, "must be a string or a list of token ids")
+    if not prompt or len(prompt) > MAX_PROMPT_IDS:
+        raise ValidationError(path, f"must hold 1 to {MAX_PROMPT_IDS} token ids")
+    if all(type(t) is int for t in prompt) and min(prompt) >= 0 and max(prompt) <= MAX_TOKEN_ID:
+        return prompt  # the common case, checked in C
+    return [
+        int(_check_number(f"{path}[{i}]", t, 0, MAX_TOKEN_ID, integer=True))
+        for i, t in enumerate(prompt)
+    ]
+
+
 def validate_item_parts(
     where: str,
     item_id: str,
@@ -508,10 +557,7 @@ def validate_item_parts(
     if (prompt is None) == (messages is None):
         raise ValidationError(where, "needs exactly one of prompt or messages")
     if prompt is not None:
-        if not isinstance(prompt, str):
-            raise ValidationError(f"{where}.prompt", "must be a string")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise ValidationError(f"{where}.prompt", f"longer than {MAX_PROMPT_CHARS} characters")
+        prompt = _check_prompt(f"{where}.prompt", prompt)
     checked_messages = (
         None if messages is None else _validate_messages(f"{where}.messages", messages)
     )

@@ -1,7 +1,7 @@
 """What a client's message does: submit (refuse or accept), acknowledge, ping, hello,
 status; cancelling is ``control.Cancels``.
 
-Admission decides; the router's sockets carry the answers. Refusals come before
+Admission decides and puts its answers in the outbox. Refusals come before
 validation where they can: under a flood, checking thousands of items only to
 answer "busy" would become the router's main work. Every body is decoded at a
 bounded cost first (``decode``).
@@ -10,45 +10,51 @@ bounded cost first (``decode``).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from exgen.client import protocol as P
 from exgen.daemon import decode, wire
 from exgen.daemon.clients import ClientRecord
 from exgen.daemon.control import Cancels
-
-if TYPE_CHECKING:
-    from exgen.daemon.router import Router
+from exgen.daemon.delivery import Delivery
+from exgen.daemon.ledger import Deadlines
+from exgen.daemon.rooms import Rooms
+from exgen.daemon.status import describe_router
 
 logger = logging.getLogger("exgen.admission")
 
 
 class Admission:
-    def __init__(self, router: Router) -> None:
-        self.router = router
-        self.settings = router.settings
-        self.ledger = router.ledger
-        self.queue = router.queue
-        self.cancels = Cancels(router)
+    def __init__(
+        self, rooms: Rooms, delivery: Delivery, cancels: Cancels, deadlines: Deadlines
+    ) -> None:
+        self.rooms = rooms
+        self.settings = rooms.settings
+        self.service = rooms.service
+        self.ledger = rooms.ledger
+        self.queue = rooms.queue
+        self.clients = rooms.clients
+        self.outbox = rooms.outbox
+        self.delivery = delivery
+        self.cancels = cancels
+        self.deadlines = deadlines
 
     def client_message(
         self, frames: list[bytes], now: float, user: str | None = None, peer: str | None = None
     ) -> None:
         """One client message; ``user``: its CURVE key (z85) and ``peer``: its address,
         when the router looks at them (CURVE, or TCP beyond loopback)."""
-        router = self.router
         if len(frames) < 2:
-            router.garbage_frames += 1
-            return
+            return  # not even an identity and a header: nobody to answer
         client, rest = frames[0], frames[1:]
         try:
             command, payload = P.unpack_header(rest)
         except P.FrameError as exc:
             self._on_bad_frames(client, rest, exc)
             return
-        record = router.clients.seen(client, now)
+        record = self.clients.seen(client, now)
         record.user, record.peer = user, peer
-        router.delivery.reachable_again(record)
+        self.delivery.reachable_again(record)
         req: str | None = None
         try:
             if command == P.SUBMIT:
@@ -58,21 +64,19 @@ class Admission:
             elif command == P.CANCEL:
                 body = decode.decode_cancel(payload)
                 req = body["req"] if isinstance(body["req"], str) else None
-                self.cancels.handle(record, body, req)
+                self.cancels.handle(record, body, req, now)
             else:
                 body = decode.decode_small(payload)
                 req = body.get("req") if isinstance(body.get("req"), str) else None
                 self._small(record, command, body, req, now)
         except P.ValidationError as exc:
             req = req or decode.request_id(payload)
-            router.reply_error(
-                client, P.E_BAD_REQUEST, exc.message, req=req, field_name=exc.field
-            )
+            self.outbox.error(client, P.E_BAD_REQUEST, exc.message, req=req, field_name=exc.field)
         except Exception:
             # A bug of ours met by one client's message must cost that message only,
             # not the router loop (and everyone's work with it).
             logger.exception("internal error on a %r message from a client", command)
-            router.reply_error(client, P.E_INTERNAL, "internal error (see the daemon log)", req=req)
+            self.outbox.error(client, P.E_INTERNAL, "internal error (see the daemon log)", req=req)
 
     def _small(
         self,
@@ -82,27 +86,26 @@ class Admission:
         req: str | None,
         now: float,
     ) -> None:
-        router = self.router
         if command == P.ACK:
-            router.delivery.acknowledge(record, body)
+            self.delivery.acknowledge(record, body, now)
         elif command == P.PING:
-            known = router.has_work(record)
-            extra = {"instance": router.instance, "draining": router.draining, "known": known}
-            router.delivery.pong(record, req, extra)
+            known = record.has_work(self.ledger.count_of(record.identity))
+            service = self.service
+            extra = {"instance": service.instance, "draining": service.draining, "known": known}
+            self.delivery.pong(record, req, extra)
         elif command == P.STATUS:
-            router.reply(record.identity, P.STATUS_REPLY, {**router.status(now), "req": req})
+            status = describe_router(self.rooms, now)
+            self.outbox.reply(record.identity, P.STATUS_REPLY, {**status, "req": req})
         elif command == P.HELLO:
             self.hello(record, body, req)
         else:
-            router.reply_error(
-                record.identity, P.E_BAD_REQUEST, f"unknown command {command!r}", req=req
-            )
+            message = f"unknown command {command!r}"
+            self.outbox.error(record.identity, P.E_BAD_REQUEST, message, req=req)
 
     def _on_bad_frames(self, client: bytes, frames: list[bytes], exc: P.FrameError) -> None:
         """Garbage is dropped; a peer that speaks our protocol badly is told why."""
-        self.router.garbage_frames += 1
         if frames and frames[0][:3] == P.MAGIC:
-            self.router.reply_error(client, P.E_PROTOCOL, str(exc))
+            self.outbox.error(client, P.E_PROTOCOL, str(exc))
         else:
             logger.debug("dropped %d garbage frame(s) from a client", len(frames))
 
@@ -125,17 +128,16 @@ class Admission:
             accepted += 1
         for item_id, error in submit.rejected:
             self._reject(record, item_id, P.E_BAD_REQUEST, error.message, now, error.field)
-        router = self.router
-        router.reply(
+        self.outbox.reply(
             client,
             P.ACCEPTED,
             {
                 "req": submit.req,
                 "n": accepted,
                 "queued": self.queue.size,
-                "instance": router.instance,
+                "instance": self.service.instance,
                 "session": record.session,
-                "model": router.model_name,
+                "model": self.service.model_name,
             },
         )
 
@@ -150,34 +152,33 @@ class Admission:
     ) -> None:
         """A per-item error at the door, owed like any other result."""
         result = P.result_error(item_id, code, message, field)
-        self.router.clients.queue_result(record.identity, result, now)
-        self.ledger.failed += 1
+        self.clients.queue_result(record.identity, result, now)
+        self.ledger.refused()
 
     def _wrong_model(self, item: P.Item) -> bool:
         return (
             self.settings.strict_model
             and item.model is not None
-            and item.model != self.router.model_name
+            and item.model != self.service.model_name
         )
 
     def _model_message(self, item: P.Item) -> str:
         return (
             f"model {item.model!r} is not served here (this daemon serves "
-            f"{self.router.model_name!r}; strict_model is on)"
+            f"{self.service.model_name!r}; strict_model is on)"
         )
 
     def _refused(self, client: bytes, req: str, envelope: decode.Envelope) -> bool:
         """Draining or busy: the items are handed back (the client library resends).
         Their ids are read only then: a submit that is taken never decodes them twice."""
-        router = self.router
-        if router.draining:
+        if self.service.draining:
             message = "the daemon is shutting down"
-            router.reply_error(client, P.E_DRAINING, message, req=req, items=envelope.ids())
+            self.outbox.error(client, P.E_DRAINING, message, req=req, items=envelope.ids())
             return True
         raws = envelope.raws
         full = self._queue_full(client, len(raws), sum(len(raw) for raw in raws))
         if full is not None:
-            router.reply_error(client, P.E_BUSY, full, req=req, items=envelope.ids())
+            self.outbox.error(client, P.E_BUSY, full, req=req, items=envelope.ids())
             return True
         return False
 
@@ -201,7 +202,7 @@ class Admission:
         row = wire.encode_job(key, item, stream)
         entry = self.ledger.accept(client, item.id, row, now, budget, tier)
         if item.timeout_s is not None:
-            self.router.add_deadline(entry, item.timeout_s)
+            self.deadlines.add(entry, item.timeout_s)
         self.queue.push(client, entry.key, budget, tier)
 
     # --- sessions ----------------------------------------------------------------
@@ -214,14 +215,13 @@ class Admission:
             record.host = host[: P.MAX_CLIENT_NAME_CHARS]
         if type(pid) is int:
             record.pid = pid
-        router = self.router
         welcome = {
             "req": req,
-            "instance": router.instance,
+            "instance": self.service.instance,
             "session": record.session,
             "client": record.identity.hex(),
-            "model": router.model_name,
-            "engine": router.engine_name,
+            "model": self.service.model_name,
+            "engine": self.rooms.table.engine,
             "limits": {
                 "max_items_per_submit": P.MAX_ITEMS_PER_SUBMIT,
                 "max_message_bytes": P.MAX_MESSAGE_BYTES,
@@ -230,4 +230,4 @@ class Admission:
                 "client_grace_s": self.settings.client_grace_s,
             },
         }
-        router.reply(record.identity, P.WELCOME, welcome)
+        self.outbox.reply(record.identity, P.WELCOME, welcome)

@@ -1,62 +1,49 @@
 """Messages from workers: READY, heartbeats, results (DONE), streamed text, FATAL.
 
 A worker's answer settles an item only through the ledger, and only from the slot
-that holds it (``Ledger.settle``); results go to their client's outbox through the
-router. ``heard_until`` is the last moment every waiting worker message had been
-read: liveness counts a worker's silence only up to it.
+that holds it (``Ledger.settle``); results go to their client through ``Answers``,
+streamed text into the outbox. ``heard_until`` is the last moment every waiting
+worker message had been read (the loop says when, ``caught_up``): liveness counts a
+worker's silence only up to it.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from typing import TYPE_CHECKING, Any
-
-import zmq
+from typing import Any
 
 from exgen.client import protocol as P
 from exgen.daemon import wire
+from exgen.daemon.answers import Answers
 from exgen.daemon.engines.base import Chunk, Failed, Finished
-from exgen.daemon.ledger import Entry, Ledger
-from exgen.daemon.slots import READY, Serving, Slot, SlotTable
-from exgen.daemon.sockets import readable
-
-if TYPE_CHECKING:
-    from exgen.daemon.router import Router
+from exgen.daemon.ledger import Entry
+from exgen.daemon.rooms import Rooms
+from exgen.daemon.slots import READY, Serving, Slot
 
 logger = logging.getLogger("exgen.backend")
 
-MAX_FRAMES_PER_TICK = 2000  # messages read before the loop does anything else
-
 
 class WorkerMessages:
-    def __init__(
-        self, router: Router, backend: zmq.Socket[Any], ledger: Ledger, table: SlotTable
-    ) -> None:
-        self.router = router
-        self.backend = backend
-        self.ledger = ledger
-        self.table = table
-        self.heard_until = time.monotonic()
+    def __init__(self, rooms: Rooms, answers: Answers) -> None:
+        self.ledger = rooms.ledger
+        self.table = rooms.table
+        self.outbox = rooms.outbox
+        self.answers = answers
+        self.heard_until = rooms.service.started
 
-    def handle(self, now: float) -> None:
-        """Read what the workers sent (up to a bound); each message is stamped with
-        the time it was read, not the tick's start: after a stall the beats that
-        waited in the socket are fresh news, not old silence."""
-        for _ in range(MAX_FRAMES_PER_TICK):
-            if not readable(self.backend):
-                self.heard_until = time.monotonic()  # every waiting message is read
-                return
-            frames = self.backend.recv_multipart()
-            try:
-                command, body = P.unpack(frames[1:])
-            except P.FrameError as exc:
-                logger.error("bad frames from a worker: %s", exc)
-                continue
-            self._worker_message(frames[0], command, body, time.monotonic())
+    def handle(self, frames: list[bytes], now: float) -> None:
+        """One worker message, ``now`` the time it was read (not the tick's start:
+        after a stall the beats that waited in the socket are fresh news, not old
+        silence)."""
+        try:
+            command, body = P.unpack(frames[1:])
+        except P.FrameError as exc:
+            logger.error("bad frames from a worker: %s", exc)
+            return
+        self._worker_message(frames[0], command, body, now)
 
-    def nothing_waiting(self, at: float) -> None:
-        """The loop's poll found no worker message waiting at ``at``."""
+    def caught_up(self, at: float) -> None:
+        """Every worker message waiting at ``at`` has been read."""
         self.heard_until = max(self.heard_until, at)
 
     def _worker_message(
@@ -98,7 +85,6 @@ class WorkerMessages:
         )
         self.table.start_serving(slot, serving)
         slot.state = READY
-        self.router.engine_name = serving.engine
         logger.info(
             "ready slot %d pid %d: %s, capacity %d, loaded in %.2fs",
             slot.id,
@@ -153,19 +139,17 @@ class WorkerMessages:
                     result["logprobs"] = event.logprobs
                 if event.choices is not None:
                     result["choices"] = [c.to_wire() for c in event.choices]
-                self.router.answer(entry, result, now)
+                if event.prompt is not None:
+                    result["prompt"] = event.prompt.to_wire()
+                self.answers.answer(entry, result, now)
         for failure in failed:
             entry = self._settle(slot, serving, failure.key, now, ok=False)
             if entry is not None:
-                result = P.result_error(
-                    entry.item_id, failure.code, failure.message, failure.field
-                )
+                result = P.result_error(entry.item_id, failure.code, failure.message, failure.field)
                 result["slot"] = slot.id
-                self.router.answer(entry, result, now)
+                self.answers.answer(entry, result, now)
 
-    def _settle(
-        self, slot: Slot, serving: Serving, key: int, now: float, ok: bool
-    ) -> Entry | None:
+    def _settle(self, slot: Slot, serving: Serving, key: int, now: float, ok: bool) -> Entry | None:
         entry = self.ledger.settle(key, slot.id, ok)
         if entry is not None:
             serving.progress_at = now
@@ -183,7 +167,7 @@ class WorkerMessages:
         for chunk in chunks:
             entry = self.ledger.entries.get(chunk.key)
             if entry is not None and entry.slot == slot.id:
-                out.setdefault(entry.client, []).append([entry.item_id, chunk.text])
+                row = [entry.item_id, chunk.text, chunk.completion_tokens, chunk.prompt_tokens]
+                out.setdefault(entry.client, []).append(row)
         for client, batch in out.items():
-            self.router.reply(client, P.CHUNKS, {"chunks": batch})  # best effort: not owed
-
+            self.outbox.reply(client, P.CHUNKS, {"chunks": batch})  # best effort: not owed

@@ -150,7 +150,7 @@ def run_daemon(settings: cfg.Settings) -> int:
         server_keys(settings)  # unusable keys: one line now, before anything starts
     except CurveSetupError as exc:
         raise CliError(str(exc)) from None
-    check_http_gateway(settings, listen)  # issue 13
+    check_http_gateway(settings, listen)  # an unusable --http setting: one line, now
     engine, model = resolve_engine_and_model(settings)
     if settings.ray is not None:
         slots, where = ray_slots(settings), f" on the Ray cluster ({settings.ray})"

@@ -40,7 +40,7 @@ class ClientRecord:
     done: int = 0
     failed: int = 0
     tokens: int = 0
-    outbox: list[dict[str, Any]] = field(default_factory=list)  # results of this tick
+    new_results: list[dict[str, Any]] = field(default_factory=list)  # this tick's, unflushed
     seq: int = 0  # the last RESULTS seq given out
     sent_upto: int = 0  # the last seq handed to ZMQ
     acked: int = 0  # the client has every RESULTS up to this seq
@@ -68,11 +68,23 @@ class ClientRecord:
     def unsent(self) -> bool:
         return self.sent_upto < self.seq
 
+    def has_work(self, items: int) -> bool:
+        """Whether the router holds anything for this client, given its ``items`` in
+        the ledger (PONG's ``known``; a client with work is not forgotten)."""
+        return bool(items or self.owed or self.new_results)
+
+
+def who(record: ClientRecord) -> str:
+    """A client as every log line and reply names it: its name, pid and id."""
+    pid = f" pid {record.pid}" if record.pid else ""
+    name = record.name or "unnamed"
+    return f"{name}{pid} [{record.identity.hex()[:12]}]"
+
 
 class ClientRegistry:
     def __init__(self) -> None:
         self.by_identity: dict[bytes, ClientRecord] = {}
-        self.pending_flush: set[bytes] = set()  # clients with results in their outbox
+        self.pending_flush: set[bytes] = set()  # clients with new results
 
     def __iter__(self) -> Iterator[ClientRecord]:
         return iter(self.by_identity.values())
@@ -103,7 +115,7 @@ class ClientRegistry:
         record = self.by_identity.get(identity)
         if record is None:
             record = self._new(identity, now)
-        record.outbox.append(result)
+        record.new_results.append(result)
         self.pending_flush.add(identity)
         if result.get("error") is None:
             record.done += 1
@@ -113,14 +125,14 @@ class ClientRegistry:
         else:
             record.failed += 1
 
-    def take_outboxes(self) -> list[tuple[ClientRecord, list[dict[str, Any]]]]:
-        """Every client's results of this tick, each outbox emptied."""
+    def take_new_results(self) -> list[tuple[ClientRecord, list[dict[str, Any]]]]:
+        """Every client's results of this tick, taken from their records."""
         out = []
         for identity in self.pending_flush:
             record = self.by_identity.get(identity)
-            if record is not None and record.outbox:
-                out.append((record, record.outbox))
-                record.outbox = []
+            if record is not None and record.new_results:
+                out.append((record, record.new_results))
+                record.new_results = []
         self.pending_flush.clear()
         return out
 

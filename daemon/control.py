@@ -10,14 +10,14 @@ client authenticated with the same key; otherwise the answer is ``forbidden``.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from exgen.client import protocol as P
-from exgen.daemon.clients import ClientRecord
+from exgen.daemon.answers import Answers
+from exgen.daemon.clients import ClientRecord, who
+from exgen.daemon.dispatch import Dispatcher
+from exgen.daemon.rooms import Rooms
 from exgen.daemon.sockets import is_loopback
-
-if TYPE_CHECKING:
-    from exgen.daemon.router import Router
 
 logger = logging.getLogger("exgen.control")
 
@@ -28,14 +28,21 @@ MIN_ID_PREFIX = 8  # hex digits of a client id that name it
 
 
 class Cancels:
-    def __init__(self, router: Router) -> None:
-        self.router = router
+    def __init__(self, rooms: Rooms, dispatcher: Dispatcher, answers: Answers, access: str) -> None:
+        self.ledger = rooms.ledger
+        self.clients = rooms.clients
+        self.outbox = rooms.outbox
+        self.dispatcher = dispatcher
+        self.answers = answers
+        self.access = access  # who may cancel whom: LOCAL, CURVE or PEER
 
-    def handle(self, caller: ClientRecord, body: dict[str, Any], req: str | None) -> None:
+    def handle(
+        self, caller: ClientRecord, body: dict[str, Any], req: str | None, now: float
+    ) -> None:
         if body.get("client") is not None or body.get("clients") is not None:
-            self._cancel_others(caller, body, req)
+            self._cancel_others(caller, body, req, now)
             return
-        ledger = self.router.ledger
+        ledger = self.ledger
         if body.get("all") is True:
             keys = ledger.keys_of(caller.identity)
         else:
@@ -43,42 +50,40 @@ class Cancels:
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                 raise P.ValidationError("ids", "must be a list of item ids (or all: true)")
             keys = {k for i in ids if (k := ledger.key_of(caller.identity, i)) is not None}
-        self.cancel(keys, "cancelled by the client")
+        self.cancel(keys, "cancelled by the client", now)
 
-    def cancel(self, keys: set[int], message: str) -> int:
-        router = self.router
-        entries = router.cancel_keys(keys)
-        finished = router.ledger.finish(e.key for e in entries)
-        router.answer_with_error(finished, P.E_CANCELLED, message)
+    def cancel(self, keys: set[int], message: str, now: float) -> int:
+        entries = self.dispatcher.withdraw(keys)
+        finished = self.ledger.finish(e.key for e in entries)
+        self.answers.fail(finished, P.E_CANCELLED, message, now)
         return len(finished)
 
-    def _cancel_others(self, caller: ClientRecord, body: dict[str, Any], req: str | None) -> None:
-        router = self.router
+    def _cancel_others(
+        self, caller: ClientRecord, body: dict[str, Any], req: str | None, now: float
+    ) -> None:
         targets = self._targets(caller, body)
         if not targets:
             raise P.ValidationError("client", f"no such client; connected: {self._names(caller)}")
         allowed = [t for t in targets if self.may_cancel(caller, t)]
         if not allowed:
-            router.reply_error(
+            self.outbox.error(
                 caller.identity,
                 P.E_FORBIDDEN,
                 "you may cancel only your own work (a CURVE client: work sent with its key)",
                 req=req,
             )
             return
-        by = f"{caller.name or caller.identity.hex()[:12]}" + (
-            f" (pid {caller.pid})" if caller.pid else ""
-        )
+        by = who(caller)
         cancelled = 0
         for target in allowed:
-            keys = router.ledger.keys_of(target.identity)
-            cancelled += self.cancel(keys, f"cancelled by {by}")
-            logger.info("client %s cancelled %d items of %s", by, len(keys), describe(target))
-        body = {"req": req, "cancelled": cancelled, "clients": [describe(t) for t in allowed]}
-        router.reply(caller.identity, P.CANCELLED, body)
+            keys = self.ledger.keys_of(target.identity)
+            cancelled += self.cancel(keys, f"cancelled by {by}", now)
+            logger.info("client %s cancelled %d items of %s", by, len(keys), who(target))
+        body = {"req": req, "cancelled": cancelled, "clients": [who(t) for t in allowed]}
+        self.outbox.reply(caller.identity, P.CANCELLED, body)
 
     def _targets(self, caller: ClientRecord, body: dict[str, Any]) -> list[ClientRecord]:
-        others = [r for r in self.router.clients if r.identity != caller.identity]
+        others = [r for r in self.clients if r.identity != caller.identity]
         if body.get("clients") == "all":
             return others
         if body.get("clients") is not None:
@@ -89,7 +94,7 @@ class Cancels:
         return [r for r in others if _matches(r, name)]
 
     def may_cancel(self, caller: ClientRecord, target: ClientRecord) -> bool:
-        mode = self.router.access
+        mode = self.access
         if mode == LOCAL:
             return True
         if mode == CURVE:
@@ -97,18 +102,11 @@ class Cancels:
         return caller.peer is not None and is_loopback(caller.peer)
 
     def _names(self, caller: ClientRecord) -> str:
-        names = [describe(r) for r in self.router.clients if r.identity != caller.identity]
+        names = [who(r) for r in self.clients if r.identity != caller.identity]
         return ", ".join(names) or "none"
-
-
-def describe(record: ClientRecord) -> str:
-    pid = f" pid {record.pid}" if record.pid else ""
-    name = record.name or "unnamed"
-    return f"{name}{pid} [{record.identity.hex()[:12]}]"
 
 
 def _matches(record: ClientRecord, name: str) -> bool:
     if record.name == name or (record.pid is not None and str(record.pid) == name):
         return True
     return len(name) >= MIN_ID_PREFIX and record.identity.hex().startswith(name.lower())
-

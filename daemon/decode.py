@@ -50,7 +50,7 @@ _Params = Annotated[
 class _Item(msgspec.Struct, forbid_unknown_fields=True):
     # None: absent (as a map's .get would say): the protocol's checks take them as is.
     id: Scalar = None
-    prompt: Scalar = None
+    prompt: Annotated[list[int], Meta(max_length=P.MAX_PROMPT_IDS)] | Scalar = None
     messages: Annotated[list[_Message], Meta(max_length=P.MAX_MESSAGES)] | Scalar = None
     params: _Params | Scalar = None
     timeout_s: Scalar = None

@@ -1,12 +1,13 @@
-"""Getting answers to clients: every send to the frontend, results owed until acknowledged.
+"""Getting answers to clients: results owed until acknowledged, and client leases.
 
 The frontend ROUTER runs with ROUTER_MANDATORY and a finite SNDHWM, and every send is
-non-blocking, so nothing is dropped silently:
+non-blocking, so nothing is dropped silently. What Delivery sends goes into the
+outbox; the loop reports how the sends went (``on_sent``, outbox.py):
 
-- EAGAIN (the client's pipe is full: it is not reading) — the message stays owed,
+- FULL, EAGAIN (the client's pipe is full: it is not reading) — the message stays owed,
   unsent; it goes when the pipe drains. The client's unread results stay within the
   unread budget because past it the router stops dispatching that client's items.
-- EHOSTUNREACH (no connection with that identity: the client is gone, or its link is
+- GONE, EHOSTUNREACH (no connection with that identity: the client is gone, or its link is
   reconnecting) — the client is marked unreachable; owed results wait for it to come
   back (any message from it), or for its lease to run out.
 
@@ -15,83 +16,87 @@ larger than ``max_result_bytes`` is replaced by a ``too_large`` error for that i
 Leases: a client with work is probed once a heartbeat (listen.heartbeat_s; an unasked
 PONG, which the client reads like any PONG); one unreachable for ``client_grace_s`` is
 expired (the router cancels its work).
+
+A RESULTS message counts as handed to ZMQ (``sent_upto``) when it is put in the outbox:
+what is already there is never queued twice. If the loop reports it did not go,
+``sent_upto`` goes back to before it, so it goes again. After one send to a client
+fails, the loop sends that client nothing more in that batch, so results never
+arrive out of order.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
-import zmq
 
 from exgen.client import protocol as P
-from exgen.daemon.clients import ClientRecord, ClientRegistry
-from exgen.daemon.config import Settings
-from exgen.daemon.fairqueue import FairQueue
+from exgen.daemon.clients import ClientRecord, who
+from exgen.daemon.outbox import FULL, GONE, SENT, ToClient
+from exgen.daemon.rooms import Rooms
 
 logger = logging.getLogger("exgen.delivery")
 
-SENT, FULL, GONE = "sent", "full", "gone"  # what a non-blocking send did
 # Results are encoded one by one (each one's size decides its message): msgspec's
 # encoder, about a fifth of msgpack.packb's cost per result, the same bytes.
 _ENCODE = msgspec.msgpack.Encoder().encode
 SNDHWM = 1000  # messages queued in ZMQ per client; bytes are bounded by the unread budget
 RESUME_FRACTION = 0.5  # a paused client resumes once its unread bytes fall to this share
 
+# What a send's outcome means for the client's work (``on_sent``).
+LOST = "lost"  # it was just found unreachable: its running items should be taken back
+EXPIRED = "expired"  # unreachable past the grace: its work should be cancelled
+
 
 class Delivery:
-    def __init__(
-        self,
-        settings: Settings,
-        frontend: zmq.Socket[Any],
-        clients: ClientRegistry,
-        queue: FairQueue,
-    ) -> None:
-        self.settings = settings
-        self.frontend = frontend
-        self.clients = clients
-        self.queue = queue
+    def __init__(self, rooms: Rooms, probe_s: float) -> None:
+        self.settings = rooms.settings
+        self.clients = rooms.clients
+        self.queue = rooms.queue
+        self.outbox = rooms.outbox
         self.blocked: set[bytes] = set()  # reachable clients with owed results unsent
-        self.lost: list[ClientRecord] = []  # found unreachable since the router last looked
         self.next_probe_at = 0.0
-        # Seconds between probes: the frontend's heartbeat (the daemon sets it from its
-        # listen address, listen.heartbeat_s).
-        self.probe_s = settings.client_heartbeat_s
+        # Seconds between probes: the frontend's heartbeat (listen.heartbeat_s).
+        self.probe_s = probe_s
 
-    # --- sending -----------------------------------------------------------------
+    # --- what the sends did --------------------------------------------------------
 
-    def send(self, identity: bytes, frames: list[bytes]) -> bool:
-        """One message to a client, never blocking; False if it could not go now."""
-        return self._send(identity, frames) == SENT
+    def on_sent(self, record: ClientRecord, send: ToClient, outcome: str, now: float) -> str:
+        """Take note of a send's outcome; ``LOST``, ``EXPIRED`` or "" for the router."""
+        if send.seq:
+            self._owed_outcome(record, send.seq, outcome, now)
+        verdict = self._unreachable(record, now) if outcome == GONE else ""
+        if send.probe:
+            verdict = self._probe_outcome(record, outcome, now) or verdict
+        return verdict
 
-    def _send(self, identity: bytes, frames: list[bytes]) -> str:
-        try:
-            self.frontend.send_multipart([identity, *frames], flags=zmq.NOBLOCK)
-        except zmq.Again:
-            return FULL
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
-            record = self.clients.get(identity)
-            if record is not None:
-                self._unreachable(record)
-            return GONE
-        return SENT
+    def _owed_outcome(self, record: ClientRecord, seq: int, outcome: str, now: float) -> None:
+        if outcome == SENT:
+            if record.unacked_since is None:
+                record.unacked_since = now
+            return
+        record.sent_upto = min(record.sent_upto, seq - 1)  # it goes again
+        if outcome == FULL and record.reachable:
+            self.blocked.add(record.identity)  # the pipe is full: next tick
 
-    def _unreachable(self, record: ClientRecord) -> None:
-        if record.reachable:
-            record.reachable = False
-            logger.info("client %s unreachable (gone, or its link reconnecting)", _who(record))
-            self.update_pause(record, time.monotonic())  # before the next dispatch
-            self.lost.append(record)
+    def _unreachable(self, record: ClientRecord, now: float) -> str:
+        if not record.reachable:
+            return ""
+        record.reachable = False
+        logger.info("client %s unreachable (gone, or its link reconnecting)", who(record))
+        self.update_pause(record, now)  # before the next dispatch
+        return LOST
 
-    def take_lost(self) -> list[ClientRecord]:
-        """Clients found unreachable since the last call (the router recalls their work)."""
-        lost, self.lost = self.lost, []
-        return [record for record in lost if not record.reachable]
+    def _probe_outcome(self, record: ClientRecord, outcome: str, now: float) -> str:
+        if outcome != GONE:
+            record.reachable, record.disconnected_at = True, None
+            self.reachable_again(record)
+        elif record.disconnected_at is None:
+            record.disconnected_at = now
+        elif now - record.disconnected_at > self.settings.client_grace_s:
+            return EXPIRED
+        return ""
 
     def reachable_again(self, record: ClientRecord) -> None:
         """The client sent something: what it is owed and has not got can go again."""
@@ -100,14 +105,14 @@ class Delivery:
 
     # --- results -----------------------------------------------------------------
 
-    def flush(self) -> None:
-        """This tick's results into bounded, numbered messages; send what can go."""
-        for record, results in self.clients.take_outboxes():
+    def flush(self, now: float) -> None:
+        """This tick's results into bounded, numbered messages, into the outbox."""
+        for record, results in self.clients.take_new_results():
             for group in self._groups(results):
                 body = P.results_body(record.session, record.seq + 1, group)
                 self.clients.owe(record, body, len(group))
             self._send_unsent(record)
-            self._check_budget(record)
+            self._check_budget(record, now)
         for identity in list(self.blocked):
             waiting = self.clients.get(identity)
             if waiting is None or not waiting.unsent:
@@ -142,39 +147,35 @@ class Delivery:
 
     def _send_unsent(self, record: ClientRecord) -> None:
         for seq, body in self.clients.unsent(record):
-            if not self.send(record.identity, [P.MAGIC_VERSION, P.RESULTS, body]):
-                if record.reachable:
-                    self.blocked.add(record.identity)  # the pipe is full: next tick
-                return
+            frames = [P.MAGIC_VERSION, P.RESULTS, body]
+            self.outbox.client(ToClient(record.identity, frames, seq=seq))
             record.sent_upto = seq
-            if record.unacked_since is None:
-                record.unacked_since = time.monotonic()
         self.blocked.discard(record.identity)
 
-    def acknowledge(self, record: ClientRecord, body: dict[str, Any]) -> None:
+    def acknowledge(self, record: ClientRecord, body: dict[str, Any], now: float) -> None:
         session, seq, resend = body.get("session"), body.get("seq"), body.get("resend", False)
         if session != record.session:
-            logger.debug("client %s: an ACK for another session, ignored", _who(record))
+            logger.debug("client %s: an ACK for another session, ignored", who(record))
             return  # an acknowledgement for a session the router has forgotten
         if type(seq) is not int or not isinstance(resend, bool):
             raise P.ValidationError("seq", "must be an integer (with resend true or false)")
-        self.clients.acknowledge(record, seq, resend, time.monotonic())
+        self.clients.acknowledge(record, seq, resend, now)
         if resend and record.unsent:
             logger.info(
                 "client %s lost results on its link: sending %d messages again",
-                _who(record),
+                who(record),
                 record.seq - record.sent_upto,
             )
             self._send_unsent(record)
-        self._check_budget(record)
+        self._check_budget(record, now)
 
-    def _check_budget(self, record: ClientRecord) -> None:
+    def _check_budget(self, record: ClientRecord, now: float) -> None:
         budget = self.settings.unread_budget_bytes
         if not record.over_budget and record.unread_bytes > budget:
             record.over_budget = True
         elif record.over_budget and record.unread_bytes <= budget * RESUME_FRACTION:
             record.over_budget = False
-        self.update_pause(record, time.monotonic())
+        self.update_pause(record, now)
 
     def update_pause(self, record: ClientRecord, now: float) -> None:
         """A client's items wait (are not dispatched) while it cannot take results:
@@ -205,7 +206,7 @@ class Delivery:
             self.queue.pause(record.identity)
             logger.info(
                 "client %s: its items wait (%s; %d bytes unread)",
-                _who(record),
+                who(record),
                 reason,
                 record.unread_bytes,
             )
@@ -215,7 +216,10 @@ class Delivery:
 
     # --- leases ------------------------------------------------------------------
 
-    def pong(self, record: ClientRecord, req: str | None, extra: dict[str, Any]) -> str:
+    def pong(self, record: ClientRecord, req: str | None, extra: dict[str, Any]) -> None:
+        self.outbox.client(self._pong(record, req, extra))
+
+    def _pong(self, record: ClientRecord, req: str | None, extra: dict[str, Any]) -> ToClient:
         body = {
             "req": req,
             "session": record.session,
@@ -223,37 +227,22 @@ class Delivery:
             "acked": record.acked,
             **extra,
         }
-        return self._send(record.identity, P.pack(P.PONG, body))
+        return ToClient(record.identity, P.pack(P.PONG, body))
 
-    def probe(
-        self, now: float, has_work: Callable[[ClientRecord], bool], extra: dict[str, Any]
-    ) -> list[ClientRecord]:
-        """Probe the clients that have work; those unreachable past the grace: expired."""
+    def probe(self, now: float, with_work: list[ClientRecord], extra: dict[str, Any]) -> None:
+        """Probe the clients that have work (an unasked PONG each): what the sends do
+        says who is there (``on_sent``)."""
         for record in self.clients:
             self.update_pause(record, now)
         if now < self.next_probe_at:
-            return []
+            return
         self.next_probe_at = now + self.probe_s
-        expired = []
-        for record in list(self.clients):
-            if not has_work(record):
-                continue
-            if self.pong(record, None, {**extra, "known": True}) != GONE:
-                record.reachable, record.disconnected_at = True, None
-                self.reachable_again(record)
-            elif record.disconnected_at is None:
-                record.disconnected_at = now
-            elif now - record.disconnected_at > self.settings.client_grace_s:
-                expired.append(record)
-        return expired
+        for record in with_work:
+            send = self._pong(record, None, {**extra, "known": True})
+            send.probe = True
+            self.outbox.client(send)
 
     def forget(self, identity: bytes) -> None:
         self.queue.resume(identity)
         self.blocked.discard(identity)
         self.clients.forget(identity)
-
-
-def _who(record: ClientRecord) -> str:
-    name = f" {record.name!r}" if record.name else ""
-    pid = f" pid {record.pid}" if record.pid else ""
-    return f"{record.identity.hex()[:12]}{name}{pid}"

@@ -9,7 +9,8 @@
 - Within a tier, one lane per client, served round-robin: a 100,000-line file never
   starves a one-line request. Within a lane the largest token budget goes first
   (``Lane``).
-- A paused client (too many unread results) keeps its lanes but is skipped.
+- A paused client keeps its lanes but is skipped (it cannot take results now: too
+  many unread, unreachable, or not acknowledging; ``Delivery.update_pause``).
 
 No sockets and no clocks: the router and the tests drive it.
 """

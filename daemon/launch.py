@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from exgen.daemon.engines.cpu_layout import cpu_layout, usable_cores, worker_env
+from exgen.daemon.slots import Slot, WorkerProcess
 
 if TYPE_CHECKING:
-    from exgen.daemon.slots import Slot
     from exgen.daemon.worker import WorkerSpec
 
 logger = logging.getLogger("exgen.launch")
@@ -46,33 +46,7 @@ class WorkerExit:
     cause: str | None = None  # the launcher's own words, when the exit code says nothing
 
 
-class WorkerProcess(Protocol):
-    """One started worker. ``pid``/``node``/``host`` are None until it is placed."""
-
-    slot: int
-
-    @property
-    def pid(self) -> int | None: ...
-
-    @property
-    def node(self) -> str | None: ...
-
-    @property
-    def host(self) -> str | None: ...
-
-    @property
-    def devices(self) -> list[int] | None:
-        """The GPUs it was given on its machine (None: none, or not known yet)."""
-        ...
-
-    def is_pid(self, pid: int) -> bool:
-        """Whether ``pid`` is this worker (a worker that speaks has been placed)."""
-        ...
-
-
 class Launcher(Protocol):
-    name: str
-
     def start(self, slot: Slot, spec: WorkerSpec, env: dict[str, str]) -> WorkerProcess:
         """Start the slot's worker; ``env``: exgen's variables for it (not the whole
         environment: the launcher adds the machine's own)."""
@@ -138,8 +112,6 @@ class LocalProcess:
 
 class LocalLauncher:
     """Workers as subprocesses of the supervisor, on this machine."""
-
-    name = "local"
 
     def __init__(self, cpu_slots: int = 1) -> None:
         self.cpu_layout = cpu_layout(cpu_slots, usable_cores())

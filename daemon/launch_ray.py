@@ -35,9 +35,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from exgen.daemon.config import Settings
 from exgen.daemon.engines.cpu_layout import CpuLayout
-from exgen.daemon.launch import WorkerExit, WorkerProcess
+from exgen.daemon.launch import WorkerExit
 from exgen.daemon.ray_host import WorkerHost
-from exgen.daemon.slots import Slot
+from exgen.daemon.slots import Slot, WorkerProcess
 from exgen.daemon.worker import WorkerSpec
 from exgen.daemon.workerlink import WorkerKeys
 
@@ -180,8 +180,6 @@ class RayProcess:
 class RayLauncher:
     """Workers as Ray actors; the supervisor's decisions stay the supervisor's."""
 
-    name = "ray"
-
     def __init__(self, settings: Settings, keys: WorkerKeys | None) -> None:
         self.settings = settings
         self.keys = keys
@@ -264,7 +262,7 @@ class RayLauncher:
         for proc in ours:
             how = self._exit_of(proc) if id(proc.wait_ref) in ready_ids else self._silent(proc, now)
             if how is not None:
-                self._release(proc)
+                self._free_actor(proc)
                 out.append((proc, how))
         return out
 
@@ -291,13 +289,13 @@ class RayLauncher:
         """A worker we SIGKILLed whose actor does not confirm: its node is unreachable."""
         if proc.killed_at is None or now - proc.killed_at < self.settings.ray_kill_timeout_s:
             return None
-        silent = now - proc.killed_at  # its actor is killed with the release that follows
+        silent = now - proc.killed_at  # its actor is freed (killed) next
         where = f"node {(proc.node or '?')[:12]} ({proc.host})"
         return WorkerExit(
             None, node_lost=True, cause=f"{where} did not answer for {silent:.0f}s: unreachable"
         )
 
-    def _release(self, proc: RayProcess) -> None:
+    def _free_actor(self, proc: RayProcess) -> None:
         """The worker ended: its actor goes (freeing the resources), its key is revoked."""
         if self.keys is not None and proc.public_key is not None:
             self.keys.revoke(proc.public_key)
@@ -323,7 +321,7 @@ class RayLauncher:
             refs = [p.wait_ref for p in ours]
             ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         for proc in ours:
-            self._release(proc)  # what did not stop in time goes with its actor
+            self._free_actor(proc)  # what did not stop in time goes with its actor
 
     def close(self) -> None:
         for group in self.groups.values():

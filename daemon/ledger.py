@@ -16,6 +16,7 @@ No sockets, no clocks (``now`` is passed in): tested in-process, with hypothesis
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -44,7 +45,7 @@ class Entry:
 
 
 @dataclass(slots=True)
-class Released:
+class Orphans:
     """What a dead worker's items became: back in line, on probation, or failed."""
 
     requeue: list[int] = field(default_factory=list)
@@ -155,6 +156,16 @@ class Ledger:
                 out.append(entry)
         return out
 
+    def refused(self) -> None:
+        """An item answered with an error at the door, never accepted: counted failed."""
+        self.failed += 1
+
+    def abandon(self, keys: Iterable[int]) -> list[Entry]:
+        """Entries cancelled because their client went away: dropped, counted apart."""
+        out = self.drop(keys)
+        self.abandoned += len(out)
+        return out
+
     def drop(self, keys: Iterable[int]) -> list[Entry]:
         """Entries nobody will be answered for (their client is gone; a handed-back
         item): forgotten, not counted."""
@@ -191,13 +202,13 @@ class Ledger:
             out.append(entry)
         return out
 
-    def release_slot(
+    def orphan_slot(
         self, slot: int, crashed: bool, blames_work: bool, max_attempts: int, cause: str
-    ) -> Released:
+    ) -> Orphans:
         """A slot's worker is gone: each item it held is requeued, put on probation or
         failed as poison (failed entries are forgotten; the caller answers them)."""
         keys = sorted(self.held.pop(slot, set()))
-        out = Released()
+        out = Orphans()
         alone = len(keys) == 1
         for key in keys:
             entry = self.entries[key]
@@ -214,4 +225,25 @@ class Ledger:
                 out.probation.append(key)
             else:
                 out.requeue.append(key)
+        return out
+
+
+class Deadlines:
+    """Entries with a ``timeout_s``, soonest first (a heap of (deadline, key))."""
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[float, int]] = []
+
+    def add(self, entry: Entry, timeout_s: float) -> None:
+        entry.deadline = entry.accepted_at + timeout_s
+        heapq.heappush(self.heap, (entry.deadline, entry.key))
+
+    def past(self, now: float, ledger: Ledger) -> list[Entry]:
+        """The open entries whose deadline has passed (answered ones are skipped)."""
+        out = []
+        while self.heap and self.heap[0][0] <= now:
+            deadline, key = heapq.heappop(self.heap)
+            entry = ledger.entries.get(key)
+            if entry is not None and entry.deadline == deadline:
+                out.append(entry)
         return out

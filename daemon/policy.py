@@ -1,9 +1,10 @@
 """Policy as pure functions: balancing, back-off, exit causes. No sockets, no clocks.
 
-Balancing rule (DESIGN invariant 3): keep each worker's outstanding work near its
+Balancing rule: no worker sits idle while work waits, and none holds a deep private
+queue while another is idle. So keep each worker's outstanding work near its
 capacity — the engine's concurrent-sequence limit — and never deeper than capacity
-plus a small prefetch, so no worker holds a deep private queue while another idles.
-New work goes to the worker with the least outstanding work per unit of capacity.
+plus a small prefetch. New work goes to the worker with the least outstanding work
+per unit of capacity.
 
 The prefetch is what covers the round trip to the router: jobs a worker can start
 the moment others end, before the refill arrives. A worker whose jobs end one at a
@@ -78,14 +79,6 @@ def plan_dispatch(loads: Sequence[WorkerLoad], queued: int, prefetch: int) -> di
         if outstanding < limits[slot]:
             heapq.heappush(heap, (outstanding / capacity, slot, outstanding, capacity))
     return plan
-
-
-def pick_idle(loads: Sequence[WorkerLoad]) -> int | None:
-    """A worker with nothing outstanding (for items on probation after a crash)."""
-    for load in sorted(loads, key=lambda w: w.slot):
-        if load.outstanding == 0 and load.capacity > 0:
-            return load.slot
-    return None
 
 
 REQUEUE = "requeue"

@@ -1,9 +1,14 @@
 """The daemon: one loop that owns the router's sockets and the supervisor.
 
 Signal handlers only record the signal and wake the loop (through a wakeup fd the
-poller watches); the loop dispatches to ``handle_<signal>``. Each tick: read
+poller watches); the loop acts on it in ``handle_signal``. Each tick: read
 clients, read workers, reap exits (requeue their work), kill the hung, restart
-what is due, dispatch, tell systemd how things stand.
+what is due, send the results, dispatch, tell systemd how things stand.
+
+The router (router.py) touches no socket: ``RouterSockets`` here is the only code
+that reads or writes its two. It hands the router each message it reads and, after
+each call, sends what the router left in its outbox, telling it how the sends to
+clients went (``Router.on_sent``).
 """
 
 from __future__ import annotations
@@ -22,11 +27,14 @@ import zmq
 from exgen.daemon import curve, modelstore, workerlink
 from exgen.daemon import supervisor as sup
 from exgen.daemon.config import Settings
-from exgen.daemon.gateway.keeper import GatewayKeeper  # issue 13: the HTTP gateway
+from exgen.daemon.control import LOCAL
+from exgen.daemon.gateway.keeper import GatewayKeeper
 from exgen.daemon.listen import ListenError, access_mode, bind_frontend, heartbeat_s
+from exgen.daemon.outbox import FULL, GONE, SENT, ToClient
 from exgen.daemon.router import Router
 from exgen.daemon.sdnotify import Notifier
 from exgen.daemon.slots import SlotTable
+from exgen.daemon.sockets import readable
 
 if TYPE_CHECKING:
     from exgen.daemon.launch import Launcher
@@ -42,6 +50,86 @@ HOUSEKEEPING_S = 0.01
 STATUS_EVERY_S = 2.0
 METRICS_EVERY_S = 1.0
 EXIT_NO_WORKERS = 3
+MAX_FRAMES_PER_TICK = 2000  # messages read from one socket before doing anything else
+FRONTEND_BUDGET_S = 0.05  # client messages handled per tick, at most, in seconds
+
+
+class RouterSockets:
+    """The router's frontend (clients) and backend (workers) sockets, read and written
+    for it. ``inspect``: look at each client message's sender (its address, and its
+    CURVE key with ``curve``), which costs a zero-copy read."""
+
+    def __init__(
+        self,
+        router: Router,
+        frontend: zmq.Socket[Any],
+        backend: zmq.Socket[Any],
+        inspect: bool,
+        curve: bool,
+    ) -> None:
+        self.router = router
+        self.frontend = frontend
+        self.backend = backend
+        self.inspect = inspect
+        self.curve = curve
+
+    def read_clients(self, now: float) -> None:
+        # A time budget as well as a count: a flood of big submits must not keep the
+        # loop from workers' heartbeats and from dispatching (what is left waits).
+        budget_end = time.monotonic() + FRONTEND_BUDGET_S
+        for _ in range(MAX_FRAMES_PER_TICK):
+            if not readable(self.frontend):
+                return
+            if self.inspect:
+                self._read_inspected(now)
+            else:
+                self.router.on_client(self.frontend.recv_multipart(), now)
+            self.send(now)  # before the next message: an ACK may ask for a resend
+            if time.monotonic() > budget_end:
+                return
+
+    def _read_inspected(self, now: float) -> None:
+        parts = self.frontend.recv_multipart(copy=False)
+        user = str(parts[-1].get("User-Id")) if self.curve else None
+        peer = str(parts[-1].get("Peer-Address") or "") or None
+        self.router.on_client([part.bytes for part in parts], now, user, peer)
+
+    def read_workers(self) -> None:
+        """Each message is stamped with the time it was read (backend.py says why).
+        What they make the router send (streamed text) goes once they are read: a
+        worker's message asks for no send whose outcome the next one depends on."""
+        now = time.monotonic()
+        for _ in range(MAX_FRAMES_PER_TICK):
+            if not readable(self.backend):
+                self.router.caught_up_with_workers(time.monotonic())
+                break
+            frames = self.backend.recv_multipart()
+            now = time.monotonic()
+            self.router.on_worker(frames, now)
+        self.send(now)
+
+    def send(self, now: float) -> None:
+        """Everything in the router's outbox (``Outbox.send_with``)."""
+        if self.router.outbox:
+            self.router.outbox.send_with(
+                self._send_to_worker,
+                self._send_to_client,
+                lambda send, outcome: self.router.on_sent(send, outcome, now),
+            )
+
+    def _send_to_worker(self, identity: bytes, frames: list[bytes]) -> None:
+        self.backend.send_multipart([identity, *frames])
+
+    def _send_to_client(self, send: ToClient) -> str:
+        try:
+            self.frontend.send_multipart([send.identity, *send.frames], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return FULL  # its pipe is full: it is not reading
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            return GONE  # no connection under its identity (ROUTER_MANDATORY)
+        return SENT
 
 
 class Daemon:
@@ -79,19 +167,26 @@ class Daemon:
             launcher, backend_address = self._ray_launcher()
         self.backend = self.link.socket
         self.table = SlotTable(slots)
-        self.router = Router(self.settings, self.frontend, self.backend, self.table)
-        self.router.model_name = self.settings.model_name or modelstore.served_name(model, engine)
-        self.router.access = access_mode(self.listen, self.auth)
-        self.router.delivery.probe_s = heartbeat_s(self.settings, self.listen)
-        if self.auth is not None:
-            self.router.allowed_users = curve.allowed_user_ids(self.settings)
+        self.metrics = self._start_metrics(self.settings.metrics_listen)
+        access = access_mode(self.listen, self.auth)
+        self.router = Router(
+            self.settings,
+            self.table,
+            model_name=self.settings.model_name or modelstore.served_name(model, engine),
+            access=access,
+            allowed_users=curve.allowed_user_ids(self.settings) if self.auth is not None else None,
+            probe_s=heartbeat_s(self.settings, self.listen),
+            latencies=self.metrics.latencies if self.metrics is not None else None,
+        )
+        self.io = RouterSockets(
+            self.router, self.frontend, self.backend, access != LOCAL, self.auth is not None
+        )
         server_key = self.link.keys.public if self.link.keys is not None else None
         self.supervisor = sup.Supervisor(
             self.settings, self.table, backend_address, engine, model, launcher, server_key
         )
         self.notifier = Notifier()
-        self.metrics = self._start_metrics(self.settings.metrics_listen)
-        self.gateway = GatewayKeeper.from_settings(self.settings, self.listen)  # issue 13
+        self.gateway = GatewayKeeper.from_settings(self.settings, self.listen)
 
     def _ray_launcher(self) -> tuple[Launcher, str]:
         """Ray mode: actors anywhere in the cluster, dialling this machine's address."""
@@ -114,7 +209,6 @@ class Daemon:
             metrics.start()
         except OSError as exc:
             raise ListenError(f"metrics endpoint {listen}: {exc.strerror or exc}") from None
-        self.router.latencies = metrics.latencies
         return metrics
 
     # --- the loop ----------------------------------------------------------------------
@@ -130,10 +224,10 @@ class Daemon:
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         poller.register(wake_r, zmq.POLLIN)
-        logger.info("listening on %s (instance %s)", self.listen, self.router.instance)
+        logger.info("listening on %s (instance %s)", self.listen, self.router.service.instance)
         self.notifier.notify("STATUS=loading models")
         self.supervisor.start_all()
-        self.gateway.start()  # issue 13
+        self.gateway.start()
         try:
             while self.exit_code is None:
                 ready = dict(poller.poll(TICK_MS))
@@ -160,20 +254,27 @@ class Daemon:
         """
         while self.signals:
             self.handle_signal(self.signals.pop(0))
+        self.io.send(now)
         if clients:
-            self.router.handle_frontend(now)
-        self.router.handle_backend(now, workers)
+            self.io.read_clients(now)
+        if workers:
+            self.io.read_workers()
+        else:
+            self.router.caught_up_with_workers(now)
         housekeeping = self.child_exited or now >= self.housekeeping_due
         if housekeeping:
             self._housekeep(now)
+            self.io.send(now)
         draining = self.drain_deadline is not None
         if draining:
             self._continue_draining(now)
         # Results out (the workers' and those housekeeping failed) before dispatching:
         # a client found gone while sending them gets no more of its items started.
-        self.router.flush_results()
+        self.router.flush_results(now)
+        self.io.send(now)
         if not draining:
-            self.router.dispatch()
+            self.router.dispatch(time.monotonic())
+            self.io.send(now)
         if housekeeping:
             self._notify_systemd(now)  # after dispatch: STATUS counts what just went out
         if self.metrics is not None and now >= self.metrics_due:
@@ -184,13 +285,12 @@ class Daemon:
         """Reap exited workers; unless draining, kill the unresponsive and restart."""
         self.child_exited = False
         self.housekeeping_due = now + HOUSEKEEPING_S
-        self.gateway.poll(now)  # issue 13: reap and restart the HTTP gateway
+        self.gateway.poll(now)  # reap and restart the HTTP gateway
         for exit_ in self.supervisor.reap_workers(now):
-            self.router.worker_lost(
-                exit_.slot, exit_.pid, exit_.cause, exit_.crashed, exit_.blames_work
+            self.router.on_worker_exit(
+                exit_.slot, exit_.pid, exit_.cause, exit_.crashed, now, exit_.blames_work
             )
-        self.router.check_leases(now)
-        self.router.expire_deadlines(now)
+        self.router.tick(now)
         if self.drain_deadline is None:
             self._kill_unresponsive(now)
             self.supervisor.restart_due(now)
@@ -218,11 +318,11 @@ class Daemon:
                 logger.warning("second %s: stopping now", signal.Signals(signum).name)
                 self.exit_code = 0
         elif signum == signal.SIGHUP:
-            self.gateway.reload()  # issue 13: it re-reads its API keys
+            self.gateway.reload()  # it re-reads its API keys
             if self.auth is not None:
                 allowed = curve.reload_allowed(self.auth, self.settings)
                 if allowed is not None:
-                    self.router.allowed_users = allowed
+                    self.router.allow_users(allowed)
             else:
                 logger.info("SIGHUP: nothing to reload; send SIGTERM to drain and stop")
         elif signum == signal.SIGCHLD:
@@ -248,10 +348,11 @@ class Daemon:
             self.exit_code = 0
 
     def shutdown(self) -> None:
-        self.gateway.stop()  # issue 13: first, so it records no item the stop fails
+        self.gateway.stop()  # first, so it records no item the stop fails
         keys = list(self.router.ledger.entries)
         if keys:
-            self.router.release(keys, "the daemon stopped before this item finished")
+            self.router.hand_back(keys, "the daemon stopped before this item finished")
+        self.io.send(time.monotonic())
         self.supervisor.stop_all(signal.SIGTERM)
         self.supervisor.wait_all(timeout_s=5.0)
         self.supervisor.launcher.close()

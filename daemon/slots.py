@@ -12,12 +12,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from exgen.daemon import policy
-
-if TYPE_CHECKING:
-    from exgen.daemon.launch import WorkerProcess
 
 PENDING = "pending"  # started, waiting for the cluster to have a place for it (Ray)
 STARTING = "starting"
@@ -31,6 +28,31 @@ STOPPED = "stopped"
 # fragments (2 ending, then 30) must keep the prefetch of the larger fragment, or the
 # fragments multiply (measured with bench/overhead.py's synthetic part).
 BURST_HALF_LIFE_S = 2.0
+
+
+class WorkerProcess(Protocol):
+    """One started worker, as its launcher (launch.py) reports it; ``pid``, ``node``
+    and ``host`` are None until it is placed."""
+
+    slot: int
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def node(self) -> str | None: ...
+
+    @property
+    def host(self) -> str | None: ...
+
+    @property
+    def devices(self) -> list[int] | None:
+        """The GPUs it was given on its machine (None: none, or not known yet)."""
+        ...
+
+    def is_pid(self, pid: int) -> bool:
+        """Whether ``pid`` is this worker (a worker that speaks has been placed)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -101,10 +123,6 @@ class Slot:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None
-
     def is_process(self, pid: int) -> bool:
         """Whether ``pid`` is this slot's current process (a READY's check)."""
         return self.proc is not None and self.proc.is_pid(pid)
@@ -140,6 +158,7 @@ class SlotTable:
     def __init__(self, slots: list[Slot]) -> None:
         self.by_id: dict[int, Slot] = {slot.id: slot for slot in slots}
         self.by_identity: dict[bytes, Slot] = {}
+        self.engine = ""  # the engine the last worker to say READY runs (status, WELCOME)
 
     def __iter__(self) -> Iterator[Slot]:
         return iter(self.by_id.values())
@@ -162,6 +181,7 @@ class SlotTable:
             self.by_identity.pop(slot.serving.identity, None)
         slot.serving = serving
         self.by_identity[serving.identity] = slot
+        self.engine = serving.engine
 
     def stop_serving(self, slot: Slot) -> None:
         if slot.serving is not None:

@@ -5,51 +5,47 @@ Read-only views of the rooms; nothing here changes state.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from exgen.client import protocol as P
+from exgen.daemon.rooms import Rooms
 from exgen.daemon.slots import Slot
 
-if TYPE_CHECKING:
-    from exgen.daemon.router import Router
 
-
-def describe_router(router: Router, now: float) -> dict[str, Any]:
-    ledger = router.ledger
+def describe_router(rooms: Rooms, now: float) -> dict[str, Any]:
+    ledger, service = rooms.ledger, rooms.service
     return {
-        "instance": router.instance,
+        "instance": service.instance,
         "protocol": P.PROTOCOL_VERSION,
-        "uptime_s": round(now - router.started, 3),
-        "draining": router.draining,
-        "queued": router.queue.size,
+        "uptime_s": round(now - service.started, 3),
+        "draining": service.draining,
+        "queued": rooms.queue.size,
         "inflight": ledger.inflight,
         "completed": ledger.completed,
         "failed": ledger.failed,
-        "engine": router.engine_name,
-        "model": router.model_name,
-        "workers": [
-            describe_slot(slot, len(ledger.held_by(slot.id)), now) for slot in router.table
-        ],
-        "clients": describe_clients(router, now),
+        "engine": rooms.table.engine,
+        "model": service.model_name,
+        "workers": [describe_slot(slot, len(ledger.held_by(slot.id)), now) for slot in rooms.table],
+        "clients": describe_clients(rooms, now),
     }
 
 
-def describe_clients(router: Router, now: float) -> list[dict[str, Any]]:
-    ledger = router.ledger
+def describe_clients(rooms: Rooms, now: float) -> list[dict[str, Any]]:
+    ledger = rooms.ledger
     running: dict[bytes, int] = {}
     for keys in ledger.held.values():  # what runs is small: capacity x slots
         for key in keys:
             client = ledger.entries[key].client
             running[client] = running.get(client, 0) + 1
     out = []
-    for record in router.clients:
+    for record in rooms.clients:
         out.append(
             {
                 "id": record.identity.hex(),
                 "name": record.name,
                 "host": record.host,
                 "pid": record.pid,
-                "queued": router.queue.waiting(record.identity),
+                "queued": rooms.queue.waiting(record.identity),
                 "running": running.get(record.identity, 0),
                 "done": record.done,
                 "failed": record.failed,
@@ -97,5 +93,6 @@ def describe_slot(slot: Slot, inflight: int, now: float) -> dict[str, Any]:
             engine=serving.engine,
             load_s=serving.load_s,
             max_seq_len=serving.max_seq_len,
+            tokenizer=serving.describe.get("tokenizer"),  # the gateway's /tokenizer_info
         )
     return doc

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from exgen.daemon import policy
 from exgen.daemon.config import Settings
-from exgen.daemon.launch import Launcher, LocalLauncher, WorkerExit, WorkerProcess
+from exgen.daemon.launch import Launcher, LocalLauncher, WorkerExit
 from exgen.daemon.slots import (
     FAILED,
     PENDING,
@@ -35,6 +35,7 @@ from exgen.daemon.slots import (
     STOPPED,
     Slot,
     SlotTable,
+    WorkerProcess,
 )
 from exgen.daemon.worker import WorkerSpec
 

@@ -20,7 +20,15 @@ import msgpack
 import msgspec
 
 from exgen.client import protocol as P
-from exgen.daemon.engines.base import Choice, Chunk, Failed, Finished, Job, SamplingParams
+from exgen.daemon.engines.base import (
+    Choice,
+    Chunk,
+    Failed,
+    Finished,
+    Job,
+    PromptEcho,
+    SamplingParams,
+)
 
 READY = b"r"  # worker -> router: Ready
 HEARTBEAT = b"h"  # worker -> router: Beat
@@ -29,10 +37,9 @@ DONE = b"d"  # worker -> router: {"done": [[key, text, finish, prompt_t, complet
 #                                "failed": [[key, code, message, field]...]}
 #      extra: null, or {"logprobs"?: [...], "choices"?: [{text, finish_reason, ...}...],
 #                       "cached_tokens"?: int (leading prompt tokens a prefix cache gave)}
-CHUNKS = b"K"  # worker -> router: {"chunks": [[key, text]...]}
+CHUNKS = b"K"  # worker -> router: {"chunks": [[key, text, completion_tokens, prompt_tokens]...]}
 CANCEL = b"C"  # router -> worker: {"keys": [key...]}
 FATAL = b"f"  # worker -> router: {"slot", "pid", "code", "message"}, then exit
-STOP = b"x"  # router -> worker: finish nothing more, exit now
 
 _JOBS_KEY = msgpack.packb("jobs")
 _ENCODE = msgspec.msgpack.Encoder().encode
@@ -85,8 +92,8 @@ def pack_done(finished: list[Finished], failed: list[Failed]) -> list[bytes]:
     done = [
         [
             e.key, e.text, e.finish_reason, e.prompt_tokens, e.completion_tokens,
-            None if e.logprobs is None and e.choices is None and not e.cached_tokens
-            else _extra(e),
+            None if e.logprobs is None and e.choices is None and e.prompt is None
+            and not e.cached_tokens else _extra(e),
         ]
         for e in finished
     ]  # fmt: skip
@@ -104,6 +111,8 @@ def _extra(event: Finished) -> dict[str, Any]:
         extra["logprobs"] = event.logprobs
     if event.choices is not None:
         extra["choices"] = [c.to_wire() for c in event.choices]
+    if event.prompt is not None:
+        extra["prompt"] = event.prompt.to_wire()
     return extra
 
 
@@ -117,6 +126,8 @@ def decode_done(body: dict[str, Any]) -> tuple[list[Finished], list[Failed]]:
             if choices is not None:
                 event.choices = [Choice(**c) for c in choices]
             event.cached_tokens = int(extra.get("cached_tokens", 0))
+            if extra.get("prompt") is not None:
+                event.prompt = PromptEcho.from_wire(extra["prompt"])
         finished.append(event)
     failed = [
         Failed(int(k), str(code), str(message), None if f is None else str(f))
@@ -126,14 +137,15 @@ def decode_done(body: dict[str, Any]) -> tuple[list[Finished], list[Failed]]:
 
 
 def pack_chunks(chunks: list[Chunk]) -> list[bytes]:
-    return P.pack(CHUNKS, {"chunks": [[c.key, c.text] for c in chunks]})
+    rows = [[c.key, c.text, c.completion_tokens, c.prompt_tokens] for c in chunks]
+    return P.pack(CHUNKS, {"chunks": rows})
 
 
 def decode_chunks(body: dict[str, Any]) -> list[Chunk]:
-    return [Chunk(int(key), str(text)) for key, text in body["chunks"]]
+    return [Chunk(int(row[0]), str(row[1]), *map(int, row[2:4])) for row in body["chunks"]]
 
 
-# --- CANCEL and STOP ---------------------------------------------------------------
+# --- CANCEL ------------------------------------------------------------------------
 
 
 def pack_cancel(keys: list[int]) -> list[bytes]:

@@ -231,8 +231,8 @@ class Worker:
         wait_ms = 0.0
         while True:
             timeout = int(wait_ms) if engine.pending else 100
-            if poller.poll(timeout) and self.receive_all(engine):
-                return
+            if poller.poll(timeout):
+                self.receive_all(engine)
             if engine.pending:
                 started = time.monotonic()
                 events = engine.step()
@@ -244,8 +244,8 @@ class Worker:
                 finished = any(not isinstance(e, Chunk) for e in events)
                 wait_ms = refill_wait_ms(step_ms, finished, engine.pending, engine.capacity)
 
-    def receive_all(self, engine: Engine) -> bool:
-        """Take every waiting message; True when told to stop."""
+    def receive_all(self, engine: Engine) -> None:
+        """Take every waiting message (the worker stops on SIGTERM, not by message)."""
         while readable(self.sock):
             command, body = P.unpack(self.sock.recv_multipart())
             if command == wire.WORK:
@@ -253,10 +253,6 @@ class Worker:
             elif command == wire.CANCEL:
                 for key in wire.decode_cancel(body):
                     engine.cancel(key)
-            elif command == wire.STOP:
-                logger.info("stop requested")
-                return True
-        return False
 
     def add_jobs(self, engine: Engine, body: dict[str, Any]) -> None:
         rejected: list[Event] = []

@@ -51,6 +51,15 @@ class JobRejected(ValueError):
         self.field = field
 
 
+def vocabulary_problem(ids: list[int], vocab_size: int) -> JobRejected | None:
+    """A token-id prompt with an id the model has no embedding for: the job's error."""
+    outside = next((t for t in ids if t >= vocab_size), None)
+    if outside is None:
+        return None
+    message = f"token id {outside} is outside the vocabulary ({vocab_size} tokens)"
+    return JobRejected(P.E_BAD_REQUEST, message, "prompt")
+
+
 @dataclass(slots=True)
 class SamplingParams:
     max_new_tokens: int = P.DEFAULT_PARAMS["max_new_tokens"]
@@ -67,6 +76,18 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     json_schema: str | None = None  # compact JSON text (protocol-checked)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    echo: bool = False
+    prompt_logprobs: int | None = None
+    add_special_tokens: bool = True
+
+    @property
+    def wants_prompt(self) -> bool:
+        """The result carries the prompt (its ids and text, or its logprobs)."""
+        return self.echo or self.prompt_logprobs is not None
 
     @property
     def greedy(self) -> bool:
@@ -93,7 +114,7 @@ class Job:
     """One prompt to generate for. ``key`` is the router's id for it."""
 
     key: int
-    prompt: str | None
+    prompt: str | list[int] | None  # text, or token ids (the engine's tokenizer's)
     messages: list[dict[str, str]] | None
     params: SamplingParams
     stream: bool = False
@@ -101,10 +122,13 @@ class Job:
 
 @dataclass(slots=True)
 class Chunk:
-    """Newly generated text of a streaming job."""
+    """Newly generated text of a streaming job, with the token counts so far (the
+    completion's: tokens generated up to this text; the prompt's)."""
 
     key: int
     text: str
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
 
 
 # One generated token's log probabilities: [token text, logprob, [[alt text, logprob]...]]
@@ -144,7 +168,29 @@ class Finished:
     completion_tokens: int
     logprobs: list[TokenLogprob] | None = None
     choices: list[Choice] | None = None
+    prompt: PromptEcho | None = None  # where the params asked (echo, prompt_logprobs)
     cached_tokens: int = 0  # leading prompt tokens reused from a prefix cache
+
+
+# One prompt token's log probability: [id, text, logprob, rank, [[alt id, alt text,
+# logprob]...]]; the first token's logprob and rank are None (nothing precedes it).
+PromptLogprob = list[Any]
+
+
+@dataclass(slots=True)
+class PromptEcho:
+    """The prompt as the engine saw it: token ids, their text, their logprobs."""
+
+    ids: list[int]
+    text: str
+    logprobs: list[PromptLogprob] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"ids": self.ids, "text": self.text, "logprobs": self.logprobs}
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> PromptEcho:
+        return cls(list(raw["ids"]), str(raw["text"]), raw.get("logprobs"))
 
 
 @dataclass(slots=True)
@@ -173,6 +219,23 @@ def finished_from_choices(key: int, prompt_tokens: int, choices: list[Choice]) -
 
 
 Event = Chunk | Finished | Failed
+
+
+def find_stop(text: str, stops: list[str], floor: int = 0) -> tuple[int, int] | None:
+    """(start, end) of the first stop string in ``text`` that ends past its first
+    ``floor`` characters: text written before ``min_tokens`` cannot end a job (vLLM's
+    rule), though a stop string may begin there."""
+    best: tuple[int, int] | None = None
+    for stop in stops:
+        start = text.find(stop, max(0, floor - len(stop) + 1))
+        if start >= 0 and (best is None or start < best[0]):
+            best = (start, start + len(stop))
+    return best
+
+
+def text_to_stop(text: str, found: tuple[int, int], params: SamplingParams) -> str:
+    """The text a stop string ends: up to it, or through it with include_stop_str_in_output."""
+    return text[: found[1] if params.include_stop_str_in_output else found[0]]
 
 
 class Engine(abc.ABC):

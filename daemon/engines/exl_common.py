@@ -42,6 +42,7 @@ from exgen.daemon.engines.base import (
     TokenLogprob,
     finished_from_choices,
     take_options,
+    vocabulary_problem,
 )
 from exgen.daemon.engines.grammar import Grammars, SchemaMatcher
 from exgen.daemon.inspect import FORMAT_NAMES, ModelInspectError, inspect_model, read_json
@@ -203,6 +204,7 @@ class PromptBuilder:
     def text_for(self, job: Job) -> tuple[str, bool]:
         """(text, add_bos). Raises JobRejected for messages this model cannot take."""
         if job.messages is None:
+            assert not isinstance(job.prompt, list), "token ids are not text to tokenize"
             return job.prompt or "", self.plain_adds_bos
         # A rendered template carries its own BOS (HF tokenizes it without adding one).
         return self.render_chat(job.messages), False
@@ -398,6 +400,7 @@ class _Sample:
     parts: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     done: Choice | None = None
+    tokens: int = 0  # generated so far: what a chunk's usage counts
 
 
 @dataclass(slots=True)
@@ -406,6 +409,7 @@ class _Running:
     prompt_tokens: int
     samples: list[_Sample]
     top_logprobs: int | None = None
+    keep_stop: bool = False  # include_stop_str_in_output
 
     def handles(self) -> list[Any]:
         return [s.handle for s in self.samples if s.done is None]
@@ -522,15 +526,31 @@ class ExlEngine(Engine, abc.ABC):
         self._check_thread()
         if job.key in self._jobs:
             raise JobRejected(P.E_INTERNAL, f"job key {job.key} is already running")
-        text, add_bos = self._prompts_or_fail().text_for(job)
-        ids = adapter.encode(text, add_bos)
+        ids = self._encode(adapter, job)
         params = job.params
         self._check_length(len(ids), params.max_new_tokens, adapter.max_seq_len)
+        if params.wants_prompt or params.max_new_tokens == 0:
+            # The libraries' generators return generated tokens' logits, not the prompt's.
+            raise JobRejected(
+                P.E_BAD_REQUEST,
+                f"{self.name} cannot return the prompt (echo, prompt logprobs) or run a "
+                "job of max_tokens 0 yet",
+                _prompt_field(params),
+            )
+        if params.min_tokens and params.stop:
+            # The libraries' min_new_tokens holds stop tokens back, not stop strings.
+            raise JobRejected(
+                P.E_BAD_REQUEST,
+                f"{self.name} cannot hold stop strings back until min_tokens: "
+                "give min_tokens or stop, not both",
+                "params.min_tokens",
+            )
+        eos_ids = [] if params.ignore_eos else self._eos_ids
         grammar = None
         if params.json_schema is not None:
             grammar = self._grammar_for(params.json_schema)
         top = params.top_logprobs if params.wants_logprobs else None
-        running = _Running(job.stream, len(ids), [], top)
+        running = _Running(job.stream, len(ids), [], top, params.include_stop_str_in_output)
         # n samples are n library jobs on one prompt: the generators share the prompt's
         # full cache pages between them (page hashing), so those are prefilled once.
         for index in range(params.n):
@@ -539,7 +559,7 @@ class ExlEngine(Engine, abc.ABC):
                 input_ids=ids,
                 max_new_tokens=params.max_new_tokens,
                 params=params.for_sample(index) if params.n > 1 else params,
-                stop_conditions=stop_conditions(self._eos_ids, params.stop),
+                stop_conditions=stop_conditions(eos_ids, params.stop),
                 index=index,
                 grammar=grammar,
                 top_logprobs=top,
@@ -553,6 +573,15 @@ class ExlEngine(Engine, abc.ABC):
                     P.E_ENGINE, f"{self.name} refused the job: {first_line(exc)}"
                 ) from None
         self._jobs[job.key] = running
+
+    def _encode(self, adapter: LibraryAdapter, job: Job) -> list[int]:
+        if isinstance(job.prompt, list):  # the model's token ids, as a client's tokenizer gave them
+            problem = vocabulary_problem(job.prompt, adapter.vocab_size)
+            if problem is not None:
+                raise problem
+            return list(job.prompt)
+        text, add_bos = self._prompts_or_fail().text_for(job)
+        return adapter.encode(text, add_bos and job.params.add_special_tokens)
 
     def _grammar_for(self, schema: str) -> Callable[[], SchemaMatcher]:
         """A maker of matchers for this schema, compiled (once per worker) now, so a
@@ -605,7 +634,16 @@ class ExlEngine(Engine, abc.ABC):
         if running.top_logprobs is not None and result.get("stage") == "streaming":
             self._collect_logprobs(sample, result, running.top_logprobs)
         stream = running.stream and index == 0  # n > 1 streams the first sample
-        events, done = translate_result(key, result, stream, sample.parts, running.prompt_tokens)
+        sample.tokens += token_count(result)
+        events, done = translate_result(
+            key,
+            result,
+            stream,
+            sample.parts,
+            running.prompt_tokens,
+            running.keep_stop,
+            sample.tokens,
+        )
         if not done:
             return events
         finished = [e for e in events if isinstance(e, Finished)]
@@ -687,10 +725,17 @@ def logprobs_for_text(entries: list[TokenLogprob], text: str) -> list[TokenLogpr
 
 
 def translate_result(
-    key: int, result: dict[str, Any], stream: bool, parts: list[str], prompt_tokens: int
+    key: int,
+    result: dict[str, Any],
+    stream: bool,
+    parts: list[str],
+    prompt_tokens: int,
+    keep_stop: bool = False,
+    tokens: int = 0,
 ) -> tuple[list[Event], bool]:
     """Events for one result dict, and whether the job is done. ``parts`` collects the
-    job's text so far, so the final text is exactly what was streamed."""
+    job's text so far, so the final text is exactly what was streamed; ``keep_stop``:
+    the stop string that ended it is text too (include_stop_str_in_output)."""
     stage = result.get("stage")
     if stage == "error":  # ExLlamaV3 contains a job's own failure this way
         return [
@@ -702,10 +747,13 @@ def translate_result(
     text = str(result.get("text") or "")
     if result.get("eos"):
         text += recovered_held_text(result)
+        tokens = int(result.get("new_tokens") or tokens)  # the library's own count
+        if keep_stop and result.get("eos_reason") == "stop_string":
+            text += str(result.get("eos_triggering_string") or "")
     if text:
         parts.append(text)
         if stream:
-            events.append(Chunk(key, text))
+            events.append(Chunk(key, text, tokens, prompt_tokens))
     if not result.get("eos"):
         return events, False
     events.append(
@@ -718,6 +766,19 @@ def translate_result(
         )
     )
     return events, True
+
+
+def _prompt_field(params: SamplingParams) -> str:
+    if params.prompt_logprobs is not None:
+        return "params.prompt_logprobs"
+    return "params.echo" if params.echo else "params.max_new_tokens"
+
+
+def token_count(result: dict[str, Any]) -> int:
+    """Tokens a streaming result emits: its ``token_ids``, shape (1, n)."""
+    ids = result.get("token_ids")
+    shape = getattr(ids, "shape", None)
+    return int(shape[-1]) if shape else 0
 
 
 def recovered_held_text(result: dict[str, Any]) -> str:

@@ -64,15 +64,19 @@ from exgen.daemon.engines.base import (
     EngineUnavailable,
     Event,
     Failed,
+    Finished,
     Job,
     JobRejected,
+    PromptEcho,
     take_options,
+    vocabulary_problem,
 )
 from exgen.daemon.engines.cpu_layout import available_memory_bytes, cpu_flags, native_bf16
 from exgen.daemon.engines.grammar import Grammars
-from exgen.daemon.engines.hf_decode import DecodeBatch, Model, Row, logits_processors
+from exgen.daemon.engines.hf_decode import DecodeBatch, Model, Row, decode, logits_processors
 from exgen.daemon.engines.hf_features import BatchFeatures, JobSamples, RowExtras
 from exgen.daemon.engines.hf_prefix import PrefixKV
+from exgen.daemon.engines.logprobs import prompt_logprob_entries
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +146,8 @@ class TransformersEngine(Engine):
         self._batch_limit = 0
         self._kv_token_budget: int | None = None  # tokens a batch may hold (CPU)
         self._samples = JobSamples()  # n > 1: a job's rows and their gathering
+        self._prompt_only: list[_Waiting] = []  # max_new_tokens 0: the prompt is the job
+        self._echoes: dict[int, _Waiting] = {}  # generating jobs that want their prompt back
         self._grammars: Grammars | None = None  # built on the first JSON Schema job
         self._pieces: dict[int, str] = {}  # token id -> its text, for logprobs
         self._prefixes: PrefixKV | None = None  # the prefix cache, made at load
@@ -216,7 +222,7 @@ class TransformersEngine(Engine):
         running = 0
         if self._batch is not None:
             running = len({self._samples.job_key(k) for k in self._batch.active_keys()})
-        return len(self._waiting) + running
+        return len(self._waiting) + len(self._prompt_only) + running
 
     def describe(self) -> dict[str, Any]:
         state = self._loaded()
@@ -230,6 +236,7 @@ class TransformersEngine(Engine):
             "batch_size": self._batch_limit,
             "prefix_cache_tokens": self._prefixes.blocks.capacity_tokens if self._prefixes else 0,
             "load_s": round(self.load_s, 2),
+            "tokenizer": tokenizer_info(state.tokenizer, state.max_seq_len),
         }
 
     def counters(self) -> dict[str, int]:
@@ -249,7 +256,13 @@ class TransformersEngine(Engine):
             )
         if job.params.json_schema is not None:
             self._grammar().compile(job.params.json_schema)  # a bad schema fails this job now
-        self._waiting.append(_Waiting(job, input_ids))
+        waiting = _Waiting(job, input_ids)
+        if job.params.max_new_tokens == 0:
+            self._prompt_only.append(waiting)
+            return
+        if job.params.wants_prompt:
+            self._echoes[job.key] = waiting
+        self._waiting.append(waiting)
 
     def cancel(self, key: int) -> None:
         # A running row stops at once; the batch goes on without it.
@@ -258,6 +271,8 @@ class TransformersEngine(Engine):
             for row_key in self._samples.keys_of(key):
                 running = self._batch.cancel(row_key) or running
         self._samples.forget(key)
+        self._echoes.pop(key, None)
+        self._prompt_only = [w for w in self._prompt_only if w.job.key != key]
         if running:
             if self._batch is not None and self._batch.finished:
                 self._batch = None
@@ -266,7 +281,10 @@ class TransformersEngine(Engine):
         self._waiting = [w for w in self._waiting if w.job.key != key]
 
     def step(self) -> list[Event]:
-        """One forward pass of the running batch (starting one from the waiting jobs)."""
+        """One forward pass of the running batch (starting one from the waiting jobs), or
+        of one job that only reads its prompt."""
+        if self._prompt_only:
+            return [self._read_prompt(self._prompt_only.pop(0))]
         if self._batch is None:
             batch = self._take_batch()
             if not batch:
@@ -282,6 +300,12 @@ class TransformersEngine(Engine):
         return self._state
 
     def _encode(self, job: Job) -> list[int]:
+        if isinstance(job.prompt, list):  # the model's token ids, as a client's tokenizer gave them
+            model = self._loaded().model
+            problem = vocabulary_problem(job.prompt, model.get_input_embeddings().num_embeddings)
+            if problem is not None:
+                raise problem
+            return list(job.prompt)
         tokenizer = self._loaded().tokenizer
         if job.messages is not None:
             try:
@@ -295,7 +319,8 @@ class TransformersEngine(Engine):
             # The rendered template carries its own special tokens (as in HF's own path).
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
-            ids = tokenizer(job.prompt or "")["input_ids"]
+            special = job.params.add_special_tokens
+            ids = tokenizer(job.prompt or "", add_special_tokens=special)["input_ids"]
         if not ids:
             raise JobRejected(P.E_BAD_REQUEST, "prompt is empty (0 tokens)")
         return list(ids)
@@ -397,10 +422,42 @@ class TransformersEngine(Engine):
         events, siblings = self._samples.translate(events)
         for key in siblings:  # the other samples of a job that failed
             batch.cancel(key)
+        events = [self._with_prompt(e) for e in events]
         if batch.finished:
             self._batch = None
             self._batch_rows = []
         return events
+
+    def _read_prompt(self, waiting: _Waiting) -> Event:
+        """A job of max_new_tokens 0: its prompt back (echo) and its logprobs, no text."""
+        job = waiting.job
+        try:
+            echo = self._echo(waiting)
+        except self._loaded().torch.OutOfMemoryError:
+            message = f"out of memory reading a prompt of {len(waiting.input_ids)} tokens"
+            return Failed(job.key, P.E_ENGINE, message)
+        return Finished(job.key, "", P.FINISH_LENGTH, len(waiting.input_ids), 0, prompt=echo)
+
+    def _with_prompt(self, event: Event) -> Event:
+        waiting = self._echoes.pop(event.key, None)
+        if waiting is not None and isinstance(event, Finished):
+            event.prompt = self._echo(waiting)
+        return event
+
+    def _echo(self, waiting: _Waiting) -> PromptEcho:
+        """The prompt's ids and text; with prompt_logprobs, one forward pass over it."""
+        state, params, ids = self._loaded(), waiting.job.params, waiting.input_ids
+        text = decode(state.tokenizer, ids, params.skip_special_tokens)
+        if params.prompt_logprobs is None:
+            return PromptEcho(ids, text)
+        torch = state.torch
+        with torch.inference_mode():
+            tokens = torch.tensor([ids], dtype=torch.long, device=state.model.device)
+            logits = state.model(input_ids=tokens).logits[0]
+            entries = prompt_logprob_entries(
+                torch, logits, ids, params.prompt_logprobs, self._piece
+            )
+        return PromptEcho(ids, text, entries)
 
     def _after_oom(self, batch: list[_Waiting]) -> list[Event]:
         torch = self._loaded().torch
@@ -458,6 +515,21 @@ def _batch_key(waiting: _Waiting) -> tuple[Any, ...]:
     if p.repetition_penalty != 1.0:
         key += (len(waiting.input_ids),)  # no padding for the penalty to see
     return key
+
+
+def tokenizer_info(tokenizer: Any, max_seq_len: int | None) -> dict[str, Any]:
+    """What a client needs to tokenize as this engine does (vLLM's /tokenizer_info)."""
+    return {
+        "tokenizer_class": type(tokenizer).__name__,
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "unk_token": tokenizer.unk_token,
+        "add_bos_token": getattr(tokenizer, "add_bos_token", None),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "model_max_length": max_seq_len,
+        "vocab_size": len(tokenizer),
+    }
 
 
 def _one_line(exc: BaseException) -> str:

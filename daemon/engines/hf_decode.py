@@ -28,7 +28,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exgen.client import protocol as P
-from exgen.daemon.engines.base import Chunk, Event, Finished, Job, SamplingParams
+from exgen.daemon.engines.base import (
+    Chunk,
+    Event,
+    Finished,
+    Job,
+    SamplingParams,
+    find_stop,
+    text_to_stop,
+)
 from exgen.daemon.engines.hf_features import BatchFeatures, RowExtras, row_failed, text_logprobs
 from exgen.daemon.engines.hf_prefix import PrefixKV
 from exgen.daemon.engines.prefix import shared_prefixes
@@ -408,6 +416,7 @@ class DecodeBatch:
             extras = [r.extras for r in self.rows]
             features.observe(extras, scores)
             scores = features.constrain(extras, scores, self.sequences[:, self.width : self.length])
+        scores = self._hold_eos(scores)
         if self.processors:
             scores = self.processors(self.sequences[:, : self.length], scores)
         if self.greedy:
@@ -426,6 +435,22 @@ class DecodeBatch:
         self.positions = self.positions + 1  # where the chosen token goes in
         return chosen
 
+    def _hold_eos(self, scores: Any) -> Any:
+        """Rows short of their min_tokens cannot choose an EOS token (vLLM's rule)."""
+        held = [
+            i
+            for i, r in enumerate(self.rows)
+            if not r.done and len(r.tokens) < r.job.params.min_tokens
+        ]
+        if not held or not self.m.eos_ids:
+            return scores
+        torch = self.m.torch
+        rows = torch.tensor(held, device=scores.device).unsqueeze(1)
+        eos = torch.tensor(sorted(self.m.eos_ids), device=scores.device)
+        scores = scores.clone()  # the logits kept for logprobs stay the model's own
+        scores[rows, eos] = float("-inf")
+        return scores
+
     # --- per-row bookkeeping ----------------------------------------------------
 
     def _advance(self, chosen: list[int]) -> list[Event]:
@@ -443,44 +468,67 @@ class DecodeBatch:
                 row.done = True
                 events.extend(self._finished(row, reason))
             elif row.job.stream:
-                text = decode(self.m.tokenizer, row.tokens)
+                text = decode(self.m.tokenizer, row.tokens, row.job.params.skip_special_tokens)
                 new = stream_ready(text, row.sent, self.hold)
                 if new:
                     row.sent += new
-                    events.append(Chunk(row.job.key, new))
+                    events.append(Chunk(row.job.key, new, len(row.tokens), len(row.input_ids)))
         return events
 
     def _finish_reason(self, row: Row, token: int) -> str | None:
-        if token in self.m.eos_ids:
+        params = row.job.params
+        if token in self.m.eos_ids and not params.ignore_eos:
             return P.FINISH_STOP
-        stops = row.job.params.stop
-        if stops:
-            tail = decode(self.m.tokenizer, row.tokens[-self.tail :])
-            if first_stop(tail, stops) is not None:
-                return P.FINISH_STOP
-        if len(row.tokens) >= row.job.params.max_new_tokens:
+        if params.stop and len(row.tokens) >= params.min_tokens and self._stop_in_tail(row):
+            return P.FINISH_STOP
+        if len(row.tokens) >= params.max_new_tokens:
             return P.FINISH_LENGTH
         return None
 
+    def _stop_in_tail(self, row: Row) -> bool:
+        """A stop string in the last tokens' text, ending past what came before min_tokens."""
+        tokens, params = row.tokens, row.job.params
+        start = max(0, len(tokens) - self.tail)
+        tail = decode(self.m.tokenizer, tokens[start:], params.skip_special_tokens)
+        early = params.min_tokens - 1 - start  # tokens of the tail written before min_tokens
+        floor = 0
+        if early > 0:
+            floor = len(
+                decode(self.m.tokenizer, tokens[start : start + early], params.skip_special_tokens)
+            )
+        return find_stop(tail, params.stop, floor) is not None
+
     def _finished(self, row: Row, reason: str) -> list[Event]:
-        tokens = row.tokens
-        text = decode(self.m.tokenizer, tokens)
-        cut = first_stop(text, row.job.params.stop)
-        if cut is not None:
-            text, reason = text[:cut], P.FINISH_STOP
-            tokens = tokens[: tokens_to_stop(self.m.tokenizer, tokens, row.job.params.stop)]
+        tokens, params = row.tokens, row.job.params
+        shown = tokens  # an EOS that ended the row is not text (vLLM's, even unskipped)
+        if tokens and tokens[-1] in self.m.eos_ids and not params.ignore_eos:
+            shown = tokens[:-1]
+        ends_with_eos = len(shown) < len(tokens)
+        text = decode(self.m.tokenizer, shown, params.skip_special_tokens)
+        floor = self._floor(row)
+        found = find_stop(text, params.stop, floor) if params.stop else None
+        if found is not None:
+            text, reason = text_to_stop(text, found, params), P.FINISH_STOP
+            tokens = tokens[: tokens_to_stop(self.m.tokenizer, tokens, params, floor)]
+            ends_with_eos = False
         events: list[Event] = []
         if row.job.stream and text.startswith(row.sent) and len(text) > len(row.sent):
-            events.append(Chunk(row.job.key, text[len(row.sent) :]))
+            new = text[len(row.sent) :]
+            events.append(Chunk(row.job.key, new, len(tokens), len(row.input_ids)))
         elif row.job.stream and not text.startswith(row.sent):
             logger.warning("job %d: streamed text is not a prefix of its final text", row.job.key)
-        logprobs = text_logprobs(
-            row.extras, len(tokens), bool(tokens) and tokens[-1] in self.m.eos_ids
-        )
+        logprobs = text_logprobs(row.extras, len(tokens), ends_with_eos)
         finished = Finished(row.job.key, text, reason, len(row.input_ids), len(tokens), logprobs)
         finished.cached_tokens = row.cached
         events.append(finished)
         return events
+
+    def _floor(self, row: Row) -> int:
+        """Characters of the text written before min_tokens: no stop string ends there."""
+        early = row.job.params.min_tokens - 1
+        if early <= 0 or not row.job.params.stop:
+            return 0
+        return len(decode(self.m.tokenizer, row.tokens[:early], row.job.params.skip_special_tokens))
 
     def _compact_if_worth_it(self) -> None:
         gone = sum(1 for r in self.rows if r.done)
@@ -512,21 +560,18 @@ def warm_shared_prefixes(model: Model, prefixes: PrefixKV, prompts: list[list[in
     DecodeBatch(model, rows, None, True, prefixes=prefixes)._prefill_cached(prefixes, count=False)
 
 
-def decode(tokenizer: Any, tokens: list[int]) -> str:
-    return str(tokenizer.decode(tokens, skip_special_tokens=True))
+def decode(tokenizer: Any, tokens: list[int], skip_special_tokens: bool = True) -> str:
+    return str(tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens))
 
 
-def first_stop(text: str, stops: list[str]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-def tokens_to_stop(tokenizer: Any, tokens: list[int], stops: list[str]) -> int:
-    """The fewest leading tokens whose text holds a stop string (binary search)."""
+def tokens_to_stop(tokenizer: Any, tokens: list[int], params: Any, floor: int = 0) -> int:
+    """The fewest leading tokens whose text holds a stop string ending past ``floor``
+    characters (binary search)."""
     lo, hi = 1, len(tokens)
     while lo < hi:
         mid = (lo + hi) // 2
-        if first_stop(decode(tokenizer, tokens[:mid]), stops) is not None:
+        text = decode(tokenizer, tokens[:mid], params.skip_special_tokens)
+        if find_stop(text, params.stop, floor) is not None:
             hi = mid
         else:
             lo = mid + 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from exgen.daemon.engines.base import TokenLogprob
+from exgen.daemon.engines.base import PromptLogprob, TokenLogprob
 
 
 def logprob_entries(
@@ -32,3 +32,27 @@ def logprob_entries(
     else:
         alternatives = [[] for _ in ids]
     return [[piece(t), lp, alts] for t, lp, alts in zip(ids, chosen, alternatives, strict=True)]
+
+
+def prompt_logprob_entries(
+    torch: Any, logits: Any, ids: list[int], top: int, piece: Callable[[int], str]
+) -> list[PromptLogprob]:
+    """[id, text, logprob, rank, [[alt id, alt text, logprob]...]] for each prompt token,
+    from the prefill's logits (row t predicts token t + 1); the first token has no
+    logprob (None: nothing precedes it). ``rank``: 1 + the tokens more likely than it."""
+    first = [ids[0], piece(ids[0]), None, None, []]
+    if len(ids) == 1:
+        return [first]
+    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
+    index = torch.tensor(ids[1:], dtype=torch.long, device=logprobs.device).unsqueeze(1)
+    chosen = logprobs.gather(1, index)
+    ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
+    alternatives: list[list[list[Any]]] = [[] for _ in ids[1:]]
+    if top:
+        values, indices = logprobs.topk(top, dim=-1)
+        alternatives = [
+            [[t, piece(t), v] for t, v in zip(row_ids, row_values, strict=True)]
+            for row_ids, row_values in zip(indices.tolist(), values.tolist(), strict=True)
+        ]
+    rows = zip(ids[1:], chosen.squeeze(1).tolist(), ranks, alternatives, strict=True)
+    return [first] + [[t, piece(t), lp, rank, alts] for t, lp, rank, alts in rows]

@@ -51,7 +51,9 @@ per-item error, as a real engine's compile error), written a few characters per
 token and ended as by an EOS; ``logprobs`` gives made-up but well-formed values (the
 chosen token first among its alternatives, all <= 0); ``n`` samples differ from each
 other (sample 0 is the n = 1 text); presence and frequency penalties are accepted and
-change nothing.
+change nothing. vLLM's ``ignore_eos`` and ``min_tokens`` hold back the ``len=N`` EOS and
+stop strings as they do on a model; ``include_stop_str_in_output`` keeps the stop
+string; ``skip_special_tokens`` changes nothing: its words are no special tokens.
 """
 
 from __future__ import annotations
@@ -62,8 +64,10 @@ import os
 import random
 import re
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 from exgen.client import protocol as P
 from exgen.daemon.engines import grammar
@@ -76,10 +80,13 @@ from exgen.daemon.engines.base import (
     Finished,
     Job,
     JobRejected,
+    PromptEcho,
     SamplingParams,
     TokenLogprob,
+    find_stop,
     finished_from_choices,
     take_options,
+    text_to_stop,
 )
 from exgen.daemon.engines.prefix import PrefixCache, PrefixStats
 from exgen.daemon.engines.synthetic_json import SchemaUnsupported, instance_text
@@ -90,6 +97,7 @@ WORDS = (
     "the quick brown fox jumps over lazy dog river stone light shadow morning evening "
     "garden window letter story ocean mountain silver golden quiet gentle ancient city"
 ).split()
+_WORD_IDS = {word: i for i, word in enumerate(WORDS)}
 CRASH_EXIT_CODE = 70
 _EOS_AT = re.compile(r"\blen=(\d{1,7})\b")
 
@@ -141,9 +149,32 @@ def synthetic_tokens(
     return out
 
 
+def prompt_echo(job: Job) -> PromptEcho:
+    """The prompt as this engine tokenizes it (a word a token: its place among WORDS,
+    another word a stable hash), with made-up but well-formed logprobs where asked."""
+    text = prompt_text(job)
+    if isinstance(job.prompt, list):
+        ids = list(job.prompt)
+    else:
+        ids = [_WORD_IDS.get(w, zlib.crc32(w.encode()) % len(WORDS)) for w in text.split()]
+    top = job.params.prompt_logprobs
+    if top is None:
+        return PromptEcho(ids, text)
+    words = [WORDS[t % len(WORDS)] for t in ids]
+    entries: list[list[Any]] = [[ids[0], words[0], None, None, []]] if ids else []
+    for i in range(1, len(ids)):
+        chosen = -0.1 * (1 + i % 5)
+        alternatives = [[ids[i], words[i], chosen]]
+        alternatives += [[j, WORDS[j], chosen - j - 1] for j in range(top - 1)]
+        entries.append([ids[i], words[i], chosen, 1, alternatives[:top]])
+    return PromptEcho(ids, text, entries)
+
+
 def prompt_text(job: Job) -> str:
     if job.messages is not None:
         return "\n".join(f"{m['role']}: {m['content']}" for m in job.messages)
+    if isinstance(job.prompt, list):  # token ids: word i of the vocabulary, one a token
+        return " ".join(WORDS[token % len(WORDS)] for token in job.prompt)
     return job.prompt or ""
 
 
@@ -231,13 +262,20 @@ class SyntheticEngine(Engine):
         return len(self._waiting) + len(self._active)
 
     def describe(self) -> dict[str, object]:
-        return {"model": "synthetic", "max_seq_len": self.max_seq_len}
+        tokenizer = {
+            "tokenizer_class": "SyntheticWords",  # a word a token (prompt_echo)
+            "eos_token": None,
+            "chat_template": None,
+            "model_max_length": self.max_seq_len,
+            "vocab_size": len(WORDS),
+        }
+        return {"model": "synthetic", "max_seq_len": self.max_seq_len, "tokenizer": tokenizer}
 
     def counters(self) -> dict[str, int]:
         return self._stats.to_dict() if self._models_prefill else {}
 
     def add(self, job: Job) -> None:
-        text = (job.prompt or "") if job.messages is None else prompt_text(job)
+        text = prompt_text(job)
         prompt_tokens = len(text.split())
         if prompt_tokens + job.params.max_new_tokens > self._max_seq_len:
             raise JobRejected(
@@ -258,9 +296,10 @@ class SyntheticEngine(Engine):
             pieces = json_pieces(params, text, index)
             return _Sample(pieces[:length], eos=len(pieces) <= length)
         eos = False
-        if self.opts["eos_from_prompt"]:
+        if self.opts["eos_from_prompt"] and not params.ignore_eos:
             match = _EOS_AT.search(text)
             eos_at = int(match.group(1)) if match is not None else length
+            eos_at = max(eos_at, params.min_tokens)  # no EOS before min_tokens
             if eos_at < length:
                 length, eos = max(1, eos_at), True
         return _Sample(synthetic_tokens(text, params.seed, length, index), eos)
@@ -366,7 +405,7 @@ class SyntheticEngine(Engine):
             if ended:
                 events.append(self._end(active))
             elif active.job.stream and stream:
-                events.append(Chunk(key, stream))
+                events.append(Chunk(key, stream, samples[0].produced, active.prompt_tokens))
         return events
 
     def _plain_end(
@@ -387,6 +426,8 @@ class SyntheticEngine(Engine):
         self._retire(active.job.key)
         finished = Finished(active.job.key, text, reason, active.prompt_tokens, len(pieces))
         finished.cached_tokens = active.cached_tokens
+        if params.wants_prompt:
+            finished.prompt = prompt_echo(active.job)
         return finished
 
     def _grow(self, sample: _Sample, params: SamplingParams, tokens: int | None) -> str:
@@ -403,10 +444,14 @@ class SyntheticEngine(Engine):
         if not stops and sample.produced < len(sample.pieces):
             return None  # nothing to look for yet: no joining the whole text every step
         text = "".join(sample.text)
-        for stop in stops:
-            cut = text.find(stop)
-            if cut >= 0:
-                return self._choice(sample, params, text[:cut], P.FINISH_STOP)
+        if stops:
+            # One piece is one token: the first min_tokens - 1 cannot end the text.
+            floor = len("".join(sample.pieces[: max(0, params.min_tokens - 1)]))
+            found = find_stop(text, stops, floor)
+            if found is not None:
+                return self._choice(
+                    sample, params, text_to_stop(text, found, params), P.FINISH_STOP
+                )
         if sample.produced >= len(sample.pieces):
             reason = P.FINISH_STOP if sample.eos else P.FINISH_LENGTH
             return self._choice(sample, params, text, reason)
@@ -424,6 +469,8 @@ class SyntheticEngine(Engine):
         choices = [s.done for s in active.samples if s.done is not None]
         finished = finished_from_choices(active.job.key, active.prompt_tokens, choices)
         finished.cached_tokens = active.cached_tokens
+        if active.job.params.wants_prompt:
+            finished.prompt = prompt_echo(active.job)
         return finished
 
     def _retire(self, key: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,9 +20,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exgen.daemon.gateway import routes_batch, routes_openai
+from exgen.daemon.gateway import openapi, routes_batch, routes_openai, routes_tokens
 from exgen.daemon.gateway.auth import ApiKeys
 from exgen.daemon.gateway.batches import BatchManager
 from exgen.daemon.gateway.completions import Completions
@@ -62,6 +64,9 @@ class Gateway:
             self._status_task.cancel()
         self.upstream.close()
         self.store.close()
+        # Collected now, a task some request leaked is reported in the log (as "Task was
+        # destroyed but it is pending!"), not lost with the process.
+        gc.collect()
 
     def admit(self) -> None:
         """One more interactive request, or a 429 past http_max_inflight."""
@@ -138,10 +143,25 @@ async def _invalid_query(_request: Request, exc: Exception) -> Response:
     return error_response(ApiError(400, f"{param}: {first.get('msg', 'invalid')}", param=param))
 
 
-async def _http_error(_request: Request, exc: Exception) -> Response:
-    """Starlette's own 404/405 as OpenAI error objects."""
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 as OpenAI error objects; a 405's Allow header lists every
+    method of the path (Starlette's names the first route's only)."""
     assert isinstance(exc, HTTPException)
-    return error_response(ApiError(exc.status_code, str(exc.detail)))
+    response = error_response(ApiError(exc.status_code, str(exc.detail)))
+    response.headers.update(exc.headers or {})
+    if exc.status_code == 405:
+        response.headers["Allow"] = ", ".join(allowed_methods(request))
+    return response
+
+
+def allowed_methods(request: Request) -> list[str]:
+    routers = (routes_openai.router, routes_batch.router, routes_tokens.router)
+    routes = [route for r in routers for route in r.routes] + list(request.app.routes)
+    methods: set[str] = set()
+    for route in routes:
+        if isinstance(route, BaseRoute) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 def create_app(options: GatewayOptions) -> FastAPI:
@@ -156,6 +176,8 @@ def create_app(options: GatewayOptions) -> FastAPI:
             await gateway.stop()
 
     app = FastAPI(title="exgen", lifespan=lifespan, docs_url=None, redoc_url=None)
+    contract = openapi.document(app.version, guarded=options.api_keys_file is not None)
+    app.openapi = lambda: contract  # type: ignore[method-assign]
     app.state.gateway = gateway
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
@@ -163,6 +185,7 @@ def create_app(options: GatewayOptions) -> FastAPI:
     app.add_middleware(KeysAndMetrics, gateway=gateway)
     app.include_router(routes_openai.router)
     app.include_router(routes_batch.router)
+    app.include_router(routes_tokens.router)
     _add_small_routes(app, gateway)
     return app
 

@@ -16,11 +16,12 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from exgen.client import batchfile as B
 from exgen.client import errors
+from exgen.client.calls import StreamText
 from exgen.client.client import Result
 from exgen.daemon.gateway.errors import ApiError, bad_body, from_exgen_error, from_request_failed
 from exgen.daemon.gateway.upstream import Upstream
@@ -28,6 +29,7 @@ from exgen.daemon.gateway.upstream import Upstream
 logger = logging.getLogger("exgen.gateway.completions")
 
 STREAM_END = b"data: [DONE]\n\n"
+MAX_PROMPTS = 256  # prompts in one /v1/completions request (each is an item)
 
 
 @dataclass(slots=True)
@@ -35,6 +37,9 @@ class Parsed:
     line: B.BatchLine  # the body as a batch line: url, prompt or messages, params
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False  # usage on every chunk (vLLM's continuous_usage_stats)
+    # /v1/completions with a list of prompts: one line each (``line`` is the first)
+    lines: list[B.BatchLine] = field(default_factory=list)
 
     @property
     def chat(self) -> bool:
@@ -47,14 +52,43 @@ def parse_body(raw: bytes, url: str) -> Parsed:
     stream = body.pop("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise ApiError(400, "stream must be true or false", param="stream")
-    include_usage = _include_usage(body.pop("stream_options", None))
+    include_usage, continuous = _stream_options(body.pop("stream_options", None))
     request_id = f"{'chatcmpl' if url == B.CHAT_URL else 'cmpl'}-{uuid.uuid4().hex}"
+    prompts = several_prompts(body) if url == B.COMPLETIONS_URL else None
+    if prompts is None:
+        lines = [_line(request_id, url, body)]
+    else:
+        # One item a prompt, each its own line (ids: the request's, numbered).
+        lines = [
+            _line(f"{request_id}-{i}", url, body | {"prompt": p}) for i, p in enumerate(prompts)
+        ]
+        if stream:
+            raise ApiError(
+                400, "several prompts are not supported with stream: true", param="prompt"
+            )
+    if stream:
+        _check_streamable(lines[0])
+    return Parsed(lines[0], bool(stream), include_usage, include_usage and continuous, lines)
+
+
+def several_prompts(body: dict[str, Any]) -> list[Any] | None:
+    """The prompts of a completions body holding several (strings, or lists of token
+    ids); None for one prompt, which the line parser takes (and refuses what is neither)."""
+    prompts = body.get("prompt")
+    if not isinstance(prompts, list) or len(prompts) < 2:
+        return None
+    if not all(isinstance(p, str | list) for p in prompts):
+        return None  # one prompt of token ids, or a shape the line parser names
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(400, f"at most {MAX_PROMPTS} prompts in one request", param="prompt")
+    return prompts
+
+
+def _line(request_id: str, url: str, body: dict[str, Any]) -> B.BatchLine:
     entry = B.parse_line(json.dumps({"custom_id": request_id, "url": url, "body": body}), 1)
     if isinstance(entry, B.LineError):
         raise bad_body(entry.message)
-    if stream:
-        _check_streamable(entry)
-    return Parsed(entry, bool(stream), include_usage)
+    return entry
 
 
 def _check_streamable(line: B.BatchLine) -> None:
@@ -63,6 +97,10 @@ def _check_streamable(line: B.BatchLine) -> None:
         raise ApiError(400, "n > 1 is not supported with stream: true", param="n")
     if line.params.get("logprobs") or line.params.get("top_logprobs"):
         raise ApiError(400, "logprobs are not supported with stream: true", param="logprobs")
+    for name in ("echo", "prompt_logprobs"):  # the prompt comes back with a whole answer
+        value = line.params.get(name)
+        if value is not None and value is not False:  # prompt_logprobs 0 is asked too
+            raise ApiError(400, f"{name} is not supported with stream: true", param=name)
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
@@ -75,15 +113,25 @@ def json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _include_usage(options: Any) -> bool:
+# stream_options' fields: OpenAI's, and vLLM's continuous_usage_stats (usage on every
+# chunk, when include_usage is on too, as vLLM has it). include_obfuscation pads
+# chunks against length side channels on OpenAI's service; there is none to pad here.
+STREAM_OPTIONS = ("include_usage", "continuous_usage_stats", "include_obfuscation")
+
+
+def _stream_options(options: Any) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats); an unknown or non-bool field is a 400."""
     if options is None:
-        return False
+        return False, False
     if not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object", param="stream_options")
-    value = options.get("include_usage", False)
-    if not isinstance(value, bool):
-        raise ApiError(400, "include_usage must be true or false", param="include_usage")
-    return value
+    for key, value in options.items():
+        if key not in STREAM_OPTIONS:
+            known = ", ".join(STREAM_OPTIONS)
+            raise ApiError(400, f"stream_options.{key}: unknown (known: {known})", param=key)
+        if not isinstance(value, bool) and value is not None:
+            raise ApiError(400, f"stream_options.{key} must be true or false", param=key)
+    return bool(options.get("include_usage")), bool(options.get("continuous_usage_stats"))
 
 
 def item_for(line: B.BatchLine, timeout_s: float | None = None) -> dict[str, Any]:
@@ -107,11 +155,30 @@ def response_body(line: B.BatchLine, result: Result, served_model: str) -> dict[
     return body
 
 
+def merged(bodies: list[dict[str, Any]], request_id: str) -> dict[str, Any]:
+    """One response for several prompts: their choices in prompt order, numbered
+    across them (prompt i's n samples are i*n .. i*n+n-1), their usage summed."""
+    body = bodies[0]
+    body["id"] = request_id
+    if len(bodies) == 1:
+        return body
+    choices = [c for b in bodies for c in b["choices"]]
+    for index, choice in enumerate(choices):
+        choice["index"] = index
+    body["choices"] = choices
+    body["usage"] = {
+        name: sum(b["usage"][name] for b in bodies)
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens")
+    }
+    return body
+
+
 class ChunkWriter:
     """Server-sent events in OpenAI's chunk format for one streamed request."""
 
     def __init__(self, parsed: Parsed, model: str) -> None:
         self.parsed = parsed
+        self.counts = (0, 0)  # (prompt, completion) tokens so far: continuous usage
         self.head: dict[str, Any] = {
             "id": parsed.line.id,
             "object": "chat.completion.chunk" if parsed.chat else "text_completion",
@@ -135,18 +202,36 @@ class ChunkWriter:
         out["finish_reason"] = finish_reason
         return out
 
-    def first(self) -> bytes:
+    def _usage_so_far(self, text: str | None = None) -> dict[str, Any]:
+        """Continuous usage: the counts the engine sent with this text (a text without
+        them, the last counts seen); nothing without continuous_usage_stats."""
+        if not self.parsed.continuous_usage:
+            return {}
+        prompt, completion = self.counts
+        if isinstance(text, StreamText) and text.prompt_tokens:
+            prompt, completion = text.prompt_tokens, text.completion_tokens
+            self.counts = (prompt, completion)
+        total = prompt + completion
+        counts = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+        return {"usage": counts}
+
+    def first(self, first: str | Result) -> bytes:
         """Chat streams open with the assistant's role, as OpenAI's do."""
         if not self.parsed.chat:
             return b""
+        if isinstance(first, StreamText | Result) and first.prompt_tokens:
+            self.counts = (first.prompt_tokens, 0)
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}}
-        return self._event([{**choice, "logprobs": None, "finish_reason": None}])
+        return self._event(
+            [{**choice, "logprobs": None, "finish_reason": None}], **self._usage_so_far()
+        )
 
     def text(self, text: str) -> bytes:
-        return self._event([self._choice(text, None)])
+        return self._event([self._choice(text, None)], **self._usage_so_far(text))
 
     def last(self, result: Result) -> bytes:
-        out = self._event([self._choice(None, result.finish_reason)])
+        whole = {"usage": usage(result)} if self.parsed.continuous_usage else {}
+        out = self._event([self._choice(None, result.finish_reason)], **whole)
         if self.parsed.include_usage:
             out += self._event([], usage=usage(result))
         return out + STREAM_END
@@ -175,13 +260,21 @@ class Completions:
 
     async def complete(self, parsed: Parsed) -> dict[str, Any]:
         """One whole response, or an ApiError."""
+        lines = parsed.lines or [parsed.line]
         try:
-            [result] = await self.upstream.client.generate([item_for(parsed.line, self.timeout_s)])
+            results = await self.upstream.client.generate(
+                [item_for(line, self.timeout_s) for line in lines]
+            )
         except errors.ExgenError as exc:
-            raise from_exgen_error(exc) from None
-        if result.error is not None:
-            raise from_request_failed(result.error)
-        return response_body(parsed.line, result, self.upstream.model)
+            raise from_exgen_error(exc, parsed.line.url) from None
+        for result in results:
+            if result.error is not None:  # one prompt failed: the request did, as vLLM's
+                raise from_request_failed(result.error, parsed.line.url)
+        bodies = [
+            response_body(line, r, self.upstream.model)
+            for line, r in zip(lines, results, strict=True)
+        ]
+        return merged(bodies, parsed.line.id)
 
     def stream(self, parsed: Parsed) -> AsyncGenerator[str | Result, None]:
         """Text chunks, then the Result; a failure raises an ExgenError."""

@@ -6,7 +6,6 @@ Every failure a caller sees is ``{"error": {"message", "type", "param", "code"}}
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from exgen.client import batchfile as B
@@ -30,13 +29,25 @@ STATUS_BY_CODE: dict[str, tuple[int, str]] = {
     P.E_CANCELLED: (503, SERVER),
     P.E_PROTOCOL: (500, SERVER),
 }
-# OpenAI's own code for a prompt beyond the context.
-OPENAI_CODES = {P.E_PROMPT_TOO_LONG: "context_length_exceeded"}
 # The request field an error is about when the daemon names none.
 PARAM_BY_CODE = {P.E_MODEL_NOT_FOUND: "model", P.E_TOO_LARGE: "max_tokens"}
 # What a code adds to the daemon's message: the gateway setting behind it.
 SETTING_BY_CODE = {P.E_TIMEOUT: "the request's deadline, http_request_timeout_s"}
-_PARAM_IN_MESSAGE = re.compile(r"body\.'?([A-Za-z_]\w*)")
+# The code of an error raised without one: every error object carries a code.
+CODE_BY_STATUS = {
+    400: P.E_BAD_REQUEST,
+    401: "invalid_api_key",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limit_exceeded",
+    502: "bad_gateway",
+    503: "unavailable",
+    504: "timeout",
+}
 
 
 class ApiError(Exception):
@@ -56,7 +67,7 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.param = param
-        self.code = code
+        self.code = code or CODE_BY_STATUS.get(status, P.E_INTERNAL)
         self.kind = kind or (INVALID if status < 500 else SERVER)
         self.retry_after_s = retry_after_s
 
@@ -76,35 +87,39 @@ class ApiError(Exception):
         return {"Retry-After": str(max(1, round(self.retry_after_s)))}
 
 
-def from_request_failed(exc: errors.RequestFailed) -> ApiError:
-    """The HTTP answer for an item the daemon failed (or refused)."""
+def from_request_failed(exc: errors.RequestFailed, url: str | None = None) -> ApiError:
+    """The HTTP answer for an item the daemon failed (or refused); ``url``: the endpoint
+    asked, whose prompt field a too-long prompt's error names."""
     status, kind = STATUS_BY_CODE.get(exc.code, (500, SERVER))
     param = exc.field.removeprefix("params.") if exc.field else PARAM_BY_CODE.get(exc.code)
+    if exc.code == P.E_PROMPT_TOO_LONG and param is None:
+        param = B.prompt_field(url)
     retry = 1.0 if status in (429, 503) else None
-    code = OPENAI_CODES.get(exc.code, exc.code)
+    code = B.OPENAI_ERROR_CODES.get(exc.code, exc.code)
     setting = SETTING_BY_CODE.get(exc.code)
     message = f"{exc.message} ({setting})" if setting else exc.message
     return ApiError(status, message, param=param, code=code, kind=kind, retry_after_s=retry)
 
 
-def from_exgen_error(exc: errors.ExgenError) -> ApiError:
+def from_exgen_error(exc: errors.ExgenError, url: str | None = None) -> ApiError:
     """The HTTP answer for anything the client library raised or reported."""
     if isinstance(exc, errors.RequestFailed):
-        return from_request_failed(exc)
+        return from_request_failed(exc, url)
     if isinstance(exc, errors.ConnectionFailed):  # Timeout, ConnectTimeout, UnsafeSocket
         return ApiError(
             503, f"the exgen daemon does not answer: {exc}", code="unavailable", retry_after_s=1
         )
     if isinstance(exc, errors.ProtocolMismatch):  # the router behind us speaks another version
-        return ApiError(502, f"the exgen daemon's answer was not understood: {exc}")
+        return ApiError(
+            502, f"the exgen daemon's answer was not understood: {exc}", code=P.E_PROTOCOL
+        )
     return ApiError(500, f"{type(exc).__name__}: {exc}")
 
 
 def bad_body(message: str) -> ApiError:
     """A 400 for a request body the batch-line parser refused; ``param`` from its message."""
-    found = _PARAM_IN_MESSAGE.search(message)
     text = message.replace("body.", "")
-    return ApiError(400, text, param=found.group(1) if found else None, code=P.E_BAD_REQUEST)
+    return ApiError(400, text, param=B.param_in_message(message), code=P.E_BAD_REQUEST)
 
 
 def not_found(what: str, ident: str) -> ApiError:

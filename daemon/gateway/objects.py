@@ -6,6 +6,8 @@ import json
 import sqlite3
 from typing import Any
 
+from exgen.daemon.gateway.errors import ApiError
+
 BATCH_TIMES = (
     "created_at",
     "expires_at",
@@ -71,3 +73,16 @@ def page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
         "last_id": data[-1]["id"] if data else None,
         "has_more": has_more,
     }
+
+
+def page_limit(limit: int, maximum: int) -> int:
+    """A list's ``limit``, 1 to ``maximum`` as OpenAI's are; outside that a 400."""
+    if not 1 <= limit <= maximum:
+        raise ApiError(400, f"limit must be between 1 and {maximum}, got {limit}", param="limit")
+    return limit
+
+
+def descending(order: str) -> bool:
+    if order not in ("asc", "desc"):
+        raise ApiError(400, f'order must be "asc" or "desc", got {order!r}', param="order")
+    return order == "desc"

@@ -22,15 +22,17 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from exgen.daemon.gateway.completions import json_object
 from exgen.daemon.gateway.errors import ApiError, not_found
-from exgen.daemon.gateway.objects import batch_object, file_object, page
+from exgen.daemon.gateway.objects import batch_object, descending, file_object, page, page_limit
 from exgen.daemon.gateway.routes_openai import read_body
+from exgen.daemon.gateway.store import Store
 
 if TYPE_CHECKING:
     from exgen.daemon.gateway.app import Gateway
 
 router = APIRouter()
 PURPOSES = ("batch",)  # what may be uploaded; batch outputs are written by us
-MAX_PAGE = 100
+MAX_PAGE = 100  # batches a page, as OpenAI's
+MAX_FILES_PAGE = 10_000  # files a page, as OpenAI's (also its default)
 MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around the file's bytes
 
 
@@ -45,6 +47,12 @@ def _gateway(request: Request) -> Gateway:
 @router.post("/v1/files")
 async def create_file(request: Request) -> dict[str, Any]:
     gateway = _gateway(request)
+    kind = request.headers.get("content-type", "")
+    if not kind.lower().startswith("multipart/form-data"):
+        message = (
+            f"The upload must be multipart/form-data (a purpose and a file field), not {kind!r}"
+        )
+        raise ApiError(400, message, param="file")
     limit = gateway.options.max_file_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
@@ -101,9 +109,30 @@ def _save(source: IO[bytes], path: Path) -> int:
 
 
 @router.get("/v1/files")
-async def list_files(request: Request, purpose: str | None = None, limit: int = 100) -> Any:
-    rows = _gateway(request).store.list_files(purpose, max(1, min(limit, 10_000)))
-    return {"object": "list", "data": [file_object(r) for r in rows], "has_more": False}
+async def list_files(
+    request: Request,
+    purpose: str | None = None,
+    limit: int = MAX_FILES_PAGE,
+    after: str | None = None,
+    order: str = "desc",
+) -> Any:
+    store = _gateway(request).store
+    cursor = _cursor(store, "files", after)
+    limit = page_limit(limit, MAX_FILES_PAGE)
+    rows = store.list_files(purpose, cursor, descending(order), limit + 1)
+    return page([file_object(r) for r in rows[:limit]], has_more=len(rows) > limit)
+
+
+def _cursor(store: Store, table: str, after: str | None) -> int | None:
+    """The rowid an ``after`` id stands for; an id that names nothing is a 400, not an
+    empty page that would end a caller's listing early without a word."""
+    if after is None:
+        return None
+    rowid = store.rowid(table, after)
+    if rowid is None:
+        what = {"files": "file", "batches": "batch"}[table]
+        raise ApiError(400, f"after: no {what} with id {after!r}", param="after")
+    return rowid
 
 
 @router.get("/v1/files/{file_id}")
@@ -149,8 +178,10 @@ async def create_batch(request: Request) -> dict[str, Any]:
 
 @router.get("/v1/batches")
 async def list_batches(request: Request, after: str | None = None, limit: int = 20) -> Any:
-    limit = max(1, min(limit, MAX_PAGE))
-    rows = _gateway(request).store.list_batches(after, limit + 1)
+    store = _gateway(request).store
+    cursor = _cursor(store, "batches", after)
+    limit = page_limit(limit, MAX_PAGE)
+    rows = store.list_batches(cursor, True, limit + 1)
     return page([batch_object(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
 

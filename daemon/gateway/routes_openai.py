@@ -128,11 +128,12 @@ class EventStream(Response):
 
     async def _send_events(self, scope: Scope, receive: Receive, send: Send) -> None:
         events = self.gateway.completions.stream(self.parsed)
+        url = self.parsed.line.url
         async with contextlib.aclosing(events):
             try:
                 first = await anext(events)
             except errors.ExgenError as exc:  # a bad prompt, another model, no daemon
-                await _json_error(from_exgen_error(exc), scope, receive, send)
+                await _json_error(from_exgen_error(exc, url), scope, receive, send)
                 return
             writer = ChunkWriter(self.parsed, self.gateway.upstream.model)
             headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
@@ -146,7 +147,7 @@ class EventStream(Response):
         first: str | Result,
         events: AsyncGenerator[str | Result, None],
     ) -> None:
-        out = writer.first()
+        out = writer.first(first)
         event = first
         try:
             while not isinstance(event, Result):
@@ -155,7 +156,7 @@ class EventStream(Response):
                 event = await anext(events)
             out += writer.last(event)
         except errors.ExgenError as exc:  # the deadline passed mid-stream, the engine failed
-            out += writer.error(from_exgen_error(exc))
+            out += writer.error(from_exgen_error(exc, self.parsed.line.url))
         await _chunk(send, out)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -116,10 +116,12 @@ class Store:
     def get_file(self, file_id: str) -> sqlite3.Row | None:
         return self._by_id("files", file_id)
 
-    def list_files(self, purpose: str | None, limit: int) -> list[sqlite3.Row]:
-        where, args = ("WHERE purpose = ?", [purpose]) if purpose else ("", [])
-        sql = f"SELECT * FROM files {where} ORDER BY rowid DESC LIMIT ?"
-        return self.db.execute(sql, (*args, limit)).fetchall()
+    def list_files(
+        self, purpose: str | None, after: int | None, descending: bool, limit: int
+    ) -> list[sqlite3.Row]:
+        """A page of files; ``after``: the rowid (:meth:`rowid`) the previous page ended with."""
+        where = {"purpose = ?": purpose} if purpose else {}
+        return self._page("files", where, after, descending, limit)
 
     def delete_file(self, file_id: str) -> None:
         self.db.execute("DELETE FROM files WHERE id = ?", (file_id,))
@@ -143,17 +145,30 @@ class Store:
     def get_batch(self, batch_id: str) -> sqlite3.Row | None:
         return self._by_id("batches", batch_id)
 
-    def list_batches(self, after: str | None, limit: int) -> list[sqlite3.Row]:
-        """Newest first; ``after``: the id the previous page ended with."""
-        if after is None:
-            sql, args = "SELECT * FROM batches ORDER BY rowid DESC LIMIT ?", (limit,)
-        else:
-            sql = (
-                "SELECT * FROM batches WHERE rowid < (SELECT rowid FROM batches WHERE id = ?) "
-                "ORDER BY rowid DESC LIMIT ?"
-            )
-            args = (after, limit)  # type: ignore[assignment]
-        return self.db.execute(sql, args).fetchall()
+    def list_batches(self, after: int | None, descending: bool, limit: int) -> list[sqlite3.Row]:
+        return self._page("batches", {}, after, descending, limit)
+
+    def rowid(self, table: str, ident: str) -> int | None:
+        """Where a row sits in creation order: the cursor of a page that ends with it."""
+        row = self.db.execute(f"SELECT rowid FROM {table} WHERE id = ?", (ident,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def _page(
+        self,
+        table: str,
+        where: dict[str, Any],
+        after: int | None,
+        descending: bool,
+        limit: int,
+    ) -> list[sqlite3.Row]:
+        """Rows in creation order (rowid: ids are random), past the cursor ``after``."""
+        conditions = dict(where)
+        if after is not None:
+            conditions["rowid < ?" if descending else "rowid > ?"] = after
+        clause = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        order = "DESC" if descending else "ASC"
+        sql = f"SELECT * FROM {table} {clause} ORDER BY rowid {order} LIMIT ?"
+        return self.db.execute(sql, (*conditions.values(), limit)).fetchall()
 
     def unfinished_batches(self) -> list[str]:
         marks = ",".join("?" * len(ACTIVE))

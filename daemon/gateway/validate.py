@@ -6,7 +6,7 @@ the runner can read lines back one at a time. A file that breaks a whole-file ru
 fails the batch, with one error per line (up to MAX_LISTED_ERRORS) naming the line:
 
 * each line a JSON object with a string ``custom_id``, unique in the file;
-* ``method`` POST, ``url`` the batch's endpoint, ``body`` an object.
+* ``method`` POST, ``url`` the batch's endpoint, ``body`` an object, and no other key.
 
 What a body holds (params, messages) is the request's business, as it is for the
 HTTP endpoint: a bad body fails that request alone, in the error file, when the
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exgen.client import batchfile as B
 from exgen.client import protocol as P
 from exgen.daemon.gateway import store as S
 
@@ -59,6 +60,10 @@ def check_line(raw: bytes, endpoint: str) -> tuple[str, Any]:
         raise LineRefused("invalid_json_line", f"not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise LineRefused("invalid_json_line", "each line must be a JSON object")
+    for key in obj:
+        if key not in B.OPENAI_LINE_KEYS:
+            known = ", ".join(sorted(B.OPENAI_LINE_KEYS))
+            raise LineRefused("invalid_request", f"unknown key {key!r} (a line holds {known})", key)
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id or len(custom_id) > P.MAX_ID_CHARS:
         message = f"custom_id must be a non-empty string of at most {P.MAX_ID_CHARS} characters"

@@ -67,3 +67,79 @@ def test_a_batch_on_the_demo_model(demo: HttpDaemon, tmp_path: Path) -> None:
     for line in sdk.files.content(batch.output_file_id).text.splitlines():
         body = ChatCompletion.model_validate(json.loads(line)["response"]["body"])
         assert body.model == served and body.choices[0].message.content
+
+
+def test_vllm_extensions_on_the_demo_model(demo: HttpDaemon) -> None:
+    """ignore_eos, min_tokens, skip_special_tokens and include_stop_str_in_output, as a
+    load generator or harness sends them, on a real tokenizer with a real EOS."""
+    sdk = openai.OpenAI(base_url=demo.base_url, api_key="x", max_retries=0)
+
+    def chat(**extra: object) -> tuple[str, str, int]:
+        reply = sdk.chat.completions.create(
+            model="x", messages=CHAT, max_tokens=48, extra_body=extra, timeout=300
+        )
+        assert reply.usage is not None
+        choice = reply.choices[0]
+        return choice.message.content or "", choice.finish_reason, reply.usage.completion_tokens
+
+    text, reason, tokens = chat()
+    assert reason == "stop" and tokens < 40, "the demo model's answer ends with its EOS"
+    longer, reason, count = chat(ignore_eos=True)
+    assert (reason, count) == ("length", 48) and longer.startswith(text)
+    _, _, count = chat(min_tokens=tokens + 4)
+    assert count >= tokens + 4
+    shown, _, _ = chat(ignore_eos=True, skip_special_tokens=False)
+    assert "<|im_end|>" in shown and "<|im_end|>" not in longer
+    stop = text.split()[2]
+    cut, reason, _ = chat(stop=[stop])
+    kept, _, _ = chat(stop=[stop], include_stop_str_in_output=True)
+    assert reason == "stop" and kept == cut + stop and text.startswith(kept)
+
+
+@pytest.fixture(scope="module")
+def demo32(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpDaemon]:
+    """The demo model in float32: logprobs comparable to a reference within 1e-3."""
+    daemon = start_http_daemon(
+        tmp_path_factory.mktemp("demo32"), "--workers", "1", "--engine-opt", "dtype=float32"
+    )
+    daemon.daemon.wait_ready(timeout=300)
+    daemon.wait_healthy()
+    yield daemon
+    assert daemon.stop() == 0
+
+
+def test_prompt_logprobs_equal_the_models_own(demo32: HttpDaemon) -> None:
+    """The loglikelihood request (echo, logprobs, max_tokens 0) against transformers run
+    directly on the same weights in float32, as lm-eval's hf backend computes them;
+    and the same prompt as token ids gives the same numbers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from exgen.daemon import modelstore
+
+    path = modelstore.resolve_model(None, modelstore.models_dir())
+    where = {"gguf_file": path.name} if path.suffix == ".gguf" else {}  # the demo model's
+    folder = path.parent if where else path
+    tokenizer = AutoTokenizer.from_pretrained(folder, **where)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **where)
+    text = "The capital of France is Paris, and the capital of Italy is Rome."
+    ids = tokenizer(text)["input_ids"]
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    expected = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+    sdk = openai.OpenAI(base_url=demo32.base_url, api_key="x", max_retries=0)
+    with sdk:
+        replies = [
+            sdk.completions.create(
+                model="x", prompt=prompt, max_tokens=0, echo=True, logprobs=1, timeout=300
+            )
+            for prompt in (text, ids)
+        ]
+    for reply in replies:
+        lp = reply.choices[0].logprobs
+        assert lp is not None and lp.token_logprobs[0] is None
+        got = torch.tensor(lp.token_logprobs[1:])
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, atol=1e-3), (got - expected).abs().max()
+        assert reply.choices[0].text == text

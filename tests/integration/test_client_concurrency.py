@@ -7,6 +7,8 @@ both kinds of work."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -239,3 +241,36 @@ def test_a_batch_call_gives_way_to_an_interactive_one_on_the_same_client(daemon)
     took_same, before_same = one_beside_many(daemon, "interactive")
     assert before_same == 64, f"only {before_same} of 64 went first ({took_same:.2f}s)"
     assert took < 0.6 * took_same, f"batch beside: {took:.2f}s, same priority: {took_same:.2f}s"
+
+
+def test_cancelled_waits_leave_no_task_pending(daemon):
+    """A caller cancelled while it waits (a gateway whose HTTP caller went away) takes
+    its wait with it: 16 streams, 8 at a time, each cancelled after its first chunk,
+    leave no ``Event.wait`` task behind to be reported when it is collected."""
+    reported: list[str] = []
+
+    async def one(client: AsyncClient, gate: asyncio.Semaphore, i: int) -> None:
+        async with gate:
+            chunks = client.stream(f"story {i}", max_new_tokens=TOKENS)
+            async with contextlib.aclosing(chunks):
+                await chunks.__anext__()
+                reader = asyncio.ensure_future(chunks.__anext__())
+                await asyncio.sleep(0.01)
+                reader.cancel()  # mid-wait, as a disconnect watcher does
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+
+    async def main() -> list[str]:
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _loop, context: reported.append(context["message"])
+        )
+        async with AsyncClient(daemon.address) as client:
+            gate = asyncio.Semaphore(8)
+            await asyncio.gather(*(one(client, gate, i) for i in range(16)))
+            gc.collect()
+            return [repr(t) for t in asyncio.all_tasks() if "Event.wait" in repr(t)]
+
+    assert asyncio.run(main()) == []
+    gc.collect()
+    assert not [m for m in reported if "destroyed" in m], reported
+    assert settled(daemon)["inflight"] == 0

@@ -145,7 +145,8 @@ def test_a_bad_request_body_fails_alone_in_the_error_file(
     assert (done.request_counts.completed, done.request_counts.failed) == (3, 1)
     errors = records(sdk.files.content(done.error_file_id).text)
     assert [e["custom_id"] for e in errors] == ["req-2"]
-    assert "temperature" in errors[0]["error"]["message"]
+    assert errors[0]["response"]["status_code"] == 400  # as the same body over HTTP
+    assert errors[0]["response"]["body"]["error"]["param"] == "temperature"
     assert len(records(sdk.files.content(done.output_file_id).text)) == 3
 
 

@@ -137,7 +137,7 @@ def test_unknown_key_in_nested_params() -> None:
     [
         ({"prompt": "x", "temperature": -1}, "temperature"),
         ({"prompt": "x", "temperature": "hot"}, "temperature: must be a number"),
-        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
         ({"prompt": "x", "max_new_tokens": 1.5}, "max_new_tokens: must be an integer"),
         ({"prompt": "x", "top_p": 0}, "top_p"),
         ({"prompt": "x", "stop": [""]}, "stop[0]"),
@@ -332,8 +332,12 @@ def test_openai_bad_bodies(body: dict[str, Any], needle: str) -> None:
         (openai_line(CHAT_BODY, url="/v1/embeddings"), "/v1/embeddings"),
         (openai_line(CHAT_BODY, extra=1), "'extra'"),
         ({"custom_id": "r", "url": B.CHAT_URL, "body": "x"}, "body must be an object"),
-        (openai_line({"prompt": ["a", "b"]}, B.COMPLETIONS_URL), "one string per line"),
-        (openai_line({"prompt": [1, 2, 3]}, B.COMPLETIONS_URL), "token ids"),
+        (openai_line({"prompt": ["a", "b"]}, B.COMPLETIONS_URL), "one prompt per line"),
+        (
+            openai_line({"prompt": [1, -2, 3]}, B.COMPLETIONS_URL),
+            "body.prompt[1]: must be between 0",
+        ),
+        (openai_line({"prompt": [[1], [2]]}, B.COMPLETIONS_URL), "one prompt per line"),
         (openai_line({"model": "m"}, B.COMPLETIONS_URL), "body.prompt is missing"),
         (
             openai_line({"messages": [{"role": "user", "content": "x"}]}, B.COMPLETIONS_URL),
@@ -436,7 +440,7 @@ def test_openai_output_of_a_failure() -> None:
     [
         (errors.ModelNotFound("model 'x' is not served"), 404, "model"),
         (errors.BadRequest("bad", field="messages"), 400, "messages"),
-        (errors.PromptTooLong("too long"), 400, None),
+        (errors.PromptTooLong("too long"), 400, "messages"),
         (errors.WorkerDied("poison"), 500, None),
     ],
 )
@@ -446,7 +450,8 @@ def test_openai_http_like_failures(error: errors.RequestFailed, status: int, par
     )
     assert out["response"]["status_code"] == status and out["error"] is None
     assert out["response"]["body"]["error"]["param"] == param
-    assert out["response"]["body"]["error"]["code"] == error.code
+    code = "context_length_exceeded" if error.code == "prompt_too_long" else error.code
+    assert out["response"]["body"]["error"]["code"] == code  # as the HTTP answer's
     assert B.output_record_status(out) == ("req-1", False)  # resume retries it
 
 
@@ -513,8 +518,12 @@ def test_line_error_output_plain_and_openai() -> None:
     assert plain["error"]["code"] == "bad_request" and plain["error"]["line"] == 1
     assert "temprature" in plain["error"]["message"]
     oai = B.format_line_error(error_of(openai_line({**CHAT_BODY, "best_of": 3})))
-    assert oai["custom_id"] == "req-1" and oai["response"] is None
-    assert oai["error"]["line"] == 1 and "best_of=1" in oai["error"]["message"]
+    # As the HTTP endpoint answers the same body: a 400 naming the field.
+    assert oai["custom_id"] == "req-1" and oai["error"] is None
+    assert oai["response"]["status_code"] == 400
+    error = oai["response"]["body"]["error"]
+    assert (error["code"], error["param"], error["line"]) == ("bad_request", "best_of", 1)
+    assert error["type"] == "invalid_request_error" and "best_of=1" in error["message"]
 
 
 def test_writer_writes_one_flushed_line_each(tmp_path: Path) -> None:
@@ -635,3 +644,18 @@ def test_resume_then_append_gives_each_id_once(
                 writer.write_result(one({"id": item_id, "prompt": "x"}), FakeResult(item_id))
     ids = [json.loads(x)["id"] for x in path.read_text(encoding="utf-8").splitlines()]
     assert sorted(ids) == list("abcdefgh")
+
+
+def test_a_token_id_prompt_is_sent_as_it_is() -> None:
+    line = one(openai_line({"prompt": [5, 0, 17], "max_tokens": 2}, B.COMPLETIONS_URL))
+    assert line.prompt == [5, 0, 17] and line.to_item()["prompt"] == [5, 0, 17]
+    assert one(openai_line({"prompt": [[5, 6]]}, B.COMPLETIONS_URL)).prompt == [5, 6]
+
+
+def test_a_plain_line_that_asks_for_its_prompt_gets_it() -> None:
+    from exgen.client.calls import PromptEcho, Result
+
+    line = one({"id": "a", "prompt": "x y", "echo": True, "max_tokens": 0})
+    result = Result("a", "", "length", 2, 0, prompt=PromptEcho([4, 5], "x y"))
+    record = B.format_result(line, result)
+    assert record["prompt"] == {"ids": [4, 5], "text": "x y", "logprobs": None}

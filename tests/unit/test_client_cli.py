@@ -221,7 +221,7 @@ def test_existing_output_is_not_overwritten_silently(prompts: Path, tmp_path: Pa
     [
         (["--temperature", "-1"], "--temperature"),
         (["--top-p", "0"], "--top-p"),
-        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens"),  # 0: the prompt only
         (["--stop", ""], "--stop"),
         (["--seed", "abc"], "--seed"),
         (["--timeout", "0"], "--timeout"),

@@ -24,7 +24,8 @@ def test_a_good_submit_decodes_to_checked_items():
 @pytest.mark.parametrize(
     ("item", "field"),
     [
-        ({"id": "a", "prompt": [0] * 100_000}, "items[0].prompt"),  # a bomb where a string is
+        ({"id": "a", "prompt": [0] * (P.MAX_PROMPT_IDS + 1)}, "items[0].prompt"),  # a bomb
+        ({"id": "a", "prompt": [[0] * 10] * 1000}, "items[0].prompt"),  # ids are flat
         ({"id": "a", "messages": [[0] * 10] * 10}, "items[0].messages[0]"),
         ({"id": "a", "prompt": "x", "colour": 1}, "items[0].colour"),
         ({"id": "a", "prompt": "x", "params": {"top_k": [[0] * 5]}}, "items[0].params"),

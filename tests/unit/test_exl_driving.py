@@ -18,6 +18,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -77,7 +78,13 @@ def token_script(
     steps: list[list[dict[str, Any]]] = [[{"stage": "started", "eos": False}]]
     steps.append([{"stage": "prefill", "eos": False, "curr_progress": 1, "max_progress": 1}])
     for i, piece in enumerate(pieces):
-        result: dict[str, Any] = {"stage": "streaming", "eos": False, "text": piece}
+        # token_ids as the libraries give them: a tensor of shape (1, n); here one a step
+        result: dict[str, Any] = {
+            "stage": "streaming",
+            "eos": False,
+            "text": piece,
+            "token_ids": SimpleNamespace(shape=(1, 1)),
+        }
         if i == len(pieces) - 1:
             result.update(
                 eos=True,
@@ -374,10 +381,10 @@ def test_streaming_job_emits_chunks_then_finished_with_counts(model_dir: Path) -
     gen.scripts[1] = token_script(["Hel", "lo", " wor"], eos_reason="max_new_tokens")
     engine.add(job(1, "a b", stream=True, max_new_tokens=3))
     events = run_until_done(engine)
-    assert events == [
-        Chunk(1, "Hel"),
-        Chunk(1, "lo"),
-        Chunk(1, " wor"),
+    assert events == [  # each with the tokens so far and the prompt's (continuous usage)
+        Chunk(1, "Hel", 1, 2),
+        Chunk(1, "lo", 2, 2),
+        Chunk(1, " wor", 3, 2),
         Finished(1, "Hello wor", P.FINISH_LENGTH, prompt_tokens=2, completion_tokens=3),
     ]
     assert engine.pending == 0
@@ -411,9 +418,9 @@ def test_stop_token_keeps_text_the_library_was_holding(model_dir: Path) -> None:
     ]
     engine.add(job(1, "q", stream=True, stop=["\n\n"]))
     events = run_until_done(engine)
-    assert events == [
-        Chunk(1, "Done."),
-        Chunk(1, "\n"),
+    assert events == [  # no token_ids in this script: counted at the end only
+        Chunk(1, "Done.", 0, 1),
+        Chunk(1, "\n", 3, 1),
         Finished(1, "Done.\n", P.FINISH_STOP, 1, 3),
     ]
 
@@ -436,6 +443,23 @@ def test_stop_string_ends_the_job_without_the_string(model_dir: Path) -> None:
     ]
     engine.add(job(1, "q", stop=["###"]))
     assert run_until_done(engine) == [Finished(1, "one two", P.FINISH_STOP, 1, 3)]
+    gen.scripts[2] = gen.scripts[1]
+    engine.add(job(2, "q", stop=["###"], include_stop_str_in_output=True))
+    assert run_until_done(engine) == [Finished(2, "one two###", P.FINISH_STOP, 1, 3)]
+
+
+def test_vllm_extensions_reach_the_job_or_are_refused(model_dir: Path) -> None:
+    engine, gen = make_engine(model_dir)
+    engine.add(job(1, "q", stop=["###"], ignore_eos=True, min_tokens=0))
+    engine.add(job(2, "q", min_tokens=4, skip_special_tokens=False))
+    first, second = gen.submitted
+    assert first.stop_conditions == ["###"]  # ignore_eos: no EOS ends it
+    assert second.stop_conditions == [2, 32007]
+    assert (second.params.min_tokens, second.params.skip_special_tokens) == (4, False)
+    # The libraries' min_new_tokens holds back stop tokens only, not stop strings.
+    with pytest.raises(JobRejected) as caught:
+        engine.add(job(3, "q", min_tokens=4, stop=["###"]))
+    assert (caught.value.code, caught.value.field) == (P.E_BAD_REQUEST, "params.min_tokens")
 
 
 def test_unknown_finish_reason_is_reported_as_stop(model_dir: Path) -> None:

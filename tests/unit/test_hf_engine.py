@@ -358,3 +358,35 @@ def test_a_cpu_batch_stays_within_the_kv_budget(engine: TransformersEngine) -> N
     finally:
         engine._kv_token_budget = saved
     assert sizes == [2, 2, 2]
+
+
+def test_vllm_extensions_in_one_batch(engine: TransformersEngine) -> None:
+    """ignore_eos and min_tokens are per row: jobs with and without them share a batch."""
+    done = run(
+        engine,
+        job(1, messages=CAPITAL, max_new_tokens=40),
+        job(2, messages=CAPITAL, max_new_tokens=40, min_tokens=30),
+        job(3, messages=CAPITAL, max_new_tokens=40, ignore_eos=True),
+    )
+    plain, held, ignored = done[1], done[2], done[3]
+    assert plain.finish_reason == P.FINISH_STOP and plain.completion_tokens < 30
+    assert held.completion_tokens >= 30
+    assert (ignored.finish_reason, ignored.completion_tokens) == (P.FINISH_LENGTH, 40)
+
+
+def test_a_prompt_read_alone_and_as_token_ids(engine: TransformersEngine) -> None:
+    tokenizer = engine._loaded().tokenizer
+    text = "Rivers run to the sea"
+    ids = tokenizer(text)["input_ids"]
+    read = run(engine, job(1, text, max_new_tokens=0, echo=True, prompt_logprobs=2))[1]
+    assert (read.text, read.completion_tokens, read.prompt_tokens) == ("", 0, len(ids))
+    assert read.prompt is not None and read.prompt.ids == ids and read.prompt.text == text
+    entries = read.prompt.logprobs
+    assert entries is not None and len(entries) == len(ids) and entries[0][2] is None
+    assert all(e[2] <= 0 and e[3] >= 1 and len(e[4]) == 2 for e in entries[1:])
+    by_text = run(engine, job(2, text, max_new_tokens=5))[2]
+    by_ids = run(engine, job(3, ids, max_new_tokens=5))[3]
+    assert by_ids.text == by_text.text and by_ids.prompt_tokens == len(ids)
+    with pytest.raises(JobRejected) as caught:
+        engine.add(job(4, [10**7], max_new_tokens=1))
+    assert caught.value.field == "prompt"

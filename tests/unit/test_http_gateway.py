@@ -106,7 +106,7 @@ def test_a_body_maps_as_a_batch_line_does() -> None:
         ({"n": 2, "stream": True}, "n"),
         ({"logprobs": True, "stream": True}, "logprobs"),
         ({"temprature": 1}, "temprature"),
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
         ({"stream": "yes"}, "stream"),
         ({"stream_options": {"include_usage": 1}}, "include_usage"),
         ({"max_tokens": 1, "max_completion_tokens": 2}, "max_tokens"),
@@ -133,7 +133,7 @@ def test_errors_map_to_statuses() -> None:
         (errors.ConnectTimeout("no handshake"), 503, "unavailable", "1"),
         (errors.Timeout("silent"), 503, "unavailable", "1"),
         (errors.UnsafeSocket("another user's"), 503, "unavailable", "1"),
-        (errors.ProtocolMismatch("v1"), 502, None, None),
+        (errors.ProtocolMismatch("v1"), 502, "protocol", None),
     ]
     for exc, status, code, retry in cases:
         api = from_exgen_error(exc)
@@ -150,7 +150,7 @@ def test_stream_chunks_validate_as_the_sdks_type() -> None:
     parsed = parse_body(body(stream=True, stream_options={"include_usage": True}), CHAT_URL)
     writer = ChunkWriter(parsed, "served")
     result = Result("x", "a b", "length", prompt_tokens=2, completion_tokens=2)
-    raw = writer.first() + writer.text("a b") + writer.last(result)
+    raw = writer.first("a b") + writer.text("a b") + writer.last(result)
     events = [e.removeprefix(b"data: ") for e in raw.split(b"\n\n") if e]
     assert events[-1] == b"[DONE]"
     chunks = [ChatCompletionChunk.model_validate_json(e) for e in events[:-1]]
@@ -258,8 +258,11 @@ def test_batches_list_newest_first_with_after(tmp_path: Path) -> None:
     store = S.Store(tmp_path)
     for i in range(5):
         store.add_batch(batch_row(f"b{i}", "completed"))
-    assert [r["id"] for r in store.list_batches(None, 2)] == ["b4", "b3"]
-    assert [r["id"] for r in store.list_batches("b3", 10)] == ["b2", "b1", "b0"]
+    assert [r["id"] for r in store.list_batches(None, True, 2)] == ["b4", "b3"]
+    after_b3 = store.rowid("batches", "b3")
+    assert [r["id"] for r in store.list_batches(after_b3, True, 10)] == ["b2", "b1", "b0"]
+    assert [r["id"] for r in store.list_batches(after_b3, False, 10)] == ["b4"]
+    assert store.rowid("batches", "nothing") is None
     store.close()
 
 

@@ -89,11 +89,6 @@ def test_plan_keeps_ratios_close_when_filling(capacities, queued):
     assert max(ratios) - min(ratios) <= 1 / min(capacities) + 1e-9
 
 
-def test_pick_idle_finds_a_worker_with_nothing_outstanding():
-    assert policy.pick_idle([WorkerLoad(0, 1, 8), WorkerLoad(1, 0, 8)]) == 1
-    assert policy.pick_idle([WorkerLoad(0, 1, 8)]) is None
-
-
 @pytest.mark.parametrize(
     ("deaths", "expected"),
     [(0, 0.0), (1, 0.5), (2, 1.0), (3, 2.0), (6, 16.0), (7, 30.0), (50, 30.0)],

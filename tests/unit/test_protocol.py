@@ -104,7 +104,7 @@ def test_a_bad_item_is_rejected_alone_naming_the_field(item, field):
 
 
 BAD_PARAMS = [
-    ("max_new_tokens", 0),
+    ("max_new_tokens", -1),  # 0 is a job that reads its prompt (echo, prompt_logprobs)
     ("max_new_tokens", P.MAX_NEW_TOKENS + 1),
     ("max_new_tokens", 1.5),
     ("max_new_tokens", "10"),
@@ -182,6 +182,13 @@ GOOD_PARAMS = {
     "logprobs": True,
     "top_logprobs": P.MAX_TOP_LOGPROBS,
     "json_schema": '{"type":"object","properties":{"a":' * 15 + "{}" + "}}" * 15,
+    "ignore_eos": False,  # at their limits they cannot go with json_schema (below)
+    "min_tokens": 0,
+    "skip_special_tokens": False,
+    "include_stop_str_in_output": True,
+    "echo": True,
+    "prompt_logprobs": P.MAX_TOP_LOGPROBS,
+    "add_special_tokens": False,
 }
 
 
@@ -192,6 +199,20 @@ def test_every_parameter_at_its_limit_is_accepted():
     assert set(GOOD_PARAMS) | {"response_format"} == P.PARAM_NAMES, (
         "a new parameter needs limits and tests"
     )
+
+
+def test_vllm_extensions_at_their_limits_and_what_they_cannot_go_with():
+    params = {"max_new_tokens": P.MAX_NEW_TOKENS, "min_tokens": P.MAX_NEW_TOKENS}
+    assert P.validate_params({**params, "ignore_eos": True}) == {**params, "ignore_eos": True}
+    for bad, name in (
+        ({"max_new_tokens": 4, "min_tokens": 5}, "min_tokens"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"ignore_eos": True, "response_format": "json_object"}, "ignore_eos"),
+        ({"min_tokens": 2, "json_schema": '{"type":"object"}'}, "min_tokens"),
+    ):
+        with pytest.raises(P.ValidationError) as caught:
+            P.validate_params(bad)
+        assert caught.value.field == f"params.{name}"
 
 
 def test_integral_floats_and_single_stop_strings_are_normalised():

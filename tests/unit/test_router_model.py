@@ -2,17 +2,16 @@
 dispatch, results, worker deaths, cancels, links that drop and come back, clients
 that die. Whatever the order, every item a live client submitted ends in exactly
 one answer that the client has (redeliveries of the same answer aside), a dead
-client's work is dropped, and the ledger, the waiting room and the slots agree."""
+client's work is dropped, and the ledger, the waiting room and the slots agree.
+Plain data in, messages out (router_support.Network): no socket."""
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import zmq
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -21,48 +20,12 @@ from exgen.client import protocol as P
 from exgen.daemon import wire
 from exgen.daemon.config import Settings
 from exgen.daemon.router import Router
-from exgen.daemon.slots import STARTING, Slot, SlotTable
+from exgen.daemon.slots import Slot, SlotTable
+from tests.unit.router_support import Network
 
 CLIENTS = [b"c-alice", b"c-bob", b"c-carol"]
 SLOTS = 2
 CAPACITY = 2
-
-
-class FakeSocket:
-    """A ROUTER socket: frames in from a queue, frames out recorded per identity;
-    sends to an identity marked gone raise EHOSTUNREACH, as ROUTER_MANDATORY does."""
-
-    def __init__(self) -> None:
-        self.inbound: deque[list[bytes]] = deque()
-        self.sent: dict[bytes, list[list[bytes]]] = {}
-        self.gone: set[bytes] = set()
-
-    def getsockopt(self, option: int) -> int:
-        assert option == zmq.EVENTS
-        return zmq.POLLIN if self.inbound else 0
-
-    def recv_multipart(self, copy: bool = True) -> list[bytes]:
-        return self.inbound.popleft()
-
-    def send_multipart(self, frames: list[bytes], flags: int = 0) -> None:
-        if frames[0] in self.gone:
-            raise zmq.ZMQError(zmq.EHOSTUNREACH)
-        self.sent.setdefault(frames[0], []).append(frames[1:])
-
-    def take(self, identity: bytes) -> list[tuple[bytes, dict[str, Any]]]:
-        out = [P.unpack(frames) for frames in self.sent.pop(identity, [])]
-        return out
-
-
-@dataclass
-class FakeProc:
-    pid: int
-
-    def poll(self) -> None:
-        return None
-
-    def is_pid(self, pid: int) -> bool:  # launch.WorkerProcess: READY's check
-        return pid == self.pid
 
 
 @dataclass
@@ -80,11 +43,10 @@ class ClientModel:
 class RouterModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.frontend = FakeSocket()
-        self.backend = FakeSocket()
         self.table = SlotTable([Slot(i, None) for i in range(SLOTS)])
         config = Settings(client_grace_s=1.0, client_heartbeat_s=0.5, max_attempts=3)
-        self.router = Router(config, self.frontend, self.backend, self.table)  # type: ignore[arg-type]
+        self.router = Router(config, self.table)
+        self.net = Network(self.router)
         self.pids = itertools.count(1000)
         self.held: dict[int, set[int]] = {}  # slot -> keys its worker was given
         self.clients = {c: ClientModel(c) for c in CLIENTS}
@@ -95,25 +57,23 @@ class RouterModel(RuleBasedStateMachine):
     # --- the world around the router ---------------------------------------------
 
     def _start_worker(self, slot: Slot) -> None:
-        pid = next(self.pids)
-        slot.proc = FakeProc(pid)  # type: ignore[assignment]
-        slot.state = STARTING
-        identity = f"w{slot.id}-{pid}".encode()
-        ready = wire.Ready(slot.id, pid, "synthetic", CAPACITY, None, 0.0, {})
-        self.backend.inbound.append([identity, *wire.pack_ready(ready)])
+        self.net.worker_ready(slot, next(self.pids), CAPACITY)
         self.held[slot.id] = set()
-        self.router.handle_backend(time.monotonic())
+
+    def _flush(self) -> None:
+        now = time.monotonic()
+        self.router.flush_results(now)
+        self.net.send(now)
 
     def _client_says(self, client: bytes, command: bytes, body: dict[str, Any]) -> None:
-        self.frontend.inbound.append([client, *P.pack(command, body)])
-        self.router.handle_frontend(time.monotonic())
-        self.router.flush_results()
+        self.net.client_says(client, command, body)
+        self._flush()
 
     def _collect_work(self) -> None:
         for slot in self.table:
             if slot.serving is None:
                 continue
-            for command, body in self.backend.take(slot.serving.identity):
+            for command, body in self.net.take_worker(slot.serving.identity):
                 if command == wire.WORK:
                     self.held[slot.id].update(job.key for job in wire.decode_work(body))
                 elif command == wire.CANCEL:
@@ -122,7 +82,7 @@ class RouterModel(RuleBasedStateMachine):
     def _read(self, model: ClientModel) -> None:
         """What the client receives: results (numbered), pongs; the fake library
         drops nothing and acknowledges as it goes, like the real one."""
-        for command, body in self.frontend.take(model.identity):
+        for command, body in self.net.take_client(model.identity):
             session = body.get("session")
             if command in (P.ACCEPTED, P.PONG, P.RESULTS) and session not in (None, model.session):
                 self._new_session(model, session)
@@ -161,7 +121,7 @@ class RouterModel(RuleBasedStateMachine):
     @rule(client=st.sampled_from(CLIENTS), n=st.integers(1, 6), batch=st.booleans())
     def submit(self, client: bytes, n: int, batch: bool) -> None:
         model = self.clients[client]
-        if not model.alive or client in self.frontend.gone:
+        if not model.alive or client in self.net.gone:
             return
         ids = [f"{client.decode()}-{next(model.counter)}" for _ in range(n)]
         items = [{"id": i, "prompt": i, "params": {"max_new_tokens": len(i)}} for i in ids]
@@ -171,7 +131,8 @@ class RouterModel(RuleBasedStateMachine):
 
     @rule()
     def dispatch(self) -> None:
-        self.router.dispatch()
+        self.router.dispatch(time.monotonic())
+        self.net.send()
         self._collect_work()
 
     @rule(slot_id=st.integers(0, SLOTS - 1), k=st.integers(1, 4), fail=st.booleans())
@@ -185,31 +146,31 @@ class RouterModel(RuleBasedStateMachine):
 
         finished = [] if fail else [Finished(key, f"text {key}", "length", 1, 2) for key in keys]
         failed = [Failed(key, P.E_ENGINE, "boom") for key in keys] if fail else []
-        self.backend.inbound.append([slot.serving.identity, *wire.pack_done(finished, failed)])
+        self.net.worker_says(slot.serving.identity, wire.pack_done(finished, failed))
         self.held[slot_id].difference_update(keys)
-        self.router.handle_backend(time.monotonic())
-        self.router.flush_results()
+        self._flush()
 
     @rule(slot_id=st.integers(0, SLOTS - 1), blames=st.booleans())
     def worker_dies(self, slot_id: int, blames: bool) -> None:
         slot = self.table.by_id[slot_id]
         if slot.serving is None:
             return
-        self.router.worker_lost(slot_id, slot.serving.pid, "killed", True, blames)
-        self.router.flush_results()
+        now = time.monotonic()
+        self.router.on_worker_exit(slot_id, slot.serving.pid, "killed", True, now, blames)
+        self._flush()
         self._start_worker(slot)
 
     @rule(client=st.sampled_from(CLIENTS), k=st.integers(1, 3))
     def client_cancels(self, client: bytes, k: int) -> None:
         model = self.clients[client]
         unanswered = sorted(model.submitted - set(model.answers))[:k]
-        if model.alive and unanswered and client not in self.frontend.gone:
+        if model.alive and unanswered and client not in self.net.gone:
             self._client_says(client, P.CANCEL, {"req": "c", "ids": unanswered})
 
     @rule(client=st.sampled_from(CLIENTS))
     def client_reads(self, client: bytes) -> None:
         model = self.clients[client]
-        if model.alive and client not in self.frontend.gone:
+        if model.alive and client not in self.net.gone:
             self._read(model)
             self._ack(model)
 
@@ -217,14 +178,14 @@ class RouterModel(RuleBasedStateMachine):
     def link_drops(self, client: bytes) -> None:
         """The link resets: what was in flight to the client is lost."""
         if self.clients[client].alive:
-            self.frontend.sent.pop(client, None)
-            self.frontend.gone.add(client)
+            self.net.to_clients.pop(client, None)
+            self.net.gone.add(client)
 
     @rule(client=st.sampled_from(CLIENTS))
     def link_returns(self, client: bytes) -> None:
         model = self.clients[client]
-        if model.alive and client in self.frontend.gone:
-            self.frontend.gone.discard(client)
+        if model.alive and client in self.net.gone:
+            self.net.gone.discard(client)
             self._client_says(client, P.PING, {"req": "p"})
             self._read(model)
 
@@ -235,10 +196,11 @@ class RouterModel(RuleBasedStateMachine):
         if not model.alive:
             return
         model.alive = False
-        self.frontend.gone.add(client)
+        self.net.gone.add(client)
         for _ in range(2):  # found unreachable by a probe, then past the grace
             self.later = max(self.later, time.monotonic()) + 10
-            self.router.check_leases(self.later)
+            self.router.tick(self.later)
+            self.net.send(self.later)
         assert self.router.ledger.count_of(client) == 0, "a dead client's work is dropped"
 
     # --- what must hold ------------------------------------------------------------------
@@ -257,7 +219,7 @@ class RouterModel(RuleBasedStateMachine):
     def teardown(self) -> None:
         """Run to the end: links back, workers finish everything, clients read."""
         for model in self.clients.values():
-            if model.alive and model.identity in self.frontend.gone:
+            if model.alive and model.identity in self.net.gone:
                 self.link_returns(model.identity)
         for _ in range(200):
             self.dispatch()

@@ -6,16 +6,17 @@ from __future__ import annotations
 import logging
 import signal
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from exgen.daemon import launch, policy, wire
 from exgen.daemon import supervisor as sup
+from exgen.daemon.answers import Answers
 from exgen.daemon.backend import WorkerMessages
 from exgen.daemon.config import Settings
 from exgen.daemon.launch import WorkerExit
+from exgen.daemon.rooms import Rooms, Service
 from exgen.daemon.slots import Serving, SlotTable
 from exgen.daemon.status import describe_slot
 from exgen.daemon.worker import WorkerSpec
@@ -42,8 +43,6 @@ class FakeProc:
 
 
 class FakeLauncher:
-    name = "fake"
-
     def start(self, slot: sup.Slot, spec: Any, env: dict[str, str]) -> FakeProc:
         return FakeProc(slot.id)
 
@@ -218,8 +217,8 @@ def say_ready(table: SlotTable, slot_id: int, now: float) -> None:
     """The worker's READY, through the router's own handler (which checks its pid)."""
     proc: Any = table.by_id[slot_id].proc
     ready = wire.Ready(slot_id, proc.facts[0], "synthetic", 4, None, 0.1, {})
-    router: Any = SimpleNamespace(engine_name=None)
-    WorkerMessages(router, None, None, table)._on_ready(b"w%d" % slot_id, ready, now)  # type: ignore[arg-type]
+    rooms = Rooms.build(Settings(), table, Service("", 0.0))
+    WorkerMessages(rooms, Answers(rooms.clients, None))._on_ready(b"w%d" % slot_id, ready, now)
 
 
 def spawn_lines(caplog: pytest.LogCaptureFixture, slot_id: int) -> list[str]:
