@@ -440,13 +440,15 @@ def report_build(record: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------- check
 
 
-def names_called(lib: str) -> set[str]:
-    """The extension functions the library's Python calls: ``ext_c.name`` in exllamav2,
-    ``<alias>.name`` after ``import exllamav3_ext as <alias>`` in exllamav3."""
+def names_called(src: Path, lib: str) -> set[str]:
+    """The extension functions the library's Python (under src) calls: ``ext_c.name`` in
+    exllamav2, ``<alias>.name`` after ``import exllamav3_ext as <alias>`` in exllamav3."""
     names: set[str] = set()
-    for path in (library_sources(lib) / lib).rglob("*.py"):
+    for path in (src / lib).rglob("*.py"):
         text = path.read_text(errors="replace")
-        aliases = set(re.findall(rf"import {lib}_ext as (\w+)", text))
+        # "import exllamav2_ext as ext_c", or ext.py's own "ext_c = exllamav2_ext"
+        pattern = rf"import {lib}_ext as (\w+)|^(\w+) = {lib}_ext$"
+        aliases = {a or b for a, b in re.findall(pattern, text, re.M)}
         if f"import {lib}_ext" in text:
             aliases.add(f"{lib}_ext")
         for alias in aliases:
@@ -502,7 +504,7 @@ def check_one(venv: Path, lib: str, module: Path, target: Path, tmp: Path) -> bo
               f"{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
         return False
     probe = json.loads(lines[-1])
-    called = names_called(lib)
+    called = names_called(library_sources(lib), lib)
     missing = sorted(called - set(probe["names"]))
     print(f"check {lib}_ext: {module.name}, {mib(module.stat().st_size)} installed")
     print(f"  import beside torch {probe['torch']} (CUDA {probe['torch_cuda']}) under "
