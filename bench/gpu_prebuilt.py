@@ -38,6 +38,7 @@ import ast
 import base64
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -47,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tokenize
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,7 +228,15 @@ def exllamav2_args(src: Path) -> LoadArgs:
     sources_dir = src / "exllamav2" / "exllamav2_ext"
     (sources,) = literal["sources_"]
     return LoadArgs("exllamav2_ext", [str(sources_dir / s) for s in sources], str(sources_dir),
-                    cflags, cuda_cflags, [])
+                    cflags, shrink_kernels(cuda_cflags), [])
+
+
+def shrink_kernels(cuda_cflags: list[str]) -> list[str]:
+    """exllamav2's nvcc flags as exllamav3 sets its own, for a device run's 64 MiB: no
+    source line tables (-lineinfo: for profilers and debuggers; with them the module
+    was 50 MB, 37 MiB of it sm_90 code), kernel images compressed (--compress-mode,
+    nvcc 12.8+). Neither changes the generated code."""
+    return [f for f in cuda_cflags if f != "-lineinfo"] + ["--compress-mode=size"]
 
 
 def exllamav3_args(src: Path, cuda_home: Path) -> LoadArgs:
@@ -322,12 +332,11 @@ def run_compile(spec_json: str, build_dir: str) -> int:
 
 
 
-def build_dir(args: LoadArgs) -> Path:
-    """Where ninja keeps the objects: keyed by what is compiled only, so that an edit of
-    this script relinks at most and a changed flag recompiles."""
-    blob = json.dumps([args.__dict__, ARCH_LIST, TORCH, CUDA_TOOLKIT]).encode()
-    lib = args.name.removesuffix("_ext")
-    return CACHE / "build" / f"{lib}-{hashlib.sha256(blob).hexdigest()[:12]}"
+def build_dir(lib: str) -> Path:
+    """Where ninja keeps the library's objects, one per library version and toolchain:
+    ninja recompiles a unit whose command line changed (a flag, the arch list) and
+    keeps the rest, and an interrupted build resumes."""
+    return CACHE / "build" / f"{lib}-{LIBRARIES[lib]}-torch{TORCH}-cuda{CUDA_TOOLKIT}"
 
 
 # -------------------------------------------------------------------------- package
@@ -391,7 +400,7 @@ def build_or_reuse(lib: str, venv: Path, cuda_home: Path, inputs: dict[str, str]
         record: dict[str, Any] = json.loads(record_file.read_text())
         record["from_cache"] = True
         return record
-    bdir = build_dir(args)
+    bdir = build_dir(lib)
     log(f"{lib}: compiling {len(args.sources)} units at -j{JOBS} in {bdir} (log: {bdir}/build.log)")
     timing = compile_in_venv(venv, cuda_home, args, bdir)
     slot.mkdir(parents=True, exist_ok=True)
@@ -442,7 +451,8 @@ def report_build(record: dict[str, Any]) -> None:
 
 def names_called(src: Path, lib: str) -> set[str]:
     """The extension functions the library's Python (under src) calls: ``ext_c.name`` in
-    exllamav2, ``<alias>.name`` after ``import exllamav3_ext as <alias>`` in exllamav3."""
+    exllamav2, ``<alias>.name`` after ``import exllamav3_ext as <alias>`` in exllamav3.
+    Read as tokens, so that a call left in a comment is not asked for."""
     names: set[str] = set()
     for path in (src / lib).rglob("*.py"):
         text = path.read_text(errors="replace")
@@ -451,9 +461,17 @@ def names_called(src: Path, lib: str) -> set[str]:
         aliases = {a or b for a, b in re.findall(pattern, text, re.M)}
         if f"import {lib}_ext" in text:
             aliases.add(f"{lib}_ext")
-        for alias in aliases:
-            names.update(re.findall(rf"\b{re.escape(alias)}\.([A-Za-z_]\w*)", text))
+        if aliases:
+            names |= attributes_of(text, aliases)
     return names
+
+
+def attributes_of(text: str, aliases: set[str]) -> set[str]:
+    """``x`` of every ``alias.x`` in the code (not its comments)."""
+    tokens = [t for t in tokenize.generate_tokens(io.StringIO(text).readline)
+              if t.type in (tokenize.NAME, tokenize.OP)]
+    return {c.string for a, b, c in zip(tokens, tokens[1:], tokens[2:], strict=False)
+            if a.string in aliases and b.string == "." and c.type == tokenize.NAME}
 
 
 def glibc_needs(module: Path) -> dict[str, str]:
