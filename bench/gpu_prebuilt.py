@@ -299,7 +299,11 @@ def compile_in_venv(venv: Path, cuda_home: Path, args: LoadArgs, build_dir: Path
         raise BuildError(f"{args.name}: build failed (rc {proc.returncode}); failed units: "
                          f"{', '.join(failed) or 'none named'}; log {logfile}\n{tail}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "module": str(module)}
+    # ninja numbers the steps it runs, "[3/29]": the units it compiled (and the link);
+    # none when everything was up to date.
+    steps = re.findall(r"^\[\d+/(\d+)\]", logfile.read_text(errors="replace"), re.M)
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "module": str(module),
+            "ninja_steps": int(steps[-1]) if steps else 0}
 
 
 class BuildError(RuntimeError):
@@ -401,7 +405,8 @@ def build_or_reuse(lib: str, venv: Path, cuda_home: Path, inputs: dict[str, str]
         record["from_cache"] = True
         return record
     bdir = build_dir(lib)
-    log(f"{lib}: compiling {len(args.sources)} units at -j{JOBS} in {bdir} (log: {bdir}/build.log)")
+    log(f"{lib}: building {len(args.sources)} units at -j{JOBS} in {bdir}, where ninja keeps "
+        f"those up to date (log: {bdir}/build.log)")
     timing = compile_in_venv(venv, cuda_home, args, bdir)
     slot.mkdir(parents=True, exist_ok=True)
     wheel = make_wheel(lib, Path(timing["module"]), slot)
@@ -440,8 +445,10 @@ def mib(n: float) -> str:
 
 def report_build(record: dict[str, Any]) -> None:
     how = "from the cache, built earlier in" if record["from_cache"] else "built in"
+    steps = record.get("ninja_steps", "?")
     log(f"{record['library']}: {how} {record['wall_s']:.0f} s wall, {record['cpu_s']:.0f} CPU-s "
-        f"({record['units']} units, -j{record['jobs']}); module {mib(record['module_bytes'])}, "
+        f"({steps} ninja steps for {record['units']} units, -j{record['jobs']}); "
+        f"module {mib(record['module_bytes'])}, "
         f"wheel {mib(record['wheel_bytes'])}: {Path(record['wheel']).name}")
 
 
@@ -586,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         report_build(record)
         placed.append(place_wheel(record, opts.dest))
     wheels, tree = carried_bytes(opts.dest)
-    log(f"{len(placed)} wheels in {opts.dest} after {time.monotonic() - start:.0f} s; "
+    log(f"{len(placed)} wheel(s) placed in {opts.dest} after {time.monotonic() - start:.0f} s; "
         f".whl holds {mib(wheels)}, with the tracked tree {mib(wheels + tree)} of "
         f"{opts.carry_max_mb} MiB a device run carries")
     over = wheels + tree > opts.carry_max_mb * 1048576
