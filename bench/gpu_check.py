@@ -505,15 +505,39 @@ def build_progress(plan: Plan, name: str) -> str:
 
 
 def signal_builds(builds: dict[str, Build], sig: signal.Signals) -> list[str]:
-    """Signal the process group of every JIT build still compiling; their names."""
+    """Signal every process of every JIT build still compiling; their names."""
     names = []
     for b in builds.values():
         b.poll()
         if b.proc is not None and not b.done:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(b.proc.pid, sig)
+            signal_tree(b.proc.pid, sig)
             names.append(b.name)
     return names
+
+
+def signal_tree(root: int, sig: signal.Signals) -> None:
+    """The process and all its descendants, parents first. Not its process group:
+    ninja starts each compiler in a group of its own. A second pass catches a child
+    started while the first went by (a stopped parent starts no more)."""
+    for _ in range(2 if sig == signal.SIGSTOP else 1):
+        for pid in process_tree(root):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+
+def process_tree(root: int) -> list[int]:
+    """root and its descendants, parents first, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    order, queue = [], [root]
+    while queue:
+        pid = queue.pop(0)
+        order.append(pid)
+        queue += children.get(pid, [])
+    return order
 
 
 def await_build(build: Build, until: float) -> None:
@@ -549,7 +573,11 @@ def finish_builds(plan: Plan, builds: dict[str, Build], log: Log) -> dict[str, A
         build.poll()
         if build.proc is not None and not build.done:
             progress = build_progress(plan, build.name)
+            compilers = process_tree(build.proc.pid)[1:]  # their own groups: not in stop_group's
             stop_group(build.proc, grace=2.0)
+            for pid in compilers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             build.note = f"stopped at the end of the run ({progress}); a rerun resumes it"
         if build.log_path is not None and build.log_path.exists():
             text = build.log_path.read_text(errors="replace")

@@ -219,19 +219,28 @@ def test_a_wheel_pip_refuses_and_a_missing_one_fall_back_too(prebuilt_env: tuple
 
 
 def test_measured_steps_pause_a_running_jit_build() -> None:
-    """No compile beside a measured row: SIGSTOP for the step, SIGCONT after."""
+    """No compile beside a measured row: SIGSTOP for the step, SIGCONT after, the
+    compilers too, which ninja starts in process groups of their own."""
     gc = gpu_check_module()
     assert [s.name for s in gc.STEPS if not s.measured] == ["model"]
-    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    ninja = ("import subprocess, sys; c = subprocess.Popen(['sleep', '60'], process_group=0); "
+             "print(c.pid, flush=True); c.wait()")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", ninja], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    assert proc.stdout is not None
+    compiler = int(proc.stdout.readline())
     try:
+        assert os.getpgid(compiler) != os.getpgid(proc.pid)
         builds = {"exllamav3": gc.Build("exllamav3", proc=proc, started=time.monotonic())}
         assert gc.signal_builds(builds, gc.signal.SIGSTOP) == ["exllamav3"]
-        assert reaches_state(proc.pid, "T")
+        assert reaches_state(proc.pid, "T") and reaches_state(compiler, "T")
         gc.signal_builds(builds, gc.signal.SIGCONT)
-        assert reaches_state(proc.pid, "S")
+        assert reaches_state(proc.pid, "S") and reaches_state(compiler, "S")
     finally:
+        os.kill(compiler, gc.signal.SIGKILL)
         proc.kill()
         proc.wait()
+        proc.stdout.close()
 
 
 def reaches_state(pid: int, want: str) -> bool:
