@@ -89,8 +89,10 @@ gpu-wheels:
 # machine's Python 3.12, torch 2.11.0+cu130 and sm_90, as wheels in .whl/ beside
 # gpu-wheels' (bench/gpu_prebuilt.py, docs/gpus.md): the run there then skips the JIT
 # builds (~10 minutes of its 16 cores). The first build downloads ~5 GB of PyPI wheels
-# (torch, CUDA 13's nvcc and libraries) and compiles for about an hour on 2 cores; it is
-# cached under ~/.cache/exgen/gpu-prebuilt by every input, so a rerun takes seconds. Then
-# the wheels are installed into a throwaway target and imported beside torch 2.11.
+# (torch, CUDA 13's nvcc and libraries) and compiles for an hour or more on 2 cores
+# (exllamav2 ~17 CPU-minutes, exllamav3 about four times that); it is cached under
+# ~/.cache/exgen/gpu-prebuilt by every input, so a rerun takes seconds, and an
+# interrupted one resumes. Then the wheels are installed into a throwaway target and
+# imported beside torch 2.11.
 gpu-prebuilt: gpu-wheels
 	$(PYTHON) bench/gpu_prebuilt.py --check --carry-max-mb $(GPU_CARRY_MAX_MB)

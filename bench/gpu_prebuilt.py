@@ -115,7 +115,8 @@ def build_inputs(python: Path) -> dict[str, str]:
 
 def toolchain_pins() -> list[str]:
     # The nvcc parts are extras of the same cuda-toolkit release torch pins, so the
-    # compiler is the one torch was built against.
+    # compiler is the one torch was built against. The libraries themselves (with their
+    # requirements) are there for the check, which imports each through its own loader.
     return [f"torch=={TORCH}", f"cuda-toolkit[nvcc,crt,nvvm,cccl]=={CUDA_TOOLKIT}",
             *(f"{lib}=={ver}" for lib, ver in LIBRARIES.items())]
 
