@@ -535,12 +535,14 @@ def check_one(venv: Path, lib: str, module: Path, target: Path, tmp: Path) -> bo
     print(f"check {lib}_ext: {module.name}, {mib(module.stat().st_size)} installed")
     print(f"  import beside torch {probe['torch']} (CUDA {probe['torch_cuda']}) under "
           f"Python {probe['python']}: ok, {len(probe['names'])} functions, from {probe['file']}")
-    print(f"  {lib}.ext took the prebuilt module (no JIT build): {probe['library_took_it']}")
+    took = probe["library_took_it"]
+    print(f"  {lib}.ext took the prebuilt module (no JIT build): {took}"
+          + (f" ({probe['library_error']})" if probe.get("library_error") else ""))
     print(f"  functions {lib}'s Python calls: {len(called)}, missing from the module: "
           f"{', '.join(missing) or 'none'}")
     print(f"  NEEDED: {' '.join(needed_libs(module))}")
     print(f"  newest symbol versions asked for: {glibc_needs(module)}")
-    return not missing and probe["library_took_it"]
+    return not missing and took is True
 
 
 def run_probe(lib: str) -> int:
@@ -548,13 +550,19 @@ def run_probe(lib: str) -> int:
     import torch
 
     module = importlib.import_module(f"{lib}_ext")
-    library_ext = importlib.import_module(f"{lib}.ext")
-    took = getattr(library_ext, f"{lib}_ext", None) is module
+    # The library's own import can fail for reasons of its own (an attribute it reads
+    # from the module at import, say): reported beside the names, not instead of them.
+    error = ""
+    try:
+        library_ext = importlib.import_module(f"{lib}.ext")
+        took: bool | None = getattr(library_ext, f"{lib}_ext", None) is module
+    except Exception as exc:  # any failure is the finding
+        took, error = None, f"{type(exc).__name__}: {exc}"[:300]
     print(json.dumps({
         "torch": torch.__version__, "torch_cuda": torch.version.cuda,
         "python": sys.version.split()[0], "file": module.__file__,
         "names": sorted(n for n in dir(module) if not n.startswith("__")),
-        "library_took_it": took,
+        "library_took_it": took, "library_error": error,
     }))
     return 0
 
