@@ -241,11 +241,11 @@ def install(plan: Plan, log: Log) -> dict[str, Any]:
         os.environ["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p
         )
-    result["versions"] = installed_versions()
     if not plan.dry_run:  # the JIT stand-ins of a dry run need no extension
         result["extensions"] = {
             name: asdict(use_prebuilt(name, prebuilt.get(name), site, pip, log)) for name in BUILDS
         }
+    result["versions"] = installed_versions()  # a prebuilt module that stayed, with its version
     return result
 
 
@@ -347,7 +347,8 @@ def link_exgen(site: Path) -> None:
 
 VERSION_DISTS = (
     "exgen", "torch", "transformers", "accelerate", "tokenizers", "safetensors",
-    "exllamav2", "exllamav3", "pyzmq", "msgpack", "click", "ninja", "pydantic", "flash-attn",
+    "exllamav2", "exllamav3", "exllamav2_ext", "exllamav3_ext", "pyzmq", "msgpack", "click",
+    "ninja", "pydantic", "flash-attn",
 )  # fmt: skip
 
 
