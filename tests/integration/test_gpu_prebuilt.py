@@ -76,7 +76,7 @@ def test_a_changed_flag_gets_its_own_cached_wheel(gp: Any) -> None:
     key = gp.wheel_key("exllamav2", args, inputs)
     assert key == gp.wheel_key("exllamav2", dataclasses.replace(args), dict(inputs))
     assert key != gp.wheel_key("exllamav2", dataclasses.replace(args, cuda_cflags=["-O3"]), inputs)
-    assert key != gp.wheel_key("exllamav2", args, {**inputs, "arch": "9.0"})
+    assert key != gp.wheel_key("exllamav2", args, {**inputs, "arch": gp.ARCH_LIST + "+PTX"})
 
 
 def test_the_names_checked_are_those_the_libraries_call(gp: Any) -> None:
