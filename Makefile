@@ -73,7 +73,7 @@ GPU_PLATFORMS := manylinux1_x86_64 manylinux2014_x86_64 manylinux_2_17_x86_64 \
 
 # Replaces the wheels it downloads and leaves the prebuilt extensions (gpu-prebuilt) be.
 gpu-wheels:
-	mkdir -p .whl && find .whl -name '*.whl' ! -name 'exllamav*_ext-*' -delete
+	mkdir -p .whl && find .whl -maxdepth 1 -type f -name '*.whl' ! -name 'exllamav*_ext-*' -delete
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 		--implementation cp $(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl $(GPU_WHEELS)
 	@wheels=$$(du -cb .whl/*.whl | tail -1 | cut -f1); \
