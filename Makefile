@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 EXLLAMA_PINS ?= exllamav2==0.3.2 exllamav3==1.6.5
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup demo test test-fast lint typecheck bench bench-peers clean gpu-wheels
+.PHONY: setup demo test test-fast lint typecheck bench bench-peers clean gpu-wheels gpu-prebuilt
 
 setup: $(STAMP)
 
@@ -81,8 +81,9 @@ GPU_CARRY_MAX_MB ?= 64
 GPU_PLATFORMS := manylinux1_x86_64 manylinux2014_x86_64 manylinux_2_17_x86_64 \
 	manylinux_2_24_x86_64 manylinux_2_26_x86_64 manylinux_2_27_x86_64 manylinux_2_28_x86_64
 
+# Replaces the wheels it downloads and leaves the prebuilt extensions (gpu-prebuilt) be.
 gpu-wheels:
-	rm -rf .whl && mkdir -p .whl
+	mkdir -p .whl && find .whl -maxdepth 1 -type f -name '*.whl' ! -name 'exllamav*_ext-*' -delete
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 		--implementation cp $(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl $(GPU_WHEELS)
 	@wheels=$$(du -cb .whl/*.whl | tail -1 | cut -f1); \
@@ -93,3 +94,15 @@ gpu-wheels:
 	if [ $$total -gt $$limit ]; then \
 		echo "gpu-wheels: FAILED: $$((total / 1048576)) MiB is over the $(GPU_CARRY_MAX_MB) MiB" \
 			"a device run can carry" >&2; exit 1; fi
+
+# exllamav2's and exllamav3's CUDA extensions, compiled here (no GPU needed) for the GPU
+# machine's Python 3.12, torch 2.11.0+cu130 and sm_90, as wheels in .whl/ beside
+# gpu-wheels' (bench/gpu_prebuilt.py, docs/gpus.md): the run there then skips the JIT
+# builds (~10 minutes of its 16 cores). The first build downloads ~5 GB of PyPI wheels
+# (torch, CUDA 13's nvcc and libraries) and compiles for an hour or more on 2 cores
+# (exllamav2 ~17 CPU-minutes, exllamav3 about four times that); it is cached under
+# ~/.cache/exgen/gpu-prebuilt by every input, so a rerun takes seconds, and an
+# interrupted one resumes. Then the wheels are installed into a throwaway target and
+# imported beside torch 2.11.
+gpu-prebuilt: gpu-wheels
+	$(PYTHON) bench/gpu_prebuilt.py --check --carry-max-mb $(GPU_CARRY_MAX_MB)

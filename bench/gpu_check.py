@@ -6,8 +6,10 @@ budget — the rest still run, and the table says what failed and why:
 
 - install: exgen and the wheels carried in ``.whl/`` (``make gpu-wheels``) with
   ``pip install --no-index --no-deps --target``, then PYTHONPATH; versions printed.
-  The exllama extensions start their JIT builds (ninja/nvcc, Hopper only) in the
-  background at once: they take minutes, and the other steps run meanwhile.
+  The exllama extensions come prebuilt (``make gpu-prebuilt``): each is imported
+  once beside torch in a subprocess first, and one that fails there (or is absent)
+  is removed again and JIT-built instead (ninja/nvcc, Hopper only) in the
+  background, paused while any step but the model's runs.
 - model: a Llama with a real shape and random fp16 weights (bench/gpu_model.py).
 - f: the transformers engine (bf16, one GPU slot) against the seeds' recipe
   (left-padded batches of 16, greedy) in-process, rounds alternating; then kill -9
@@ -58,7 +60,8 @@ from gpu_model import SHAPES  # the standard library only, like this module
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WHEELS = ROOT / ".whl"
-GPU_BUDGET_S = 470  # <= 8 minutes for the whole run, JIT builds included
+# The whole run with prebuilt extensions, in a device call of 7 minutes (docs/gpus.md).
+GPU_BUDGET_S = 400
 DRY_BUDGET_S = 240
 # For every process the run starts: offline, unbuffered, no progress bars.
 QUIET_ENV = {
@@ -68,7 +71,8 @@ QUIET_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "TQDM_DISABLE": "1",
 }
-HOPPER_ARCH = "9.0"  # the H200: build the extensions for this one architecture only
+HOPPER_ARCH = "9.0"  # H100/H200: a JIT build for this one architecture only
+PREBUILT_IMPORT_S = 120  # a prebuilt extension's test import: mostly torch's own import
 LOG_TAIL = 6000  # characters of a daemon or build log copied into the main log
 BUILD_LOG_MAX = 4_000_000  # characters of a build log kept in $OUT (files come back <= 16 MiB)
 
@@ -80,18 +84,21 @@ class StepSpec:
     title: str
     box_s: float  # at most this long (GPU run)
     min_s: float  # not started with less than this left
-    needs: str | None = None  # a JIT build that must have finished first
-    run_s: float = 0.0  # time the step needs once its build is done
+    needs: str | None = None  # an extension that must be there (prebuilt or built) first
+    run_s: float = 0.0  # time the step needs once its extension is there
+    measured: bool = True  # JIT builds still compiling are paused (SIGSTOP) meanwhile
 
 
+# Sized for prebuilt extensions (no step waits for a build): the boxes are ceilings, and
+# the least times are kept free for the later steps (plan_step_time).
 STEPS: tuple[StepSpec, ...] = (
-    StepSpec("model", "-", "make a random-weight Llama", 150, 20),
-    StepSpec("hf", "f", "transformers engine vs the seeds' recipe, kill -9", 170, 40),
-    StepSpec("exl2", "a b d", "ExLlamaV2 alone vs exgen, kill -9", 200, 50, "exllamav2", 100),
-    StepSpec("two_slots", "c", "two slots on the one GPU", 90, 10, "exllamav2", 30),
-    StepSpec("gpu_tests_v2", "g", "tests/gpu on exllamav2", 150, 40, "exllamav2", 40),
-    StepSpec("exl3", "e", "ExLlamaV3 alone vs exgen, kill -9", 200, 40, "exllamav3", 70),
-    StepSpec("gpu_tests_v3", "g", "tests/gpu on exllamav3", 120, 30, "exllamav3", 30),
+    StepSpec("model", "-", "make a random-weight Llama", 90, 20, measured=False),
+    StepSpec("hf", "f", "transformers engine vs the seeds' recipe, kill -9", 110, 40),
+    StepSpec("exl2", "a b d", "ExLlamaV2 alone vs exgen, kill -9", 110, 50, "exllamav2", 60),
+    StepSpec("two_slots", "c", "two slots on the one GPU", 50, 15, "exllamav2", 30),
+    StepSpec("gpu_tests_v2", "g", "tests/gpu on exllamav2", 70, 30, "exllamav2", 30),
+    StepSpec("exl3", "e", "ExLlamaV3 alone vs exgen, kill -9", 110, 45, "exllamav3", 60),
+    StepSpec("gpu_tests_v3", "g", "tests/gpu on exllamav3", 60, 25, "exllamav3", 25),
 )
 BUILDS = ("exllamav2", "exllamav3")
 
@@ -178,6 +185,8 @@ def run_boxed(cmd: list[str], timeout: float, log: Log, tag: str) -> tuple[int |
         stop_group(proc)
         code = None
     reader.join(timeout=5)
+    if not reader.is_alive() and proc.stdout is not None:
+        proc.stdout.close()
     return code, time.monotonic() - started
 
 
@@ -211,13 +220,15 @@ def install(plan: Plan, log: Log) -> dict[str, Any]:
            "--no-cache-dir", "--upgrade", "--target", str(site)]  # fmt: skip
     result: dict[str, Any] = {"target": str(site)}
     wheels = sorted(WHEELS.glob("*.whl"))
+    prebuilt = prebuilt_wheels(wheels)
+    plain = [w for w in wheels if w not in prebuilt.values()]
     if plan.dry_run:
         result["wheels"] = f"not installed in a dry run ({len(wheels)} cp312 wheels in .whl/)"
-    elif not wheels:
+    elif not plain:
         raise StepError("no wheels in .whl/: run `make gpu-wheels` here, carry .whl")
     else:
-        _pip(log, [*pip, "--no-compile", *map(str, wheels)], "wheels")
-        result["wheels"] = [w.name for w in wheels]
+        _pip(log, [*pip, "--no-compile", *map(str, plain)], "wheels")
+        result["wheels"] = [w.name for w in plain]
     try:
         _pip(log, [*pip, "--no-build-isolation", str(ROOT)], "exgen")
         result["exgen"] = "installed from this tree"
@@ -230,8 +241,85 @@ def install(plan: Plan, log: Log) -> dict[str, Any]:
         os.environ["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p
         )
-    result["versions"] = installed_versions()
+    if not plan.dry_run:  # the JIT stand-ins of a dry run need no extension
+        result["extensions"] = {
+            name: asdict(use_prebuilt(name, prebuilt.get(name), site, pip, log)) for name in BUILDS
+        }
+    result["versions"] = installed_versions()  # a prebuilt module that stayed, with its version
     return result
+
+
+# --- the prebuilt extensions (make gpu-prebuilt) ----------------------------------------
+
+
+@dataclass
+class Prebuilt:
+    """Whether a library's prebuilt extension is used, and why not."""
+
+    wheel: str | None
+    used: bool
+    reason: str  # how it was found, or why the JIT build stands in
+    import_s: float | None = None
+
+
+def prebuilt_wheels(wheels: list[Path]) -> dict[str, Path]:
+    """The prebuilt extensions among the carried wheels, by library (``exllamav2_ext-…``)."""
+    found: dict[str, Path] = {}
+    for wheel in wheels:
+        dist = wheel.name.split("-")[0]
+        for name in BUILDS:
+            if dist == f"{name}_ext":
+                found[name] = wheel
+    return found
+
+
+def use_prebuilt(name: str, wheel: Path | None, site: Path, pip: list[str], log: Log) -> Prebuilt:
+    """Install the wheel on its own (one the machine refuses must not stop the others)
+    and import it beside torch in a subprocess. A module that cannot be imported is
+    removed again: the library would import it rather than build its own."""
+    if wheel is None:
+        return Prebuilt(None, False, "no prebuilt wheel in .whl/ (make gpu-prebuilt)")
+    code, _ = run_boxed([*pip, str(wheel)], 120, log, f"pip {wheel.name}")
+    if code != 0:
+        return Prebuilt(wheel.name, False, f"pip did not install it (exit {code}); see the log")
+    started = time.monotonic()
+    problem = import_problem(f"{name}_ext", site)
+    if problem:
+        remove_module(site, f"{name}_ext")
+        log.line(f"{name}: the prebuilt module does not import ({problem}): JIT build", show=True)
+        return Prebuilt(wheel.name, False, f"does not import: {problem}")
+    seconds = round(time.monotonic() - started, 1)
+    log.line(f"{name}: prebuilt {wheel.name} imports (with torch, {seconds}s)", show=True)
+    return Prebuilt(wheel.name, True, "imports beside torch", seconds)
+
+
+def import_problem(module: str, site: Path, timeout: float = PREBUILT_IMPORT_S) -> str | None:
+    """None when ``import torch, module`` succeeds from ``site`` in a fresh interpreter,
+    else the error's last line (an undefined symbol names the torch it was built for)."""
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    where = str(site.resolve())
+    code = (f"import torch, {module}, pathlib\n"
+            f"assert pathlib.Path({module}.__file__).resolve().is_relative_to({where!r}), "
+            f"{module}.__file__")  # fmt: skip
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=env, cwd=site, timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return f"the import took over {timeout:.0f}s"
+    if proc.returncode == 0:
+        return None
+    lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+    return (lines or [f"exit {proc.returncode}"])[-1][:300]
+
+
+def remove_module(site: Path, module: str) -> None:
+    """The module and its wheel's metadata out of the target."""
+    for path in [*site.glob(f"{module}.*"), *site.glob(f"{module}-*.dist-info")]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _pip(log: Log, cmd: list[str], what: str) -> None:
@@ -259,7 +347,8 @@ def link_exgen(site: Path) -> None:
 
 VERSION_DISTS = (
     "exgen", "torch", "transformers", "accelerate", "tokenizers", "safetensors",
-    "exllamav2", "exllamav3", "pyzmq", "msgpack", "click", "ninja", "pydantic", "flash-attn",
+    "exllamav2", "exllamav3", "exllamav2_ext", "exllamav3_ext", "pyzmq", "msgpack", "click",
+    "ninja", "pydantic", "flash-attn",
 )  # fmt: skip
 
 
@@ -289,7 +378,10 @@ class StepError(RuntimeError):
 
 @dataclass
 class Build:
+    """A library's extension: prebuilt, or its JIT build in the background."""
+
     name: str
+    prebuilt: dict[str, Any] | None = None  # asdict(Prebuilt), from install
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     started: float = 0.0
@@ -298,12 +390,16 @@ class Build:
     note: str = ""
 
     @property
+    def uses_prebuilt(self) -> bool:
+        return bool(self.prebuilt and self.prebuilt["used"])
+
+    @property
     def done(self) -> bool:
-        return self.ended is not None
+        return self.uses_prebuilt or self.ended is not None
 
     @property
     def ok(self) -> bool:
-        return self.done and self.code == 0
+        return self.uses_prebuilt or (self.ended is not None and self.code == 0)
 
     def poll(self) -> None:
         if self.proc is not None and self.ended is None and self.proc.poll() is not None:
@@ -311,10 +407,15 @@ class Build:
             self.code = self.proc.returncode
 
 
+# Headers the extensions include that a bare toolkit may lack: exllamav2 includes
+# cublas_v2.h, torch's CUDA headers cusparse.h, exllamav3's sampling curand_kernel.h.
+LIBRARY_HEADERS = ("cublas_v2.h", "cusparse.h", "curand_kernel.h")
+
+
 def build_env(workdir: Path) -> dict[str, str]:
     """What the JIT builds need: one architecture, every core, a known cache dir, and
-    the cuBLAS/cuSPARSE headers (exllamav2 includes cublas_v2.h; torch's CUDA headers,
-    cusparse.h). torch finds nvcc itself ($CUDA_HOME, nvcc on PATH, /usr/local/cuda)."""
+    the library headers (LIBRARY_HEADERS). torch finds nvcc itself ($CUDA_HOME, nvcc on
+    PATH, /usr/local/cuda)."""
     env = {
         "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST") or HOPPER_ARCH,
         "MAX_JOBS": os.environ.get("MAX_JOBS") or str(os.cpu_count() or 8),
@@ -341,9 +442,9 @@ def toolkit_include() -> Path | None:
 
 def pip_cuda_includes() -> list[str]:
     """Header directories of the pip CUDA libraries (nvidia/*/include), when the
-    toolkit itself lacks cuBLAS's headers: nvcc and g++ then find them on CPATH."""
+    toolkit itself lacks one of LIBRARY_HEADERS: nvcc and g++ then find them on CPATH."""
     inc = toolkit_include()
-    if inc is not None and (inc / "cublas_v2.h").is_file() and (inc / "cusparse.h").is_file():
+    if inc is not None and all((inc / h).is_file() for h in LIBRARY_HEADERS):
         return []
     dirs: list[str] = []
     for base in map(Path, filter(None, sys.path)):
@@ -352,21 +453,25 @@ def pip_cuda_includes() -> list[str]:
     return list(dict.fromkeys(dirs))
 
 
-def start_builds(plan: Plan, log: Log) -> dict[str, Build]:
-    """Import each exllama once in the background: the import JIT-builds its extension
-    (minutes) into TORCH_EXTENSIONS_DIR, where the workers find it later. exllamav2,
-    which most steps need, runs at normal priority; exllamav3 yields to it (nice)."""
-    builds = {name: Build(name) for name in BUILDS}
+def start_builds(plan: Plan, log: Log, prebuilt: dict[str, dict[str, Any]]) -> dict[str, Build]:
+    """The JIT builds of the extensions that came without a working prebuilt module:
+    import each exllama once in the background, which builds its extension (minutes)
+    into TORCH_EXTENSIONS_DIR, where the workers find it later. exllamav2, which most
+    steps need, runs at normal priority; exllamav3 yields to it (nice)."""
+    builds = {name: Build(name, prebuilt.get(name)) for name in BUILDS}
     if plan.dry_run:
         for b in builds.values():
             b.note = "skipped: dry run (the synthetic engine stands in for exllama)"
         return builds
+    jit = [b for b in builds.values() if not b.uses_prebuilt]
+    if not jit:
+        return builds
     env = build_env(Path(plan.workdir))
     os.environ.update(env)  # every later process (daemon workers too) uses the same cache
     log.line(f"JIT build settings: {env}", show=True)
-    for name, niceness in zip(BUILDS, (0, 10), strict=True):
+    for build in jit:
+        name, niceness = build.name, 0 if build.name == "exllamav2" else 10
         clear_stale_lock(Path(env["TORCH_EXTENSIONS_DIR"]), name)
-        build = builds[name]
         build.log_path = Path(plan.workdir) / f"build-{name}.log"
         code = f"import time; t = time.time(); import {name}; print('built in', time.time() - t)"
         with build.log_path.open("wb") as out:
@@ -400,24 +505,40 @@ def build_progress(plan: Plan, name: str) -> str:
     return f"{built} of ~{sources} objects built" if sources else f"{built} objects built"
 
 
-BUILDS_ENV = "GPU_CHECK_BUILDS"  # builds still compiling, for a step to pause
-
-
-def running_builds(builds: dict[str, Build]) -> str:
-    """``name:pgid`` of each build still compiling (a step may SIGSTOP it while it
-    times something, and must SIGCONT it after)."""
+def signal_builds(builds: dict[str, Build], sig: signal.Signals) -> list[str]:
+    """Signal every process of every JIT build still compiling; their names."""
+    names = []
     for b in builds.values():
         b.poll()
-    return ",".join(
-        f"{b.name}:{b.proc.pid}" for b in builds.values() if b.proc is not None and not b.done
-    )
-
-
-def resume_builds(builds: dict[str, Build]) -> None:
-    for b in builds.values():
         if b.proc is not None and not b.done:
+            signal_tree(b.proc.pid, sig)
+            names.append(b.name)
+    return names
+
+
+def signal_tree(root: int, sig: signal.Signals) -> None:
+    """The process and all its descendants, parents first. Not its process group:
+    ninja starts each compiler in a group of its own. A second pass catches a child
+    started while the first went by (a stopped parent starts no more)."""
+    for _ in range(2 if sig == signal.SIGSTOP else 1):
+        for pid in process_tree(root):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(b.proc.pid, signal.SIGCONT)
+                os.kill(pid, sig)
+
+
+def process_tree(root: int) -> list[int]:
+    """root and its descendants, parents first, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    order, queue = [], [root]
+    while queue:
+        pid = queue.pop(0)
+        order.append(pid)
+        queue += children.get(pid, [])
+    return order
 
 
 def await_build(build: Build, until: float) -> None:
@@ -453,21 +574,32 @@ def finish_builds(plan: Plan, builds: dict[str, Build], log: Log) -> dict[str, A
         build.poll()
         if build.proc is not None and not build.done:
             progress = build_progress(plan, build.name)
+            compilers = process_tree(build.proc.pid)[1:]  # their own groups: not in stop_group's
             stop_group(build.proc, grace=2.0)
+            for pid in compilers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             build.note = f"stopped at the end of the run ({progress}); a rerun resumes it"
         if build.log_path is not None and build.log_path.exists():
             text = build.log_path.read_text(errors="replace")
             log.block(f"build {build.name}", text)
             # The whole compiler output (its end, within what $OUT brings back).
             (Path(plan.out_dir) / build.log_path.name).write_text(text[-BUILD_LOG_MAX:])
-        seconds = (build.ended or time.monotonic()) - build.started if build.started else None
-        report[build.name] = {
-            "ok": build.ok,
-            "exit": build.code,
-            "seconds": round(seconds, 1) if seconds is not None else None,
-            "note": build.note or (None if build.ok else build_reason(plan, build)),
-        }
+        report[build.name] = build_doc(plan, build)
     return report
+
+
+def build_doc(plan: Plan, build: Build) -> dict[str, Any]:
+    """A build's entry in the report (and its table row's source)."""
+    seconds = (build.ended or time.monotonic()) - build.started if build.started else None
+    return {
+        "ok": build.ok,
+        "source": "prebuilt" if build.uses_prebuilt else "jit",
+        "prebuilt": build.prebuilt,
+        "exit": build.code,
+        "seconds": round(seconds, 1) if seconds is not None else None,
+        "note": build.note or (None if build.ok else build_reason(plan, build)),
+    }
 
 
 # --- running the steps ---------------------------------------------------------------------
@@ -528,12 +660,13 @@ def run_one(plan: Plan, spec: StepSpec, later: list[StepSpec], builds: dict[str,
             clear_stale_lock(Path(os.environ["TORCH_EXTENSIONS_DIR"]), spec.needs)
     box -= time.monotonic() - started
     log.line(f"-> {spec.name}: {spec.title} (time box {box:.0f}s)", show=True)
-    os.environ[BUILDS_ENV] = running_builds(builds)
+    # A measured step has the cores to itself: a JIT build (nvcc on every core) waits.
+    paused = signal_builds(builds, signal.SIGSTOP) if spec.measured else []
     try:
         doc = run_step_process(plan, spec, box, log)
     finally:
-        resume_builds(builds)  # a step killed while it had them paused cannot
-    return doc | {"seconds": time.monotonic() - started}
+        signal_builds(builds, signal.SIGCONT)
+    return doc | {"seconds": time.monotonic() - started, "builds_paused": paused}
 
 
 def run_step_process(plan: Plan, spec: StepSpec, box: float, log: Log) -> dict[str, Any]:
@@ -614,13 +747,20 @@ def _setup_row(name: str, doc: dict[str, Any]) -> dict[str, str]:
 
 
 def _build_row(name: str, doc: dict[str, Any]) -> dict[str, str]:
+    """Prebuilt, or the JIT build with the reason the prebuilt module was not used."""
+    pre = doc.get("prebuilt") or {}
+    if pre.get("used"):
+        text = f"prebuilt {pre['wheel']}: imports beside torch in {pre['import_s']}s"
+        return {"row": "-", "what": f"extension {name}", "status": "ok", "result": text, "goal": ""}
     if doc["ok"]:
-        status, text = "ok", f"built in {doc['seconds']}s"
+        status, text = "ok", f"JIT-built in {doc['seconds']}s"
     elif (doc.get("note") or "").startswith("skipped"):
         status, text = "skipped", doc["note"]
     else:
         status, text = "failed", doc.get("note") or f"exit {doc['exit']}"
-    return {"row": "-", "what": f"JIT build {name}", "status": status, "result": text, "goal": ""}
+    if pre:
+        text += f" (prebuilt {pre['wheel'] or 'wheel'} not used: {pre['reason']})"
+    return {"row": "-", "what": f"extension {name}", "status": status, "result": text, "goal": ""}
 
 
 def format_table(rows: list[dict[str, str]], width: int = 100) -> str:
@@ -722,7 +862,9 @@ def machine_facts() -> dict[str, Any]:
         facts[name] = out.splitlines()[-1] if out else "none"
     inc = toolkit_include()
     facts["cuda_include"] = str(inc) if inc else "none"
-    facts["cublas_header"] = bool(inc and (inc / "cublas_v2.h").is_file())
+    for header in LIBRARY_HEADERS:  # cublas_v2.h -> cublas_header
+        key = header.split(".")[0].split("_")[0] + "_header"
+        facts[key] = bool(inc and (inc / header).is_file())
     return facts
 
 
@@ -772,7 +914,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     plan.client = client_command(plan)
     write_prompts(plan)
     plan.save(workdir / "plan.json")
-    builds = start_builds(plan, log)
+    builds = start_builds(plan, log, report["install"].get("extensions", {}))
     try:
         report["steps"] = run_steps(plan, selected_steps(args.only), builds, clock, log)
     finally:

@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -436,40 +436,12 @@ class Comparison:
     recipe: Recipe
     rows: tuple[str, str, str]  # table keys for in-process, daemon, kill
     goal: float = RATIO_GOAL  # exgen ÷ in-process, at least
-    pause: tuple[str, ...] = ()  # background builds stopped while this runs
     rounds: list[dict[str, float]] = field(default_factory=list)
 
 
-@contextlib.contextmanager
-def builds_paused(ctx: Ctx, names: tuple[str, ...]) -> Iterator[None]:
-    """SIGSTOP these background JIT builds (nvcc on every core) while something is
-    timed, so the numbers are the engine's, not the compiler's; SIGCONT after."""
-    running = [e for e in os.environ.get("GPU_CHECK_BUILDS", "").split(",") if e]
-    groups: dict[str, int] = {}
-    for entry in running:
-        name, _, group = entry.partition(":")
-        if name in names:
-            groups[name] = int(group)
-    ctx.rec.set(builds_paused=sorted(groups), builds_running=running)
-    signal_groups(groups.values(), signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        signal_groups(groups.values(), signal.SIGCONT)
-
-
-def signal_groups(groups: Iterable[int], sig: signal.Signals) -> None:
-    for group in groups:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, sig)
-
-
 def compare(ctx: Ctx, comp: Comparison) -> None:
-    with builds_paused(ctx, comp.pause):
-        measure(ctx, comp)
-
-
-def measure(ctx: Ctx, comp: Comparison) -> None:
+    """In-process against exgen, then kill -9. gpu_check pauses any JIT build still
+    compiling while this runs: the numbers are the engine's, not nvcc's."""
     plan = ctx.plan
     prompts = workload(plan)
     mem0 = gpu_used_mib()
@@ -731,9 +703,7 @@ def exllama_comparison(ctx: Ctx, role: str, rows: tuple[str, str, str]) -> Compa
 
 
 def step_exl2(ctx: Ctx) -> None:
-    comp = exllama_comparison(ctx, "exl2", ("a", "b", "d"))
-    comp.pause = ("exllamav3",)  # the main measurement: not shared with nvcc
-    compare(ctx, comp)
+    compare(ctx, exllama_comparison(ctx, "exl2", ("a", "b", "d")))
 
 
 def step_exl3(ctx: Ctx) -> None:

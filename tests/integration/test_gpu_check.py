@@ -14,7 +14,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -122,3 +124,130 @@ def test_kill_memory_verdicts() -> None:
     per_process = memory(victim_mib=3000.0, before_kill=9000.0, lowest_after_kill=6500.0)
     assert per_process.problem() is None  # judged on what the pid held, not the daemon's total
     assert KillMemory(None, None).problem() is None and "n/a" in KillMemory(None, None).text()
+
+
+# --- prebuilt extensions (make gpu-prebuilt) and the JIT fallback --------------------------
+
+
+def gpu_check_module() -> Any:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+
+    return gpu_check
+
+
+def make_wheel(directory: Path, dist: str, module_source: str, tag: str = "py3-none-any") -> Path:
+    """A wheel holding one top-level module, ``<dist>.py``, as make gpu-prebuilt's hold
+    ``<dist>.cpython-312-…so``."""
+    import zipfile
+
+    name = f"{dist}-0.0.1-{tag}.whl"
+    info = f"{dist}-0.0.1.dist-info"
+    with zipfile.ZipFile(directory / name, "w") as zf:
+        zf.writestr(f"{dist}.py", module_source)
+        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.0.1\n")
+        zf.writestr(f"{info}/WHEEL", f"Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: {tag}\n")
+        zf.writestr(f"{info}/RECORD", "")
+    return directory / name
+
+
+@pytest.fixture
+def prebuilt_env(tmp_path: Path) -> Iterator[tuple[Any, Path, list[str], Any]]:
+    gc = gpu_check_module()
+    site = tmp_path / "site"
+    site.mkdir()
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+           "--no-cache-dir", "--upgrade", "--target", str(site)]  # fmt: skip
+    log = gc.Log(tmp_path / "log.txt", verbose=False)
+    yield gc, site, pip, log
+    log.file.close()
+
+
+def test_the_prebuilt_wheels_are_told_from_the_libraries(tmp_path: Path) -> None:
+    gc = gpu_check_module()
+    names = ["exllamav2-0.3.2-py3-none-any.whl", "exllamav3-1.6.5-py3-none-any.whl",
+             "exllamav2_ext-0.3.2+torch2.11.0.cu130.sm90-cp312-cp312-linux_x86_64.whl",
+             "exllamav3_ext-1.6.5+torch2.11.0.cu130.sm90-cp312-cp312-linux_x86_64.whl",
+             "pyzmq-27.3.0-cp312-cp312-manylinux_2_28_x86_64.whl"]  # fmt: skip
+    found = gc.prebuilt_wheels([tmp_path / n for n in names])
+    assert {k: v.name for k, v in found.items()} == {
+        "exllamav2": names[2], "exllamav3": names[3]
+    }
+
+
+def test_a_prebuilt_module_that_imports_is_used(prebuilt_env: tuple) -> None:
+    gc, site, pip, log = prebuilt_env
+    wheel = make_wheel(site.parent, "exllamav2_ext", "def gemm_half_q_half(): pass\n")
+    pre = gc.use_prebuilt("exllamav2", wheel, site, pip, log)
+    assert pre.used and pre.wheel == wheel.name, pre
+    build = gc.Build("exllamav2", gc.asdict(pre))
+    assert build.ok and build.done  # no JIT build started, none awaited
+    row = gc._build_row("exllamav2", gc.build_doc(None, build))
+    assert row["status"] == "ok" and f"prebuilt {wheel.name}" in row["result"], row
+
+
+def test_a_prebuilt_module_that_does_not_import_falls_back_to_the_jit_build(
+    prebuilt_env: tuple,
+) -> None:
+    """As a module built against another torch fails: removed again, so the library's
+    own loader JIT-builds instead, and the table says why."""
+    gc, site, pip, log = prebuilt_env
+    error = "undefined symbol: _ZN3c104cuda20CUDACachingAllocator9allocatorE"
+    wheel = make_wheel(site.parent, "exllamav3_ext", f"raise ImportError({error!r})\n")
+    pre = gc.use_prebuilt("exllamav3", wheel, site, pip, log)
+    assert not pre.used and error in pre.reason, pre
+    assert not list(site.glob("exllamav3_ext*")), "the broken module was left for the library"
+    build = gc.Build("exllamav3", gc.asdict(pre), started=100.0, ended=400.0, code=0)
+    row = gc._build_row("exllamav3", gc.build_doc(None, build))
+    assert row["status"] == "ok" and row["result"].startswith("JIT-built in 300.0s"), row
+    assert f"prebuilt {wheel.name} not used: does not import: ImportError: {error}" in row["result"]
+
+
+def test_a_wheel_pip_refuses_and_a_missing_one_fall_back_too(prebuilt_env: tuple) -> None:
+    gc, site, pip, log = prebuilt_env
+    wheel = make_wheel(site.parent, "exllamav2_ext", "", tag="cp27-cp27mu-win32")
+    refused = gc.use_prebuilt("exllamav2", wheel, site, pip, log)
+    assert not refused.used and "pip did not install it" in refused.reason, refused
+    missing = gc.use_prebuilt("exllamav2", None, site, pip, log)
+    assert not missing.used and "make gpu-prebuilt" in missing.reason
+    build = gc.Build("exllamav2", gc.asdict(missing), started=1.0, ended=9.0, code=1)
+    build.log_path = site.parent / "build.log"
+    build.log_path.write_text("nvcc fatal   : Unsupported gpu architecture 'compute_200'\n")
+    row = gc._build_row("exllamav2", gc.build_doc(SimpleNamespace(dry_run=False), build))
+    assert row["status"] == "failed" and "Unsupported gpu architecture" in row["result"], row
+    assert "not used: no prebuilt wheel" in row["result"]
+
+
+def test_measured_steps_pause_a_running_jit_build() -> None:
+    """No compile beside a measured row: SIGSTOP for the step, SIGCONT after, the
+    compilers too, which ninja starts in process groups of their own."""
+    gc = gpu_check_module()
+    assert [s.name for s in gc.STEPS if not s.measured] == ["model"]
+    ninja = ("import subprocess, sys; c = subprocess.Popen(['sleep', '60'], process_group=0); "
+             "print(c.pid, flush=True); c.wait()")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", ninja], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    assert proc.stdout is not None
+    compiler = int(proc.stdout.readline())
+    try:
+        assert os.getpgid(compiler) != os.getpgid(proc.pid)
+        builds = {"exllamav3": gc.Build("exllamav3", proc=proc, started=time.monotonic())}
+        assert gc.signal_builds(builds, gc.signal.SIGSTOP) == ["exllamav3"]
+        assert reaches_state(proc.pid, "T") and reaches_state(compiler, "T")
+        gc.signal_builds(builds, gc.signal.SIGCONT)
+        assert reaches_state(proc.pid, "S") and reaches_state(compiler, "S")
+    finally:
+        os.kill(compiler, gc.signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def reaches_state(pid: int, want: str) -> bool:
+    """Whether the process is in this state (/proc's T: stopped, S: sleeping) within 5 s."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == want:
+            return True
+        time.sleep(0.05)
+    return False
