@@ -16,7 +16,7 @@ import pytest
 
 from exgen.daemon import modelstore
 from tests.conftest import ROOT
-from tests.integration.http_support import HttpDaemon, start_http_daemon
+from tests.integration.http_support import HttpDaemon, demo_over_http
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -26,11 +26,8 @@ REQUESTS = 6
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpDaemon]:
-    daemon = start_http_daemon(tmp_path_factory.mktemp("guidellm"), "--workers", "1")
-    daemon.daemon.wait_ready(timeout=300)
-    daemon.wait_healthy()
-    yield daemon
-    assert daemon.stop() == 0
+    with demo_over_http(tmp_path_factory.mktemp("guidellm")) as daemon:
+        yield daemon
 
 
 def demo_tokenizer(folder: Path) -> Path:

@@ -13,7 +13,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion
 
-from tests.integration.http_support import HttpDaemon, start_http_daemon
+from tests.integration.http_support import HttpDaemon, demo_over_http
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -22,11 +22,8 @@ CHAT = [{"role": "user", "content": "Name a fruit that is yellow."}]
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpDaemon]:
-    daemon = start_http_daemon(tmp_path_factory.mktemp("demo"), "--workers", "1")
-    daemon.daemon.wait_ready(timeout=300)
-    daemon.wait_healthy()
-    yield daemon
-    assert daemon.stop() == 0
+    with demo_over_http(tmp_path_factory.mktemp("demo")) as daemon:
+        yield daemon
 
 
 def test_chat_over_http_equals_the_zmq_client(demo: HttpDaemon) -> None:
@@ -99,13 +96,8 @@ def test_vllm_extensions_on_the_demo_model(demo: HttpDaemon) -> None:
 @pytest.fixture(scope="module")
 def demo32(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpDaemon]:
     """The demo model in float32: logprobs comparable to a reference within 1e-3."""
-    daemon = start_http_daemon(
-        tmp_path_factory.mktemp("demo32"), "--workers", "1", "--engine-opt", "dtype=float32"
-    )
-    daemon.daemon.wait_ready(timeout=300)
-    daemon.wait_healthy()
-    yield daemon
-    assert daemon.stop() == 0
+    with demo_over_http(tmp_path_factory.mktemp("demo32"), "dtype=float32") as daemon:
+        yield daemon
 
 
 def test_prompt_logprobs_equal_the_models_own(demo32: HttpDaemon) -> None:

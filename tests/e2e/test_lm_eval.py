@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from exgen.daemon import modelstore
-from tests.integration.http_support import HttpDaemon, start_http_daemon
+from tests.integration.http_support import HttpDaemon, demo_over_http
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -35,13 +35,8 @@ GEN = [("What is the capital of France?", "Paris"), ("What is 2 + 2?", "4")]
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpDaemon]:
-    daemon = start_http_daemon(
-        tmp_path_factory.mktemp("lm-eval"), "--workers", "1", "--engine-opt", "dtype=float32"
-    )
-    daemon.daemon.wait_ready(timeout=300)
-    daemon.wait_healthy()
-    yield daemon
-    assert daemon.stop() == 0
+    with demo_over_http(tmp_path_factory.mktemp("lm-eval"), "dtype=float32") as daemon:
+        yield daemon
 
 
 def write_tasks(folder: Path) -> Path:

@@ -10,6 +10,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,18 @@ def start_http_daemon(
         tmp_path, *args, "--http", f"127.0.0.1:{port}", "--http-state-dir", str(state), env=env
     )
     return HttpDaemon(daemon, f"http://127.0.0.1:{port}", state)
+
+
+@contextlib.contextmanager
+def demo_over_http(folder: Path, *engine_opts: str) -> Iterator[HttpDaemon]:
+    """`exgen serve --http` on the demo model, one worker, ready and healthy; stopped
+    cleanly after (the fixture of the e2e HTTP tests)."""
+    opts = [arg for opt in engine_opts for arg in ("--engine-opt", opt)]
+    daemon = start_http_daemon(folder, "--workers", "1", *opts)
+    daemon.daemon.wait_ready(timeout=300)
+    daemon.wait_healthy()
+    yield daemon
+    assert daemon.stop() == 0
 
 
 def batch_lines(n: int, url: str = "/v1/chat/completions", max_tokens: int = 4) -> str:
