@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import fcntl
 import hashlib
 import importlib.util
 import io
@@ -278,6 +279,18 @@ def compile_in_venv(venv: Path, cuda_home: Path, args: LoadArgs, build_dir: Path
     path; raises with the log's tail when the build fails.
     """
     build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "exgen-build.lock", "w") as ours:
+        try:
+            fcntl.flock(ours, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"gpu-prebuilt: another build is running in {build_dir}") from None
+        # Ours is held, so torch's own lock file there is a stale one, left by a build
+        # that was killed: load() would wait for it for ever.
+        (build_dir / "lock").unlink(missing_ok=True)
+        return _compile_locked(venv, cuda_home, args, build_dir)
+
+
+def _compile_locked(venv: Path, cuda_home: Path, args: LoadArgs, build_dir: Path) -> dict[str, Any]:
     env = {
         **os.environ,
         "CUDA_HOME": str(cuda_home),
