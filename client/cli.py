@@ -27,7 +27,7 @@ from tqdm import tqdm
 from exgen.client import batchfile as B
 from exgen.client import errors
 from exgen.client import protocol as P
-from exgen.client.batch_cli import batch as batch_group  # issue 13: the HTTP Batch API
+from exgen.client.cli_batch import batch as batch_group
 from exgen.client.client import DEFAULT_CONNECT_TIMEOUT_S, Client, Result, default_address
 from exgen.client.exits import (
     EXIT_CONNECT,
@@ -243,7 +243,7 @@ def main() -> None:
     cli(prog_name="exgen-client")
 
 
-cli.add_command(batch_group)  # issue 13
+cli.add_command(batch_group)
 
 
 # --- submit ----------------------------------------------------------------------

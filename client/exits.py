@@ -1,5 +1,5 @@
 """The command-line tools' exit codes and their one-line error, shared by
-``exgen-client`` (cli.py) and its ``batch`` commands (batch_cli.py); the meaning of
+``exgen-client`` (cli.py) and its ``batch`` commands (cli_batch.py); the meaning of
 each code is in cli.EXIT_HELP."""
 
 from __future__ import annotations
