@@ -111,6 +111,9 @@ OPENAI_NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
 COMPLETIONS_MAX_LOGPROBS = 5  # OpenAI's limit for /v1/completions' logprobs
 
 
+# --- bodies to items ------------------------------------------------------------
+
+
 def item_from_body(
     body: Mapping[str, Any], url: str, item_id: str, *, raw: bytes | str | None = None
 ) -> dict[str, Any]:
@@ -264,6 +267,9 @@ def _prompt(value: Any) -> Any:
     if value is None:
         raise Malformed("body.prompt is missing")
     return value
+
+
+# --- results to answers ---------------------------------------------------------
 
 
 class ResultLike(Protocol):
