@@ -20,10 +20,11 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from exgen.client import protocol as P
-from exgen.daemon import control, curve
 from exgen.daemon.config import Settings
-from exgen.daemon.delivery import SNDHWM
-from exgen.daemon.sockets import is_loopback
+from exgen.daemon.net import curve
+from exgen.daemon.net.sockets import is_loopback
+from exgen.daemon.router import control
+from exgen.daemon.router.delivery import SNDHWM
 
 RCVHWM = 64  # client messages waiting to be read, per connection
 IPC = "ipc://"

@@ -20,7 +20,7 @@ from typing import Any
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from exgen.daemon.listen import ListenError
+from exgen.daemon.net.listen import ListenError
 
 logger = logging.getLogger("exgen.workerlink")
 

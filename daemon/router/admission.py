@@ -13,13 +13,14 @@ import logging
 from typing import Any
 
 from exgen.client import protocol as P
-from exgen.daemon import decode, wire
-from exgen.daemon.clients import ClientRecord
-from exgen.daemon.control import Cancels
-from exgen.daemon.delivery import Delivery
-from exgen.daemon.ledger import Deadlines
-from exgen.daemon.rooms import Rooms
-from exgen.daemon.status import describe_router
+from exgen.daemon.net import wire
+from exgen.daemon.router import decode
+from exgen.daemon.router.clients import ClientRecord
+from exgen.daemon.router.control import Cancels
+from exgen.daemon.router.delivery import Delivery
+from exgen.daemon.router.ledger import Deadlines
+from exgen.daemon.router.rooms import Rooms
+from exgen.daemon.router.status import describe_router
 
 logger = logging.getLogger("exgen.admission")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from exgen.client import protocol as P
-from exgen.daemon.clients import ClientRegistry
-from exgen.daemon.ledger import Entry
+from exgen.daemon.router.clients import ClientRegistry
+from exgen.daemon.router.ledger import Entry
 
 
 class Answers:

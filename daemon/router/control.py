@@ -13,11 +13,11 @@ import logging
 from typing import Any
 
 from exgen.client import protocol as P
-from exgen.daemon.answers import Answers
-from exgen.daemon.clients import ClientRecord, who
-from exgen.daemon.dispatch import Dispatcher
-from exgen.daemon.rooms import Rooms
-from exgen.daemon.sockets import is_loopback
+from exgen.daemon.net.sockets import is_loopback
+from exgen.daemon.router.answers import Answers
+from exgen.daemon.router.clients import ClientRecord, who
+from exgen.daemon.router.dispatch import Dispatcher
+from exgen.daemon.router.rooms import Rooms
 
 logger = logging.getLogger("exgen.control")
 

@@ -22,7 +22,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from exgen.client import protocol as P
-from exgen.daemon import nesting
+from exgen.daemon.router import nesting
 
 Scalar = str | int | float | bool | None
 

@@ -32,9 +32,9 @@ from typing import Any
 import msgspec
 
 from exgen.client import protocol as P
-from exgen.daemon.clients import ClientRecord, who
-from exgen.daemon.outbox import FULL, GONE, SENT, ToClient
-from exgen.daemon.rooms import Rooms
+from exgen.daemon.router.clients import ClientRecord, who
+from exgen.daemon.router.outbox import FULL, GONE, SENT, ToClient
+from exgen.daemon.router.rooms import Rooms
 
 logger = logging.getLogger("exgen.delivery")
 

@@ -14,10 +14,11 @@ unreachable: they wait again, unstarted) and orphaned (their worker died:
 
 from __future__ import annotations
 
-from exgen.daemon import policy, wire
-from exgen.daemon.ledger import Entry, Orphans
-from exgen.daemon.rooms import Rooms
-from exgen.daemon.slots import Slot
+from exgen.daemon import policy
+from exgen.daemon.net import wire
+from exgen.daemon.router.ledger import Entry, Orphans
+from exgen.daemon.router.rooms import Rooms
+from exgen.daemon.supervisor.slots import Slot
 
 
 class Dispatcher:

@@ -1,6 +1,6 @@
 """The router's outbox: what its handlers want sent, for the loop to send.
 
-Handlers append here and return; the daemon's loop (server.py) is the only code that
+Handlers append here and return; the daemon's loop (daemon/server.py) is the only code that
 touches the router's sockets. It sends what is here after each call into the router,
 before the next one, so the router never sees a message of its own still waiting.
 

@@ -6,7 +6,7 @@ Each owns one kind of state (the ledger's counts change only through its methods
   the counts of what was answered.
 - ``FairQueue`` (fairqueue.py): the waiting room.
 - ``ClientRegistry`` (clients.py): who the clients are, what they are owed.
-- ``SlotTable`` (slots.py): one record per slot, shared with the supervisor.
+- ``SlotTable`` (supervisor/slots.py): one record per slot, shared with the supervisor.
 - ``Outbox`` (outbox.py): what is to be sent, until the loop sends it.
 - ``Service``: what the router says about itself (its instance, model, draining).
 """
@@ -16,12 +16,12 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from exgen.daemon.clients import ClientRegistry
 from exgen.daemon.config import Settings
-from exgen.daemon.fairqueue import FairQueue
-from exgen.daemon.ledger import Ledger
-from exgen.daemon.outbox import Outbox
-from exgen.daemon.slots import SlotTable
+from exgen.daemon.router.clients import ClientRegistry
+from exgen.daemon.router.fairqueue import FairQueue
+from exgen.daemon.router.ledger import Ledger
+from exgen.daemon.router.outbox import Outbox
+from exgen.daemon.supervisor.slots import SlotTable
 
 
 @dataclass(slots=True)

@@ -1,6 +1,6 @@
 """The router, sans I/O: plain data in, messages out.
 
-The daemon's loop (server.py) reads the sockets and calls in — ``on_client`` with a
+The daemon's loop (daemon/server.py) reads the sockets and calls in — ``on_client`` with a
 client's frames, ``on_worker`` with a worker's, ``on_worker_exit`` with what the
 supervisor reaped, ``tick`` as time passes, then ``flush_results`` and ``dispatch``
 — and after each call sends what the handlers left in ``outbox`` (outbox.py). How a
@@ -11,7 +11,7 @@ side of the traffic:
 
 - ``Admission`` (admission.py): a client's message — submit, ack, ping, hello,
   status; ``Cancels`` (control.py) for cancelling.
-- ``WorkerMessages`` (backend.py): a worker's message — READY, heartbeats, results.
+- ``WorkerMessages`` (worker_messages.py): a worker's message — READY, heartbeats, results.
 - ``Delivery`` (delivery.py): results owed to clients until acknowledged; leases.
 - ``Dispatcher`` (dispatch.py): waiting items to workers (``policy.plan_dispatch``:
   each worker near capacity + prefetch), and back.
@@ -34,20 +34,20 @@ import time
 from typing import Any
 
 from exgen.client import protocol as P
-from exgen.daemon import liveness
-from exgen.daemon.admission import Admission
-from exgen.daemon.answers import Answers
-from exgen.daemon.backend import WorkerMessages
-from exgen.daemon.clients import ClientRecord, who
 from exgen.daemon.config import Settings
-from exgen.daemon.control import LOCAL, Cancels
-from exgen.daemon.delivery import EXPIRED, LOST, Delivery
-from exgen.daemon.dispatch import Dispatcher
-from exgen.daemon.ledger import Deadlines, Entry
-from exgen.daemon.outbox import ToClient
-from exgen.daemon.rooms import Rooms, Service
-from exgen.daemon.slots import SlotTable
-from exgen.daemon.status import describe_router
+from exgen.daemon.router.admission import Admission
+from exgen.daemon.router.answers import Answers
+from exgen.daemon.router.clients import ClientRecord, who
+from exgen.daemon.router.control import LOCAL, Cancels
+from exgen.daemon.router.delivery import EXPIRED, LOST, Delivery
+from exgen.daemon.router.dispatch import Dispatcher
+from exgen.daemon.router.ledger import Deadlines, Entry
+from exgen.daemon.router.outbox import ToClient
+from exgen.daemon.router.rooms import Rooms, Service
+from exgen.daemon.router.status import describe_router
+from exgen.daemon.router.worker_messages import WorkerMessages
+from exgen.daemon.supervisor import liveness
+from exgen.daemon.supervisor.slots import SlotTable
 
 logger = logging.getLogger("exgen.router")
 
@@ -86,7 +86,7 @@ class Router:
         self.dispatcher = Dispatcher(self.rooms)
         cancels = Cancels(self.rooms, self.dispatcher, self.answers, access)
         self.admission = Admission(self.rooms, self.delivery, cancels, self.deadlines)
-        self.workers = WorkerMessages(self.rooms, self.answers)
+        self.worker_messages = WorkerMessages(self.rooms, self.answers)
         self.allowed_users = allowed_users
         self.last_stall_at = -1e9
 
@@ -116,12 +116,12 @@ class Router:
 
     def on_worker(self, frames: list[bytes], now: float) -> None:
         """A worker's message (its identity first), ``now`` the time it was read."""
-        self.workers.handle(frames, now)
+        self.worker_messages.handle(frames, now)
 
     def caught_up_with_workers(self, at: float) -> None:
         """Every worker message waiting at ``at`` has been read (liveness counts a
         worker's silence only up to then)."""
-        self.workers.caught_up(at)
+        self.worker_messages.caught_up(at)
 
     def on_sent(self, send: ToClient, outcome: str, now: float) -> None:
         """What the loop's send of a client message did: every one that did not go
@@ -198,7 +198,7 @@ class Router:
 
     def find_unresponsive(self, now: float) -> list[liveness.Kill]:
         held = {slot_id: len(keys) for slot_id, keys in self.ledger.held.items()}
-        heard_until = min(now, self.workers.heard_until)
+        heard_until = min(now, self.worker_messages.heard_until)
         lagged = now - self.last_stall_at < self.settings.heartbeat_timeout_s
         return liveness.find_unresponsive(self.table, held, now, heard_until, lagged, self.settings)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from exgen.client import protocol as P
-from exgen.daemon.rooms import Rooms
-from exgen.daemon.slots import Slot
+from exgen.daemon.router.rooms import Rooms
+from exgen.daemon.supervisor.slots import Slot
 
 
 def describe_router(rooms: Rooms, now: float) -> dict[str, Any]:

@@ -13,12 +13,12 @@ import logging
 from typing import Any
 
 from exgen.client import protocol as P
-from exgen.daemon import wire
-from exgen.daemon.answers import Answers
 from exgen.daemon.engines.base import Chunk, Failed, Finished
-from exgen.daemon.ledger import Entry
-from exgen.daemon.rooms import Rooms
-from exgen.daemon.slots import READY, Serving, Slot
+from exgen.daemon.net import wire
+from exgen.daemon.router.answers import Answers
+from exgen.daemon.router.ledger import Entry
+from exgen.daemon.router.rooms import Rooms
+from exgen.daemon.supervisor.slots import READY, Serving, Slot
 
 logger = logging.getLogger("exgen.backend")
 

@@ -5,8 +5,9 @@ housekeeping turn (and on SIGCHLD), ``reload()`` on SIGHUP and ``stop()`` at the
 The gateway is a fresh interpreter in its own session (Ctrl-C reaches only the
 supervisor, which then stops it) that dies with the supervisor (PR_SET_PDEATHSIG).
 A gateway that cannot start at all (exit code 3: a port in use, an unusable state
-directory) is not restarted; any other death is, after a delay that doubles with
-each death in the flapping window and resets once it has run for a while.
+directory) is not restarted; any other death is, with the workers' back-off
+(backoff.py): a delay that doubles with each death in the flapping window, started
+over by a death after it ran for a while.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 
 from exgen.daemon import policy
 from exgen.daemon.config import Settings
 from exgen.daemon.gateway.options import GatewayOptions
+from exgen.daemon.procs import kill_after
+from exgen.daemon.supervisor.backoff import Backoff
 
 logger = logging.getLogger("exgen.gateway.keeper")
 
@@ -28,14 +32,19 @@ STOP_TIMEOUT_S = 10.0
 
 
 class GatewayKeeper:
-    def __init__(self, argv: list[str] | None, backoff_s: float, backoff_max_s: float) -> None:
+    def __init__(
+        self,
+        argv: list[str] | None,
+        backoff_s: float,
+        backoff_max_s: float,
+        flap_window_s: float = 60.0,
+    ) -> None:
         self.argv = argv  # None: no gateway configured; every call is a no-op
-        self.backoff_s = backoff_s
-        self.backoff_max_s = backoff_max_s
-        self.stable_after_s = max(10.0, backoff_max_s)
+        self.backoff = Backoff(backoff_s, backoff_max_s, flap_window_s)
+        self.stable_after_s = max(10.0, backoff_max_s)  # ran this long: not crash-looping
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
-        self.deaths = 0
+        self.deaths: deque[float] = deque()
         self.next_start_at: float | None = None
         self.gave_up = False
 
@@ -45,7 +54,12 @@ class GatewayKeeper:
         if settings.http is not None:
             options = GatewayOptions.from_settings(settings, router)
             argv = [sys.executable, "-m", "exgen.daemon.gateway", *options.to_argv()]
-        return cls(argv, settings.restart_backoff_s, settings.restart_backoff_max_s)
+        return cls(
+            argv,
+            settings.restart_backoff_s,
+            settings.restart_backoff_max_s,
+            settings.flap_window_s,
+        )
 
     @property
     def pid(self) -> int | None:
@@ -74,10 +88,8 @@ class GatewayKeeper:
             logger.error("exit gateway pid %d: cannot start (see above) — not restarting", pid)
             self.gave_up = True
             return
-        if now - self.started_at > self.stable_after_s:
-            self.deaths = 0  # it ran for a while: not a crash loop
-        self.deaths += 1
-        delay = policy.restart_delay(self.deaths, self.backoff_s, self.backoff_max_s)
+        productive = now - self.started_at > self.stable_after_s
+        delay = self.backoff.note_death(self.deaths, now, productive)
         self.next_start_at = now + delay
         logger.warning("exit gateway pid %d: %s — restart in %.1fs", pid, cause, delay)
 
@@ -92,10 +104,5 @@ class GatewayKeeper:
         if self.proc is None:
             return
         self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            logger.warning("gateway pid %d did not stop in time: SIGKILL", self.proc.pid)
-            self.proc.kill()
-            self.proc.wait()
+        kill_after(self.proc, time.monotonic() + timeout_s, logger, f"gateway pid {self.proc.pid}")
         self.proc = None

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from exgen.daemon.engines.cpu_layout import cpu_layout, usable_cores, worker_env
-from exgen.daemon.slots import Slot, WorkerProcess
+from exgen.daemon.cpu_layout import cpu_layout, usable_cores, worker_env
+from exgen.daemon.procs import kill_after
+from exgen.daemon.supervisor.slots import Slot, WorkerProcess
 
 if TYPE_CHECKING:
     from exgen.daemon.worker import WorkerSpec
@@ -153,12 +154,7 @@ class LocalLauncher:
         deadline = time.monotonic() + timeout_s
         for proc in procs:
             assert isinstance(proc, LocalProcess)
-            try:
-                proc.popen.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                logger.warning("slot %d pid %d did not stop in time: SIGKILL", proc.slot, proc.pid)
-                proc.popen.kill()
-                proc.popen.wait()
+            kill_after(proc.popen, deadline, logger, f"slot {proc.slot} pid {proc.pid}")
 
     def close(self) -> None:
         pass

@@ -34,12 +34,12 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from exgen.daemon.config import Settings
-from exgen.daemon.engines.cpu_layout import CpuLayout
-from exgen.daemon.launch import WorkerExit
-from exgen.daemon.ray_host import WorkerHost
-from exgen.daemon.slots import Slot, WorkerProcess
+from exgen.daemon.cpu_layout import CpuLayout
+from exgen.daemon.net.workerlink import WorkerKeys
+from exgen.daemon.supervisor.launch import WorkerExit
+from exgen.daemon.supervisor.ray_host import WorkerHost
+from exgen.daemon.supervisor.slots import Slot, WorkerProcess
 from exgen.daemon.worker import WorkerSpec
-from exgen.daemon.workerlink import WorkerKeys
 
 logger = logging.getLogger("exgen.launch.ray")
 

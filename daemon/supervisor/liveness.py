@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from exgen.daemon.config import Settings
-from exgen.daemon.slots import STARTING, SlotTable
+from exgen.daemon.supervisor.slots import STARTING, SlotTable
 
 # Loading a model gives no heartbeats until the worker's thread starts: a fresh
 # process gets this long (or the heartbeat timeout, if longer) before it counts.

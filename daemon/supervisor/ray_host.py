@@ -18,7 +18,7 @@ import socket
 import subprocess
 from typing import Any
 
-from exgen.daemon.launch import oom_kill_between, read_oom_kills, worker_command
+from exgen.daemon.supervisor.launch import oom_kill_between, read_oom_kills, worker_command
 
 
 def ray_node_id() -> str:

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 
 from exgen.daemon import policy
 from exgen.daemon.config import Settings
-from exgen.daemon.launch import Launcher, LocalLauncher, WorkerExit
-from exgen.daemon.slots import (
+from exgen.daemon.supervisor.backoff import Backoff
+from exgen.daemon.supervisor.launch import Launcher, LocalLauncher, WorkerExit
+from exgen.daemon.supervisor.slots import (
     FAILED,
     PENDING,
     READY,
@@ -112,6 +113,9 @@ class Supervisor:
         # The backend's CURVE public key (Ray mode): workers then read their own keys
         # from stdin, handed over by their launcher.
         self.curve_server_key = curve_server_key
+        self.backoff = Backoff(
+            settings.restart_backoff_s, settings.restart_backoff_max_s, settings.flap_window_s
+        )
 
     def start_all(self) -> None:
         for slot in self.slots.values():
@@ -230,14 +234,7 @@ class Supervisor:
         return cause, blames_work
 
     def _schedule_restart(self, slot: Slot, now: float, productive: bool) -> None:
-        if productive:
-            slot.deaths.clear()
-        slot.deaths.append(now)
-        while slot.deaths and now - slot.deaths[0] > self.settings.flap_window_s:
-            slot.deaths.popleft()
-        delay = policy.restart_delay(
-            len(slot.deaths), self.settings.restart_backoff_s, self.settings.restart_backoff_max_s
-        )
+        delay = self.backoff.note_death(slot.deaths, now, productive)
         slot.next_start_at = now + delay
         # Flapping: too many deaths in the window. Keep trying at the capped delay,
         # but show the slot as failed so an operator sees it.

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from exgen.daemon import inspect as mi
+from exgen.daemon import modelprobe as mi
 from exgen.daemon.engines.base import EngineUnavailable
 
 HIDDEN, INTER, VOCAB, LAYERS, HEADS, KV_HEADS = 64, 128, 256, 2, 4, 2

@@ -219,7 +219,7 @@ def test_open_batch_reads_a_file(tmp_path: Path) -> None:
 
 
 def test_examples_file_is_the_seed_workload() -> None:
-    path = Path(__file__).parents[2] / "examples" / "prompts.jsonl"
+    path = Path(__file__).parents[3] / "examples" / "prompts.jsonl"
     entries = list(B.open_batch(path))
     assert len(entries) == 100
     assert all(isinstance(e, B.BatchLine) for e in entries)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import exgen.client
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_the_client_package_carries_py_typed_and_ships_it():

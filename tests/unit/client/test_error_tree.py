@@ -9,7 +9,7 @@ from pathlib import Path
 
 from exgen.client import errors
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 NAME = re.compile(r"[A-Z][A-Za-z]+")
 
 

@@ -611,7 +611,7 @@ def test_load_without_cuda_fails_fast_in_one_line(tmp_path: Path) -> None:
 
 def test_engine_modules_import_neither_torch_nor_the_libraries() -> None:
     code = (
-        "import sys, exgen.daemon.engines.exl2, exgen.daemon.engines.exl3, exgen.daemon.inspect;"
+        "import sys, exgen.daemon.engines.exl2, exgen.daemon.engines.exl3, exgen.daemon.modelprobe;"
         "bad = {'torch', 'exllamav2', 'exllamav3'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

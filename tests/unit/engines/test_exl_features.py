@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from exgen.daemon.engines.base import Chunk, Failed, Finished, JobRejected
-from tests.unit.test_exl_driving import job, make_engine, run_until_done, write_model_dir
-from tests.unit.test_grammar import SCHEMA, tiny_tokenizer_json
+from tests.unit.engines.test_exl_driving import job, make_engine, run_until_done, write_model_dir
+from tests.unit.engines.test_grammar import SCHEMA, tiny_tokenizer_json
 
 
 @pytest.fixture

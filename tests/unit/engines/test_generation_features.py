@@ -11,7 +11,6 @@ import msgpack
 import pytest
 
 from exgen.client import protocol as P
-from exgen.daemon import decode, wire
 from exgen.daemon.engines.base import (
     Choice,
     Chunk,
@@ -22,6 +21,8 @@ from exgen.daemon.engines.base import (
     SamplingParams,
 )
 from exgen.daemon.engines.synthetic import SyntheticEngine
+from exgen.daemon.net import wire
+from exgen.daemon.router import decode
 
 LABEL_SCHEMA = {
     "type": "object",

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from exgen.client import protocol as P
+from exgen.daemon.cpu_layout import cpu_flags, native_bf16
 from exgen.daemon.engines.base import (
     Chunk,
     EngineOptionError,
@@ -31,7 +32,6 @@ from exgen.daemon.engines.base import (
     JobRejected,
     SamplingParams,
 )
-from exgen.daemon.engines.cpu_layout import cpu_flags, native_bf16
 from exgen.daemon.engines.hf import TransformersEngine, kv_bytes_per_token, kv_token_budget
 from exgen.daemon.engines.hf_decode import prefill_groups, stream_ready
 

@@ -15,7 +15,7 @@ import pytest
 
 from exgen.daemon.engines.base import Finished, Job, SamplingParams
 from exgen.daemon.engines.hf import TransformersEngine
-from tests.unit.test_hf_engine import direct_generate, run
+from tests.unit.engines.test_hf_engine import direct_generate, run
 
 pytest.importorskip("transformers")
 

@@ -13,7 +13,7 @@ import pytest
 from exgen.daemon.gateway.completions import parse_body
 from exgen.daemon.gateway.errors import ApiError
 
-DOC = Path(__file__).parents[2] / "docs" / "http.md"
+DOC = Path(__file__).parents[3] / "docs" / "http.md"
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
 
 # A value that uses each field the docs name (not its neutral value, where it has one).

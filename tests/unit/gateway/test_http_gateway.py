@@ -21,9 +21,9 @@ from exgen.daemon.gateway.auth import ApiKeys
 from exgen.daemon.gateway.batches import check_metadata, window_seconds
 from exgen.daemon.gateway.completions import ChunkWriter, parse_body
 from exgen.daemon.gateway.errors import ApiError, bad_body, from_exgen_error, from_request_failed
-from exgen.daemon.gateway.keeper import GatewayKeeper
 from exgen.daemon.gateway.options import GatewayOptions, GatewayUnusable, local_address
 from exgen.daemon.gateway.validate import LineRefused, check_line, validate_file
+from exgen.daemon.supervisor.gateway_keeper import GatewayKeeper
 
 CHAT_URL = "/v1/chat/completions"
 
@@ -287,7 +287,7 @@ def test_the_keeper_restarts_a_dying_gateway_with_back_off() -> None:
     keeper = keeper_for("import sys; sys.exit(1)")
     keeper.start()
     first = keeper.pid
-    poll_until(keeper, lambda: keeper.deaths >= 3)
+    poll_until(keeper, lambda: len(keeper.deaths) >= 3)
     assert keeper.pid != first and not keeper.gave_up
     assert keeper.next_start_at is None or keeper.next_start_at - time.monotonic() <= 0.4
     keeper.stop()

@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 from exgen.daemon.config import Settings
-from exgen.daemon.listen import bind_frontend, heartbeat_s
+from exgen.daemon.net.listen import bind_frontend, heartbeat_s
 from tests.netutil import free_port
 
 SETTINGS = Settings(client_heartbeat_s=1.0, ipc_heartbeat_s=0.1)

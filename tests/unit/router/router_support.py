@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from exgen.client import protocol as P
-from exgen.daemon import wire
-from exgen.daemon.outbox import FULL, GONE, SENT, ToClient
-from exgen.daemon.router import Router
-from exgen.daemon.slots import STARTING, Slot
+from exgen.daemon.net import wire
+from exgen.daemon.router.outbox import FULL, GONE, SENT, ToClient
+from exgen.daemon.router.router import Router
+from exgen.daemon.supervisor.slots import STARTING, Slot
 
 
 @dataclass

@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 
 from exgen.client import protocol as P
-from exgen.daemon import wire
 from exgen.daemon.engines.base import Finished
-from exgen.daemon.router import Router
-from tests.unit.router_support import Network
-from tests.unit.test_recall import CLIENT, a_router_with_two_busy_workers
+from exgen.daemon.net import wire
+from exgen.daemon.router.router import Router
+from tests.unit.router.router_support import Network
+from tests.unit.router.test_recall import CLIENT, a_router_with_two_busy_workers
 
 
 def answer_one_item_per_tick(router: Router, net: Network, ticks: int) -> None:

@@ -7,7 +7,7 @@ import msgpack
 import pytest
 
 from exgen.client import protocol as P
-from exgen.daemon import decode
+from exgen.daemon.router import decode
 
 
 def submit(items: list[dict[str, object]], **extra: object) -> bytes:
@@ -79,7 +79,7 @@ def test_small_bodies_are_scalars_only_and_bounded():
 
 
 def test_the_nesting_walk_names_the_first_field_too_deep_and_reads_req() -> None:
-    from exgen.daemon import nesting
+    from exgen.daemon.router import nesting
 
     body = msgpack.packb({"req": "r9", "a": [1, "x", {"b": [[[[]]]]}], "c": 2})
     assert nesting.scan(body, limit=3) == nesting.Scan(too_deep="a[2].b", req="r9")
@@ -87,7 +87,7 @@ def test_the_nesting_walk_names_the_first_field_too_deep_and_reads_req() -> None
 
 
 def test_the_nesting_walk_gives_up_after_its_step_budget() -> None:
-    from exgen.daemon import nesting
+    from exgen.daemon.router import nesting
 
     deep = b"\x91" * 50 + b"\xc0"
     flat_then_deep = b"\x82" + msgpack.packb("a") + msgpack.packb(list(range(1000)))

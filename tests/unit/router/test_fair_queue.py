@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from exgen.daemon.fairqueue import FairQueue
+from exgen.daemon.router.fairqueue import FairQueue
 
 
 def test_clients_are_served_in_turn():

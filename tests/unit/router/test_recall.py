@@ -7,12 +7,12 @@ from __future__ import annotations
 import time
 
 from exgen.client import protocol as P
-from exgen.daemon import wire
 from exgen.daemon.config import Settings
 from exgen.daemon.engines.base import Finished
-from exgen.daemon.router import Router
-from exgen.daemon.slots import Slot, SlotTable
-from tests.unit.router_support import Network
+from exgen.daemon.net import wire
+from exgen.daemon.router.router import Router
+from exgen.daemon.supervisor.slots import Slot, SlotTable
+from tests.unit.router.router_support import Network
 
 CAPACITY = 4
 CLIENT = b"c-1"

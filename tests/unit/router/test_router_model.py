@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from exgen.client import protocol as P
-from exgen.daemon import wire
 from exgen.daemon.config import Settings
-from exgen.daemon.router import Router
-from exgen.daemon.slots import Slot, SlotTable
-from tests.unit.router_support import Network
+from exgen.daemon.net import wire
+from exgen.daemon.router.router import Router
+from exgen.daemon.supervisor.slots import Slot, SlotTable
+from tests.unit.router.router_support import Network
 
 CLIENTS = [b"c-alice", b"c-bob", b"c-carol"]
 SLOTS = 2

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exgen.daemon import liveness
 from exgen.daemon.config import Settings
-from exgen.daemon.slots import READY, STARTING, Serving, Slot, SlotTable
+from exgen.daemon.supervisor import liveness
+from exgen.daemon.supervisor.slots import READY, STARTING, Serving, Slot, SlotTable
 
 SETTINGS = Settings(heartbeat_timeout_s=10.0, progress_timeout_s=300.0)
 

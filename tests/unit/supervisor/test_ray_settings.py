@@ -1,4 +1,4 @@
-"""Ray mode's settings and start-up refusals (issue 14), and the promise that nothing
+"""Ray mode's settings and start-up refusals, and the promise that nothing
 outside Ray mode imports ray."""
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def test_nothing_outside_ray_mode_imports_ray() -> None:
     code = (
         "import sys\n"
         "import exgen.client.cli, exgen.daemon.cli, exgen.daemon.server\n"
-        "import exgen.daemon.supervisor, exgen.daemon.launch, exgen.daemon.ray_host\n"
+        "import exgen.daemon.supervisor.supervisor, exgen.daemon.supervisor.launch\n"
+        "import exgen.daemon.supervisor.ray_host\n"
         "print('ray' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

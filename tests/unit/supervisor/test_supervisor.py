@@ -10,15 +10,17 @@ from typing import Any
 
 import pytest
 
-from exgen.daemon import launch, policy, wire
-from exgen.daemon import supervisor as sup
-from exgen.daemon.answers import Answers
-from exgen.daemon.backend import WorkerMessages
+from exgen.daemon import policy
 from exgen.daemon.config import Settings
-from exgen.daemon.launch import WorkerExit
-from exgen.daemon.rooms import Rooms, Service
-from exgen.daemon.slots import Serving, SlotTable
-from exgen.daemon.status import describe_slot
+from exgen.daemon.net import wire
+from exgen.daemon.router.answers import Answers
+from exgen.daemon.router.rooms import Rooms, Service
+from exgen.daemon.router.status import describe_slot
+from exgen.daemon.router.worker_messages import WorkerMessages
+from exgen.daemon.supervisor import launch
+from exgen.daemon.supervisor import supervisor as sup
+from exgen.daemon.supervisor.launch import WorkerExit
+from exgen.daemon.supervisor.slots import Serving, SlotTable
 from exgen.daemon.worker import WorkerSpec
 
 
