@@ -508,7 +508,7 @@ def test_format_status() -> None:
     assert "model fake-model" in facts
 
 
-# --- issue 12: options, jobs, papercuts -------------------------------------------------
+# --- options, jobs, papercuts -----------------------------------------------------------
 
 
 def test_version_of_both_commands() -> None:

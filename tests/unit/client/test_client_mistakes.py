@@ -1,4 +1,4 @@
-"""Issue 11 item 7: everything the library raises for a caller's mistake is an
+"""Everything the library raises for a caller's mistake is an
 ExgenError (a BadRequest naming the field, or ConnectionFailed for the address),
 raised before anything reaches the daemon; nothing leaks as TypeError/ValueError."""
 
