@@ -20,7 +20,7 @@ from exgen.daemon.router.ledger import Entry
 from exgen.daemon.router.rooms import Rooms
 from exgen.daemon.supervisor.slots import READY, Serving, Slot
 
-logger = logging.getLogger("exgen.backend")
+logger = logging.getLogger("exgen.worker_messages")
 
 
 class WorkerMessages:
