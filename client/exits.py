@@ -1,6 +1,6 @@
-"""The command-line tools' exit codes and their one-line error, shared by
-``exgen-client`` (cli.py) and its ``batch`` commands (batch_cli.py); the meaning of
-each code is in cli.EXIT_HELP."""
+"""The command-line tools' exit codes and their one-line error, shared by every
+``exgen-client`` command (the cli_*.py modules); what each code means, as the help
+shows it, is EXIT_HELP."""
 
 from __future__ import annotations
 
@@ -19,6 +19,17 @@ EXIT_CONNECT = 3
 EXIT_OUTPUT = 4
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130
 EXIT_READER_GONE = 128 + signal.SIGPIPE  # 141, as a shell reports a process SIGPIPE ended
+
+
+EXIT_HELP = """\b
+Exit status:
+  0    everything succeeded
+  1    an item failed, a line was malformed, or the daemon refused the request
+  2    usage error (bad option or value, an output file in the way or unwritable)
+  3    the daemon could not be reached, or went away mid-run (submit: rerun with --resume)
+  4    an output file could not be written (disk full?); unfinished work was cancelled
+  130  interrupted (Ctrl-C); 129, 141, 143: stopped by SIGHUP, SIGPIPE, SIGTERM
+       (unfinished work was cancelled; submit: rerun with --resume)"""
 
 
 def fail(message: str, code: int) -> NoReturn:

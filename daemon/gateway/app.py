@@ -2,7 +2,7 @@
 small routes (models, health, metrics). The big ones: routes_openai, routes_batch.
 
 Bodies are read and parsed by hand, not by pydantic models: the mapping of a body
-is batchfile's (one set of rules for HTTP and batch files), each error names its
+is exgen.client.openai_body's (one set of rules for HTTP and batch files), each error names its
 field, and an interactive request costs no more than it must.
 """
 

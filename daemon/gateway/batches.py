@@ -17,7 +17,7 @@ import re
 import uuid
 from typing import Any
 
-from exgen.client import batchfile as B
+from exgen.client import openai_body as O
 from exgen.daemon.gateway import store as S
 from exgen.daemon.gateway.errors import ApiError, not_found
 from exgen.daemon.gateway.objects import batch_object
@@ -29,7 +29,7 @@ logger = logging.getLogger("exgen.gateway.batches")
 
 TICK_S = 0.25
 RUNNER_RETRY_S = 5.0
-ENDPOINTS = B.OPENAI_URLS
+ENDPOINTS = O.OPENAI_URLS
 # OpenAI accepts "24h" only; shorter windows (and longer ones) are ours: "90s", "30m", "48h".
 WINDOW_RE = re.compile(r"^(\d+)([smh])$")
 WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600}

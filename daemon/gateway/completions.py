@@ -1,16 +1,14 @@
 """``/v1/completions`` and ``/v1/chat/completions``: a body in, one item to the router,
 an OpenAI response (or server-sent chunks) out.
 
-A request body is mapped exactly as an OpenAI Batch line's body is
-(:func:`exgen.client.batchfile.parse_line`): the same fields mapped, the same ones
-refused with the same messages, so a request that works here works in a batch file
-and back. Only ``stream`` and ``stream_options`` are taken off first: streaming is
-this endpoint's business.
+A request body is mapped by :mod:`exgen.client.openai_body`, as an OpenAI Batch
+line's body is: the same fields mapped, the same ones refused with the same messages,
+so a request that works here works in a batch file and back. Only ``stream`` and
+``stream_options`` are taken off first: streaming is this endpoint's business.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -19,8 +17,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
-from exgen.client import batchfile as B
 from exgen.client import errors
+from exgen.client import openai_body as O
 from exgen.client.calls import StreamText
 from exgen.client.client import Result
 from exgen.daemon.gateway.errors import ApiError, bad_body, from_exgen_error, from_request_failed
@@ -34,16 +32,22 @@ MAX_PROMPTS = 256  # prompts in one /v1/completions request (each is an item)
 
 @dataclass(slots=True)
 class Parsed:
-    line: B.BatchLine  # the body as a batch line: url, prompt or messages, params
+    url: str  # the endpoint: openai_body.CHAT_URL or COMPLETIONS_URL
+    item: dict[str, Any]  # the body as an item: id, prompt or messages, params, model
     stream: bool
     include_usage: bool
     continuous_usage: bool = False  # usage on every chunk (vLLM's continuous_usage_stats)
-    # /v1/completions with a list of prompts: one line each (``line`` is the first)
-    lines: list[B.BatchLine] = field(default_factory=list)
+    # /v1/completions with a list of prompts: one item each (``item`` is the first)
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        """The request's id: its response's, and its (first) item's."""
+        return str(self.item["id"])
 
     @property
     def chat(self) -> bool:
-        return self.line.url == B.CHAT_URL
+        return self.url == O.CHAT_URL
 
 
 def parse_body(raw: bytes, url: str) -> Parsed:
@@ -53,52 +57,53 @@ def parse_body(raw: bytes, url: str) -> Parsed:
     if not isinstance(stream, bool) and stream is not None:
         raise ApiError(400, "stream must be true or false", param="stream")
     include_usage, continuous = _stream_options(body.pop("stream_options", None))
-    request_id = f"{'chatcmpl' if url == B.CHAT_URL else 'cmpl'}-{uuid.uuid4().hex}"
-    prompts = several_prompts(body) if url == B.COMPLETIONS_URL else None
+    request_id = f"{'chatcmpl' if url == O.CHAT_URL else 'cmpl'}-{uuid.uuid4().hex}"
+    prompts = several_prompts(body) if url == O.COMPLETIONS_URL else None
     if prompts is None:
-        lines = [_line(request_id, url, body)]
+        items = [_item(body, url, request_id, raw)]
     else:
-        # One item a prompt, each its own line (ids: the request's, numbered).
-        lines = [
-            _line(f"{request_id}-{i}", url, body | {"prompt": p}) for i, p in enumerate(prompts)
+        # One item a prompt (ids: the request's, numbered).
+        items = [
+            _item(body | {"prompt": p}, url, f"{request_id}-{i}", raw)
+            for i, p in enumerate(prompts)
         ]
         if stream:
             raise ApiError(
                 400, "several prompts are not supported with stream: true", param="prompt"
             )
     if stream:
-        _check_streamable(lines[0])
-    return Parsed(lines[0], bool(stream), include_usage, include_usage and continuous, lines)
+        _check_streamable(items[0]["params"])
+    return Parsed(url, items[0], bool(stream), include_usage, include_usage and continuous, items)
 
 
 def several_prompts(body: dict[str, Any]) -> list[Any] | None:
     """The prompts of a completions body holding several (strings, or lists of token
-    ids); None for one prompt, which the line parser takes (and refuses what is neither)."""
+    ids); None for one prompt, which item_from_body takes (and refuses what is neither)."""
     prompts = body.get("prompt")
     if not isinstance(prompts, list) or len(prompts) < 2:
         return None
     if not all(isinstance(p, str | list) for p in prompts):
-        return None  # one prompt of token ids, or a shape the line parser names
+        return None  # one prompt of token ids, or a shape item_from_body names
     if len(prompts) > MAX_PROMPTS:
         raise ApiError(400, f"at most {MAX_PROMPTS} prompts in one request", param="prompt")
     return prompts
 
 
-def _line(request_id: str, url: str, body: dict[str, Any]) -> B.BatchLine:
-    entry = B.parse_line(json.dumps({"custom_id": request_id, "url": url, "body": body}), 1)
-    if isinstance(entry, B.LineError):
-        raise bad_body(entry.message)
-    return entry
+def _item(body: dict[str, Any], url: str, item_id: str, raw: bytes) -> dict[str, Any]:
+    try:
+        return O.item_from_body(body, url, item_id, raw=raw)
+    except O.Malformed as exc:
+        raise bad_body(str(exc)) from None
 
 
-def _check_streamable(line: B.BatchLine) -> None:
+def _check_streamable(params: dict[str, Any]) -> None:
     """A stream carries one sample's text: n > 1 and logprobs are for whole answers."""
-    if line.params.get("n", 1) > 1:
+    if params.get("n", 1) > 1:
         raise ApiError(400, "n > 1 is not supported with stream: true", param="n")
-    if line.params.get("logprobs") or line.params.get("top_logprobs"):
+    if params.get("logprobs") or params.get("top_logprobs"):
         raise ApiError(400, "logprobs are not supported with stream: true", param="logprobs")
     for name in ("echo", "prompt_logprobs"):  # the prompt comes back with a whole answer
-        value = line.params.get(name)
+        value = params.get(name)
         if value is not None and value is not False:  # prompt_logprobs 0 is asked too
             raise ApiError(400, f"{name} is not supported with stream: true", param=name)
 
@@ -134,24 +139,20 @@ def _stream_options(options: Any) -> tuple[bool, bool]:
     return bool(options.get("include_usage")), bool(options.get("continuous_usage_stats"))
 
 
-def item_for(line: B.BatchLine, timeout_s: float | None = None) -> dict[str, Any]:
-    """The router item for a line: its model named (the router's strict_model checks it)
-    and a deadline (the router's: past it the item is cancelled and answered timeout)."""
-    item = line.to_item()
-    if line.model is not None:
-        item["model"] = line.model
-    if timeout_s is not None:
-        item["timeout_s"] = timeout_s
-    return item
+def with_deadline(item: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
+    """The item with the router's deadline: past it the item is cancelled and answered
+    timeout. (Its model, where the request named one, is the router's strict_model's
+    to check.)"""
+    return item if timeout_s is None else item | {"timeout_s": timeout_s}
 
 
-def response_body(line: B.BatchLine, result: Result, served_model: str) -> dict[str, Any]:
-    """The OpenAI response object: the body of the batch output line, naming the served
+def response_body(
+    url: str, item: dict[str, Any], result: Result, served_model: str
+) -> dict[str, Any]:
+    """The OpenAI response object for one item, under the item's id, naming the served
     model (the one that wrote the text), whatever model the request named."""
-    honest = dataclasses.replace(line, model=None)
-    record = B.format_result(honest, result, default_model=served_model)
-    body: dict[str, Any] = record["response"]["body"]
-    body["id"] = line.id
+    body = O.response_body(url, item, result, default_model=served_model)
+    body["id"] = item["id"]
     return body
 
 
@@ -180,7 +181,7 @@ class ChunkWriter:
         self.parsed = parsed
         self.counts = (0, 0)  # (prompt, completion) tokens so far: continuous usage
         self.head: dict[str, Any] = {
-            "id": parsed.line.id,
+            "id": parsed.id,
             "object": "chat.completion.chunk" if parsed.chat else "text_completion",
             "created": int(time.time()),
             "model": model,
@@ -260,23 +261,23 @@ class Completions:
 
     async def complete(self, parsed: Parsed) -> dict[str, Any]:
         """One whole response, or an ApiError."""
-        lines = parsed.lines or [parsed.line]
+        items = parsed.items or [parsed.item]
         try:
             results = await self.upstream.client.generate(
-                [item_for(line, self.timeout_s) for line in lines]
+                [with_deadline(item, self.timeout_s) for item in items]
             )
         except errors.ExgenError as exc:
-            raise from_exgen_error(exc, parsed.line.url) from None
+            raise from_exgen_error(exc, parsed.url) from None
         for result in results:
             if result.error is not None:  # one prompt failed: the request did, as vLLM's
-                raise from_request_failed(result.error, parsed.line.url)
+                raise from_request_failed(result.error, parsed.url)
         bodies = [
-            response_body(line, r, self.upstream.model)
-            for line, r in zip(lines, results, strict=True)
+            response_body(parsed.url, item, r, self.upstream.model)
+            for item, r in zip(items, results, strict=True)
         ]
-        return merged(bodies, parsed.line.id)
+        return merged(bodies, parsed.id)
 
     def stream(self, parsed: Parsed) -> AsyncGenerator[str | Result, None]:
         """Text chunks, then the Result; a failure raises an ExgenError."""
-        item = item_for(parsed.line, self.timeout_s)
+        item = with_deadline(parsed.item, self.timeout_s)
         return self.upstream.client.stream_with_result(item)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from exgen.client import batchfile as B
 from exgen.client import errors
+from exgen.client import openai_body as O
 from exgen.client import protocol as P
 
 INVALID = "invalid_request_error"
@@ -18,7 +18,7 @@ SERVER = "server_error"
 # exgen's wire codes -> (HTTP status, OpenAI error type): a batch line's as the batch
 # output file has it, and the codes only an interactive request meets.
 STATUS_BY_CODE: dict[str, tuple[int, str]] = {
-    **B.OPENAI_HTTP_ERRORS,
+    **O.OPENAI_HTTP_ERRORS,
     # The result passed max_result_bytes; the router's message says "ask for fewer
     # tokens": the caller's to fix, and a 4xx the SDKs do not retry.
     P.E_TOO_LARGE: (400, INVALID),
@@ -93,9 +93,9 @@ def from_request_failed(exc: errors.RequestFailed, url: str | None = None) -> Ap
     status, kind = STATUS_BY_CODE.get(exc.code, (500, SERVER))
     param = exc.field.removeprefix("params.") if exc.field else PARAM_BY_CODE.get(exc.code)
     if exc.code == P.E_PROMPT_TOO_LONG and param is None:
-        param = B.prompt_field(url)
+        param = O.prompt_field(url)
     retry = 1.0 if status in (429, 503) else None
-    code = B.OPENAI_ERROR_CODES.get(exc.code, exc.code)
+    code = O.OPENAI_ERROR_CODES.get(exc.code, exc.code)
     setting = SETTING_BY_CODE.get(exc.code)
     message = f"{exc.message} ({setting})" if setting else exc.message
     return ApiError(status, message, param=param, code=code, kind=kind, retry_after_s=retry)
@@ -117,9 +117,9 @@ def from_exgen_error(exc: errors.ExgenError, url: str | None = None) -> ApiError
 
 
 def bad_body(message: str) -> ApiError:
-    """A 400 for a request body the batch-line parser refused; ``param`` from its message."""
+    """A 400 for a request body openai_body refused; ``param`` from its message."""
     text = message.replace("body.", "")
-    return ApiError(400, text, param=B.param_in_message(message), code=P.E_BAD_REQUEST)
+    return ApiError(400, text, param=O.param_in_message(message), code=P.E_BAD_REQUEST)
 
 
 def not_found(what: str, ident: str) -> ApiError:

@@ -1,10 +1,10 @@
 """The gateway's OpenAPI document: the contract a client or a schema-driven tester
 (schemathesis) holds it to. Written out, not generated: bodies are parsed by hand
-(batchfile's rules), so FastAPI sees no models. Each operation declares its request
+(openai_body's rules), so FastAPI sees no models. Each operation declares its request
 body, its responses' schemas and every status it answers; a unit test holds the
 document to the app's routes, and a schemathesis run holds the server to the document.
 
-The bounds are protocol.py's and batchfile.py's own, so the two cannot drift apart.
+The bounds are protocol.py's and openai_body.py's own, so the two cannot drift apart.
 What a schema cannot say (min_tokens above max_tokens, a prompt longer than the
 model's context, a stop string with stream and n > 1) is a 400 the operation declares.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from exgen.client import batchfile as B
+from exgen.client import openai_body as O
 from exgen.client import protocol as P
 from exgen.daemon.gateway.completions import MAX_PROMPTS
 
@@ -45,8 +45,8 @@ ANY: Schema = {}
 STOP_STRING: Schema = {"type": "string", "minLength": 1, "maxLength": P.MAX_STOP_CHARS}
 
 # Fields that change nothing (accepted, ignored), and fields only their neutral values
-# of which are accepted (batchfile.OPENAI_NEUTRAL).
-IGNORED: Schema = dict.fromkeys(sorted(B.OPENAI_IGNORED - {"stream_options"}), ANY)
+# of which are accepted (openai_body.OPENAI_NEUTRAL).
+IGNORED: Schema = dict.fromkeys(sorted(O.OPENAI_IGNORED - {"stream_options"}), ANY)
 NEUTRAL: Schema = {
     "best_of": {"enum": [1, None]},
     "logit_bias": {"anyOf": [{"type": "null"}, {"type": "object", "maxProperties": 0}]},
@@ -59,7 +59,7 @@ NEUTRAL: Schema = {
 
 
 def sampling_fields() -> Schema:
-    """The body fields both endpoints map to sampling params, as batchfile maps them."""
+    """The body fields both endpoints map to sampling params, as openai_body maps them."""
     tokens = integer(0, P.MAX_NEW_TOKENS)  # 0: the prompt's logprobs, no text
     return {
         "model": nullable({"type": "string", "minLength": 1, "maxLength": P.MAX_MODEL_CHARS}),
@@ -130,7 +130,7 @@ def request_schemas() -> dict[str, Schema]:
                     ]
                 },
                 "logprobs": nullable(
-                    {"type": "integer", "minimum": 0, "maximum": B.COMPLETIONS_MAX_LOGPROBS}
+                    {"type": "integer", "minimum": 0, "maximum": O.COMPLETIONS_MAX_LOGPROBS}
                 ),
                 "echo": BOOL,
                 "add_special_tokens": BOOL,
@@ -198,7 +198,7 @@ def request_schemas() -> dict[str, Schema]:
             "required": ["input_file_id", "endpoint", "completion_window"],
             "properties": {
                 "input_file_id": {"type": "string"},
-                "endpoint": {"enum": list(B.OPENAI_URLS)},
+                "endpoint": {"enum": list(O.OPENAI_URLS)},
                 "completion_window": {"type": "string", "pattern": "^[1-9][0-9]{0,6}[smh]$"},
                 "metadata": nullable(
                     {

@@ -18,8 +18,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from exgen.client import batchfile as B
 from exgen.client import errors
+from exgen.client import openai_body as O
 from exgen.client.client import Result
 from exgen.daemon.gateway.completions import ChunkWriter, Parsed, parse_body
 from exgen.daemon.gateway.errors import ApiError, from_exgen_error
@@ -35,12 +35,12 @@ CLIENT_GONE = 499  # nginx's "client closed request": only ever seen in our metr
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
-    return await _complete(request, B.COMPLETIONS_URL)
+    return await _complete(request, O.COMPLETIONS_URL)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
-    return await _complete(request, B.CHAT_URL)
+    return await _complete(request, O.CHAT_URL)
 
 
 async def _complete(request: Request, url: str) -> Response:
@@ -122,13 +122,13 @@ class EventStream(Response):
         try:
             gone, _ = await unless_disconnected(receive, self._send_events(scope, receive, send))
             if gone:
-                logger.debug("stream %s: the caller went away", self.parsed.line.id)
+                logger.debug("stream %s: the caller went away", self.parsed.id)
         finally:
             self.gateway.discharge()
 
     async def _send_events(self, scope: Scope, receive: Receive, send: Send) -> None:
         events = self.gateway.completions.stream(self.parsed)
-        url = self.parsed.line.url
+        url = self.parsed.url
         async with contextlib.aclosing(events):
             try:
                 first = await anext(events)
@@ -156,7 +156,7 @@ class EventStream(Response):
                 event = await anext(events)
             out += writer.last(event)
         except errors.ExgenError as exc:  # the deadline passed mid-stream, the engine failed
-            out += writer.error(from_exgen_error(exc, self.parsed.line.url))
+            out += writer.error(from_exgen_error(exc, self.parsed.url))
         await _chunk(send, out)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

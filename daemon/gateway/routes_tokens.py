@@ -6,13 +6,12 @@ max_new_tokens 0 that only reads its prompt (``echo``), run where the model is.
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 
-from exgen.client import batchfile as B
 from exgen.client import errors
+from exgen.client import openai_body as O
 from exgen.client import protocol as P
 from exgen.client.client import Result
 from exgen.daemon.gateway.completions import json_object
@@ -107,11 +106,11 @@ def _only_value(body: dict[str, Any], name: str, allowed: bool, why: str) -> Non
 
 
 def _messages(value: Any) -> Any:
-    line = {"custom_id": "t", "url": B.CHAT_URL, "body": {"messages": value}}
-    entry = B.parse_line(json.dumps(line), 1)
-    if isinstance(entry, B.LineError):
-        raise ApiError(400, entry.message.replace("body.", ""), param="messages")
-    return entry.messages
+    try:
+        item = O.item_from_body({"messages": value}, O.CHAT_URL, "t")
+    except O.Malformed as exc:
+        raise ApiError(400, str(exc).replace("body.", ""), param="messages") from None
+    return item["messages"]
 
 
 def _only(body: dict[str, Any], known: frozenset[str] | set[str]) -> None:

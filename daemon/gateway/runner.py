@@ -28,7 +28,6 @@ from exgen.client import errors
 from exgen.client import protocol as P
 from exgen.client.client import Result
 from exgen.daemon.gateway import store as S
-from exgen.daemon.gateway.completions import item_for
 from exgen.daemon.gateway.options import GatewayOptions
 from exgen.daemon.gateway.upstream import Upstream
 from exgen.daemon.gateway.validate import validate_file
@@ -217,7 +216,7 @@ class BatchRunner:
                 line = self._read_line(f, line_no, offset)
                 if line is not None:
                     self.sent[line.id] = line
-                    yield item_for(line)
+                    yield line.to_item()
 
     def _input_path(self) -> Path:
         file = self.store.get_file(self._row()["input_file_id"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from exgen.client import errors
-from exgen.client.cli import bench_report, format_bench
+from exgen.client.cli_bench import bench_report, format_bench
 from exgen.client.client import Result
 
 

@@ -17,7 +17,10 @@ import zmq
 from click.testing import CliRunner, Result
 
 from exgen.client import protocol as P
-from exgen.client.cli import Stopped, Tally, cli, format_status
+from exgen.client.cli import cli
+from exgen.client.cli_common import Stopped
+from exgen.client.cli_status import format_status
+from exgen.client.cli_submit import Tally
 from exgen.client.core import TAG_SEP
 
 STATUS_DOC: dict[str, Any] = {
@@ -508,7 +511,7 @@ def test_format_status() -> None:
     assert "model fake-model" in facts
 
 
-# --- options, jobs, papercuts -----------------------------------------------------------
+# --- options, jobs, papercuts ----------------------------------------------------------
 
 
 def test_version_of_both_commands() -> None:

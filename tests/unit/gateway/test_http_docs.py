@@ -116,13 +116,13 @@ def test_null_is_not_given() -> None:
     """As OpenAI's API and vLLM take it: clients send null for fields they leave unset."""
     fields = dict.fromkeys(("max_tokens", "n", "temperature", "top_logprobs", "min_tokens"))
     parsed = parse_body(body(CHAT_URL, **fields), CHAT_URL)
-    assert parsed.line.params == {}
+    assert parsed.item["params"] == {}
 
 
 def test_add_special_tokens_on_chat_is_only_false() -> None:
     with pytest.raises(ApiError) as caught:
         parse_body(body(CHAT_URL, add_special_tokens=True), CHAT_URL)
     assert caught.value.param == "add_special_tokens"
-    assert parse_body(body(CHAT_URL, add_special_tokens=False), CHAT_URL).line.params == {}
+    assert parse_body(body(CHAT_URL, add_special_tokens=False), CHAT_URL).item["params"] == {}
     completion = parse_body(body(COMPLETIONS_URL, add_special_tokens=False), COMPLETIONS_URL)
-    assert completion.line.params == {"add_special_tokens": False}
+    assert completion.item["params"] == {"add_special_tokens": False}

@@ -87,14 +87,14 @@ def body(**fields: object) -> bytes:
 
 def test_a_body_maps_as_a_batch_line_does() -> None:
     parsed = parse_body(body(max_tokens=7, temperature=0.5, stop="x", top_k=3), CHAT_URL)
-    assert parsed.line.params == {
+    assert parsed.item["params"] == {
         "max_new_tokens": 7,
         "temperature": 0.5,
         "stop": ["x"],
         "top_k": 3,
     }
-    assert parsed.line.messages == [{"role": "user", "content": "hi"}]
-    assert not parsed.stream and parsed.line.id.startswith("chatcmpl-")
+    assert parsed.item["messages"] == [{"role": "user", "content": "hi"}]
+    assert not parsed.stream and parsed.id.startswith("chatcmpl-")
     streamed = parse_body(body(stream=True, stream_options={"include_usage": True}), CHAT_URL)
     assert streamed.stream and streamed.include_usage
 
