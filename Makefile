@@ -78,7 +78,7 @@ clean:
 # installs them there (docs/gpus.md). exllamav3 imports pydantic (which wants
 # typing-extensions >= 4.16) and its loader marisa-trie; exllamav2 needs none of its
 # own requirements beyond what is there (fastparquet and websockets: conversion, server).
-# msgspec: the router's bounded decoding of client frames (daemon/decode.py).
+# msgspec: the router's bounded decoding of client frames (daemon/router/decode.py).
 # llguidance: structured output (daemon/engines/grammar.py); 1.6.1 is its newest wheel
 # for manylinux_2_28 (tested here with it and with 1.9.1).
 GPU_WHEELS ?= pyzmq==27.3.0 msgspec==0.23.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \

@@ -82,7 +82,7 @@ def resolve_engine(args: argparse.Namespace) -> str | None:
     if args.engine != "auto":
         return str(args.engine)
     from exgen.daemon.engines.base import EngineUnavailable
-    from exgen.daemon.inspect import choose_engine
+    from exgen.daemon.modelprobe import choose_engine
 
     try:
         engine = choose_engine(args.model)

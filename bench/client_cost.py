@@ -1,5 +1,5 @@
 """The client library's own cost per prompt, this tree against an older revision,
-side by side in one run (issue 12: the multiplexing core must not make it grow).
+side by side in one run (the multiplexing core must not make it grow).
 
 One daemon (a zero-cost synthetic engine, as in router_capacity.py) serves both
 clients in alternating rounds, so load on a shared machine hits both alike. The old

@@ -99,7 +99,7 @@ def measure(rounds: int, items: list[dict[str, Any]], cap_s: float) -> dict[str,
 
 def render(runs: dict[str, Any], rounds: int, host: dict[str, Any]) -> str:
     lines = [
-        "## CPU worker layout (issue 12, item 7)",
+        "## CPU worker layout",
         "",
         f"`bench/cpu_layout.py --rounds {rounds}` on {host['cpu']}, {host['cores']} cores "
         f"(load average at start {host['load_avg']}): `exgen serve` on the demo model, the "

@@ -1,4 +1,4 @@
-"""The fault matrix (issue 11): each way a link or a client fails, and what it costs.
+"""The fault matrix: each way a link or a client fails, and what it costs.
 
 For every scenario, on a real daemon (synthetic engine, a GPU-like step time):
 

@@ -1,4 +1,4 @@
-"""GPU truth in one prepared run (issue 16): exgen's engines on a real GPU, measured.
+"""GPU truth in one prepared run: exgen's engines on a real GPU, measured.
 
 One command for the rare moments a GPU machine is lent (one H200, no network, a
 few minutes). In order, each step time-boxed so that one broken step cannot eat the

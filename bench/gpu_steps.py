@@ -33,7 +33,7 @@ from gpu_check import Plan
 from gpu_model import make_model
 
 RATIO_GOAL = 0.95  # exgen with one slot against the lone process
-SEEDS_GOAL = 1.0  # exgen against the seeds' own method (issue 7's goal)
+SEEDS_GOAL = 1.0  # exgen against the seeds' own method (the goal)
 RESTART_GOAL = 2.0  # restart time against the worker's load time
 RELEASED_SHARE = 0.75  # of the killed worker's GPU memory, seen freed before it is back
 

@@ -286,7 +286,7 @@ def measure(name: str, tokenizer_dir: Path) -> dict[str, Any]:
 
 def render(results: list[dict[str, Any]], versions: dict[str, str]) -> str:
     lines = [
-        "## Grammar libraries for structured output (issue 15)",
+        "## Grammar libraries for structured output",
         "",
         "`bench/grammar_libraries.py`: each library in its own process on the demo model's "
         "tokenizer (49,152 tokens), a schema of six typed fields with an enum; "

@@ -1,4 +1,4 @@
-"""The HTTP gateway against the ZMQ client on the same daemon (issue 13).
+"""The HTTP gateway against the ZMQ client on the same daemon.
 
 One `exgen serve --http` with a zero-cost synthetic engine (token_ms = batch_ms = 0),
 so what is measured is the front's own cost:

@@ -151,7 +151,7 @@ def fake_client(daemon: FakeDaemon, window: int) -> Client:
     client = Client("tcp://127.0.0.1:1", timeout=60, window=window)
     real: Any = client._sock
     client._sock = daemon  # type: ignore[assignment]
-    if hasattr(client, "_poller"):  # the multiplexing client (issue 12 on)
+    if hasattr(client, "_poller"):  # the multiplexing client
         real.disable_monitor()
         client._monitor.close(linger=0)
         client._poller = FakePoller(daemon)  # type: ignore[assignment]
@@ -201,7 +201,7 @@ class FakeRouter:
 
 def work_messages(prompts: int, per_message: int) -> Iterator[list[bytes]]:
     try:
-        from exgen.daemon import wire
+        from exgen.daemon.net import wire
 
         command = wire.WORK
     except ImportError:  # before the router <-> worker wire had a module of its own

@@ -1,4 +1,4 @@
-"""Daemon overhead (issue 7, 1d; issue 3, item 6): one worker against the engine
+"""Daemon overhead: one worker against the engine
 driven directly in-process, on the same prompts; tokens/s and their ratio.
 
 - transformers on the demo model (SmolLM2-135M, CPU): the seeds' prompts, greedy,

@@ -218,7 +218,7 @@ def run_exgen(items: list[dict[str, Any]]) -> dict[str, Any]:
     """`exgen serve` with its defaults (the CPU layout it picks), through the library."""
     from benchlib import running_daemon
 
-    from exgen.daemon.engines.cpu_layout import default_cpu_workers, usable_cores
+    from exgen.daemon.cpu_layout import default_cpu_workers, usable_cores
 
     workers = default_cpu_workers(usable_cores())
     started = time.perf_counter()
@@ -454,7 +454,7 @@ def render(table: dict[str, dict[str, Any]], rounds: int, host: dict[str, Any]) 
     names = [c.name for c in CONFIGS if c.name in table]
     peers = {c.name: c.peer for c in CONFIGS}
     lines = [
-        "## exgen and its peers on CPU (issue 17)",
+        "## exgen and its peers on CPU",
         "",
         f"`make bench-peers` (= `bench/peers.py --rounds {rounds}`) on {host['cpu']}, "
         f"{host['cores']} cores, load average at start {host['load_avg']} (a shared machine), "

@@ -1,4 +1,4 @@
-"""Ray mode against local mode on one machine (issue 14).
+"""Ray mode against local mode on one machine.
 
 1. Throughput: the same synthetic workloads through a local daemon (2 CPU worker
    slots) and a Ray-mode daemon (2 slots, one actor on each of 2 nodes of Ray's

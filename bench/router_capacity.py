@@ -1,4 +1,4 @@
-"""Router capacity (issue 7, 1c): how many prompts/s the daemon itself can move.
+"""Router capacity: how many prompts/s the daemon itself can move.
 
 A zero-cost synthetic engine (token_ms = batch_ms = 0: every job ends in one step)
 behind ``--workers`` workers, so everything measured is the daemon's own cost:

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-# As a worker runs (daemon/engines/cpu_layout.py): OpenMP threads sleep at a barrier
+# As a worker runs (daemon/cpu_layout.py): OpenMP threads sleep at a barrier
 # instead of spinning, so CPU time is work done, not waiting for a loaded machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -153,7 +153,7 @@ def render(doc: dict[str, Any]) -> str:
     share = [r["grammar_s"] / r["wall_s"] for r in schema]
     return "\n".join(
         [
-            "## Structured output (issue 15)",
+            "## Structured output",
             "",
             f"`bench/structured_output.py --rounds {doc['rounds']}` on {host['cpu']}, "
             f"{host['cores']} cores (load average at start {host['load_avg']}), commit "

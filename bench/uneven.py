@@ -1,4 +1,4 @@
-"""Uneven work (issue 7, 1b): queue-depth balancing against a static equal split.
+"""Uneven work: queue-depth balancing against a static equal split.
 
 Output lengths come from a long-tailed distribution (a bounded Pareto on 10…1,000
 tokens, alpha 1). The synthetic engine models a GPU: one step advances every active

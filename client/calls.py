@@ -439,7 +439,7 @@ class Call:
     def _answer_locally(self, result: Result) -> None:
         if self.ordered:
             self.order.append(Place(result))
-            self._release_in_order()
+            self._emit_in_order()
         else:
             self.ready.append(result)
 
@@ -506,12 +506,12 @@ class Call:
             self.ready.append(result)
         else:
             place.result = result
-            self._release_in_order()
+            self._emit_in_order()
 
     def _answer(self, wire_id: str, body: Mapping[str, Any], now: float) -> None:
         self.on_result(wire_id, body, now, None)
 
-    def _release_in_order(self) -> None:
+    def _emit_in_order(self) -> None:
         order = self.order
         while order and order[0].result is not None:
             result = order.popleft().result

@@ -49,7 +49,7 @@ PONG = b"P"  # router -> client: {"req"?, "instance", "draining", "seq", "known"
 WELCOME = b"W"  # router -> client: {"req", "instance", "model", "engine", "client", "limits"}
 CANCELLED = b"c"  # router -> client: {"req", "cancelled", "clients"} (another client's work)
 
-# The router <-> worker commands and rows are the daemon's: exgen.daemon.wire.
+# The router <-> worker commands and rows are the daemon's: exgen.daemon.net.wire.
 
 CLIENT_COMMANDS = frozenset({HELLO, SUBMIT, CANCEL, STATUS, PING, ACK})
 
@@ -607,7 +607,7 @@ def validate_submit(body: dict[str, Any]) -> Submit:
     Raises ValidationError (naming the field) when the envelope is bad (no req, no
     items, an item without a usable id, duplicate ids); an item with a usable id but
     bad content lands in ``Submit.rejected`` instead. (The router decodes frames with
-    ``exgen.daemon.decode``, which bounds the decoding cost and then comes here, to
+    ``exgen.daemon.router.decode``, which bounds the decoding cost and then comes here, to
     ``check_envelope`` and ``add_item``.)
     """
     items = body.get("items")

@@ -139,10 +139,10 @@ def serve(config_file: Path | None, engine_opt: tuple[str, ...], **options: Any)
 
 def run_daemon(settings: cfg.Settings) -> int:
     from exgen.client.client import user_address
-    from exgen.daemon.curve import CurveSetupError, server_keys
-    from exgen.daemon.listen import ListenError
+    from exgen.daemon.net.curve import CurveSetupError, server_keys
+    from exgen.daemon.net.listen import ListenError
     from exgen.daemon.server import Daemon
-    from exgen.daemon.supervisor import plan_slots
+    from exgen.daemon.supervisor.supervisor import plan_slots
 
     listen = settings.listen or user_address()
     check_listen_security(listen, settings)
@@ -174,7 +174,7 @@ def run_daemon(settings: cfg.Settings) -> int:
 def ray_slots(settings: cfg.Settings) -> list[Any]:
     """Join the Ray cluster and plan the slots there (Ray is imported only here)."""
     try:
-        from exgen.daemon import launch_ray
+        from exgen.daemon.supervisor import launch_ray
     except ImportError as exc:
         raise CliError(
             f"Ray mode needs Ray: pip install 'exgen[ray]' ({exc.name or exc} is missing)"
@@ -189,8 +189,8 @@ def ray_slots(settings: cfg.Settings) -> list[Any]:
 
 def default_cpu_workers_for(model: str | None) -> int:
     """`exgen serve` on a machine without GPUs: one single-threaded worker per core,
-    as many as the memory holds copies of the model (engines/cpu_layout.py)."""
-    from exgen.daemon.engines import cpu_layout
+    as many as the memory holds copies of the model (cpu_layout.py)."""
+    from exgen.daemon import cpu_layout
 
     size = cpu_layout.model_memory_bytes(Path(model)) if model else None
     available = cpu_layout.available_memory_bytes()
@@ -229,11 +229,11 @@ def choose_engine(path: Path) -> str:
     from exgen.daemon.engines.base import EngineUnavailable
 
     try:
-        from exgen.daemon import inspect as model_inspect
+        from exgen.daemon import modelprobe
     except ImportError:
         return "transformers"
     try:
-        return model_inspect.choose_engine(path)
+        return modelprobe.choose_engine(path)
     except (EngineUnavailable, ValueError) as exc:
         raise CliError(str(exc)) from None
 
@@ -257,7 +257,7 @@ def detect_gpus() -> list[int]:
 
 def check_listen_security(listen: str, settings: cfg.Settings) -> None:
     """A TCP address beyond loopback needs CURVE keys, unless --insecure."""
-    from exgen.daemon.listen import is_local
+    from exgen.daemon.net.listen import is_local
 
     if is_local(listen) or settings.insecure:
         return
@@ -289,7 +289,7 @@ def keygen(name: str, directory: Path) -> None:
     and give it the daemon's server.key: `exgen-client --server-key server.key
     --client-key NAME.key_secret` (or $EXGEN_SERVER_KEY and $EXGEN_CLIENT_KEY).
     """
-    from exgen.daemon.curve import keygen as write_keys
+    from exgen.daemon.net.curve import keygen as write_keys
 
     if not name or "/" in name or name.startswith("."):
         raise CliError(f"key name {name!r}: use a plain file name")
@@ -333,8 +333,7 @@ def models_list() -> None:
 def models_inspect(model: str, cache_tokens: int, as_json: bool) -> None:
     """Format, size, context length, GPU memory estimate and engines for a model:
     MODEL is a path, or a name as `exgen models list` prints it."""
-    from exgen.daemon import inspect as model_inspect
-    from exgen.daemon import modelstore
+    from exgen.daemon import modelprobe, modelstore
 
     path = Path(model).expanduser()
     if not path.exists():  # not a path: a name in the store (or the demo model's)
@@ -343,7 +342,7 @@ def models_inspect(model: str, cache_tokens: int, as_json: bool) -> None:
         except modelstore.ModelNotFound as exc:
             raise CliError(str(exc)) from None
     try:
-        click.echo(model_inspect.inspect_command_output(str(path), cache_tokens, as_json))
+        click.echo(modelprobe.inspect_command_output(str(path), cache_tokens, as_json))
     except ValueError as exc:
         raise CliError(str(exc)) from None
 

@@ -29,7 +29,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from exgen.daemon import supervisor as sup
+from exgen.daemon.supervisor import supervisor as sup
 
 logger = logging.getLogger("exgen.metrics")
 

@@ -158,7 +158,7 @@ def detect_format(path: Path) -> str:
     """gguf, exl2, exl3, safetensors or unknown, from file names and config.json only.
 
     EXL2/EXL3 converters record ``quantization_config.quant_method`` in config.json;
-    ``exgen.daemon.inspect`` does the detailed reading.
+    ``exgen.daemon.modelprobe`` does the detailed reading.
     """
     if path.is_file():
         return "gguf" if path.suffix == ".gguf" else "unknown"

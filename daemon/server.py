@@ -5,7 +5,7 @@ poller watches); the loop acts on it in ``handle_signal``. Each tick: read
 clients, read workers, reap exits (requeue their work), kill the hung, restart
 what is due, send the results, dispatch, tell systemd how things stand.
 
-The router (router.py) touches no socket: ``RouterSockets`` here is the only code
+The router (router/router.py) touches no socket: ``RouterSockets`` here is the only code
 that reads or writes its two. It hands the router each message it reads and, after
 each call, sends what the router left in its outbox, telling it how the sends to
 clients went (``Router.on_sent``).
@@ -24,21 +24,22 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from exgen.daemon import curve, modelstore, workerlink
-from exgen.daemon import supervisor as sup
+from exgen.daemon import modelstore
 from exgen.daemon.config import Settings
-from exgen.daemon.control import LOCAL
-from exgen.daemon.gateway.keeper import GatewayKeeper
-from exgen.daemon.listen import ListenError, access_mode, bind_frontend, heartbeat_s
-from exgen.daemon.outbox import FULL, GONE, SENT, ToClient
-from exgen.daemon.router import Router
-from exgen.daemon.sdnotify import Notifier
-from exgen.daemon.slots import SlotTable
-from exgen.daemon.sockets import readable
+from exgen.daemon.net import curve, workerlink
+from exgen.daemon.net.listen import ListenError, access_mode, bind_frontend, heartbeat_s
+from exgen.daemon.net.sockets import readable
+from exgen.daemon.router.control import LOCAL
+from exgen.daemon.router.outbox import FULL, GONE, SENT, ToClient
+from exgen.daemon.router.router import Router
+from exgen.daemon.supervisor import supervisor as sup
+from exgen.daemon.supervisor.gateway_keeper import GatewayKeeper
+from exgen.daemon.supervisor.sdnotify import Notifier
+from exgen.daemon.supervisor.slots import SlotTable
 
 if TYPE_CHECKING:
-    from exgen.daemon.launch import Launcher
     from exgen.daemon.metrics import Metrics
+    from exgen.daemon.supervisor.launch import Launcher
 
 logger = logging.getLogger("exgen.daemon")
 
@@ -95,7 +96,7 @@ class RouterSockets:
         self.router.on_client([part.bytes for part in parts], now, user, peer)
 
     def read_workers(self) -> None:
-        """Each message is stamped with the time it was read (backend.py says why).
+        """Each message is stamped with the time it was read (worker_messages.py says why).
         What they make the router send (streamed text) goes once they are read: a
         worker's message asks for no send whose outcome the next one depends on."""
         now = time.monotonic()
@@ -190,7 +191,7 @@ class Daemon:
 
     def _ray_launcher(self) -> tuple[Launcher, str]:
         """Ray mode: actors anywhere in the cluster, dialling this machine's address."""
-        from exgen.daemon import launch_ray  # ray is imported in Ray mode only
+        from exgen.daemon.supervisor import launch_ray  # ray is imported in Ray mode only
 
         address = workerlink.advertised(self.link.address, launch_ray.node_ip())
         return launch_ray.RayLauncher(self.settings, self.link.keys), address

@@ -19,7 +19,6 @@ own key pair arrives on stdin, never on the command line.)
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from typing import Any
 import zmq
 
 from exgen.client import protocol as P
-from exgen.daemon import gcpolicy, policy, wire
+from exgen.daemon import gcpolicy, policy
 from exgen.daemon.engines import engine_class
 from exgen.daemon.engines.base import (
     Chunk,
@@ -45,11 +44,11 @@ from exgen.daemon.engines.base import (
     JobRejected,
 )
 from exgen.daemon.logs import setup_logging
-from exgen.daemon.sockets import readable
+from exgen.daemon.net import wire
+from exgen.daemon.net.sockets import readable
+from exgen.daemon.procs import die_with_parent
 
 logger = logging.getLogger("exgen.worker")
-
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass(slots=True)
@@ -104,25 +103,6 @@ class Progress:
         self.tokens = 0
         self.state = "loading"
         self.engine: Engine | None = None  # set once loaded; its decode_steps count too
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel to SIGKILL us when the supervisor dies; watch it too."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass  # not Linux: the watch thread alone will do
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(policy.EXIT_PARENT_GONE)
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent_pid:
-                os._exit(policy.EXIT_PARENT_GONE)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def heartbeat_loop(

@@ -7,7 +7,7 @@ jobs. exllamav2 is imported inside ``load()`` only: importing it compiles a CUDA
 extension and fails (OSError) on a machine without CUDA.
 
 Written against exllamav2 0.3.2 (EXLLAMAV2_VERSION); :data:`EXLLAMAV2_API` lists every name
-this module uses in the library, and tests/unit/test_exl_conformance.py checks that
+this module uses in the library, and tests/unit/engines/test_exl_conformance.py checks that
 list against the installed sources (and this module against the list).
 """
 

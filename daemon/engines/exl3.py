@@ -11,7 +11,7 @@ reserves one token beyond prompt + max_new_tokens in the cache.
 
 exllamav3 is imported inside ``load()`` only (it compiles its extension at import
 when no prebuilt one matches). :data:`EXLLAMAV3_API` lists every name used, checked
-against the installed sources by tests/unit/test_exl_conformance.py.
+against the installed sources by tests/unit/engines/test_exl_conformance.py.
 """
 
 from __future__ import annotations

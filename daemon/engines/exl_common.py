@@ -45,7 +45,7 @@ from exgen.daemon.engines.base import (
     vocabulary_problem,
 )
 from exgen.daemon.engines.grammar import Grammars, SchemaMatcher
-from exgen.daemon.inspect import FORMAT_NAMES, ModelInspectError, inspect_model, read_json
+from exgen.daemon.modelprobe import FORMAT_NAMES, ModelInspectError, inspect_model, read_json
 
 log = logging.getLogger(__name__)
 

@@ -57,6 +57,7 @@ from typing import Any
 
 from exgen.client import protocol as P
 from exgen.daemon import modelstore
+from exgen.daemon.cpu_layout import available_memory_bytes, cpu_flags, native_bf16
 from exgen.daemon.engines import grammar, hf_prefix
 from exgen.daemon.engines.base import (
     Engine,
@@ -71,7 +72,6 @@ from exgen.daemon.engines.base import (
     take_options,
     vocabulary_problem,
 )
-from exgen.daemon.engines.cpu_layout import available_memory_bytes, cpu_flags, native_bf16
 from exgen.daemon.engines.grammar import Grammars
 from exgen.daemon.engines.hf_decode import DecodeBatch, Model, Row, decode, logits_processors
 from exgen.daemon.engines.hf_features import BatchFeatures, JobSamples, RowExtras

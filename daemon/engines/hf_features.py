@@ -1,4 +1,4 @@
-"""What a transformers batch adds per row for issue 15: JSON Schema masks, OpenAI's
+"""What a transformers batch adds per row for its features: JSON Schema masks, OpenAI's
 presence/frequency penalties, logprobs; and the n samples of a job gathered into one
 result. Hooks of :class:`hf_decode.DecodeBatch`, kept apart from its decode loop.
 

@@ -58,7 +58,7 @@ def main(parent_pid: int | None, **fields: Any) -> None:
     options = GatewayOptions(**fields)
     setup_logging(options.log_level, prefix=f"gateway pid {os.getpid()}")
     if parent_pid is not None:
-        from exgen.daemon.worker import die_with_parent
+        from exgen.daemon.procs import die_with_parent
 
         die_with_parent(parent_pid)
     sys.exit(serve(options))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from exgen.daemon.config import Settings, parse_host_port
 from exgen.daemon.gateway.store import StateDirInUse, lock_exclusively
-from exgen.daemon.sockets import is_loopback
+from exgen.daemon.net.sockets import is_loopback
 
 
 class GatewayUnusable(ValueError):

@@ -27,7 +27,7 @@ from exgen.daemon.gateway.routes_openai import read_body
 from exgen.daemon.gateway.store import Store
 
 if TYPE_CHECKING:
-    from exgen.daemon.gateway.app import Gateway
+    from exgen.daemon.gateway.state import Gateway
 
 router = APIRouter()
 PURPOSES = ("batch",)  # what may be uploaded; batch outputs are written by us

@@ -25,7 +25,7 @@ from exgen.daemon.gateway.completions import ChunkWriter, Parsed, parse_body
 from exgen.daemon.gateway.errors import ApiError, from_exgen_error
 
 if TYPE_CHECKING:
-    from exgen.daemon.gateway.app import Gateway
+    from exgen.daemon.gateway.state import Gateway
 
 logger = logging.getLogger("exgen.gateway.routes")
 
@@ -51,13 +51,13 @@ async def _complete(request: Request, url: str) -> Response:
         raise ApiError(503, gateway.upstream.why_not_ready(), retry_after_s=1)
     gateway.admit()
     if parsed.stream:
-        return EventStream(gateway, parsed)  # releases the admission when it ends
+        return EventStream(gateway, parsed)  # discharged when it ends
     try:
         gone, body = await unless_disconnected(
             request.receive, gateway.completions.complete(parsed)
         )
     finally:
-        gateway.release()
+        gateway.discharge()
     if gone:
         return Response(status_code=CLIENT_GONE)
     return JSONResponse(body)
@@ -124,7 +124,7 @@ class EventStream(Response):
             if gone:
                 logger.debug("stream %s: the caller went away", self.parsed.id)
         finally:
-            self.gateway.release()
+            self.gateway.discharge()
 
     async def _send_events(self, scope: Scope, receive: Receive, send: Send) -> None:
         events = self.gateway.completions.stream(self.parsed)

@@ -19,7 +19,7 @@ from exgen.daemon.gateway.errors import ApiError, from_exgen_error, from_request
 from exgen.daemon.gateway.routes_openai import read_body
 
 if TYPE_CHECKING:
-    from exgen.daemon.gateway.app import Gateway
+    from exgen.daemon.gateway.state import Gateway
 
 router = APIRouter()
 TOKENIZE_KEYS = frozenset(
@@ -141,7 +141,7 @@ async def _read_prompt(gateway: Gateway, item: dict[str, Any]) -> Result:
     except errors.ExgenError as exc:
         raise from_exgen_error(exc) from None
     finally:
-        gateway.release()
+        gateway.discharge()
     if result.error is not None:
         raise from_request_failed(result.error)
     if result.prompt is None:

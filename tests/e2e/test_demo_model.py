@@ -6,7 +6,7 @@ dtype the engine runs (bf16 on a CPU with native bf16, else fp32). The reference
 here is computed independently of the engine's code: one prompt at a time, no
 padding, the library's own chat template path. The daemon gets the prompts one at
 a time too: in bf16 a row's output depends on what else is in its batch, in plain
-transformers as well (see tests/unit/test_hf_engine.py, where batches are compared
+transformers as well (see tests/unit/engines/test_hf_engine.py, where batches are compared
 with transformers' batched generate).
 """
 
@@ -20,9 +20,8 @@ from typing import Any
 import pytest
 
 from exgen.client import errors
-from exgen.daemon import modelstore
-from exgen.daemon.engines import cpu_layout
-from exgen.daemon.engines.cpu_layout import cpu_flags, native_bf16
+from exgen.daemon import cpu_layout, modelstore
+from exgen.daemon.cpu_layout import cpu_flags, native_bf16
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 

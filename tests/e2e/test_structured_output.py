@@ -1,4 +1,4 @@
-"""Issue 15's acceptance on the demo model (SmolLM2-135M-Instruct, transformers, CPU):
+"""Structured output on the demo model (SmolLM2-135M-Instruct, transformers, CPU):
 a 200-line OpenAI batch file asking for a JSON Schema (an object with typed fields and
 an enum) gives 200 outputs that parse and validate; logprobs and n arrive in OpenAI's
 shapes. Run as a user does: `exgen serve` and `exgen-client submit`."""

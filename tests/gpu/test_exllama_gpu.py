@@ -23,7 +23,7 @@ import pytest
 from exgen.client import protocol as P
 from exgen.daemon.engines.base import Chunk, Event, Finished, Job, JobRejected, SamplingParams
 from exgen.daemon.engines.exl_common import ExlEngine
-from exgen.daemon.inspect import FORMAT_EXL2, FORMAT_EXL3, inspect_model
+from exgen.daemon.modelprobe import FORMAT_EXL2, FORMAT_EXL3, inspect_model
 
 pytestmark = pytest.mark.gpu
 
@@ -199,7 +199,7 @@ def test_chat_messages_use_the_model_template(engine: ExlEngine) -> None:
     assert result.text.strip()
 
 
-# --- issue 15: structured output, logprobs, n, penalties ------------------------------------
+# --- structured output, logprobs, n, penalties ---------------------------------------------
 
 BOUNDED_SCHEMA = {  # every value bounded: even a model of random weights must finish it
     "type": "object",

@@ -1,4 +1,4 @@
-"""Issue 5, access: local-only by default; beyond loopback only with CURVE keys
+"""Access: local-only by default; beyond loopback only with CURVE keys
 (or --insecure); a client without an allowed key gets nothing at all."""
 
 from __future__ import annotations

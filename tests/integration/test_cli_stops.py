@@ -1,4 +1,4 @@
-"""Issue 11 item 3 and issue 12 items 3-4 as a batch user meets them, with real
+"""Stopping a batch as its user meets it, with real
 processes: `exgen-client submit` killed by a signal, or out of disk, cancels its work
 at the daemon, and `--resume` completes the file; OpenAI lines come back in shapes the
 `openai` SDK's own models accept, naming the served model."""

@@ -1,4 +1,4 @@
-"""Issue 2's acceptance, as the user runs it: `exgen-client submit` against a real
+"""Batch submission as the user runs it: `exgen-client submit` against a real
 daemon, a 1,000-line file, with and without a worker killed by `kill -9` mid-run."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Issue 12 item 1 and issue 11 item 3, as a library user sees them against a real
+"""Concurrent calls on one client, as a library user sees them against a real
 daemon: calls on one client run at once, status never waits behind a stream, and an
-abandoned iterator leaves nothing running at the daemon. Issue 13's additions: a
+abandoned iterator leaves nothing running at the daemon. Also: a
 stream that ends with its Result, and a call's priority on a client that carries
 both kinds of work."""
 

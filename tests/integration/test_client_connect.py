@@ -1,4 +1,4 @@
-"""Issue 11 item 6, the client's side, with real sockets, processes and a real second
+"""Where a client may connect, the client's side, with real sockets, processes and a real second
 unix user: a socket in another user's directory is refused before anything is sent;
 "permission denied" says so; no daemon at an ipc path is an error at once; a TCP
 address that never answers fails within the connect timeout; a string that cannot be

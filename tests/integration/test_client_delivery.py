@@ -1,4 +1,4 @@
-"""Issue 11 item 2, the client's side over a real link: results survive a TCP
+"""Delivery, the client's side over a real link: results survive a TCP
 connection that resets mid-stream. A small router of the test's own speaks the
 delivery contract of docs/protocol.md (RESULTS with seq, kept until acknowledged,
 sent again on ACK resend; PONG with seq and known), behind the tests' TCP proxy
@@ -35,7 +35,7 @@ class ContractRouter:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        # As the real frontend (daemon/listen.py): the client reconnects under its fixed
+        # As the real frontend (daemon/net/listen.py): the client reconnects under its fixed
         # identity, and without handover a reconnect that beats the old connection's
         # teardown (a loaded machine) is ignored by libzmq for good, so the client
         # would hear nothing and time out, a failure of this router, not of the client.

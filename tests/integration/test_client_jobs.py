@@ -1,4 +1,4 @@
-"""Issue 12 items 3-5 end to end, against the router's side of protocol v2 (sessions,
+"""Jobs end to end, against the router's side of protocol v2 (sessions,
 jobs you can see and cancel, per-item deadlines, strict model names): a real daemon,
 real `exgen-client` processes in two "terminals".
 

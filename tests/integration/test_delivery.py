@@ -1,4 +1,4 @@
-"""Issue 11: the delivery contract on links and clients that fail — every accepted
+"""The delivery contract on links and clients that fail — every accepted
 item ends in exactly one answer the client has, and a client that went away costs
 little. Real daemons, real sockets, a TCP proxy that resets, real signals."""
 

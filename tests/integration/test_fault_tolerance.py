@@ -1,4 +1,4 @@
-"""Issue 5: nothing accepted is lost through kills, hangs, poison prompts, flapping
+"""Nothing accepted is lost through kills, hangs, poison prompts, flapping
 slots and daemon restarts. Real daemon, real worker processes (synthetic engine)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 4's acceptance on a machine without CUDA: `exgen serve --engine exllamav2`
+"""The GPU engines on a machine without CUDA: `exgen serve --engine exllamav2`
 (or exllamav3) exits non-zero within seconds with a one-line reason, no restart loop."""
 
 from __future__ import annotations

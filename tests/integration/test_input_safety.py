@@ -1,4 +1,4 @@
-"""Issue 5: malformed input and floods. Garbage is dropped, a well-formed but invalid
+"""Malformed input and floods. Garbage is dropped, a well-formed but invalid
 request is answered naming the field, nobody else loses work, the router's memory
 stays bounded, and a one-line request still gets through."""
 

@@ -17,7 +17,7 @@ from typing import Any
 import zmq
 
 from exgen.client import protocol as P
-from exgen.daemon import wire
+from exgen.daemon.net import wire
 from exgen.daemon.worker import WorkerSpec
 
 FEW_SHOT = " ".join(f"example {i} says {i * 7}." for i in range(20))  # 80 words

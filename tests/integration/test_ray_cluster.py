@@ -1,4 +1,4 @@
-"""Ray mode on Ray's own test cluster (issue 14): a head and two nodes on this machine,
+"""Ray mode on Ray's own test cluster: a head and two nodes on this machine,
 each with one unit of a custom resource standing in for a GPU.
 
 Real daemon (`exgen serve --ray ADDRESS`), real actors, real worker processes that
@@ -105,8 +105,8 @@ def test_a_slot_whose_ready_comes_before_the_placement_poll_still_shows_its_plac
     """The daemon in this process, so the race can be made certain: the launcher's own
     placement poll is held back until the router has read the worker's READY (whose
     pid check reads the actor's facts first). Its place must still be noted, once."""
-    from exgen.daemon import launch_ray
     from exgen.daemon.server import Daemon
+    from exgen.daemon.supervisor import launch_ray
 
     caplog.set_level(logging.INFO, logger="exgen.supervisor")
     settings = Settings(

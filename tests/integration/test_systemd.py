@@ -178,11 +178,11 @@ def test_journald_lines_and_the_lifecycle_of_a_kill_9(daemon_factory):
     assert worker_lines and all(re.search(r": slot \d+ pid \d+: ", x) for x in worker_lines)
     expected = [
         f"<6>exgen.supervisor: spawn slot 1 pid {victim} ",
-        f"<6>exgen.backend: ready slot 1 pid {victim}: ",
+        f"<6>exgen.worker_messages: ready slot 1 pid {victim}: ",
         f"<4>exgen.supervisor: exit slot 1 pid {victim}: killed by SIGKILL",
         "<6>exgen.supervisor: restart slot 1 ",
         f"<6>exgen.supervisor: spawn slot 1 pid {replacement} ",
-        f"<6>exgen.backend: ready slot 1 pid {replacement}: ",
+        f"<6>exgen.worker_messages: ready slot 1 pid {replacement}: ",
         "<6>exgen.daemon: drain: ",
         "<6>exgen.daemon: stopped",
     ]

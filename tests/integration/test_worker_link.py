@@ -15,8 +15,8 @@ import pytest
 import zmq
 
 from exgen.client import protocol as P
-from exgen.daemon import wire, workerlink
-from exgen.daemon.ray_host import WorkerHost
+from exgen.daemon.net import wire, workerlink
+from exgen.daemon.supervisor.ray_host import WorkerHost
 from exgen.daemon.worker import WorkerSpec
 
 pytestmark = pytest.mark.timeout(60)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exgen.daemon.engines.cpu_layout import (
+from exgen.daemon.cpu_layout import (
     MAX_DEFAULT_CPU_WORKERS,
     CpuLayout,
     cpu_flags,

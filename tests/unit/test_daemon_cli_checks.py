@@ -1,6 +1,6 @@
 """`exgen config check` takes a file as `serve` would, listing every problem at once
 (engine options included); `exgen models inspect` takes the names `models list`
-prints. (Issue 12's papercuts, daemon side.)"""
+prints."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import pytest
 from exgen.daemon import config as cfg
 from exgen.daemon.logs import _Formatter
 from exgen.daemon.metrics import LATENCY_BUCKETS, Metrics
-from exgen.daemon.sdnotify import Notifier
+from exgen.daemon.supervisor.sdnotify import Notifier
 
 # --- sd_notify ---------------------------------------------------------------------
 
@@ -56,7 +56,7 @@ def test_notifier_takes_its_variables_out_of_the_environment(monkeypatch, tmp_pa
 
 def test_a_missing_notify_socket_is_a_warning_once(caplog):
     notifier = Notifier({"NOTIFY_SOCKET": "/nonexistent/notify.sock"})
-    with caplog.at_level(logging.DEBUG, logger="exgen.daemon.sdnotify"):
+    with caplog.at_level(logging.DEBUG, logger="exgen.daemon.supervisor.sdnotify"):
         for _ in range(3):
             notifier.notify("WATCHDOG=1")
     levels = [r.levelno for r in caplog.records]

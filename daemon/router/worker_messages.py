@@ -1,0 +1,173 @@
+"""Messages from workers: READY, heartbeats, results (DONE), streamed text, FATAL.
+
+A worker's answer settles an item only through the ledger, and only from the slot
+that holds it (``Ledger.settle``); results go to their client through ``Answers``,
+streamed text into the outbox. ``heard_until`` is the last moment every waiting
+worker message had been read (the loop says when, ``caught_up``): liveness counts a
+worker's silence only up to it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from exgen.client import protocol as P
+from exgen.daemon.engines.base import Chunk, Failed, Finished
+from exgen.daemon.net import wire
+from exgen.daemon.router.answers import Answers
+from exgen.daemon.router.ledger import Entry
+from exgen.daemon.router.rooms import Rooms
+from exgen.daemon.supervisor.slots import READY, Serving, Slot
+
+logger = logging.getLogger("exgen.worker_messages")
+
+
+class WorkerMessages:
+    def __init__(self, rooms: Rooms, answers: Answers) -> None:
+        self.ledger = rooms.ledger
+        self.table = rooms.table
+        self.outbox = rooms.outbox
+        self.answers = answers
+        self.heard_until = rooms.service.started
+
+    def handle(self, frames: list[bytes], now: float) -> None:
+        """One worker message, ``now`` the time it was read (not the tick's start:
+        after a stall the beats that waited in the socket are fresh news, not old
+        silence)."""
+        try:
+            command, body = P.unpack(frames[1:])
+        except P.FrameError as exc:
+            logger.error("bad frames from a worker: %s", exc)
+            return
+        self._worker_message(frames[0], command, body, now)
+
+    def caught_up(self, at: float) -> None:
+        """Every worker message waiting at ``at`` has been read."""
+        self.heard_until = max(self.heard_until, at)
+
+    def _worker_message(
+        self, identity: bytes, command: bytes, body: dict[str, Any], now: float
+    ) -> None:
+        try:
+            if command == wire.DONE:
+                self._on_done(identity, *wire.decode_done(body), now)
+            elif command == wire.CHUNKS:
+                self._on_chunks(identity, wire.decode_chunks(body))
+            elif command == wire.HEARTBEAT:
+                self._on_heartbeat(wire.decode_heartbeat(body), now)
+            elif command == wire.READY:
+                self._on_ready(identity, wire.decode_ready(body), now)
+            elif command == wire.FATAL:
+                self._on_fatal(wire.decode_fatal(body))
+        except (KeyError, TypeError, ValueError) as exc:
+            # Workers are our own code, but a bad message must not take the router down.
+            logger.error("bad %r message from a worker: %r", command, exc)
+
+    def _on_ready(self, identity: bytes, ready: wire.Ready, now: float) -> None:
+        slot = self.table.get(ready.slot)
+        if slot is None or not slot.is_process(ready.pid):
+            logger.warning(
+                "READY from slot %d pid %d, which is not that slot's process", ready.slot, ready.pid
+            )
+            return
+        serving = Serving(
+            pid=ready.pid,
+            identity=identity,
+            capacity=ready.capacity,
+            engine=ready.engine,
+            load_s=ready.load_s,
+            max_seq_len=ready.max_seq_len,
+            describe=ready.describe,
+            ready_at=now,
+            last_heartbeat=now,
+            progress_at=now,
+        )
+        self.table.start_serving(slot, serving)
+        slot.state = READY
+        logger.info(
+            "ready slot %d pid %d: %s, capacity %d, loaded in %.2fs",
+            slot.id,
+            ready.pid,
+            serving.engine,
+            serving.capacity,
+            serving.load_s,
+        )
+
+    def _on_fatal(self, fatal: wire.Fatal) -> None:
+        slot = self.table.get(fatal.slot)
+        if slot is not None:
+            slot.boot_error = fatal.message
+
+    def _on_heartbeat(self, beat: wire.Beat, now: float) -> None:
+        slot = self.table.get(beat.slot)
+        if slot is None:
+            return
+        serving = slot.serving
+        if serving is None or serving.pid != beat.pid:
+            slot.loading_beat = now
+            return
+        serving.last_heartbeat = now
+        if beat.progress != serving.progress:
+            serving.progress = beat.progress
+            serving.progress_at = now
+        serving.tokens = beat.tokens
+        serving.rate.append((now, serving.tokens))
+
+    def _on_done(
+        self, identity: bytes, finished: list[Finished], failed: list[Failed], now: float
+    ) -> None:
+        slot = self.table.serving_identity(identity)
+        if slot is None:
+            return  # a worker already given up for dead: its items are elsewhere now
+        serving = slot.serving
+        assert serving is not None
+        serving.note_burst(len(finished) + len(failed), now)
+        for event in finished:
+            entry = self._settle(slot, serving, event.key, now, ok=True)
+            if entry is not None:
+                result = {
+                    "id": entry.item_id,
+                    "text": event.text,
+                    "finish_reason": event.finish_reason,
+                    "prompt_tokens": event.prompt_tokens,
+                    "completion_tokens": event.completion_tokens,
+                    "slot": slot.id,
+                    "error": None,
+                }
+                if event.logprobs is not None:
+                    result["logprobs"] = event.logprobs
+                if event.choices is not None:
+                    result["choices"] = [c.to_wire() for c in event.choices]
+                if event.prompt is not None:
+                    result["prompt"] = event.prompt.to_wire()
+                self.answers.answer(entry, result, now)
+        for failure in failed:
+            entry = self._settle(slot, serving, failure.key, now, ok=False)
+            if entry is not None:
+                result = P.result_error(entry.item_id, failure.code, failure.message, failure.field)
+                result["slot"] = slot.id
+                self.answers.answer(entry, result, now)
+
+    def _settle(self, slot: Slot, serving: Serving, key: int, now: float, ok: bool) -> Entry | None:
+        entry = self.ledger.settle(key, slot.id, ok)
+        if entry is not None:
+            serving.progress_at = now
+            if ok:
+                serving.completed += 1
+            else:
+                serving.failed += 1
+        return entry
+
+    def _on_chunks(self, identity: bytes, chunks: list[Chunk]) -> None:
+        slot = self.table.serving_identity(identity)
+        if slot is None:
+            return
+        out: dict[bytes, list[list[Any]]] = {}
+        for chunk in chunks:
+            entry = self.ledger.entries.get(chunk.key)
+            if entry is not None and entry.slot == slot.id:
+                row = [entry.item_id, chunk.text, chunk.completion_tokens, chunk.prompt_tokens]
+                out.setdefault(entry.client, []).append(row)
+        for client, batch in out.items():
+            self.outbox.reply(client, P.CHUNKS, {"chunks": batch})  # best effort: not owed
