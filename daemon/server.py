@@ -295,14 +295,14 @@ class Daemon:
         if self.drain_deadline is None:
             self._kill_unresponsive(now)
             self.supervisor.restart_due(now)
-            self._check_all_failed()
+            self._check_all_failed(now)
 
     def _kill_unresponsive(self, now: float) -> None:
         for kill in self.router.find_unresponsive(now):
             self.supervisor.kill_worker(kill.slot, kill.pid, kill.cause, kill.blames_work)
 
-    def _check_all_failed(self) -> None:
-        if not self.supervisor.all_boot_failed:
+    def _check_all_failed(self, now: float) -> None:
+        if not self.supervisor.all_boot_failed(now):
             return
         reasons = "; ".join(self.supervisor.boot_errors())
         logger.error("no worker could start: %s", reasons)

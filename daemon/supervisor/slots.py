@@ -109,7 +109,10 @@ class Slot:
     kill_cause: str | None = None  # why we killed it, reported at its exit
     kill_blames_work: bool = True  # False: we killed it while the router itself lagged
     stopping: bool = False  # a commanded stop: its exit is not a crash
-    boot_error: str | None = None
+    boot_error: str | None = None  # the worker's FATAL message
+    # When it exited with the boot-error code: never restarted, whether or not its
+    # FATAL message has been read yet (the exit can be reaped first).
+    boot_failed_at: float | None = None
     last_exit: str | None = None
     # The worker of the moment (the router's side); None until READY.
     serving: Serving | None = None

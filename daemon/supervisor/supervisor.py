@@ -54,6 +54,11 @@ __all__ = [
 
 logger = logging.getLogger("exgen.supervisor")
 
+# How long a boot-error exit waits for its FATAL message before the daemon gives up
+# with a generic reason (the message is sent first, but may be read after the exit).
+FATAL_GRACE_S = 2.0
+BOOT_ERROR_UNREAD = "the engine cannot load (see the log above)"
+
 
 @dataclass(slots=True)
 class Exit:
@@ -197,7 +202,8 @@ class Supervisor:
             return Exit(slot.id, pid, cause, crashed=False)
         if how.returncode == policy.EXIT_BOOT_ERROR:
             slot.state = FAILED
-            reason = slot.boot_error or "the engine cannot load (see the log above)"
+            slot.boot_failed_at = now
+            reason = slot.boot_error or BOOT_ERROR_UNREAD
             logger.error(
                 "exit slot %d pid %d: boot error: %s — not restarting", slot.id, pid, reason
             )
@@ -251,7 +257,7 @@ class Supervisor:
 
     def restart_due(self, now: float) -> None:
         for slot in self.slots.values():
-            due = slot.state in (RESTARTING, FAILED) and slot.boot_error is None
+            due = slot.state in (RESTARTING, FAILED) and not self._boot_failed(slot)
             if due and slot.proc is None and now >= slot.next_start_at:
                 slot.restarts += 1
                 logger.info(
@@ -294,12 +300,28 @@ class Supervisor:
                 slot.proc = None
                 slot.state = STOPPED
 
-    @property
-    def all_boot_failed(self) -> bool:
-        return all(s.boot_error is not None and s.proc is None for s in self.slots.values())
+    @staticmethod
+    def _boot_failed(slot: Slot) -> bool:
+        return slot.boot_error is not None or slot.boot_failed_at is not None
+
+    def all_boot_failed(self, now: float) -> bool:
+        """Whether no slot can start, each one's reason known (or waited for)."""
+        return all(
+            s.proc is None and (s.boot_error is not None or self._fatal_overdue(s, now))
+            for s in self.slots.values()
+        )
+
+    @staticmethod
+    def _fatal_overdue(slot: Slot, now: float) -> bool:
+        # A worker sends its FATAL message before it exits, but the router may reap
+        # the exit first: the message gets a moment to be read before a generic one.
+        failed_at = slot.boot_failed_at
+        return failed_at is not None and now - failed_at >= FATAL_GRACE_S
 
     def boot_errors(self) -> list[str]:
-        return sorted({s.boot_error for s in self.slots.values() if s.boot_error})
+        return sorted(
+            {s.boot_error or BOOT_ERROR_UNREAD for s in self.slots.values() if self._boot_failed(s)}
+        )
 
     def count(self, state: str) -> int:
         return self.table.count(state)

@@ -158,7 +158,28 @@ def test_a_boot_error_is_never_retried():
     assert not exit_.crashed and "no such model" in exit_.cause
     supervisor.restart_due(1000.0)
     assert supervisor.slots[0].proc is None
-    assert supervisor.all_boot_failed
+    assert supervisor.all_boot_failed(1000.0)
+
+
+def test_a_boot_error_exit_reaped_before_its_message_is_not_retried_and_waits_for_it():
+    # The worker sends FATAL then exits 3; the router may reap the exit first.
+    supervisor = make()
+    slot = supervisor.slots[0]
+    exit_ = die(supervisor, 10.0, returncode=policy.EXIT_BOOT_ERROR)
+    assert not exit_.crashed
+    supervisor.restart_due(1000.0)
+    assert slot.proc is None, "a boot-error exit is never restarted, message or not"
+    assert not supervisor.all_boot_failed(10.0 + sup.FATAL_GRACE_S / 2), "the message may come"
+    slot.boot_error = "no such model"  # read after the exit
+    assert supervisor.all_boot_failed(10.0 + sup.FATAL_GRACE_S / 2)
+    assert supervisor.boot_errors() == ["no such model"]
+
+
+def test_a_boot_error_exit_whose_message_never_comes_fails_with_a_generic_reason():
+    supervisor = make()
+    die(supervisor, 10.0, returncode=policy.EXIT_BOOT_ERROR)
+    assert supervisor.all_boot_failed(10.0 + sup.FATAL_GRACE_S)
+    assert supervisor.boot_errors() == [sup.BOOT_ERROR_UNREAD]
 
 
 def test_our_own_kill_names_its_cause_and_blames_the_work():
