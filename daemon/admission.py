@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from exgen.client import protocol as P
-from exgen.daemon import decode, wire
+from exgen.daemon import decode, placement, wire
 from exgen.daemon.clients import ClientRecord
 from exgen.daemon.control import Cancels
 from exgen.daemon.delivery import Delivery
@@ -38,6 +38,10 @@ class Admission:
         self.delivery = delivery
         self.cancels = cancels
         self.deadlines = deadlines
+        self.placing = self.settings.placement != "count"
+        # "cost" balances by estimated work but keys nothing: no prefix proxy.
+        prefix = self.settings.placement == "prefix"
+        self.key_bytes = self.settings.prefix_key_bytes if prefix else 0
 
     def client_message(
         self, frames: list[bytes], now: float, user: str | None = None, peer: str | None = None
@@ -201,6 +205,9 @@ class Admission:
         budget = item.params.get("max_new_tokens", P.DEFAULT_PARAMS["max_new_tokens"])
         row = wire.encode_job(key, item, stream)
         entry = self.ledger.accept(client, item.id, row, now, budget, tier)
+        if self.placing:
+            facts = placement.prompt_facts(item.prompt, item.messages, self.key_bytes)
+            entry.prefix, entry.tokens, entry.shared = facts.key, facts.tokens, facts.shared
         if item.timeout_s is not None:
             self.deadlines.add(entry, item.timeout_s)
         self.queue.push(client, entry.key, budget, tier)
