@@ -102,10 +102,9 @@ class Dispatcher:
             load = slot.load(base, len(ledger.held_by(slot.id)))
             room = policy.room(load, base)
             limit += load.outstanding + room  # capacity + prefetch, or what it holds
-            if room > 0:
-                cost = ledger.held_cost.get(slot.id, 0)
-                states.append(SlotState(slot.id, load.outstanding, load.capacity, room, cost))
-        if not states:
+            cost = ledger.held_cost.get(slot.id, 0)
+            states.append(SlotState(slot.id, load.outstanding, load.capacity, room, cost))
+        if not any(state.room for state in states):
             return
         self._stage(max(STAGE_MIN, STAGE_ROUNDS * limit))
         queue = self.queue

@@ -178,13 +178,15 @@ class _Plan:
 
     def water_fill(self, items: Sequence[Waiting]) -> None:
         """Keyless items, one at a time, to the least cost-loaded slot with room."""
-        start = self.taken.get(None, 0)
-        for item in items[start:]:
-            open_slots = self.open_slots()
-            if not open_slots:
-                break
-            self.give(min(open_slots, key=self.load), item, cached=False)
-            self.taken[None] = self.taken.get(None, 0) + 1
+        index = self.taken.get(None, 0)
+        open_slots = self.open_slots()
+        while index < len(items) and open_slots:
+            slot = min(open_slots, key=self.load)
+            self.give(slot, items[index], cached=False)
+            index += 1
+            if not self.room[slot]:
+                open_slots.remove(slot)
+        self.taken[None] = index
 
     def place_group(self, prefix: int, items: Sequence[Waiting], holders: set[int]) -> None:
         held = [s for s in holders if s in self.room]
