@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import overload
 
 from exgen.daemon import policy, wire
+from exgen.daemon.fairqueue import Group
 from exgen.daemon.ledger import Entry, Ledger, Orphans
 from exgen.daemon.placement import Affinity, SlotState, Waiting, plan_placement
 from exgen.daemon.rooms import Rooms
@@ -35,6 +36,10 @@ from exgen.daemon.slots import Slot
 # about two rounds of the workers' room.
 STAGE_ROUNDS = 2
 STAGE_MIN = 64
+
+
+def _tier(group: tuple[Group, object]) -> int:
+    return group[0][0]
 
 
 class StagedItems(Sequence[Waiting]):
@@ -108,10 +113,10 @@ class Dispatcher:
             return
         self._stage(max(STAGE_MIN, STAGE_ROUNDS * limit))
         queue = self.queue
-        groups = {
-            prefix: StagedItems(keys, ledger, self.affinity)
-            for prefix, keys in queue.staged.items()
-        }
+        groups = [
+            (prefix, StagedItems(keys, ledger, self.affinity))
+            for (_, prefix), keys in sorted(queue.staged.items(), key=_tier)
+        ]
         plan = plan_placement(states, groups, self.affinity.holders, self.settings.affinity_slack)
         sent: set[int] = set()
         for slot_id, placed in plan.items():
@@ -119,8 +124,8 @@ class Dispatcher:
             sent.update(keys)
             self._note_holds(slot_id, keys)
             self._send_work(self.table.by_id[slot_id], keys, now, [c for _, c in placed])
-        for prefix in list(queue.staged):
-            queue.unstage(prefix, sent)
+        for name in list(queue.staged):
+            queue.unstage(name, sent)
 
     def _stage(self, target: int) -> None:
         """Top the staging area up to ``target`` items, from the waiting room."""
@@ -128,7 +133,7 @@ class Dispatcher:
         wanted = min(target - queue.staged_count, queue.dispatchable - queue.staged_count)
         if wanted > 0:
             entries = self.ledger.entries
-            queue.stage(wanted, lambda key: entries[key].prefix)
+            queue.stage(wanted, lambda key: (entries[key].tier, entries[key].prefix))
 
     def _note_holds(self, slot_id: int, keys: list[int]) -> None:
         entries, hold = self.ledger.entries, self.affinity.hold

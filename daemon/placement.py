@@ -133,22 +133,23 @@ class Waiting:
 
 def plan_placement(
     slots: Sequence[SlotState],
-    groups: Mapping[int | None, Sequence[Waiting]],
+    groups: Sequence[tuple[int | None, Sequence[Waiting]]],
     holders: Mapping[int, set[int]],
     slack: float,
 ) -> dict[int, list[tuple[int, int]]]:
     """Which staged items go to which slot now: slot → [(ledger key, its cost)].
 
-    ``groups``: staged items by prefix key (None: no key), each in its fair order;
+    ``groups``: staged items as (prefix key or None, items in their fair order), the
+    groups of higher priority first (a prefix may have a group in each tier);
     ``holders``: the slots known to hold each prefix. Nothing is mutated; see the
     module's docstring for the rules.
     """
     plan = _Plan(slots)
-    for prefix, items in groups.items():
+    for index, (prefix, items) in enumerate(groups):
         if prefix is None:
-            plan.water_fill(items)
+            plan.water_fill(index, items)
         else:
-            plan.place_group(prefix, items, holders.get(prefix, set()))
+            plan.place_group(index, prefix, items, holders)
     plan.steal(groups, holders, slack)
     return plan.out
 
@@ -159,7 +160,7 @@ class _Plan:
         self.capacity = {s.slot: s.capacity for s in slots}
         self.outstanding = {s.slot: s.outstanding for s in slots}
         self.cost = {s.slot: s.cost for s in slots}
-        self.taken: dict[int | None, int] = {}  # items planned out of each group
+        self.taken: dict[int, int] = {}  # items planned out of each group (by index)
         self.new_holders: dict[int, set[int]] = {}
         self.out: dict[int, list[tuple[int, int]]] = {}
 
@@ -176,9 +177,9 @@ class _Plan:
         self.outstanding[slot] += 1
         self.cost[slot] += cost
 
-    def water_fill(self, items: Sequence[Waiting]) -> None:
+    def water_fill(self, group: int, items: Sequence[Waiting]) -> None:
         """Keyless items, one at a time, to the least cost-loaded slot with room."""
-        index = self.taken.get(None, 0)
+        index = self.taken.get(group, 0)
         open_slots = self.open_slots()
         while index < len(items) and open_slots:
             slot = min(open_slots, key=self.load)
@@ -186,10 +187,12 @@ class _Plan:
             index += 1
             if not self.room[slot]:
                 open_slots.remove(slot)
-        self.taken[None] = index
+        self.taken[group] = index
 
-    def place_group(self, prefix: int, items: Sequence[Waiting], holders: set[int]) -> None:
-        held = [s for s in holders if s in self.room]
+    def place_group(
+        self, group: int, prefix: int, items: Sequence[Waiting], holders: Mapping[int, set[int]]
+    ) -> None:
+        held = [s for s in self._holders(prefix, holders) if s in self.room]
         if not held:
             open_slots = self.open_slots()
             if not open_slots:
@@ -197,22 +200,22 @@ class _Plan:
             home = min(open_slots, key=self.load)
             self.new_holders.setdefault(prefix, set()).add(home)
             held = [home]
-        self._fill(prefix, items, held)
+        self._fill(group, items, held)
 
-    def _fill(self, prefix: int, items: Sequence[Waiting], held: list[int]) -> None:
+    def _fill(self, group: int, items: Sequence[Waiting], held: list[int]) -> None:
         """The group's items to these holders, each to the least loaded with room."""
-        index = self.taken.get(prefix, 0)
+        index = self.taken.get(group, 0)
         while index < len(items):
             open_held = [s for s in held if self.room[s] > 0]
             if not open_held:
                 break
             self.give(min(open_held, key=self.load), items[index], cached=True)
             index += 1
-        self.taken[prefix] = index
+        self.taken[group] = index
 
     def steal(
         self,
-        groups: Mapping[int | None, Sequence[Waiting]],
+        groups: Sequence[tuple[int | None, Sequence[Waiting]]],
         holders: Mapping[int, set[int]],
         slack: float,
     ) -> None:
@@ -222,24 +225,24 @@ class _Plan:
             key=self.load,
         )
         for slot in hungry:
-            best: tuple[float, int] | None = None
-            for prefix, items in groups.items():
+            best: tuple[float, int, int] | None = None
+            for index, (prefix, items) in enumerate(groups):
                 if prefix is None:
                     continue
                 held = self._holders(prefix, holders)
                 if slot in held:
                     continue
-                left = len(items) - self.taken.get(prefix, 0)
+                left = len(items) - self.taken.get(index, 0)
                 capacity = sum(self.capacity.get(s, 0) for s in held)
                 if left <= slack * capacity:
                     continue
                 behind = left / max(1, len(held))
                 if best is None or behind > best[0]:
-                    best = (behind, prefix)
+                    best = (behind, index, prefix)
             if best is not None:
-                prefix = best[1]
+                _, index, prefix = best
                 self.new_holders.setdefault(prefix, set()).add(slot)
-                self._fill(prefix, groups[prefix], [slot])
+                self._fill(index, groups[index][1], [slot])
 
     def _holders(self, prefix: int, holders: Mapping[int, set[int]]) -> set[int]:
         known = {s for s in holders.get(prefix, ()) if s in self.room}

@@ -62,48 +62,48 @@ def test_token_ids_key_by_their_first_ids():
 
 
 def test_a_prefix_goes_to_the_worker_that_holds_it():
-    groups = {7: items(0, 3)}
+    groups = [(7, items(0, 3))]
     plan = plan_placement(slots(2), groups, {7: {1}}, slack=1.0)
     assert [k for k, _ in plan[1]] == [0, 1, 2] and 0 not in plan
 
 
 def test_distinct_prefixes_spread_over_the_workers():
-    groups = {p: items(10 * p, 4) for p in range(4)}
+    groups = [(p, items(10 * p, 4)) for p in range(4)]
     plan = plan_placement(slots(4), groups, {}, slack=1.0)
     homes = {slot: {k // 10 for k, _ in placed} for slot, placed in plan.items()}
     assert sorted(len(h) for h in homes.values()) == [1, 1, 1, 1]
 
 
 def test_cost_counts_cached_tokens_only_on_a_holder():
-    plan = plan_placement(slots(1), {7: items(0, 1)}, {7: {0}}, slack=1.0)
+    plan = plan_placement(slots(1), [(7, items(0, 1))], {7: {0}}, slack=1.0)
     assert plan[0] == [(0, 100 - 80 + 16)]
-    plan = plan_placement(slots(1), {None: items(0, 1)}, {}, slack=1.0)
+    plan = plan_placement(slots(1), [(None, items(0, 1))], {}, slack=1.0)
     assert plan[0] == [(0, 100 + 16)]
 
 
 def test_long_prompts_are_spread_by_cost_not_count():
     long = [Waiting(k, 1000, 0, 16) for k in range(2)]
     short = [Waiting(k, 10, 0, 16) for k in range(2, 8)]
-    plan = plan_placement(slots(2), {None: long + short}, {}, slack=1.0)
+    plan = plan_placement(slots(2), [(None, long + short)], {}, slack=1.0)
     assert {k for k, _ in plan[0]} & {0, 1} and {k for k, _ in plan[1]} & {0, 1}
 
 
 def test_a_worker_below_capacity_takes_a_prefix_far_behind():
     # Slot 0 holds prefix 7 and is full; 20 of it wait, past 1 x its capacity of 4.
     states = [SlotState(0, 6, 4, 0, 600), SlotState(1, 0, 4, 6, 0)]
-    plan = plan_placement(states, {7: items(0, 20)}, {7: {0}}, slack=1.0)
+    plan = plan_placement(states, [(7, items(0, 20))], {7: {0}}, slack=1.0)
     assert len(plan[1]) == 6
 
 
 def test_within_the_slack_a_prefix_waits_for_its_holder():
     states = [SlotState(0, 6, 4, 0, 600), SlotState(1, 0, 4, 6, 0)]
-    plan = plan_placement(states, {7: items(0, 4)}, {7: {0}}, slack=1.0)
+    plan = plan_placement(states, [(7, items(0, 4))], {7: {0}}, slack=1.0)
     assert plan == {}
-    assert plan_placement(states, {7: items(0, 4)}, {7: {0}}, slack=0.5)[1]
+    assert plan_placement(states, [(7, items(0, 4))], {7: {0}}, slack=0.5)[1]
 
 
 def test_a_dead_holder_does_not_count():
-    plan = plan_placement(slots(1), {7: items(0, 2)}, {7: {5}}, slack=1.0)
+    plan = plan_placement(slots(1), [(7, items(0, 2))], {7: {5}}, slack=1.0)
     assert len(plan[0]) == 2
 
 
@@ -117,22 +117,23 @@ def test_a_dead_holder_does_not_count():
 )
 def test_plan_invariants(triples, sizes, holders, slack):
     states = [SlotState(i, o, c, r, o * 10) for i, (o, c, r) in enumerate(triples)]
-    groups, start = {}, 0
+    groups, start = [], 0
     for prefix, n in sizes.items():
-        groups[prefix] = items(start, n)
+        groups.append((prefix, items(start, n)))
         start += n
     plan = plan_placement(states, groups, holders, slack)
     placed = [k for placed in plan.values() for k, _ in placed]
     assert len(placed) == len(set(placed))  # each item once
     for state in states:
         assert len(plan.get(state.slot, [])) <= state.room
-    for group in groups.values():  # a group is taken from its front
+    for _, group in groups:  # a group is taken from its front
         keys = {w.key for w in group} & set(placed)
         assert keys == {w.key for w in group[: len(keys)]}
     # Keyless or unheld work never waits while a worker has room.
     free = sum(s.room for s in states) - len(placed)
+    keyless = [w.key for prefix, group in groups if prefix is None for w in group]
     if free > 0:
-        assert len(groups.get(None, [])) == len({w.key for w in groups.get(None, [])} & set(placed))
+        assert set(keyless) <= set(placed)
 
 
 # --- the memory -------------------------------------------------------------------------
@@ -162,3 +163,16 @@ def test_what_results_found_cached_becomes_the_estimate():
     affinity.learn(7, 400)
     assert affinity.shared(7, 128) == 400
     assert affinity.shared(None, 128) == 0
+
+
+def test_a_higher_tier_is_placed_first():
+    interactive = [Waiting(100, 10, 0, 2)]
+    plan = plan_placement(slots(1, room=1), [(None, interactive), (None, items(0, 5))], {}, 1.0)
+    assert plan[0] == [(100, 12)]
+
+
+def test_a_prefix_in_two_tiers_goes_to_one_home():
+    groups = [(7, items(0, 1)), (None, items(10, 1)), (7, items(20, 1))]
+    plan = plan_placement(slots(3), groups, {}, 1.0)
+    homes = {slot for slot, placed in plan.items() for k, _ in placed if k in (0, 20)}
+    assert len(homes) == 1
