@@ -61,6 +61,8 @@ class StagedItems(Sequence[Waiting]):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         entry = self.entries[self.keys[index]]
+        if entry.prefix is None:
+            return Waiting(entry.key, entry.tokens, 0, entry.budget)
         shared = self.affinity.shared(entry.prefix, entry.shared)
         return Waiting(entry.key, entry.tokens, shared, entry.budget)
 

@@ -50,6 +50,7 @@ never while work with no holder, or without a key, waits.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -88,7 +89,10 @@ def prompt_facts(prompt: Any, messages: Any, key_bytes: int) -> PromptFacts:
         if key_bytes <= 0 or len(prompt) < ids:
             return PromptFacts(None, len(prompt), 0)
         return PromptFacts(_hash(_encode(prompt[:ids])), len(prompt), ids)
-    data = (prompt or "").encode()
+    text = prompt or ""
+    if len(text) * 4 < key_bytes:  # too short to key even in 4-byte characters
+        return PromptFacts(None, len(text) // BYTES_PER_TOKEN, 0)
+    data = text.encode()
     return _facts(data, key_bytes, len(data) // BYTES_PER_TOKEN, key_bytes)
 
 
@@ -150,7 +154,8 @@ def plan_placement(
             plan.water_fill(index, items)
         else:
             plan.place_group(index, prefix, items, holders)
-    plan.steal(groups, holders, slack)
+    if any(prefix is not None for prefix, _ in groups):
+        plan.steal(groups, holders, slack)
     return plan.out
 
 
@@ -180,13 +185,16 @@ class _Plan:
     def water_fill(self, group: int, items: Sequence[Waiting]) -> None:
         """Keyless items, one at a time, to the least cost-loaded slot with room."""
         index = self.taken.get(group, 0)
-        open_slots = self.open_slots()
-        while index < len(items) and open_slots:
-            slot = min(open_slots, key=self.load)
+        heap = [self.load(slot) for slot in self.open_slots()]
+        heapq.heapify(heap)
+        while index < len(items) and heap:
+            slot = heap[0][1]
             self.give(slot, items[index], cached=False)
             index += 1
-            if not self.room[slot]:
-                open_slots.remove(slot)
+            if self.room[slot]:
+                heapq.heapreplace(heap, self.load(slot))
+            else:
+                heapq.heappop(heap)
         self.taken[group] = index
 
     def place_group(
