@@ -1,5 +1,9 @@
 """Shared-prefix workload: the transformers engine's prefix cache on against off.
 
+With ``--compare placement`` (and ``--workers 2``): the daemon's defaults (prefix
+placement in the router, the engine's prefix cache) against both off (``placement =
+"count"``, the balancing before, and ``prefix_cache_tokens=0``).
+
 A job as evaluations and synthetic-data runs send them: a few long few-shot system
 prompts (``--prefixes`` of about ``--shots`` question/answer pairs each, a few hundred
 tokens after the chat template), many short questions after each, interleaved, greedy,
@@ -100,7 +104,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--questions", type=int, default=8, help="per prefix")
     parser.add_argument("--shots", type=int, default=16, help="examples per prefix")
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="per worker")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--compare",
+        choices=("cache", "placement"),
+        default="cache",
+        help="off = the cache off (cache), or the cache and prefix placement off (placement)",
+    )
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--seed", type=int, default=1)
     return parser.parse_args(argv)
@@ -109,9 +120,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     common = {"threads": args.threads, "dtype": args.dtype}
+    off_env = {"EXGEN_PLACEMENT": "count"} if args.compare == "placement" else None
     with (
-        running_daemon(1, "transformers", common) as on,
-        running_daemon(1, "transformers", {**common, "prefix_cache_tokens": 0}) as off,
+        running_daemon(args.workers, "transformers", common) as on,
+        running_daemon(
+            args.workers, "transformers", {**common, "prefix_cache_tokens": 0}, env=off_env
+        ) as off,
     ):
         facts = on.status()
         rounds = run_rounds(on, off, args)
@@ -125,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "new_tokens": args.new_tokens,
             "threads": args.threads,
             "dtype": args.dtype,
+            "workers": args.workers,
+            "compare": args.compare,
         },
         "workers": [
             {k: w.get(k) for k in ("engine", "capacity", "load_s")}

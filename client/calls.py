@@ -91,7 +91,8 @@ class Result:
     ``logprobs``: per generated token, when the params asked (``logprobs`` /
     ``top_logprobs``). With ``n`` > 1, ``choices`` holds every sample (``text``,
     ``finish_reason`` and ``logprobs`` are the first one's; ``completion_tokens``
-    counts all); with n = 1 it is empty.
+    counts all); with n = 1 it is empty. ``cached_tokens``: the leading prompt tokens
+    the worker's prefix cache gave (0: none, or an engine without one).
     """
 
     id: str
@@ -106,6 +107,7 @@ class Result:
     logprobs: list[TokenLogprob] | None = None
     choices: list[Choice] = field(default_factory=list)
     prompt: PromptEcho | None = None
+    cached_tokens: int = 0
 
     @property
     def ok(self) -> bool:
@@ -154,6 +156,8 @@ class Result:
                 ]
         if "prompt" in body:
             result.prompt = PromptEcho.from_wire(body["prompt"])
+        if "cached_tokens" in body:
+            result.cached_tokens = int(body.get("cached_tokens") or 0)
         return result
 
 

@@ -24,6 +24,8 @@ STATUS_COLUMNS = (
     ("tok/s", "tokens_per_s"),
     ("load", "load_s"),
 )
+# Where a worker's engine has a prefix cache (its status row carries "counters").
+PREFIX_COLUMNS = (("prefix hits", "prefix_hits"), ("prefill saved", "prefill_tokens_saved"))
 CLIENT_COLUMNS = (  # the name last: a command line is long, and nothing follows it
     ("client", "id"),
     ("host", "host"),
@@ -90,6 +92,9 @@ def format_status(doc: dict[str, Any]) -> str:
     columns: tuple[tuple[str, str], ...] = STATUS_COLUMNS
     if any(w.get("node") not in (None, "local") for w in workers):  # a cluster (Ray)
         columns = (*STATUS_COLUMNS[:3], ("node", "node"), ("host", "host"), *STATUS_COLUMNS[3:])
+    if any(w.get("counters") for w in workers):
+        columns = (*columns, *PREFIX_COLUMNS)
+        workers = [{**w, **(w.get("counters") or {})} for w in workers]
     lines = _table(columns, workers)
     facts = [
         f"engine {doc.get('engine', '-')}",

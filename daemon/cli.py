@@ -85,6 +85,12 @@ def main() -> None:
     "arrival order (default), or arrival order only.",
 )
 @click.option(
+    "--placement",
+    type=click.Choice(cfg.PLACEMENTS),
+    help="Where waiting prompts go: to the workers holding their prefix, balanced by "
+    "estimated work (default); by estimated work alone; or by prompt count alone.",
+)
+@click.option(
     "--max-attempts", type=int, help="Worker crashes an item may cause before it fails (default 3)."
 )
 @click.option(

@@ -42,6 +42,10 @@ ENV_NOT_SETTINGS = frozenset(
 # How a client's waiting items are ordered: the largest max_new_tokens first (a job
 # ends sooner when its long generations do not start last), or arrival order.
 ORDERS = ("longest-first", "fifo")
+# Where waiting items go (placement.py): to the workers holding their prompt's prefix,
+# within a bounded imbalance, balanced by estimated work ("prefix"); by estimated work
+# alone ("cost"); or by item count alone, the balancing before placement ("count").
+PLACEMENTS = ("prefix", "cost", "count")
 
 
 class ConfigError(ValueError):
@@ -64,6 +68,10 @@ class Settings:
     max_queue: int = 200_000  # items waiting in the router before "busy"
     prefetch: int = 2  # items beyond a worker's capacity it may hold
     order: str = "longest-first"  # within a client's queue: ORDERS
+    placement: str = "prefix"  # where waiting items go: PLACEMENTS
+    prefix_key_bytes: int = 512  # bytes of a prompt's head that key its prefix (placement.py)
+    affinity_slack: float = 1.0  # a prefix's waiting items, in units of its holders'
+    #                              capacity, before a worker not holding it takes some
     max_attempts: int = 3  # worker crashes an item may cause before it fails
     max_queue_bytes: int = 512 * 2**20  # bytes of waiting items before "busy"
     unread_budget_bytes: int = 64 * 2**20  # a client's unacknowledged results: past it,
@@ -301,6 +309,12 @@ def settings_problems(settings: Settings) -> Iterator[str]:
         yield "prefetch must be 0 or more"
     if settings.order not in ORDERS:
         yield f"order = {settings.order!r}: one of {', '.join(ORDERS)}"
+    if settings.placement not in PLACEMENTS:
+        yield f"placement = {settings.placement!r}: one of {', '.join(PLACEMENTS)}"
+    if settings.prefix_key_bytes < 0:
+        yield "prefix_key_bytes must be 0 or more"
+    if settings.affinity_slack < 0:
+        yield "affinity_slack must be 0 or more"
     if settings.max_queue < 1:
         yield "max_queue must be at least 1"
     if settings.gpus is not None:

@@ -49,6 +49,7 @@ class SlotSample:
     inflight: int
     restarts: int
     load_s: float | None
+    counters: tuple[tuple[str, int], ...] = ()  # the engine's (status "counters")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +137,7 @@ class Metrics:
             inflight=int(worker.get("inflight", 0)),
             restarts=int(worker.get("restarts", 0)),
             load_s=self._load_s.get(slot),
+            counters=tuple(sorted((worker.get("counters") or {}).items())),
         )
 
     def close(self) -> None:
@@ -185,6 +187,28 @@ def _slot_families(slots: tuple[SlotSample, ...]) -> Iterator[Metric]:
             state.add_metric([s.slot, name], 1.0 if s.state == name else 0.0)
     yield load
     yield state
+    yield from _engine_families(slots)
+
+
+# The engine counters a worker's heartbeats carry (prefix cache), as counter families.
+ENGINE_COUNTERS = (
+    ("prefix_lookups", "exgen_worker_prefix_lookups", "Prompts looked up in the prefix cache"),
+    ("prefix_hits", "exgen_worker_prefix_hits", "Prompts that found a cached prefix"),
+    ("prefill_tokens_saved", "exgen_worker_prefill_tokens_saved", "Prompt tokens a cached "
+     "prefix saved from prefill"),
+    ("prefill_tokens", "exgen_worker_prefill_tokens", "Prompt tokens prefilled"),
+)  # fmt: skip
+
+
+def _engine_families(slots: tuple[SlotSample, ...]) -> Iterator[Metric]:
+    """Only the counters some worker reports: an engine without a prefix cache has none."""
+    for key, name, doc in ENGINE_COUNTERS:
+        rows = [(s.slot, dict(s.counters)[key]) for s in slots if key in dict(s.counters)]
+        if rows:
+            family = CounterMetricFamily(name, f"{doc}, per slot", labels=["slot"])
+            for slot, value in rows:
+                family.add_metric([slot], value)
+            yield family
 
 
 def _daemon_families(snap: Snapshot) -> Iterator[Metric]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from exgen.client import protocol as P
 from exgen.daemon.net import wire
-from exgen.daemon.router import decode
+from exgen.daemon.router import decode, placement
 from exgen.daemon.router.clients import ClientRecord
 from exgen.daemon.router.control import Cancels
 from exgen.daemon.router.delivery import Delivery
@@ -39,6 +39,10 @@ class Admission:
         self.delivery = delivery
         self.cancels = cancels
         self.deadlines = deadlines
+        self.placing = self.settings.placement != "count"
+        # "cost" balances by estimated work but keys nothing: no prefix proxy.
+        prefix = self.settings.placement == "prefix"
+        self.key_bytes = self.settings.prefix_key_bytes if prefix else 0
 
     def client_message(
         self, frames: list[bytes], now: float, user: str | None = None, peer: str | None = None
@@ -202,6 +206,9 @@ class Admission:
         budget = item.params.get("max_new_tokens", P.DEFAULT_PARAMS["max_new_tokens"])
         row = wire.encode_job(key, item, stream)
         entry = self.ledger.accept(client, item.id, row, now, budget, tier)
+        if self.placing:
+            facts = placement.prompt_facts(item.prompt, item.messages, self.key_bytes)
+            entry.prefix, entry.tokens, entry.shared = facts.key, facts.tokens, facts.shared
         if item.timeout_s is not None:
             self.deadlines.add(entry, item.timeout_s)
         self.queue.push(client, entry.key, budget, tier)

@@ -1,8 +1,14 @@
 """Dispatch: waiting items to workers, each kept near capacity + prefetch; and back.
 
-``policy.plan_dispatch`` decides how many items each serving slot takes (water-
-filling by outstanding work per unit of capacity); the waiting room decides which
-items (front, then priority tiers, clients round-robin). Items on probation run
+How many items a slot may hold is ``policy.room`` (capacity + prefetch). Which go
+where, with ``placement`` "prefix" or "cost" (the default is "prefix"): the waiting
+room hands a bounded batch of items, in its fair order (front, then priority tiers,
+clients round-robin), to its staging area, grouped by prefix key, and
+``placement.plan_placement`` places them — each prefix with the workers that hold it
+within a bounded imbalance, the rest by estimated work (uncached prompt tokens +
+max_new_tokens). With "count", ``policy.plan_dispatch`` decides how many items each
+serving slot takes (water-filling by item count per unit of capacity) and the waiting
+room which. Items on probation run
 one at a time on a slot drained for them (``isolating``), which takes no other work
 until the probation lane is empty.
 
@@ -14,11 +20,52 @@ unreachable: they wait again, unstarted) and orphaned (their worker died:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import overload
+
 from exgen.daemon import policy
 from exgen.daemon.net import wire
-from exgen.daemon.router.ledger import Entry, Orphans
+from exgen.daemon.router.fairqueue import Group
+from exgen.daemon.router.ledger import Entry, Ledger, Orphans
+from exgen.daemon.router.placement import Affinity, SlotState, Waiting, plan_placement
 from exgen.daemon.router.rooms import Rooms
 from exgen.daemon.supervisor.slots import Slot
+
+# Items staged for placement: this many times what the serving workers may hold
+# (capacity + prefetch, summed), at least STAGE_MIN. Enough to find each worker items
+# of the prefixes it holds; few enough that a new client's items wait behind at most
+# about two rounds of the workers' room.
+STAGE_ROUNDS = 2
+STAGE_MIN = 64
+
+
+def _tier(group: tuple[Group, object]) -> int:
+    return group[0][0]
+
+
+class StagedItems(Sequence[Waiting]):
+    """A staged group as ``plan_placement`` reads it: built item by item on demand."""
+
+    def __init__(self, keys: Sequence[int], ledger: Ledger, affinity: Affinity) -> None:
+        self.keys = keys
+        self.entries = ledger.entries
+        self.affinity = affinity
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @overload
+    def __getitem__(self, index: int) -> Waiting: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Waiting]: ...
+    def __getitem__(self, index: int | slice) -> Waiting | Sequence[Waiting]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        entry = self.entries[self.keys[index]]
+        if entry.prefix is None:
+            return Waiting(entry.key, entry.tokens, 0, entry.budget)
+        shared = self.affinity.shared(entry.prefix, entry.shared)
+        return Waiting(entry.key, entry.tokens, shared, entry.budget)
 
 
 class Dispatcher:
@@ -29,6 +76,8 @@ class Dispatcher:
         self.table = rooms.table
         self.outbox = rooms.outbox
         self.isolating: int | None = None  # the slot kept free for probation items
+        self.placing = self.settings.placement != "count"
+        self.affinity = Affinity()
 
     def dispatch(self, now: float) -> None:
         serving = self.table.serving()
@@ -36,6 +85,9 @@ class Dispatcher:
             return
         self._dispatch_probation(serving, now)
         if self.queue.dispatchable == 0:
+            return
+        if self.placing:
+            self._place(serving, now)
             return
         base = self.settings.prefetch
         loads = [
@@ -46,6 +98,54 @@ class Dispatcher:
         plan = policy.plan_dispatch(loads, self.queue.dispatchable, base)
         for slot_id, count in plan.items():
             self._send_work(self.table.by_id[slot_id], self.queue.take(count), now)
+
+    def _place(self, serving: list[Slot], now: float) -> None:
+        """Staged items to the workers with room (``placement.plan_placement``)."""
+        base, ledger = self.settings.prefetch, self.ledger
+        states = []
+        limit = 0
+        for slot in serving:
+            if slot.id == self.isolating:
+                continue
+            load = slot.load(base, len(ledger.held_by(slot.id)))
+            room = policy.room(load, base)
+            limit += load.outstanding + room  # capacity + prefetch, or what it holds
+            cost = ledger.held_cost.get(slot.id, 0)
+            states.append(SlotState(slot.id, load.outstanding, load.capacity, room, cost))
+        if not any(state.room for state in states):
+            return
+        self._stage(max(STAGE_MIN, STAGE_ROUNDS * limit))
+        queue = self.queue
+        groups = [
+            (prefix, StagedItems(keys, ledger, self.affinity))
+            for (_, prefix), keys in sorted(queue.staged.items(), key=_tier)
+        ]
+        plan = plan_placement(states, groups, self.affinity.holders, self.settings.affinity_slack)
+        sent: set[int] = set()
+        for slot_id, placed in plan.items():
+            keys = [key for key, _ in placed]
+            sent.update(keys)
+            self._note_holds(slot_id, keys)
+            self._send_work(self.table.by_id[slot_id], keys, now, [c for _, c in placed])
+        for name in list(queue.staged):
+            queue.unstage(name, sent)
+
+    def _stage(self, target: int) -> None:
+        """Top the staging area up to ``target`` items, from the waiting room."""
+        queue = self.queue
+        wanted = min(target - queue.staged_count, queue.dispatchable - queue.staged_count)
+        if wanted > 0:
+            entries = self.ledger.entries
+            queue.stage(wanted, lambda key: (entries[key].tier, entries[key].prefix))
+
+    def _note_holds(self, slot_id: int, keys: list[int]) -> None:
+        entries, hold = self.ledger.entries, self.affinity.hold
+        last = None
+        for key in keys:
+            prefix = entries[key].prefix
+            if prefix is not None and prefix != last:
+                hold(slot_id, prefix)
+                last = prefix
 
     def _dispatch_probation(self, serving: list[Slot], now: float) -> None:
         """Items that shared two crashes run alone, on a worker drained for them."""
@@ -61,14 +161,16 @@ class Dispatcher:
             if key is not None:
                 self._send_work(slot, [key], now)
 
-    def _send_work(self, slot: Slot, keys: list[int], now: float) -> None:
+    def _send_work(
+        self, slot: Slot, keys: list[int], now: float, costs: list[int] | None = None
+    ) -> None:
         if not keys:
             return
         serving = slot.serving
         assert serving is not None
         if not self.ledger.held_by(slot.id):
             serving.progress_at = now  # idle time is not a lack of progress
-        rows = self.ledger.assign(keys, slot.id, now)
+        rows = self.ledger.assign(keys, slot.id, now, costs)
         self.outbox.worker(serving.identity, wire.pack_work(rows))
 
     # --- back from the workers ----------------------------------------------------------
@@ -96,6 +198,7 @@ class Dispatcher:
         by the caller)."""
         if self.isolating == slot_id:
             self.isolating = None
+        self.affinity.forget_slot(slot_id)  # its successor starts with an empty cache
         for key in orphans.probation:
             self.queue.push_probation(key)
         self.queue.push_front(orphans.requeue)

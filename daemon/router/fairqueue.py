@@ -11,6 +11,10 @@
   (``Lane``).
 - A paused client keeps its lanes but is skipped (it cannot take results now: too
   many unread, unreachable, or not acknowledging; ``Delivery.update_pause``).
+- A *staging area* (``stage``), used by placement: keys taken in the order above, a
+  bounded number at a time, grouped by (priority tier, prefix key), for placement to
+  choose from (``placement.plan_placement``, higher tiers first). Staged keys still wait (counted in
+  ``size``, removed by ``remove``, handed back by ``drain_all``).
 
 No sockets and no clocks: the router and the tests drive it.
 """
@@ -19,7 +23,9 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+
+Group = tuple[int, int | None]  # a staged group: (priority tier, prefix key or None)
 
 
 class Lane:
@@ -99,6 +105,8 @@ class FairQueue:
         self.paused: set[bytes] = set()
         self.size = 0  # every waiting key, probation and paused clients' included
         self.longest_first = longest_first
+        self.staged: dict[Group, deque[int]] = {}  # (tier, prefix) -> keys, fair order
+        self.staged_count = 0
 
     def waiting(self, client: bytes) -> int:
         return sum(len(tier[client]) for tier in self.tiers if client in tier)
@@ -169,21 +177,55 @@ class FairQueue:
                 if len(out) >= n:
                     return
 
+    def stage(self, n: int, group_of: Callable[[int], Group]) -> None:
+        """Up to ``n`` more keys (``take``'s order) into the staging area, by group."""
+        keys = self.take(n)
+        staged = self.staged
+        for key in keys:
+            name = group_of(key)
+            group = staged.get(name)
+            if group is None:
+                group = staged[name] = deque()
+            group.append(key)
+        self.size += len(keys)  # still waiting
+        self.staged_count += len(keys)
+
+    def unstage(self, name: Group, keys: set[int]) -> None:
+        """These keys, leading their group, leave the staging area (dispatched)."""
+        group = self.staged[name]
+        while group and group[0] in keys:
+            group.popleft()
+            self.size -= 1
+            self.staged_count -= 1
+        if not group:
+            del self.staged[name]
+
     def remove(self, keys: set[int]) -> None:
         """Drop keys wherever they wait (cancel); cost is linear, cancels are rare."""
         self.front = deque(k for k in self.front if k not in keys)
         self.probation = deque(k for k in self.probation if k not in keys)
+        for name in list(self.staged):
+            group = deque(k for k in self.staged[name] if k not in keys)
+            if group:
+                self.staged[name] = group
+            else:
+                del self.staged[name]
+        self.staged_count = sum(len(group) for group in self.staged.values())
         for lanes in self.tiers:
             for client in list(lanes):
                 lane = lanes[client]
                 lane.discard(keys)
                 if not lane:
                     del lanes[client]
-        self.size = len(self.front) + len(self.probation) + self._lane_total()
+        self.size = len(self.front) + len(self.probation) + self.staged_count + self._lane_total()
 
     def drain_all(self) -> list[int]:
-        """Every waiting key (front, lanes in order, probation); the queue is left empty."""
-        keys = list(self.front)
+        """Every waiting key (staged, front, lanes in order, probation); the queue is
+        left empty."""
+        keys = [key for group in self.staged.values() for key in group]
+        self.staged.clear()
+        self.staged_count = 0
+        keys.extend(self.front)
         for lanes in self.tiers:
             for lane in lanes.values():
                 keys.extend(lane.in_order())

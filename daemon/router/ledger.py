@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from exgen.daemon import policy
 
 # What an entry costs the router beyond its row's bytes (the Entry, its id, the
-# client-id index), measured with tracemalloc on 100,000 accepted items.
-ENTRY_OVERHEAD_BYTES = 360
+# client-id index), measured with tracemalloc on 100,000 accepted items: 392 (360
+# before the four placement fields; an item with a prefix key holds its own int too,
+# about 32 bytes more, not counted).
+ENTRY_OVERHEAD_BYTES = 392
 
 
 @dataclass(slots=True)
@@ -42,6 +44,12 @@ class Entry:
     dispatched_at: float | None = None  # when it last went to a worker
     causes: list[str] | None = None  # why the workers it was on died (poison verdicts)
     nbytes: int = 0  # what it costs the router: its row, its id, the entry (at accept)
+    # Placement (placement.py): the prefix proxy, estimated prompt tokens and the part
+    # of them the key covers; ``cost``: its estimated work on the slot holding it.
+    prefix: int | None = None
+    tokens: int = 0
+    shared: int = 0
+    cost: int = 0
 
 
 @dataclass(slots=True)
@@ -58,6 +66,7 @@ class Ledger:
         self.entries: dict[int, Entry] = {}
         self.by_client_id: dict[tuple[bytes, str], int] = {}
         self.held: dict[int, set[int]] = {}  # slot -> keys its worker runs
+        self.held_cost: dict[int, int] = {}  # slot -> the estimated work of those keys
         # Entries per client, counted (has a client work here?); which keys they are is
         # asked rarely (a client gone, cancel all) and found by a scan.
         self.per_client: dict[bytes, int] = {}
@@ -113,17 +122,31 @@ class Ledger:
         """The key the next ``accept`` will use (the row is encoded with it first)."""
         return self.next_key
 
-    def assign(self, keys: list[int], slot: int, now: float) -> list[bytes]:
-        """These waiting keys now run on ``slot``: their rows, for the WORK message."""
+    def assign(
+        self, keys: list[int], slot: int, now: float, costs: list[int] | None = None
+    ) -> list[bytes]:
+        """These waiting keys now run on ``slot``: their rows, for the WORK message.
+        ``costs``: each one's estimated work there (None: its budget)."""
         held = self.held.setdefault(slot, set())
         rows = []
-        for key in keys:
+        added = 0
+        for i, key in enumerate(keys):
             entry = self.entries[key]
             entry.slot = slot
             entry.dispatched_at = now
+            entry.cost = entry.budget if costs is None else costs[i]
+            added += entry.cost
             held.add(key)
             rows.append(entry.job)
+        self.held_cost[slot] = self.held_cost.get(slot, 0) + added
         return rows
+
+    def _unhold(self, entry: Entry) -> None:
+        """The entry leaves its slot's hands (answered, recalled, orphaned)."""
+        if entry.slot is not None:
+            self.held.get(entry.slot, set()).discard(entry.key)
+            self.held_cost[entry.slot] = self.held_cost.get(entry.slot, 0) - entry.cost
+            entry.slot = None
 
     def held_by(self, slot: int) -> set[int]:
         return self.held.get(slot, set())
@@ -185,8 +208,7 @@ class Ledger:
             self.per_client[entry.client] = left
         else:
             del self.per_client[entry.client]
-        if entry.slot is not None:
-            self.held.get(entry.slot, set()).discard(entry.key)
+        self._unhold(entry)
         self.nbytes -= entry.nbytes
 
     def recall(self, keys: Iterable[int]) -> list[Entry]:
@@ -197,8 +219,7 @@ class Ledger:
             entry = self.entries.get(key)
             if entry is None or entry.slot is None:
                 continue
-            self.held.get(entry.slot, set()).discard(key)
-            entry.slot = None
+            self._unhold(entry)
             out.append(entry)
         return out
 
@@ -208,6 +229,7 @@ class Ledger:
         """A slot's worker is gone: each item it held is requeued, put on probation or
         failed as poison (failed entries are forgotten; the caller answers them)."""
         keys = sorted(self.held.pop(slot, set()))
+        self.held_cost.pop(slot, None)
         out = Orphans()
         alone = len(keys) == 1
         for key in keys:

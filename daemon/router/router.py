@@ -86,7 +86,7 @@ class Router:
         self.dispatcher = Dispatcher(self.rooms)
         cancels = Cancels(self.rooms, self.dispatcher, self.answers, access)
         self.admission = Admission(self.rooms, self.delivery, cancels, self.deadlines)
-        self.worker_messages = WorkerMessages(self.rooms, self.answers)
+        self.worker_messages = WorkerMessages(self.rooms, self.answers, self.dispatcher.affinity)
         self.allowed_users = allowed_users
         self.last_stall_at = -1e9
 

@@ -85,6 +85,9 @@ def describe_slot(slot: Slot, inflight: int, now: float) -> dict[str, Any]:
     }
     if slot.resources is not None:
         doc["resources"] = slot.resources  # what Ray must find for it
+    counters = slot.counters()
+    if counters:  # an engine with a prefix cache: prefix_hits, prefill_tokens_saved, ...
+        doc["counters"] = counters
     serving = slot.serving
     if serving is not None:
         doc.update(

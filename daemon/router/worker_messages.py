@@ -14,9 +14,8 @@ from typing import Any
 
 from exgen.client import protocol as P
 from exgen.daemon.engines.base import Chunk, Failed, Finished
-from exgen.daemon.net import wire
-from exgen.daemon.router.answers import Answers
 from exgen.daemon.router.ledger import Entry
+from exgen.daemon.router.placement import Affinity
 from exgen.daemon.router.rooms import Rooms
 from exgen.daemon.supervisor.slots import READY, Serving, Slot
 
@@ -24,7 +23,10 @@ logger = logging.getLogger("exgen.worker_messages")
 
 
 class WorkerMessages:
-    def __init__(self, rooms: Rooms, answers: Answers) -> None:
+    def __init__(self, rooms: Rooms, answers: Answers, affinity: Affinity | None = None) -> None:
+        """``affinity``: placement's memory, told what each prefix's results found
+        cached (None: not told)."""
+        self.affinity = affinity
         self.ledger = rooms.ledger
         self.table = rooms.table
         self.outbox = rooms.outbox
@@ -112,6 +114,7 @@ class WorkerMessages:
             serving.progress = beat.progress
             serving.progress_at = now
         serving.tokens = beat.tokens
+        serving.counters = beat.counters
         serving.rate.append((now, serving.tokens))
 
     def _on_done(
@@ -135,6 +138,10 @@ class WorkerMessages:
                     "slot": slot.id,
                     "error": None,
                 }
+                if event.cached_tokens:
+                    result["cached_tokens"] = event.cached_tokens
+                    if self.affinity is not None and entry.prefix is not None:
+                        self.affinity.learn(entry.prefix, event.cached_tokens)
                 if event.logprobs is not None:
                     result["logprobs"] = event.logprobs
                 if event.choices is not None:

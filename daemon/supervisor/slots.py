@@ -76,6 +76,9 @@ class Serving:
     rate: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=32))
     burst: float = 0.0  # results per DONE message: a decaying peak (policy.prefetch_for)
     burst_at: float = 0.0
+    # The engine's running totals from its heartbeats (wire.Beat.counters: prefix
+    # hits, prefill tokens saved, ...); {} for an engine without a prefix cache.
+    counters: dict[str, int] = field(default_factory=dict)
 
     def note_burst(self, results: int, now: float) -> None:
         # Up at once (the next batch must be on hand for the next wave), down slowly.
@@ -121,6 +124,7 @@ class Slot:
     history: dict[str, int] = field(
         default_factory=lambda: {"completed": 0, "failed": 0, "tokens": 0}
     )
+    counters_history: dict[str, int] = field(default_factory=dict)  # engine counters, the same
 
     @property
     def pid(self) -> int | None:
@@ -142,7 +146,17 @@ class Slot:
         self.history["completed"] += self.serving.completed
         self.history["failed"] += self.serving.failed
         self.history["tokens"] += self.serving.tokens
+        for name, value in self.serving.counters.items():
+            self.counters_history[name] = self.counters_history.get(name, 0) + value
         self.serving = None
+
+    def counters(self) -> dict[str, int]:
+        """The engine's counters over every worker this slot has had."""
+        out = dict(self.counters_history)
+        if self.serving is not None:
+            for name, value in self.serving.counters.items():
+                out[name] = out.get(name, 0) + value
+        return out
 
     def totals(self) -> dict[str, int]:
         serving = self.serving

@@ -511,6 +511,16 @@ def test_format_status() -> None:
     assert "model fake-model" in facts
 
 
+def test_format_status_shows_prefix_hits_where_an_engine_counts_them() -> None:
+    workers = [dict(w) for w in STATUS_DOC["workers"]]
+    workers[0]["counters"] = {"prefix_hits": 96, "prefill_tokens_saved": 38400}
+    lines = format_status({**STATUS_DOC, "workers": workers}).splitlines()
+    assert lines[0].split()[-4:] == ["prefix", "hits", "prefill", "saved"]
+    assert lines[1].split()[-2:] == ["96", "38400"]
+    assert lines[2].split()[-2:] == ["-", "-"]
+    assert "prefix" not in format_status(STATUS_DOC).splitlines()[0]
+
+
 # --- options, jobs, papercuts ----------------------------------------------------------
 
 
