@@ -424,6 +424,33 @@ def vllm_prompt_logprobs(entries: list[list[Any]]) -> list[dict[str, Any] | None
     return out
 
 
+def usage(result: ResultLike) -> dict[str, Any]:
+    """An answer's token counts, as OpenAI's ``usage`` has them; with the prompt tokens
+    the engine's prefix cache served where the result says (``cached_tokens``)."""
+    counts: dict[str, Any] = {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+    cached = getattr(result, "cached_tokens", None)
+    if cached is not None:
+        counts["prompt_tokens_details"] = {"cached_tokens": cached}
+    return counts
+
+
+def summed_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several answers' ``usage`` as one (a completions request of several prompts)."""
+    counts: dict[str, Any] = {
+        name: sum(u[name] for u in usages)
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens")
+    }
+    details = [u["prompt_tokens_details"] for u in usages if "prompt_tokens_details" in u]
+    if details:
+        cached = sum(d["cached_tokens"] for d in details)
+        counts["prompt_tokens_details"] = {"cached_tokens": cached}
+    return counts
+
+
 def response_body(
     url: str,
     item: Mapping[str, Any],
@@ -445,11 +472,7 @@ def response_body(
         "created": int(time.time() if created is None else created),
         "model": getattr(result, "model", None) or default_model,
         "choices": choices,
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-        },
+        "usage": usage(result),
     }
     entries = getattr(prompt, "logprobs", None)
     if chat and entries is not None:  # vLLM's place for a chat's (completions: a choice's)

@@ -167,10 +167,7 @@ def merged(bodies: list[dict[str, Any]], request_id: str) -> dict[str, Any]:
     for index, choice in enumerate(choices):
         choice["index"] = index
     body["choices"] = choices
-    body["usage"] = {
-        name: sum(b["usage"][name] for b in bodies)
-        for name in ("prompt_tokens", "completion_tokens", "total_tokens")
-    }
+    body["usage"] = O.summed_usage([b["usage"] for b in bodies])
     return body
 
 
@@ -231,23 +228,15 @@ class ChunkWriter:
         return self._event([self._choice(text, None)], **self._usage_so_far(text))
 
     def last(self, result: Result) -> bytes:
-        whole = {"usage": usage(result)} if self.parsed.continuous_usage else {}
+        whole = {"usage": O.usage(result)} if self.parsed.continuous_usage else {}
         out = self._event([self._choice(None, result.finish_reason)], **whole)
         if self.parsed.include_usage:
-            out += self._event([], usage=usage(result))
+            out += self._event([], usage=O.usage(result))
         return out + STREAM_END
 
     def error(self, exc: ApiError) -> bytes:
         doc = json.dumps(exc.body(), ensure_ascii=False).encode()
         return b"data: " + doc + b"\n\n" + STREAM_END
-
-
-def usage(result: Result) -> dict[str, int]:
-    return {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "total_tokens": result.prompt_tokens + result.completion_tokens,
-    }
 
 
 class Completions:

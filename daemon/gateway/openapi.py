@@ -258,7 +258,10 @@ NULL_STRING, NULL_INT = nullable(STRING), nullable(INT)
 
 
 def response_schemas() -> dict[str, Schema]:
-    usage = obj({"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT})
+    usage = obj(
+        {"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT},
+        {"prompt_tokens_details": obj({"cached_tokens": INT})},
+    )
     chat_choice = obj(
         {
             "index": INT,

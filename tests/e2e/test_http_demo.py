@@ -93,6 +93,24 @@ def test_vllm_extensions_on_the_demo_model(demo: HttpDaemon) -> None:
     assert reason == "stop" and kept == cut + stop and text.startswith(kept)
 
 
+def test_the_usage_says_how_much_of_a_repeated_prompt_the_prefix_cache_served(
+    demo: HttpDaemon,
+) -> None:
+    # A long shared system prompt, then two different questions: the second request
+    # finds the first one's prefix in the engine's cache, and says so where OpenAI does.
+    system = "You are a careful assistant. " + "Answer in one short sentence. " * 12
+    sdk = openai.OpenAI(base_url=demo.base_url, api_key="x", max_retries=0)
+    usages = []
+    for question in ("Name a red fruit.", "Name a green vegetable."):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        reply = sdk.chat.completions.create(model="x", messages=messages, max_tokens=4)  # type: ignore[arg-type]
+        assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+        usages.append(reply.usage)
+    first, second = (u.prompt_tokens_details.cached_tokens for u in usages)  # type: ignore[union-attr]
+    assert first == 0
+    assert second is not None and 64 <= second < usages[1].prompt_tokens
+
+
 @pytest.fixture(scope="module")
 def demo32(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpDaemon]:
     """The demo model in float32: logprobs comparable to a reference within 1e-3."""

@@ -104,6 +104,14 @@ def test_a_response_body_names_the_served_model() -> None:
     assert O.response_body(O.CHAT_URL, item, answered)["model"] == "the-daemons"
 
 
+def test_a_response_body_says_how_many_prompt_tokens_a_prefix_cache_served() -> None:
+    item = O.item_from_body(CHAT, O.CHAT_URL, "r1")
+    result = FakeResult("r1")
+    result.cached_tokens = 96  # type: ignore[attr-defined]
+    body = O.response_body(O.CHAT_URL, item, result, default_model="served", created=7)
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 96}
+
+
 def test_an_echoed_completion_repeats_the_prompt() -> None:
     item = O.item_from_body({"prompt": "say ", "echo": True}, O.COMPLETIONS_URL, "r1")
     result = FakeResult("r1", prompt=FakePrompt([1, 2], "say "))
