@@ -14,6 +14,8 @@ from typing import Any
 
 from exgen.client import protocol as P
 from exgen.daemon.engines.base import Chunk, Failed, Finished
+from exgen.daemon.net import wire
+from exgen.daemon.router.answers import Answers
 from exgen.daemon.router.ledger import Entry
 from exgen.daemon.router.placement import Affinity
 from exgen.daemon.router.rooms import Rooms
