@@ -208,7 +208,7 @@ class Admission:
         entry = self.ledger.accept(client, item.id, row, now, budget, tier)
         if self.placing:
             facts = placement.prompt_facts(item.prompt, item.messages, self.key_bytes)
-            entry.prefix, entry.tokens, entry.shared = facts.key, facts.tokens, facts.shared
+            self.ledger.note_prompt(entry, facts.key, facts.tokens, facts.shared)
         if item.timeout_s is not None:
             self.deadlines.add(entry, item.timeout_s)
         self.queue.push(client, entry.key, budget, tier)

@@ -75,6 +75,7 @@ class Ledger:
         self.failed = 0
         self.abandoned = 0  # cancelled because their client went away (no one to answer)
         self.nbytes = 0  # rows and entries of everything accepted and not answered
+        self.keyed = 0  # open entries with a prefix key (none: placement's keyless path)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -117,6 +118,12 @@ class Ledger:
         self.per_client[client] = self.per_client.get(client, 0) + 1
         self.nbytes += nbytes
         return entry
+
+    def note_prompt(self, entry: Entry, prefix: int | None, tokens: int, shared: int) -> None:
+        """What placement worked out about the entry's prompt (placement.prompt_facts)."""
+        if prefix is not None and entry.prefix is None:
+            self.keyed += 1
+        entry.prefix, entry.tokens, entry.shared = prefix, tokens, shared
 
     def reserve_key(self) -> int:
         """The key the next ``accept`` will use (the row is encoded with it first)."""
@@ -210,6 +217,8 @@ class Ledger:
             del self.per_client[entry.client]
         self._unhold(entry)
         self.nbytes -= entry.nbytes
+        if entry.prefix is not None:
+            self.keyed -= 1
 
     def recall(self, keys: Iterable[int]) -> list[Entry]:
         """Running entries taken back unanswered (their client is unreachable): waiting

@@ -135,3 +135,45 @@ def test_count_placement_is_the_balancing_before():
     dispatch(router, net)
     assert [len(sent_prompts(net, w)) for w in workers] == [2, 2]
     assert router.queue.staged_count == 0
+
+
+def _work_sent(net: Network, identities: list[bytes]) -> list[list[str]]:
+    return [sent_prompts(net, identity) for identity in identities]
+
+
+def test_the_keyless_path_decides_what_the_staging_area_decides():
+    """No open item has a prefix key: the dispatcher skips the staging area, and every
+    round of WORK is what plan_placement would have sent, item for item."""
+    runs = []
+    for keyless_path in (True, False):
+        router, net, workers = a_router(3)
+        router.dispatcher.keyless_path = keyless_path
+        items = [
+            {"id": f"i{i}", "prompt": "w " * (i * 37 % 50), "params": {"max_new_tokens": 1 + i % 7}}
+            for i in range(40)
+        ]
+        submit(net, items)
+        rounds = []
+        for _ in range(6):
+            dispatch(router, net)
+            sent = _work_sent(net, workers)
+            rounds.append(sent)
+            for identity, prompts in zip(workers, sent, strict=True):
+                if prompts:  # the slot finishes its first item
+                    slot = router.table.serving_identity(identity)
+                    assert slot is not None
+                    key = min(router.ledger.held_by(slot.id))
+                    finish_all(router, net, identity, [key])
+        assert router.ledger.keyed == 0
+        runs.append(rounds)
+    assert runs[0] == runs[1]
+    assert sum(len(p) for r in runs[0] for p in r) > 30
+
+
+def test_keyed_items_are_counted_until_answered():
+    router, net, workers = a_router(1)
+    submit(net, [{"id": f"a{i}", "prompt": FEW_SHOT[0] + f"q{i}"} for i in range(2)])
+    assert router.ledger.keyed == 2
+    dispatch(router, net)
+    finish_all(router, net, workers[0], sorted(router.ledger.held_by(0)))
+    assert router.ledger.keyed == 0
