@@ -1,21 +1,25 @@
 """The Hugging Face ``transformers`` engine: the CPU default and the seeds' GPU path.
 
-Static batching, decoded a step at a time (``hf_decode.DecodeBatch``): a batch
-starts from up to ``batch_size`` waiting jobs whose sampling parameters allow them
-to share one forward pass, left-padded; each ``step()`` is one forward pass of it.
-Consequences:
+Batches decoded a step at a time (``hf_decode.DecodeBatch``): a batch starts from
+up to ``batch_size`` waiting jobs whose sampling parameters allow them to share one
+forward pass, left-padded; each ``step()`` is one forward pass of it. Consequences:
 
 - Streaming is real: a streaming job gets a Chunk per step (text held back only
   while it could still be the start of a stop string or a partial character).
 - A finished job's result is sent the step it finishes; ``cancel()`` stops a running
-  job at once. Jobs that arrive while a batch runs wait for the next batch.
+  job at once.
+- Jobs that arrive while a batch runs join it at the next step (continuous
+  batching, as ExLlama's generators and vLLM do): they are prefilled on their own
+  (with the prefix cache) and their keys and values placed right-aligned where the
+  batch's columns end; from then on they decode with it. Jobs whose batch key
+  differs, or that need per-row features (logprobs, penalties, schemas), wait for
+  the batch to end, as do all jobs with ``exact=true``.
 - ``decode_steps`` counts forward passes, for a heartbeat to show progress.
 
-Continuous batching (``generate_batch``) was measured on CPU with the demo model,
-16 prompts x 64 new tokens, greedy, 2 threads: about 52 tokens/s against about
-100 tokens/s for left-padded ``generate`` (and 12.5 tokens/s one at a time). It
-also takes sampling parameters per manager rather than per request, so only the
-static mode is kept (option ``mode=static``).
+transformers' own continuous batching (``generate_batch``) was measured on CPU with
+the demo model, 16 prompts x 64 new tokens, greedy, 2 threads: about 52 tokens/s
+against about 100 tokens/s for left-padded ``generate``, and it takes sampling
+parameters per manager rather than per request: the engine joins rows itself.
 
 dtype ``auto``: bfloat16 on a CPU with native bf16 arithmetic (AVX512_BF16 or AMX,
 see ``cpu_layout.native_bf16``), float32 on other CPUs (emulated bf16 is slower),
@@ -107,6 +111,10 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     # memory), 0: no cache. prefix_block: tokens per cached block.
     "prefix_cache_tokens": (int, -1),
     "prefix_block": (int, hf_prefix.DEFAULT_BLOCK),
+    # exact: the model's stock kernels and batches that only start whole, so greedy
+    # output is plain transformers' bit for bit (docs/quality.md); otherwise the
+    # engine's own faster path, held to the field's bar instead (top-5, logprobs).
+    "exact": (bool, False),
 }
 
 
@@ -143,6 +151,7 @@ class TransformersEngine(Engine):
         self._waiting: list[_Waiting] = []
         self._batch: DecodeBatch | None = None
         self._batch_rows: list[_Waiting] = []  # what _batch was made of (for an OOM retry)
+        self._batch_key: tuple[Any, ...] | None = None  # jobs of this key may join _batch
         self._batch_limit = 0
         self._kv_token_budget: int | None = None  # tokens a batch may hold (CPU)
         self._samples = JobSamples()  # n > 1: a job's rows and their gathering
@@ -233,6 +242,7 @@ class TransformersEngine(Engine):
             "devices": state.devices,
             "max_seq_len": state.max_seq_len,
             "mode": self._opts["mode"],
+            "exact": self._opts["exact"],
             "batch_size": self._batch_limit,
             "prefix_cache_tokens": self._prefixes.blocks.capacity_tokens if self._prefixes else 0,
             "load_s": round(self.load_s, 2),
@@ -285,12 +295,15 @@ class TransformersEngine(Engine):
         of one job that only reads its prompt."""
         if self._prompt_only:
             return [self._read_prompt(self._prompt_only.pop(0))]
+        joining = None
         if self._batch is None:
             batch = self._take_batch()
             if not batch:
                 return []
             self._start_batch(batch)
-        return self._advance_batch()
+        elif not self._opts["exact"] and self._batch.joinable:
+            joining = self._joining_batch(self._batch)
+        return self._advance_batch(joining)
 
     # --- internals --------------------------------------------------------------------
 
@@ -356,6 +369,37 @@ class TransformersEngine(Engine):
         self._waiting = rest
         return batch
 
+    def _joining_batch(self, running: DecodeBatch) -> DecodeBatch | None:
+        """Waiting jobs that can join the running batch at this step (continuous
+        batching): its batch key, no per-row features, room in ``batch_size`` and in
+        the KV budget. None when there are none."""
+        room = self._batch_limit - len(running.active_keys())
+        if room <= 0 or not self._waiting or self._batch_key is None:
+            return None
+        columns = running.mask.shape[1]
+        taken: list[_Waiting] = []
+        rest: list[_Waiting] = []
+        for waiting in self._waiting:
+            n = waiting.job.params.n
+            fits = n <= room and _batch_key(waiting) == self._batch_key
+            fits = fits and not _needs_features(waiting.job.params)
+            if fits and self._kv_token_budget is not None:
+                wide = columns + len(waiting.input_ids) + waiting.job.params.max_new_tokens
+                fits = wide * (len(running.rows) + n) <= self._kv_token_budget
+            if fits:
+                room -= n
+                taken.append(waiting)
+            else:
+                rest.append(waiting)
+        if not taken:
+            return None
+        self._waiting = rest
+        self._batch_rows += taken
+        state = self._loaded()
+        rows = [row for w in taken for row in self._rows_of(w)]
+        model = Model(state.torch, state.model, state.tokenizer, state.eos_ids, state.pad_id)
+        return DecodeBatch(model, rows, None, running.greedy, None, self._prefixes)
+
     def _start_batch(self, batch: list[_Waiting]) -> None:
         state = self._loaded()
         params = batch[0].job.params
@@ -373,6 +417,7 @@ class TransformersEngine(Engine):
         processors = logits_processors(params)
         self._batch = DecodeBatch(model, rows, processors, params.greedy, features, self._prefixes)
         self._batch_rows = batch
+        self._batch_key = _batch_key(batch[0])
 
     def _rows_of(self, waiting: _Waiting) -> list[Row]:
         """A job's rows: one per sample (n), each with its matcher and logprobs."""
@@ -409,14 +454,15 @@ class TransformersEngine(Engine):
             piece = self._pieces[token] = str(self._loaded().tokenizer.decode([token]))
         return piece
 
-    def _advance_batch(self) -> list[Event]:
+    def _advance_batch(self, joining: DecodeBatch | None = None) -> list[Event]:
         batch = self._batch
         assert batch is not None
         try:
-            events = batch.step()
+            events = batch.step(joining)
         except self._loaded().torch.OutOfMemoryError:
             self._batch = None
-            active = {self._samples.job_key(k) for k in batch.active_keys()}
+            keys = batch.active_keys() + (joining.active_keys() if joining else [])
+            active = {self._samples.job_key(k) for k in keys}
             return self._after_oom([w for w in self._batch_rows if w.job.key in active])
         self.decode_steps += 1
         events, siblings = self._samples.translate(events)
@@ -499,6 +545,17 @@ def _check_options(opts: dict[str, Any]) -> dict[str, Any]:
             "transformers: prefix_block must be >= 1 and prefix_cache_tokens >= -1"
         )
     return opts
+
+
+def _needs_features(params: Any) -> bool:
+    """Per-row work a joined row would not get (see ``DecodeBatch.joinable``)."""
+    return bool(
+        params.presence_penalty
+        or params.frequency_penalty
+        or params.json_schema is not None
+        or params.wants_logprobs
+        or params.repetition_penalty != 1.0
+    )
 
 
 def _batch_key(waiting: _Waiting) -> tuple[Any, ...]:
