@@ -61,7 +61,7 @@ from typing import Any
 
 from exgen.client import protocol as P
 from exgen.daemon import modelstore
-from exgen.daemon.engines import grammar, hf_prefix
+from exgen.daemon.engines import grammar, hf_kernels, hf_prefix
 from exgen.daemon.engines.base import (
     Engine,
     EngineOptionError,
@@ -115,6 +115,8 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     # output is plain transformers' bit for bit (docs/quality.md); otherwise the
     # engine's own faster path, held to the field's bar instead (top-5, logprobs).
     "exact": (bool, False),
+    # Without exact: linear layers' weights prepacked for oneDNN at load (hf_kernels).
+    "prepack": (bool, True),
 }
 
 
@@ -160,6 +162,7 @@ class TransformersEngine(Engine):
         self._grammars: Grammars | None = None  # built on the first JSON Schema job
         self._pieces: dict[int, str] = {}  # token id -> its text, for logprobs
         self._prefixes: PrefixKV | None = None  # the prefix cache, made at load
+        self._packed = 0  # linear layers prepacked at load (hf_kernels)
         self.load_s = 0.0
         self.decode_steps = 0  # advanced during generate(), read by a heartbeat
 
@@ -178,6 +181,9 @@ class TransformersEngine(Engine):
             source = _cached_conversion(transformers, path, dtype)
         tokenizer, model = _load_pretrained(transformers, source, dtype, device, device_map)
         self._state = _describe_loaded(torch, model, tokenizer, path, device, dtype)
+        self._packed = 0
+        if device == "cpu" and not self._opts["exact"] and self._opts["prepack"]:
+            self._packed = hf_kernels.prepack_linears(torch, model, dtype)
         default_batch = DEFAULT_BATCH_CPU if device == "cpu" else DEFAULT_BATCH_GPU
         self._batch_limit = self._opts["batch_size"] or default_batch
         if device == "cpu":
@@ -243,6 +249,7 @@ class TransformersEngine(Engine):
             "max_seq_len": state.max_seq_len,
             "mode": self._opts["mode"],
             "exact": self._opts["exact"],
+            "prepacked_linears": self._packed,
             "batch_size": self._batch_limit,
             "prefix_cache_tokens": self._prefixes.blocks.capacity_tokens if self._prefixes else 0,
             "load_s": round(self.load_s, 2),
