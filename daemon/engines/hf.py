@@ -9,9 +9,10 @@ forward pass, left-padded; each ``step()`` is one forward pass of it. Consequenc
 - A finished job's result is sent the step it finishes; ``cancel()`` stops a running
   job at once.
 - Jobs that arrive while a batch runs join it at the next step (continuous
-  batching, as ExLlama's generators and vLLM do): they are prefilled on their own
-  (with the prefix cache) and their keys and values placed right-aligned where the
-  batch's columns end; from then on they decode with it. Jobs whose batch key
+  batching, as ExLlama's generators and vLLM do): that step is their prefill alone
+  (with the prefix cache), so their first token comes out at once, and the running
+  rows wait that one step; then their keys and values sit right-aligned where the
+  batch's columns end, and they decode with it. Jobs whose batch key
   differs, or that need per-row features (logprobs, penalties, schemas), wait for
   the batch to end, as do all jobs with ``exact=true``.
 - ``decode_steps`` counts forward passes, for a heartbeat to show progress.
@@ -405,7 +406,7 @@ class TransformersEngine(Engine):
         state = self._loaded()
         rows = [row for w in taken for row in self._rows_of(w)]
         model = Model(state.torch, state.model, state.tokenizer, state.eos_ids, state.pad_id)
-        return DecodeBatch(model, rows, None, running.greedy, None, self._prefixes)
+        return DecodeBatch(model, rows, running.processors, running.greedy, None, self._prefixes)
 
     def _start_batch(self, batch: list[_Waiting]) -> None:
         state = self._loaded()

@@ -255,15 +255,16 @@ class DecodeBatch:
 
     def step(self, joining: DecodeBatch | None = None) -> list[Event]:
         """One forward pass (the first: the prefill) and what it finished or streamed.
-        ``joining``: a batch of new rows, not yet prefilled, that joins this one now
-        (continuous batching): prefilled on its own, then decoded with these rows."""
+        ``joining``: a batch of new rows (continuous batching): this step is its
+        prefill alone, whose first tokens are events at once, and its rows then join
+        this batch's; this batch's own rows wait that one step."""
+        if joining is not None and self.steps > 0:
+            events = joining.step()
+            if not joining.finished:
+                self._merge(joining)
+            return events
         with self.m.torch.inference_mode():
-            if self.steps == 0:
-                logits = self._prefill()
-            else:
-                logits = self._decode()
-                if joining is not None:
-                    logits = self._join(joining, logits)
+            logits = self._prefill() if self.steps == 0 else self._decode()
             tokens = self._choose(logits)
         self.steps += 1
         events = self._advance(tokens.tolist())
@@ -550,13 +551,13 @@ class DecodeBatch:
 
     # --- continuous batching ----------------------------------------------------
 
-    def _join(self, new: DecodeBatch, logits: Any) -> Any:
-        """Prefill ``new`` and take its rows in, right-aligned where this batch's
-        columns end (left padding, as a static batch has): from the next step they
-        decode with the others. Returns this step's logits for all rows."""
+    def _merge(self, new: DecodeBatch) -> None:
+        """Take in the rows of ``new``, a batch one step old (its prefill and first
+        token), right-aligned where this batch's columns end (left padding, as a
+        static batch has): its pending tokens beside ours, its keys and values just
+        before. From the next step they decode together."""
         torch = self.m.torch
-        first = new._prefill()
-        width = new.length
+        width = new.length  # its prompts' columns + the pending one
         live = [s for s, r in zip(self.starts, self.rows, strict=True) if not r.done]
         drop = min(live, default=self.length)
         if drop < COMPACT_SHARE * self.length:
@@ -566,14 +567,15 @@ class DecodeBatch:
         capacity = max(self.mask.shape[1] + shift, self.length + shift + budget + 1)
         if shift or capacity > self.mask.shape[1]:
             self._relayout(shift, capacity)
-        end, cols = self.length, slice(self.length - width, self.length)
-        extra = len(new.rows)
+        end = self.length
+        cols = slice(end - width, end)
         for layer, theirs in zip(self.cache.layers, new.cache.layers, strict=True):
             layer.key_buffer = _append_rows(torch, layer.key_buffer, theirs.key_buffer, width, end)
             layer.value_buffer = _append_rows(
                 torch, layer.value_buffer, theirs.value_buffer, width, end
             )
             layer._expose()
+        extra = len(new.rows)
         mask = self.mask.new_zeros((extra, self.mask.shape[1]))
         mask[:, cols] = new.mask[:, :width]
         sequences = self.sequences.new_full((extra, self.mask.shape[1]), self.m.pad_id)
@@ -586,7 +588,6 @@ class DecodeBatch:
         self.hold = max(self.hold, new.hold)
         self.tail = self.hold + 9
         self.joined = True
-        return torch.cat([logits, first.to(logits.dtype)])
 
     def _relayout(self, shift: int, capacity: int) -> None:
         """Move every column by ``shift`` (< 0: drop leading columns no row uses, > 0:
@@ -631,10 +632,11 @@ class DecodeBatch:
 
 
 def _append_rows(torch: Any, ours: Any, theirs: Any, width: int, end: int) -> Any:
-    """``ours`` with ``theirs``' first ``width`` columns appended as rows ending at ``end``."""
+    """``ours`` (a cache buffer) with rows appended: ``theirs``' columns up to its
+    pending one, placed so that the pending column is ``end - 1``."""
     shape = (theirs.shape[0], ours.shape[1], ours.shape[2], ours.shape[3])
     rows = ours.new_zeros(shape)
-    rows[:, :, end - width : end] = theirs[:, :, :width]
+    rows[:, :, end - width : end - 1] = theirs[:, :, : width - 1]
     return torch.cat([ours, rows])
 
 
