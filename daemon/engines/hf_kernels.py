@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 def make_packed_linear_class(torch: Any) -> type:
-    class PackedLinear(torch.nn.Module):  # type: ignore[misc,name-defined]
+    class PackedLinear(torch.nn.Module):
         """``nn.Linear``'s product with the weight in oneDNN's layout."""
 
         def __init__(self, linear: Any, keep_weight: bool) -> None:
