@@ -118,6 +118,8 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     "exact": (bool, False),
     # Without exact: linear layers' weights prepacked for oneDNN at load (hf_kernels).
     "prepack": (bool, True),
+    # Without exact: the engine's decode attention (hf_kernels; off until measured).
+    "decode_attention": (bool, False),
 }
 
 
@@ -185,6 +187,8 @@ class TransformersEngine(Engine):
         self._packed = 0
         if device == "cpu" and not self._opts["exact"] and self._opts["prepack"]:
             self._packed = hf_kernels.prepack_linears(torch, model, dtype)
+        if device == "cpu" and not self._opts["exact"] and self._opts["decode_attention"]:
+            hf_kernels.use_decode_attention(torch, model)
         default_batch = DEFAULT_BATCH_CPU if device == "cpu" else DEFAULT_BATCH_GPU
         self._batch_limit = self._opts["batch_size"] or default_batch
         if device == "cpu":

@@ -70,3 +70,70 @@ def prepack_linears(torch: Any, model: Any, dtype: Any) -> int:
                 setattr(parent, name, packed_class(child, child is output))
                 replaced += 1
     return replaced
+
+
+DECODE_ATTENTION = "exgen_decode"
+
+
+def decode_attention_forward(torch: Any, fallback: Any) -> Any:
+    """An attention function for transformers' AttentionInterface: a one-token query
+    (a decode step) as two batched products per layer over the cache as it lies, the
+    query heads of a key/value head side by side (no repeated keys); anything else
+    (the prefill) goes to ``fallback`` (transformers' SDPA path)."""
+
+    def forward(
+        module: Any,
+        query: Any,
+        key: Any,
+        value: Any,
+        attention_mask: Any,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[Any, None]:
+        if query.shape[2] != 1 or (
+            attention_mask is not None and attention_mask.dtype != torch.bool
+        ):
+            return fallback(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=scaling,
+                **kwargs,
+            )
+        batch, heads, _, dim = query.shape
+        kv_heads = key.shape[1]
+        q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+        scale = scaling if scaling is not None else dim**-0.5
+        scores = torch.matmul(q, key.transpose(-1, -2)).mul_(scale)  # (b, kv, group, t)
+        if attention_mask is not None:  # (b, 1, 1, t): True where a row may attend
+            scores.masked_fill_(~attention_mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+        out = torch.matmul(probs, value)  # (b, kv, group, dim)
+        return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
+
+    return forward
+
+
+def use_decode_attention(torch: Any, model: Any) -> bool:
+    """Switch the model's attention to ``decode_attention_forward`` (SDPA's masks);
+    False where this transformers lacks the interfaces."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+    AttentionInterface.register(
+        DECODE_ATTENTION, decode_attention_forward(torch, sdpa_attention_forward)
+    )
+    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+    try:
+        model.set_attn_implementation(DECODE_ATTENTION)
+    except (ValueError, AttributeError) as exc:
+        logger.info("decode attention not used: %s", exc)
+        return False
+    return True
