@@ -118,7 +118,8 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     "exact": (bool, False),
     # Without exact: linear layers' weights prepacked for oneDNN at load (hf_kernels).
     "prepack": (bool, True),
-    # Without exact: the engine's decode attention (hf_kernels; off until measured).
+    # Without exact: the engine's decode attention (hf_kernels). Off: measured 0.92x
+    # the stock SDPA kernel's tokens/s (bf16, 32 rows, one thread).
     "decode_attention": (bool, False),
 }
 
