@@ -592,7 +592,6 @@ class DecodeBatch:
     def _relayout(self, shift: int, capacity: int) -> None:
         """Move every column by ``shift`` (< 0: drop leading columns no row uses, > 0:
         room on the left for a longer prompt) into ``capacity`` columns."""
-        torch = self.m.torch
 
         def moved(old: Any, fill: int) -> Any:
             shape = list(old.shape)
@@ -615,7 +614,6 @@ class DecodeBatch:
         self.length += shift
         self.width += shift
         self.starts = [s + shift for s in self.starts]
-        del torch
 
     def _compact_if_worth_it(self) -> None:
         gone = sum(1 for r in self.rows if r.done)
