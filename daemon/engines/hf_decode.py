@@ -225,6 +225,8 @@ class DecodeBatch:
         self.positions = (self.mask[:, : self.width].sum(1, keepdim=True) - 1).clamp(min=0)
         self.hold = max((len(s) for r in rows for s in r.job.params.stop), default=1) - 1
         self.tail = self.hold + 9  # tokens whose text can hold a stop string (>= 1 char each)
+        self.starts = [self.width - len(r.input_ids) for r in rows]  # each row's first column
+        self.joined = False  # rows have joined it while it ran (its columns then slide)
 
     # --- the public side --------------------------------------------------------
 
@@ -242,8 +244,25 @@ class DecodeBatch:
                 return True
         return False
 
-    def step(self) -> list[Event]:
-        """One forward pass (the first: the prefill) and what it finished or streamed."""
+    @property
+    def joinable(self) -> bool:
+        """Rows may join it at a step: it has started, and nothing reads its columns as
+        generated text (penalties, schemas, logprobs keep static batches)."""
+        return self.steps > 0 and self.features is None and not self._reads_sequences()
+
+    def _reads_sequences(self) -> bool:
+        return any(r.job.params.repetition_penalty != 1.0 for r in self.rows)
+
+    def step(self, joining: DecodeBatch | None = None) -> list[Event]:
+        """One forward pass (the first: the prefill) and what it finished or streamed.
+        ``joining``: a batch of new rows (continuous batching): this step is its
+        prefill alone, whose first tokens are events at once, and its rows then join
+        this batch's; this batch's own rows wait that one step."""
+        if joining is not None and self.steps > 0:
+            events = joining.step()
+            if not joining.finished:
+                self._merge(joining)
+            return events
         with self.m.torch.inference_mode():
             logits = self._prefill() if self.steps == 0 else self._decode()
             tokens = self._choose(logits)
@@ -530,6 +549,72 @@ class DecodeBatch:
             return 0
         return len(decode(self.m.tokenizer, row.tokens[:early], row.job.params.skip_special_tokens))
 
+    # --- continuous batching ----------------------------------------------------
+
+    def _merge(self, new: DecodeBatch) -> None:
+        """Take in the rows of ``new``, a batch one step old (its prefill and first
+        token), right-aligned where this batch's columns end (left padding, as a
+        static batch has): its pending tokens beside ours, its keys and values just
+        before. From the next step they decode together."""
+        torch = self.m.torch
+        width = new.length  # its prompts' columns + the pending one
+        live = [s for s, r in zip(self.starts, self.rows, strict=True) if not r.done]
+        drop = min(live, default=self.length)
+        if drop < COMPACT_SHARE * self.length:
+            drop = 0  # not worth a copy of the cache yet
+        shift = max(width - (self.length - drop), 0) - drop
+        budget = max(r.job.params.max_new_tokens - len(r.tokens) for r in self.rows + new.rows)
+        capacity = max(self.mask.shape[1] + shift, self.length + shift + budget + 1)
+        if shift or capacity > self.mask.shape[1]:
+            self._relayout(shift, capacity)
+        end = self.length
+        cols = slice(end - width, end)
+        for layer, theirs in zip(self.cache.layers, new.cache.layers, strict=True):
+            layer.key_buffer = _append_rows(torch, layer.key_buffer, theirs.key_buffer, width, end)
+            layer.value_buffer = _append_rows(
+                torch, layer.value_buffer, theirs.value_buffer, width, end
+            )
+            layer._expose()
+        extra = len(new.rows)
+        mask = self.mask.new_zeros((extra, self.mask.shape[1]))
+        mask[:, cols] = new.mask[:, :width]
+        sequences = self.sequences.new_full((extra, self.mask.shape[1]), self.m.pad_id)
+        sequences[:, cols] = new.sequences[:, :width]
+        self.mask = torch.cat([self.mask, mask])
+        self.sequences = torch.cat([self.sequences, sequences])
+        self.positions = torch.cat([self.positions, new.positions])
+        self.starts += [s + end - width for s in new.starts]
+        self.rows += new.rows
+        self.hold = max(self.hold, new.hold)
+        self.tail = self.hold + 9
+        self.joined = True
+
+    def _relayout(self, shift: int, capacity: int) -> None:
+        """Move every column by ``shift`` (< 0: drop leading columns no row uses, > 0:
+        room on the left for a longer prompt) into ``capacity`` columns."""
+
+        def moved(old: Any, fill: int) -> Any:
+            shape = list(old.shape)
+            axis = 2 if old.dim() == 4 else 1
+            shape[axis] = capacity
+            out = old.new_full(shape, fill)
+            lo, hi = max(0, -shift), min(old.shape[axis], self.length, capacity - shift)
+            source = old.narrow(axis, lo, hi - lo)
+            out.narrow(axis, lo + shift, hi - lo).copy_(source)
+            return out
+
+        for layer in self.cache.layers:
+            layer.key_buffer = moved(layer.key_buffer, 0)
+            layer.value_buffer = moved(layer.value_buffer, 0)
+            layer.length += shift
+            layer.capacity = capacity
+            layer._expose()
+        self.mask = moved(self.mask, 0)
+        self.sequences = moved(self.sequences, self.m.pad_id)
+        self.length += shift
+        self.width += shift
+        self.starts = [s + shift for s in self.starts]
+
     def _compact_if_worth_it(self) -> None:
         gone = sum(1 for r in self.rows if r.done)
         if not gone or gone == len(self.rows) or gone < COMPACT_SHARE * len(self.rows):
@@ -541,6 +626,16 @@ class DecodeBatch:
         self.sequences = self.sequences[index]
         self.positions = self.positions[index]
         self.rows = [self.rows[i] for i in keep]
+        self.starts = [self.starts[i] for i in keep]
+
+
+def _append_rows(torch: Any, ours: Any, theirs: Any, width: int, end: int) -> Any:
+    """``ours`` (a cache buffer) with rows appended: ``theirs``' columns up to its
+    pending one, placed so that the pending column is ``end - 1``."""
+    shape = (theirs.shape[0], ours.shape[1], ours.shape[2], ours.shape[3])
+    rows = ours.new_zeros(shape)
+    rows[:, :, end - width : end - 1] = theirs[:, :, : width - 1]
+    return torch.cat([ours, rows])
 
 
 # A shared prefix prefilled ahead of the prompts that share it: a row never decoded.

@@ -8,12 +8,17 @@ padding, the library's own chat template path. The daemon gets the prompts one a
 a time too: in bf16 a row's output depends on what else is in its batch, in plain
 transformers as well (see tests/unit/engines/test_hf_engine.py, where batches are compared
 with transformers' batched generate).
+
+The daemon here runs the engine's exact mode (``exact=true``: stock kernels), the one
+held to equality; the default path is held to the field's bar (docs/quality.md,
+tests/unit/engines/test_hf_quality.py) and served by the other e2e modules' daemons.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +27,20 @@ import pytest
 from exgen.client import errors
 from exgen.daemon import cpu_layout, modelstore
 from exgen.daemon.cpu_layout import cpu_flags, native_bf16
+from tests.conftest import RunningDaemon, start_daemon
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def demo_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDaemon]:
+    """The demo daemon of tests/e2e/conftest.py in the engine's exact mode."""
+    daemon = start_daemon(tmp_path_factory.mktemp("demo-daemon"), "--engine-opt", "exact=true")
+    try:
+        daemon.wait_ready(timeout=300)
+        yield daemon
+    finally:
+        assert daemon.stop(timeout=60) == 0
 
 PLAIN = [
     "The three primary colours are",

@@ -1,4 +1,6 @@
-"""The transformers engine in-process, with the real demo model (SmolLM2-135M, CPU).
+"""The transformers engine in-process, with the real demo model (SmolLM2-135M, CPU),
+in the exact mode (``exact=true``): the stock kernels, held to equality. The default
+path is held to the field's bar instead (test_hf_quality.py).
 
 The model loads once for the module in the dtype the engine picks here (bf16 on a
 CPU with native bf16) and once in fp32; every generation here is short.
@@ -42,7 +44,7 @@ CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[TransformersEngine]:
-    eng = TransformersEngine(None, {"threads": "2", "batch_size": "8"})
+    eng = TransformersEngine(None, {"threads": "2", "batch_size": "8", "exact": "true"})
     eng.load()
     yield eng
     eng.close()
@@ -50,7 +52,9 @@ def engine() -> Iterator[TransformersEngine]:
 
 @pytest.fixture(scope="module")
 def fp32_engine() -> Iterator[TransformersEngine]:
-    eng = TransformersEngine(None, {"threads": "2", "batch_size": "8", "dtype": "float32"})
+    eng = TransformersEngine(
+        None, {"threads": "2", "batch_size": "8", "dtype": "float32", "exact": "true"}
+    )
     eng.load()
     yield eng
     eng.close()
@@ -121,7 +125,7 @@ def test_describe(engine: TransformersEngine) -> None:
     native = native_bf16(cpu_flags())
     assert facts["dtype"] == ("bfloat16" if native else "float32") and facts["devices"] == ["cpu"]
     assert facts["max_seq_len"] == engine.max_seq_len == 8192
-    assert facts["mode"] == "static"
+    assert facts["mode"] == "static" and facts["exact"] is True
     assert engine.capacity == 8
 
 

@@ -1,0 +1,91 @@
+"""Continuous batching in the transformers engine: jobs that arrive while a batch runs
+join it at the next step, on the real demo model in fp32.
+
+A joined row's output must equal plain transformers' one prompt at a time, token for
+token (fp32: the batch a row decodes in does not change its greedy output), whether
+its prompt is shorter or longer than what the batch holds so far (room made on the
+left), and whether its prompt's blocks come from the prefix cache. In the exact mode
+(``exact=true``) a job waits for the running batch to end, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from exgen.daemon.engines.base import Event, Finished, Job, SamplingParams
+from exgen.daemon.engines.hf import TransformersEngine
+from tests.unit.engines.test_hf_engine import direct_generate
+
+pytest.importorskip("transformers")
+
+FIRST = ["The capital of France is", "def fibonacci(n):"]
+LATER = [
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "Water boils at",
+]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[TransformersEngine]:
+    eng = TransformersEngine(None, {"threads": "2", "batch_size": "8", "dtype": "float32"})
+    eng.load()
+    yield eng
+    eng.close()
+
+
+def greedy(key: int, prompt: str, new: int) -> Job:
+    return Job(key, prompt, None, SamplingParams(max_new_tokens=new))
+
+
+def drive(engine: TransformersEngine, first: list[Job], later: list[Job], after: int) -> dict:
+    """Run ``first``; after ``after`` steps add ``later``; the step each job finished."""
+    for j in first:
+        engine.add(j)
+    finished: dict[int, tuple[Finished, int]] = {}
+    steps = 0
+    while engine.pending or steps <= after:
+        if steps == after:
+            for j in later:
+                engine.add(j)
+        events: list[Event] = engine.step()
+        steps += 1
+        for e in events:
+            if isinstance(e, Finished):
+                finished[e.key] = (e, steps)
+    return finished
+
+
+def test_jobs_join_a_running_batch_and_match_transformers(engine: TransformersEngine) -> None:
+    first = [greedy(i, p, 20) for i, p in enumerate(FIRST)]
+    later = [greedy(10 + i, p, 8) for i, p in enumerate(LATER)]
+    finished = drive(engine, first, later, after=3)
+    for j in first + later:
+        text, count = direct_generate(engine, j)
+        assert finished[j.key][0].text == text, j.prompt
+        assert finished[j.key][0].completion_tokens == count
+    # joined at step 4: finished 8 tokens later, long before the first batch's 21 steps
+    assert all(finished[j.key][1] <= 4 + 8 for j in later)
+
+
+def test_a_joined_prompt_uses_the_prefix_cache(engine: TransformersEngine) -> None:
+    prompt = LATER[0] + " loved the sea more than anything else in the world."
+    drive(engine, [greedy(20, prompt, 2)], [], after=0)  # its blocks now cached
+    saved = engine.counters()["prefill_tokens_saved"]
+    later = greedy(22, prompt + " One day", 6)
+    finished = drive(engine, [greedy(21, FIRST[0], 12)], [later], after=2)
+    assert engine.counters()["prefill_tokens_saved"] > saved
+    assert finished[22][0].text == direct_generate(engine, later)[0]
+
+
+def test_exact_mode_lets_the_running_batch_finish_first() -> None:
+    eng = TransformersEngine(
+        None, {"threads": "2", "batch_size": "8", "dtype": "float32", "exact": "true"}
+    )
+    eng.load()
+    try:
+        finished = drive(eng, [greedy(1, FIRST[0], 10)], [greedy(2, LATER[1], 2)], after=2)
+    finally:
+        eng.close()
+    assert finished[2][1] > finished[1][1]
