@@ -13,16 +13,18 @@ side of the traffic:
   status; ``Cancels`` (control.py) for cancelling.
 - ``WorkerMessages`` (worker_messages.py): a worker's message — READY, heartbeats, results.
 - ``Delivery`` (delivery.py): results owed to clients until acknowledged; leases.
-- ``Dispatcher`` (dispatch.py): waiting items to workers (``policy.plan_dispatch``:
-  each worker near capacity + prefetch), and back.
+- ``Dispatcher`` (dispatch.py): waiting items to workers, each worker near capacity +
+  prefetch — by shared prompt prefix and estimated work (``placement.plan_placement``,
+  the default) or by count (``policy.plan_dispatch``) — and back.
 - ``Answers`` (answers.py): every item's one answer, into its client's results.
 
 Liveness is ``liveness.find_unresponsive``: the router says which workers to kill,
 the supervisor kills them.
 
 One prompt's way: SUBMIT → ``Admission.submit`` validates and accepts it (a ledger
-entry with its encoded WORK row, a key in its client's lane) → ``Dispatcher`` takes
-it for the least-loaded slot (``Ledger.assign``) → WORK, in the outbox → the
+entry with its encoded WORK row and prefix key, a key in its client's lane) →
+``Dispatcher`` stages it and places it: on the worker that holds its prefix, else the
+least loaded by estimated work (``Ledger.assign``) → WORK, in the outbox → the
 worker's DONE → ``Ledger.settle`` (only from the slot that holds it) → ``Answers``
 → ``Delivery.flush``: one RESULTS per client per tick, owed until acknowledged.
 """
