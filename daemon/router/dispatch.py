@@ -104,6 +104,9 @@ class Dispatcher:
     def _place(self, serving: list[Slot], now: float) -> None:
         """Staged items to the workers with room (``placement.plan_placement``)."""
         base, ledger = self.settings.prefetch, self.ledger
+        if self.keyless_path and not ledger.keyed and not self.queue.staged:
+            self._place_keyless(serving, now)
+            return
         states = []
         limit = 0
         for slot in serving:
@@ -115,9 +118,6 @@ class Dispatcher:
             cost = ledger.held_cost.get(slot.id, 0)
             states.append(SlotState(slot.id, load.outstanding, load.capacity, room, cost))
         if not any(state.room for state in states):
-            return
-        if self.keyless_path and not ledger.keyed and not self.queue.staged:
-            self._place_keyless(states, now)
             return
         self._stage(max(STAGE_MIN, STAGE_ROUNDS * limit))
         queue = self.queue
@@ -135,16 +135,24 @@ class Dispatcher:
         for name in list(queue.staged):
             queue.unstage(name, sent)
 
-    def _place_keyless(self, states: list[SlotState], now: float) -> None:
+    def _place_keyless(self, serving: list[Slot], now: float) -> None:
         """``plan_placement`` where no open entry has a prefix key, nothing staged: the
         same decisions without the staging area. Every staged group would be (tier,
         None), in ``take``'s order, and water-filled by cost one item at a time to the
         least cost-loaded slot with room; so take as many items as there is room and
         water-fill them here. Saves the router 2–4 µs a prompt (bench/RESULTS.md)."""
-        room = {s.slot: s.room for s in states if s.room > 0}
-        capacity = {s.slot: s.capacity for s in states}
-        cost = {s.slot: s.cost for s in states}
-        heap = [(cost[slot] / capacity[slot], slot) for slot in room]
+        base, held_cost = self.settings.prefetch, self.ledger.held_cost
+        room: dict[int, int] = {}
+        capacity: dict[int, int] = {}
+        cost: dict[int, int] = {}
+        heap = []
+        for slot in serving:
+            load = slot.load(base, len(self.ledger.held_by(slot.id)))
+            free = policy.room(load, base)
+            if free and slot.id != self.isolating:
+                room[slot.id], capacity[slot.id] = free, load.capacity
+                cost[slot.id] = held_cost.get(slot.id, 0)
+                heap.append((cost[slot.id] / load.capacity, slot.id))
         heapq.heapify(heap)
         entries = self.ledger.entries
         plan: dict[int, tuple[list[int], list[int]]] = {}
