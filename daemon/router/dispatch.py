@@ -145,7 +145,7 @@ class Dispatcher:
         room: dict[int, int] = {}
         capacity: dict[int, int] = {}
         cost: dict[int, int] = {}
-        heap = []
+        heap: list[tuple[float, int]] = []
         for slot in serving:
             load = slot.load(base, len(self.ledger.held_by(slot.id)))
             free = policy.room(load, base)
@@ -157,16 +157,16 @@ class Dispatcher:
         entries = self.ledger.entries
         plan: dict[int, tuple[list[int], list[int]]] = {}
         for key in self.queue.take(sum(room.values())):
-            slot = heap[0][1]
+            least = heap[0][1]
             entry = entries[key]
             item = entry.tokens + entry.budget  # placement.item_cost, nothing cached
-            keys, costs = plan.setdefault(slot, ([], []))
+            keys, costs = plan.setdefault(least, ([], []))
             keys.append(key)
             costs.append(item)
-            cost[slot] += item
-            room[slot] -= 1
-            if room[slot]:
-                heapq.heapreplace(heap, (cost[slot] / capacity[slot], slot))
+            cost[least] += item
+            room[least] -= 1
+            if room[least]:
+                heapq.heapreplace(heap, (cost[least] / capacity[least], least))
             else:
                 heapq.heappop(heap)
         for slot_id, (keys, costs) in plan.items():
