@@ -21,16 +21,20 @@ unreachable: they wait again, unstarted) and orphaned (their worker died:
 from __future__ import annotations
 
 import heapq
+import logging
 from collections.abc import Sequence
 from typing import overload
 
 from exgen.daemon import policy
 from exgen.daemon.net import wire
 from exgen.daemon.router.fairqueue import Group
+from exgen.daemon.router.hedging import Candidate, plan_hedges
 from exgen.daemon.router.ledger import Entry, Ledger, Orphans
 from exgen.daemon.router.placement import Affinity, SlotState, Waiting, plan_placement
 from exgen.daemon.router.rooms import Rooms
 from exgen.daemon.supervisor.slots import Slot
+
+logger = logging.getLogger("exgen.dispatch")
 
 # Items staged for placement: this many times what the serving workers may hold
 # (capacity + prefetch, summed), at least STAGE_MIN. Enough to find each worker items
@@ -80,6 +84,7 @@ class Dispatcher:
         self.placing = self.settings.placement != "count"
         self.affinity = Affinity()
         self.keyless_path = True  # False: always the staging area (tests compare the two)
+        self.hedging = self.settings.hedge
 
     def dispatch(self, now: float) -> None:
         serving = self.table.serving()
@@ -87,6 +92,8 @@ class Dispatcher:
             return
         self._dispatch_probation(serving, now)
         if self.queue.dispatchable == 0:
+            if self.hedging and not self.queue.size:
+                self._hedge(serving, now)
             return
         if self.placing:
             self._place(serving, now)
@@ -172,6 +179,34 @@ class Dispatcher:
         for slot_id, (keys, costs) in plan.items():
             self._send_work(self.table.by_id[slot_id], keys, now, costs)
 
+    def _hedge(self, serving: list[Slot], now: float) -> None:
+        """Nothing waits: idle workers take copies of the oldest running items
+        (hedging.plan_hedges; the first answer wins, WorkerMessages cancels the other)."""
+        ledger = self.ledger
+        idle = [
+            (slot.id, slot.serving.capacity)
+            for slot in serving
+            if slot.serving is not None and not ledger.held_by(slot.id)
+        ]
+        if not idle or not ledger.held:
+            return
+        entries = ledger.entries
+        candidates = [
+            Candidate(key, slot_id, entry.dispatched_at or 0.0)
+            for slot_id, keys in ledger.held.items()
+            for key in keys
+            if (entry := entries[key]).twin is None
+            and entry.slot == slot_id
+            and not wire.job_streams(entry.job)
+        ]
+        for slot_id, keys in plan_hedges(idle, candidates).items():
+            slot = self.table.by_id[slot_id]
+            assert slot.serving is not None
+            slot.serving.progress_at = now  # idle time is not a lack of progress
+            rows = [ledger.hedge(key, slot_id) for key in keys]
+            self.outbox.worker(slot.serving.identity, wire.pack_work(rows))
+            logger.info("slot %d: hedging %d running items of other workers", slot_id, len(keys))
+
     def _stage(self, target: int) -> None:
         """Top the staging area up to ``target`` items, from the waiting room."""
         queue = self.queue
@@ -249,8 +284,7 @@ class Dispatcher:
         """Tell each worker holding some of these keys to drop them."""
         by_slot: dict[int, list[int]] = {}
         for key in keys:
-            holder = self.ledger.holder(key)
-            if holder is not None:
+            for holder in self.ledger.holders(key):  # two when hedged
                 by_slot.setdefault(holder, []).append(key)
         for slot_id, slot_keys in by_slot.items():
             slot = self.table.get(slot_id)
