@@ -17,6 +17,7 @@ throttled by heat).
   the router's hedge counters from ``status``.
 
     .venv/bin/python bench/hedge.py --repeat 3
+    .venv/bin/python bench/hedge.py --repeat 3 --order fifo --items-per-gpu 1000
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for round_ in range(args.repeat):
         for setting in settings if round_ % 2 == 0 else settings[::-1]:
             loads.append(round(os.getloadavg()[0], 2))
-            env = {"EXGEN_HEDGE": "1" if setting == "on" else "0"}
+            env = {"EXGEN_HEDGE": "1" if setting == "on" else "0", "EXGEN_ORDER": args.order}
             with running_daemon(args.gpus, "synthetic", opts, env=env) as daemon:
                 seconds, seen = makespan(daemon, tasks)
             runs[setting].append(seconds)
@@ -100,6 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tokens": sum(lengths),
         "longest": max(lengths),
         "ideal_s": round(best, 3),
+        "order": args.order,
         "load_avg_1m": loads,
     }
     for setting in settings:
@@ -122,6 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-ms", type=float, default=0.1)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument(
+        "--order",
+        default="longest-first",
+        help="the router's order within a client's queue (fifo: long items may start last)",
+    )
     return parser.parse_args(argv)
 
 
