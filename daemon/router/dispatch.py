@@ -10,7 +10,9 @@ max_new_tokens). With "count", ``policy.plan_dispatch`` decides how many items e
 serving slot takes (water-filling by item count per unit of capacity) and the waiting
 room which. Items on probation run
 one at a time on a slot drained for them (``isolating``), which takes no other work
-until the probation lane is empty.
+until the probation lane is empty. With ``hedge`` on, once nothing waits, a worker
+that holds nothing takes copies of the oldest running items of the others
+(``hedging.plan_hedges``; ``Ledger.hedge``).
 
 Items come back from the workers three ways: withdrawn (cancelled, timed out, their
 client gone: the workers are told to drop them), taken back (their client is

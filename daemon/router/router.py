@@ -14,7 +14,8 @@ side of the traffic:
 - ``WorkerMessages`` (worker_messages.py): a worker's message — READY, heartbeats, results.
 - ``Delivery`` (delivery.py): results owed to clients until acknowledged; leases.
 - ``Dispatcher`` (dispatch.py): waiting items to workers (``policy.plan_dispatch``:
-  each worker near capacity + prefetch), and back.
+  each worker near capacity + prefetch), and back; with ``hedge`` on, copies of
+  stragglers to idle workers at the end of a job (``hedging.plan_hedges``).
 - ``Answers`` (answers.py): every item's one answer, into its client's results.
 
 Liveness is ``liveness.find_unresponsive``: the router says which workers to kill,
