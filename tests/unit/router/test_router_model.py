@@ -265,6 +265,13 @@ class HedgedRouterModel(RouterModel):
 
     hedge = True
 
+    @rule(slot_id=st.integers(0, SLOTS - 1), fail=st.booleans())
+    def worker_clears_then_copies(self, slot_id: int, fail: bool) -> None:
+        """A worker answers all it holds and the router dispatches: where nothing
+        waits, the idle worker takes copies of the other's items."""
+        self.worker_answers(slot_id, 100, fail)
+        self.dispatch()
+
 
 HedgedRouterModel.TestCase.settings = RouterModel.TestCase.settings
 test_hedged_router_model = HedgedRouterModel.TestCase
