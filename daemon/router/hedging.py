@@ -6,11 +6,11 @@ on, once nothing waits (nothing dispatchable, nothing on probation) each worker 
 holds nothing takes, up to its capacity, copies of the oldest running items of the
 other workers — the oldest first, because at the end of a job the items dispatched
 longest ago are those of the slowest workers (a fast worker's last items went out
-recently: it turned its work over faster). Each item runs at most twice.
+recently: it turned its work over faster). An item runs at most twice at once.
 
-The first answer wins (``Ledger.settle`` takes it from either holder and forgets the
-entry); the router cancels the other copy on its worker, and a late answer from it is
-dropped like any late answer. A holder that dies leaves the item to the other copy
+The first answer wins, a result or a per-item error alike (``Ledger.settle`` takes it
+from either holder and forgets the entry); the router cancels the other copy on its
+worker, and a late answer from it is dropped like any late answer. A holder that dies leaves the item to the other copy
 (``Ledger.orphan_slot``), so neither crash loses or duplicates an answer.
 
 Items whose client streams tokens are never hedged: the two copies would stream the
