@@ -35,12 +35,12 @@ from uneven import bounded_pareto, file_order, step_ms
 
 logger = logging.getLogger("bench.hedge")
 
-SLOW_SLOT, SLOW_FACTOR = 3, 2.0
+SLOW_SLOT = 3
 
 
 def ideal(lengths: list[int], args: argparse.Namespace) -> float:
     per_token_ms = step_ms(args.capacity, args.token_ms, args.batch_ms) / args.capacity
-    speed = args.gpus - 1 + 1 / SLOW_FACTOR
+    speed = args.gpus - 1 + 1 / args.slow_factor
     return sum(lengths) * per_token_ms / speed / 1000
 
 
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "paced": 1,
         "eos_from_prompt": 1,
         "slow_slots": str(SLOW_SLOT),
-        "slow_factor": SLOW_FACTOR,
+        "slow_factor": args.slow_factor,
     }
     settings = ["on", "off"]
     runs: dict[str, list[float]] = {s: [] for s in settings}
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
         "bench": "hedge",
         "gpus": args.gpus,
-        "slow": {"slot": SLOW_SLOT, "factor": SLOW_FACTOR},
+        "slow": {"slot": SLOW_SLOT, "factor": args.slow_factor},
         "items": len(lengths),
         "tokens": sum(lengths),
         "longest": max(lengths),
@@ -124,6 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-ms", type=float, default=0.1)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--slow-factor", type=float, default=2.0, help="slot 3's step time ×")
     parser.add_argument(
         "--order",
         default="longest-first",
