@@ -78,7 +78,7 @@ def test_the_fast_worker_copies_the_slow_workers_tail(daemon_factory):
 def test_kill_9_of_either_holder_mid_hedge_gives_each_id_once(daemon_factory, victim):
     daemon = a_daemon(daemon_factory)
     results: list[Any] = []
-    thread = run_job(daemon, 24, 60, results)
+    thread = run_job(daemon, 24, 100, results)  # a copy runs 1.5 s: time to kill it
     status = wait_for_copies(daemon)
     pid = next(w["pid"] for w in status["workers"] if w["slot"] == victim)
     os.kill(pid, signal.SIGKILL)
