@@ -10,8 +10,9 @@ recently: it turned its work over faster). An item runs at most twice at once.
 
 The first answer wins, a result or a per-item error alike (``Ledger.settle`` takes it
 from either holder and forgets the entry); the router cancels the other copy on its
-worker, and a late answer from it is dropped like any late answer. A holder that dies leaves the item to the other copy
-(``Ledger.orphan_slot``), so neither crash loses or duplicates an answer.
+worker, and a late answer from it is dropped like any late answer. A holder that
+dies leaves the item to the other copy (``Ledger.orphan_slot``), so neither crash
+loses or duplicates an answer.
 
 Items whose client streams tokens are never hedged: the two copies would stream the
 same text twice, and after the first holder died the second's text would repeat what
