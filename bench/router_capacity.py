@@ -12,6 +12,11 @@ client library → router → worker → router → client.
   the difference (the latency the daemon adds), p50 and p99.
 
     .venv/bin/python bench/router_capacity.py --repeat 3
+    .venv/bin/python bench/router_capacity.py --placements prefix count --repeat 6
+
+``--placements``: a daemon per placement setting, side by side in one run: each
+round runs every setting once on a fresh daemon, the rounds alternating which goes
+first; medians per setting.
 
 On a 2-core machine the client, the router and the workers share the cores, so
 the client's and the workers' CPU is inside the prompts/s. The CPU time each
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from typing import Any
 
@@ -129,6 +135,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def compare_placements(args: argparse.Namespace) -> dict[str, Any]:
+    """Each round: every placement on its own daemon, alternating which goes first."""
+    opts = {"capacity": args.capacity, "token_ms": 0, "batch_ms": 0}
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in args.placements}
+    loads = []
+    for round_ in range(args.repeat):
+        order = args.placements if round_ % 2 == 0 else args.placements[::-1]
+        for placement in order:
+            loads.append(round(os.getloadavg()[0], 2))
+            env = {"EXGEN_PLACEMENT": placement}
+            with running_daemon(args.workers, "synthetic", opts, env=env) as daemon:
+                rate, used = throughput(daemon, args.prompts, args.window)
+                lat = daemon_latencies(daemon, args.latency_samples)
+            runs[placement].append({"rate": rate, "cpu": used, "p50": percentile(lat, 50)})
+            logger.info("round %d %s: %.0f prompts/s, router %.1f µs/prompt",
+                        round_ + 1, placement, rate, used["router"])  # fmt: skip
+    out: dict[str, Any] = {
+        "bench": "router_capacity_placements",
+        "workers": args.workers,
+        "prompts": args.prompts,
+        "rounds": args.repeat,
+        "load_avg_1m": loads,
+    }
+    for placement, rows in runs.items():
+        out[placement] = {
+            "prompts_per_s": round(median([r["rate"] for r in rows])),
+            "prompts_per_s_runs": [round(r["rate"]) for r in rows],
+            "router_us_per_prompt": round(median([r["cpu"]["router"] for r in rows]), 1),
+            "router_us_runs": [round(r["cpu"]["router"], 1) for r in rows],
+            "workers_us_per_prompt": round(median([r["cpu"]["workers"] for r in rows]), 1),
+            "round_trip_p50_ms": round(median([r["p50"] for r in rows]) * 1e3, 3),
+        }
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=4)
@@ -137,12 +178,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=8192)
     parser.add_argument("--latency-samples", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--placements", nargs="+", help="compare these placement settings")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    doc = {"machine": machine(), **run(parse_args(argv))}
+    args = parse_args(argv)
+    doc = {"machine": machine(), **(compare_placements(args) if args.placements else run(args))}
     emit(doc)
     return doc
 

@@ -91,6 +91,12 @@ def main() -> None:
     "estimated work (default); by estimated work alone; or by prompt count alone.",
 )
 @click.option(
+    "--hedge/--no-hedge",
+    default=None,
+    help="Once no prompt waits, let idle workers run copies of the slowest running "
+    "prompts; the first answer is delivered (default: off).",
+)
+@click.option(
     "--max-attempts", type=int, help="Worker crashes an item may cause before it fails (default 3)."
 )
 @click.option(

@@ -72,6 +72,7 @@ class Settings:
     prefix_key_bytes: int = 512  # bytes of a prompt's head that key its prefix (placement.py)
     affinity_slack: float = 1.0  # a prefix's waiting items, in units of its holders'
     #                              capacity, before a worker not holding it takes some
+    hedge: bool = False  # nothing waiting: idle workers run copies of stragglers (hedging.py)
     max_attempts: int = 3  # worker crashes an item may cause before it fails
     max_queue_bytes: int = 512 * 2**20  # bytes of waiting items before "busy"
     unread_budget_bytes: int = 64 * 2**20  # a client's unacknowledged results: past it,

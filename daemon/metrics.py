@@ -59,6 +59,8 @@ class Snapshot:
     inflight: int = 0
     completed: int = 0
     failed: int = 0
+    hedge_copies: int = 0  # second copies sent (hedging); hedge_won: those answered first
+    hedge_won: int = 0
     draining: bool = False
     engine: str = ""
     model: str = ""
@@ -116,6 +118,8 @@ class Metrics:
             inflight=int(status["inflight"]),
             completed=int(status["completed"]),
             failed=int(status["failed"]),
+            hedge_copies=int(status.get("hedges", {}).get("copies", 0)),
+            hedge_won=int(status.get("hedges", {}).get("won", 0)),
             draining=bool(status["draining"]),
             engine=str(status.get("engine") or ""),
             model=str(status.get("model") or ""),
@@ -213,12 +217,22 @@ def _engine_families(slots: tuple[SlotSample, ...]) -> Iterator[Metric]:
 
 def _daemon_families(snap: Snapshot) -> Iterator[Metric]:
     yield GaugeMetricFamily("exgen_queue_length", "Prompts waiting for a worker", snap.queued)
-    yield GaugeMetricFamily("exgen_inflight", "Prompts on workers", snap.inflight)
+    yield GaugeMetricFamily(
+        "exgen_inflight", "Prompts on workers (with hedged copies)", snap.inflight
+    )
     yield CounterMetricFamily(
         "exgen_prompts_completed", "Prompts answered with a result", snap.completed
     )
     yield CounterMetricFamily(
         "exgen_prompts_failed", "Prompts answered with an error (all causes)", snap.failed
+    )
+    yield CounterMetricFamily(
+        "exgen_hedge_copies",
+        "Second copies of running prompts sent to idle workers",
+        snap.hedge_copies,
+    )
+    yield CounterMetricFamily(
+        "exgen_hedge_won", "Hedged prompts answered first by their copy", snap.hedge_won
     )
     yield GaugeMetricFamily("exgen_draining", "1 while draining for a stop", float(snap.draining))
     info = GaugeMetricFamily(

@@ -36,6 +36,8 @@ prefill_token_ms     0        milliseconds per prompt token not found in the pre
 prefix_cache_tokens  0        a prefix cache of this many prompt tokens (words) per
                               worker, LRU; 0: none
 prefix_block         16       tokens (words) per cached block
+slow_factor          1        step and prefill time × this in the slots of slow_slots
+slow_slots           ""       ("3" or "0,2"; $EXGEN_SLOT; empty: none): a slower card
 ===================  =======  =====================================================
 
 Prefill and the prefix cache, modelled for placement: a prompt's tokens are its words;
@@ -118,6 +120,8 @@ OPTIONS: dict[str, tuple[type, object]] = {
     "prefill_token_ms": (float, 0.0),
     "prefix_cache_tokens": (int, 0),
     "prefix_block": (int, 16),
+    "slow_factor": (float, 1.0),
+    "slow_slots": (str, ""),
 }
 
 
@@ -229,6 +233,9 @@ class SyntheticEngine(Engine):
         self._hanging = False
         self._step_end = 0.0
         self._prefill_ms = float(self.opts["prefill_token_ms"])
+        self._speed = 1.0  # step time × this (slow_factor, in a slow slot)
+        if self.opts["slow_slots"] and self._in_slots(self.opts["slow_slots"]):
+            self._speed = float(self.opts["slow_factor"])
         self._prefixes: PrefixCache[None] | None = None
         if self.opts["prefix_cache_tokens"] > 0:
             if self.opts["prefix_block"] < 1:
@@ -242,11 +249,13 @@ class SyntheticEngine(Engine):
     def load(self) -> None:
         if self.opts["boot_s"] > 0:
             time.sleep(self.opts["boot_s"])
-        if self.opts["fail_load"] and self._fails_in_this_slot():
+        if self.opts["fail_load"] and self._in_slots(self.opts["fail_load_slots"]):
             raise EngineUnavailable(f"synthetic unavailable: {self.opts['fail_load']}")
 
-    def _fails_in_this_slot(self) -> bool:
-        slots = {s.strip() for s in str(self.opts["fail_load_slots"]).split(",") if s.strip()}
+    @staticmethod
+    def _in_slots(listed: str) -> bool:
+        """Whether this process's slot ($EXGEN_SLOT) is listed ("1", "0,2"; empty: all)."""
+        slots = {s.strip() for s in str(listed).split(",") if s.strip()}
         return not slots or os.environ.get("EXGEN_SLOT", "") in slots
 
     @property
@@ -317,6 +326,7 @@ class SyntheticEngine(Engine):
         delay_ms = decode_ms
         if admitted:
             delay_ms += self._prefill_ms * self._prefill(admitted)
+        delay_ms *= self._speed
         if delay_ms > 0:
             if self.opts["paced"]:
                 self._pace(delay_ms / 1000)

@@ -55,6 +55,12 @@ def encode_job(key: int, item: P.Item, stream: bool) -> bytes:
     return _ENCODE([key, item.prompt, item.messages, item.params, stream])
 
 
+def job_streams(row: bytes) -> bool:
+    """Whether an encoded WORK row asks for streamed text: its last element, the
+    ``stream`` flag, is msgpack's true (0xc3) as the row's last byte."""
+    return row[-1:] == b"\xc3"
+
+
 def pack_work(rows: list[bytes]) -> list[bytes]:
     """The WORK message for these encoded rows (joined, not re-encoded)."""
     body = b"\x81" + _JOBS_KEY + P.array_header(len(rows)) + b"".join(rows)

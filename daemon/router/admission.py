@@ -208,7 +208,10 @@ class Admission:
         entry = self.ledger.accept(client, item.id, row, now, budget, tier)
         if self.placing:
             facts = placement.prompt_facts(item.prompt, item.messages, self.key_bytes)
-            self.ledger.note_prompt(entry, facts.key, facts.tokens, facts.shared)
+            if facts.key is None:
+                entry.tokens = facts.tokens  # no key, nothing shared: the common case
+            else:
+                self.ledger.note_prompt(entry, facts.key, facts.tokens, facts.shared)
         if item.timeout_s is not None:
             self.deadlines.add(entry, item.timeout_s)
         self.queue.push(client, entry.key, budget, tier)

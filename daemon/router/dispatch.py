@@ -10,7 +10,9 @@ max_new_tokens). With "count", ``policy.plan_dispatch`` decides how many items e
 serving slot takes (water-filling by item count per unit of capacity) and the waiting
 room which. Items on probation run
 one at a time on a slot drained for them (``isolating``), which takes no other work
-until the probation lane is empty.
+until the probation lane is empty. With ``hedge`` on, once nothing waits, a worker
+that holds nothing takes copies of the oldest running items of the others
+(``hedging.plan_hedges``; ``Ledger.hedge``).
 
 Items come back from the workers three ways: withdrawn (cancelled, timed out, their
 client gone: the workers are told to drop them), taken back (their client is
@@ -21,16 +23,20 @@ unreachable: they wait again, unstarted) and orphaned (their worker died:
 from __future__ import annotations
 
 import heapq
+import logging
 from collections.abc import Sequence
 from typing import overload
 
 from exgen.daemon import policy
 from exgen.daemon.net import wire
 from exgen.daemon.router.fairqueue import Group
+from exgen.daemon.router.hedging import Candidate, plan_hedges
 from exgen.daemon.router.ledger import Entry, Ledger, Orphans
 from exgen.daemon.router.placement import Affinity, SlotState, Waiting, plan_placement
 from exgen.daemon.router.rooms import Rooms
 from exgen.daemon.supervisor.slots import Slot
+
+logger = logging.getLogger("exgen.dispatch")
 
 # Items staged for placement: this many times what the serving workers may hold
 # (capacity + prefetch, summed), at least STAGE_MIN. Enough to find each worker items
@@ -80,6 +86,7 @@ class Dispatcher:
         self.placing = self.settings.placement != "count"
         self.affinity = Affinity()
         self.keyless_path = True  # False: always the staging area (tests compare the two)
+        self.hedging = self.settings.hedge
 
     def dispatch(self, now: float) -> None:
         serving = self.table.serving()
@@ -87,6 +94,8 @@ class Dispatcher:
             return
         self._dispatch_probation(serving, now)
         if self.queue.dispatchable == 0:
+            if self.hedging and not self.queue.size:
+                self._hedge(serving, now)
             return
         if self.placing:
             self._place(serving, now)
@@ -104,6 +113,9 @@ class Dispatcher:
     def _place(self, serving: list[Slot], now: float) -> None:
         """Staged items to the workers with room (``placement.plan_placement``)."""
         base, ledger = self.settings.prefetch, self.ledger
+        if self.keyless_path and not ledger.keyed and not self.queue.staged:
+            self._place_keyless(serving, now)
+            return
         states = []
         limit = 0
         for slot in serving:
@@ -115,9 +127,6 @@ class Dispatcher:
             cost = ledger.held_cost.get(slot.id, 0)
             states.append(SlotState(slot.id, load.outstanding, load.capacity, room, cost))
         if not any(state.room for state in states):
-            return
-        if self.keyless_path and not ledger.keyed and not self.queue.staged:
-            self._place_keyless(states, now)
             return
         self._stage(max(STAGE_MIN, STAGE_ROUNDS * limit))
         queue = self.queue
@@ -135,34 +144,70 @@ class Dispatcher:
         for name in list(queue.staged):
             queue.unstage(name, sent)
 
-    def _place_keyless(self, states: list[SlotState], now: float) -> None:
+    def _place_keyless(self, serving: list[Slot], now: float) -> None:
         """``plan_placement`` where no open entry has a prefix key, nothing staged: the
         same decisions without the staging area. Every staged group would be (tier,
         None), in ``take``'s order, and water-filled by cost one item at a time to the
         least cost-loaded slot with room; so take as many items as there is room and
         water-fill them here. Saves the router 2–4 µs a prompt (bench/RESULTS.md)."""
-        room = {s.slot: s.room for s in states if s.room > 0}
-        capacity = {s.slot: s.capacity for s in states}
-        cost = {s.slot: s.cost for s in states}
-        heap = [(cost[slot] / capacity[slot], slot) for slot in room]
+        base, held_cost = self.settings.prefetch, self.ledger.held_cost
+        room: dict[int, int] = {}
+        capacity: dict[int, int] = {}
+        cost: dict[int, int] = {}
+        heap: list[tuple[float, int]] = []
+        for slot in serving:
+            load = slot.load(base, len(self.ledger.held_by(slot.id)))
+            free = policy.room(load, base)
+            if free and slot.id != self.isolating:
+                room[slot.id], capacity[slot.id] = free, load.capacity
+                cost[slot.id] = held_cost.get(slot.id, 0)
+                heap.append((cost[slot.id] / load.capacity, slot.id))
         heapq.heapify(heap)
         entries = self.ledger.entries
         plan: dict[int, tuple[list[int], list[int]]] = {}
         for key in self.queue.take(sum(room.values())):
-            slot = heap[0][1]
+            least = heap[0][1]
             entry = entries[key]
             item = entry.tokens + entry.budget  # placement.item_cost, nothing cached
-            keys, costs = plan.setdefault(slot, ([], []))
+            keys, costs = plan.setdefault(least, ([], []))
             keys.append(key)
             costs.append(item)
-            cost[slot] += item
-            room[slot] -= 1
-            if room[slot]:
-                heapq.heapreplace(heap, (cost[slot] / capacity[slot], slot))
+            cost[least] += item
+            room[least] -= 1
+            if room[least]:
+                heapq.heapreplace(heap, (cost[least] / capacity[least], least))
             else:
                 heapq.heappop(heap)
         for slot_id, (keys, costs) in plan.items():
             self._send_work(self.table.by_id[slot_id], keys, now, costs)
+
+    def _hedge(self, serving: list[Slot], now: float) -> None:
+        """Nothing waits: idle workers take copies of the oldest running items
+        (hedging.plan_hedges; the first answer wins, WorkerMessages cancels the other)."""
+        ledger = self.ledger
+        idle = [
+            (slot.id, slot.serving.capacity)
+            for slot in serving
+            if slot.serving is not None and not ledger.held_by(slot.id)
+        ]
+        if not idle or not ledger.held:
+            return
+        entries = ledger.entries
+        candidates = [
+            Candidate(key, slot_id, entry.dispatched_at or 0.0)
+            for slot_id, keys in ledger.held.items()
+            for key in keys
+            if (entry := entries[key]).twin is None
+            and entry.slot == slot_id
+            and not wire.job_streams(entry.job)
+        ]
+        for slot_id, keys in plan_hedges(idle, candidates).items():
+            slot = self.table.by_id[slot_id]
+            assert slot.serving is not None
+            slot.serving.progress_at = now  # idle time is not a lack of progress
+            rows = [ledger.hedge(key, slot_id) for key in keys]
+            self.outbox.worker(slot.serving.identity, wire.pack_work(rows))
+            logger.info("slot %d: hedging %d running items of other workers", slot_id, len(keys))
 
     def _stage(self, target: int) -> None:
         """Top the staging area up to ``target`` items, from the waiting room."""
@@ -241,8 +286,7 @@ class Dispatcher:
         """Tell each worker holding some of these keys to drop them."""
         by_slot: dict[int, list[int]] = {}
         for key in keys:
-            holder = self.ledger.holder(key)
-            if holder is not None:
+            for holder in self.ledger.holders(key):  # two when hedged
                 by_slot.setdefault(holder, []).append(key)
         for slot_id, slot_keys in by_slot.items():
             slot = self.table.get(slot_id)

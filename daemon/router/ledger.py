@@ -5,6 +5,12 @@ whose worker runs it (None while it waits), and ``held`` indexes the same facts 
 slot. A worker's answer settles an entry only if the ledger says that slot holds it,
 so a late result from a worker already given up for dead can never make a duplicate.
 
+Hedging (``hedge``): a running entry may run a second time on another slot, its
+``twin``; both slots hold it (``held``), either's answer settles it (the first; the
+entry is forgotten, so the other's is dropped as late) and the caller cancels the
+other copy. A twin that dies is just dropped; a holder that dies while its twin runs
+hands the entry to the twin (``orphan_slot``): it is never requeued while a copy runs.
+
 Blame: only a death that could have been caused by the work counts towards an
 item's attempts. An item that shared two crashes goes on probation (it runs alone);
 it fails only when its attempts are used up *and* it ran alone when the last one
@@ -25,8 +31,9 @@ from exgen.daemon import policy
 # What an entry costs the router beyond its row's bytes (the Entry, its id, the
 # client-id index), measured with tracemalloc on 100,000 accepted items: 392 (360
 # before the four placement fields; an item with a prefix key holds its own int too,
-# about 32 bytes more, not counted).
-ENTRY_OVERHEAD_BYTES = 392
+# about 32 bytes more, not counted), plus 8 for hedging's ``twin`` (an Entry is 176
+# bytes by sys.getsizeof, 168 before it).
+ENTRY_OVERHEAD_BYTES = 400
 
 
 @dataclass(slots=True)
@@ -50,6 +57,7 @@ class Entry:
     tokens: int = 0
     shared: int = 0
     cost: int = 0
+    twin: int | None = None  # a slot running a second copy (hedging); None: none
 
 
 @dataclass(slots=True)
@@ -76,6 +84,8 @@ class Ledger:
         self.abandoned = 0  # cancelled because their client went away (no one to answer)
         self.nbytes = 0  # rows and entries of everything accepted and not answered
         self.keyed = 0  # open entries with a prefix key (none: placement's keyless path)
+        self.hedges = 0  # second copies sent (hedging)
+        self.hedge_wins = 0  # answers that came from the second copy first
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -148,12 +158,35 @@ class Ledger:
         self.held_cost[slot] = self.held_cost.get(slot, 0) + added
         return rows
 
+    def hedge(self, key: int, slot: int) -> bytes:
+        """The running entry runs a second time on ``slot`` (its twin): its row."""
+        entry = self.entries[key]
+        assert entry.slot is not None and entry.slot != slot and entry.twin is None
+        entry.twin = slot
+        self.held.setdefault(slot, set()).add(key)
+        self.held_cost[slot] = self.held_cost.get(slot, 0) + entry.cost
+        self.hedges += 1
+        return entry.job
+
+    def holders(self, key: int) -> list[int]:
+        """The slots running the entry: none, one, or two when hedged."""
+        entry = self.entries.get(key)
+        if entry is None or entry.slot is None:
+            return []
+        return [entry.slot] if entry.twin is None else [entry.slot, entry.twin]
+
     def _unhold(self, entry: Entry) -> None:
-        """The entry leaves its slot's hands (answered, recalled, orphaned)."""
+        """The entry leaves its slots' hands (answered, recalled, orphaned)."""
+        if entry.twin is not None:
+            self._drop_copy(entry, entry.twin)
+            entry.twin = None
         if entry.slot is not None:
-            self.held.get(entry.slot, set()).discard(entry.key)
-            self.held_cost[entry.slot] = self.held_cost.get(entry.slot, 0) - entry.cost
+            self._drop_copy(entry, entry.slot)
             entry.slot = None
+
+    def _drop_copy(self, entry: Entry, slot: int) -> None:
+        self.held.get(slot, set()).discard(entry.key)
+        self.held_cost[slot] = self.held_cost.get(slot, 0) - entry.cost
 
     def held_by(self, slot: int) -> set[int]:
         return self.held.get(slot, set())
@@ -165,8 +198,11 @@ class Ledger:
     def settle(self, key: int, slot: int, ok: bool) -> Entry | None:
         """The entry ``slot``'s answer settles, counted and forgotten; else None."""
         entry = self.entries.get(key)
-        if entry is None or entry.slot != slot:
-            return None  # cancelled, or a late result from a worker given up for dead
+        if entry is None or (entry.slot != slot and entry.twin != slot):
+            return None  # cancelled, answered by its other copy, or a late result from
+            #              a worker given up for dead
+        if entry.twin == slot:
+            self.hedge_wins += 1
         self.forget(entry)
         if ok:
             self.completed += 1
@@ -243,6 +279,9 @@ class Ledger:
         alone = len(keys) == 1
         for key in keys:
             entry = self.entries[key]
+            if entry.twin is not None:
+                self._twin_lost(entry, slot)  # its other copy runs on: nothing to do
+                continue
             entry.slot = None
             if crashed and blames_work:
                 entry.attempts += 1
@@ -257,6 +296,15 @@ class Ledger:
             else:
                 out.requeue.append(key)
         return out
+
+    @staticmethod
+    def _twin_lost(entry: Entry, slot: int) -> None:
+        """One of a hedged entry's two holders died: the other holds it alone. No
+        attempt is counted (a poison prompt crashes the other too, and is blamed
+        then)."""
+        if entry.slot == slot:
+            entry.slot = entry.twin
+        entry.twin = None
 
 
 class Deadlines:

@@ -15,7 +15,8 @@ side of the traffic:
 - ``Delivery`` (delivery.py): results owed to clients until acknowledged; leases.
 - ``Dispatcher`` (dispatch.py): waiting items to workers, each worker near capacity +
   prefetch — by shared prompt prefix and estimated work (``placement.plan_placement``,
-  the default) or by count (``policy.plan_dispatch``) — and back.
+  the default) or by count (``policy.plan_dispatch``) — and back; with ``hedge`` on,
+  copies of stragglers to idle workers at the end of a job (``hedging.plan_hedges``).
 - ``Answers`` (answers.py): every item's one answer, into its client's results.
 
 Liveness is ``liveness.find_unresponsive``: the router says which workers to kill,

@@ -23,6 +23,7 @@ def describe_router(rooms: Rooms, now: float) -> dict[str, Any]:
         "inflight": ledger.inflight,
         "completed": ledger.completed,
         "failed": ledger.failed,
+        "hedges": {"copies": ledger.hedges, "won": ledger.hedge_wins},  # hedging.py
         "engine": rooms.table.engine,
         "model": service.model_name,
         "workers": [describe_slot(slot, len(ledger.held_by(slot.id)), now) for slot in rooms.table],

@@ -34,6 +34,7 @@ class WorkerMessages:
         self.outbox = rooms.outbox
         self.answers = answers
         self.heard_until = rooms.service.started
+        self.losers: dict[int, list[int]] = {}  # slot -> hedged keys it lost (one DONE's)
 
     def handle(self, frames: list[bytes], now: float) -> None:
         """One worker message, ``now`` the time it was read (not the tick's start:
@@ -128,6 +129,7 @@ class WorkerMessages:
         serving = slot.serving
         assert serving is not None
         serving.note_burst(len(finished) + len(failed), now)
+        self.losers = {}
         for event in finished:
             entry = self._settle(slot, serving, event.key, now, ok=True)
             if entry is not None:
@@ -157,9 +159,21 @@ class WorkerMessages:
                 result = P.result_error(entry.item_id, failure.code, failure.message, failure.field)
                 result["slot"] = slot.id
                 self.answers.answer(entry, result, now)
+        self._cancel_losers()
+
+    def _cancel_losers(self) -> None:
+        """Hedged items answered by one copy: the other copy's worker drops it."""
+        for slot_id, keys in self.losers.items():
+            loser = self.table.get(slot_id)
+            if loser is not None and loser.serving is not None:
+                self.outbox.worker(loser.serving.identity, wire.pack_cancel(keys))
 
     def _settle(self, slot: Slot, serving: Serving, key: int, now: float, ok: bool) -> Entry | None:
+        holders = self.ledger.holders(key) if self.ledger.hedges else ()  # none: no copies
         entry = self.ledger.settle(key, slot.id, ok)
+        if entry is not None and len(holders) == 2:  # hedged: the first answer wins
+            other = holders[0] if holders[1] == slot.id else holders[1]
+            self.losers.setdefault(other, []).append(key)
         if entry is not None:
             serving.progress_at = now
             if ok:

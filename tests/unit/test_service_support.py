@@ -114,6 +114,7 @@ def status(completed: int, state: str = "ready", load_s: float | None = 1.5) -> 
         "inflight": 3,
         "completed": completed,
         "failed": 1,
+        "hedges": {"copies": 5, "won": 2},
         "draining": False,
         "engine": "synthetic",
         "model": "m",
@@ -141,6 +142,8 @@ def test_metrics_snapshot_and_latency_histogram():
     assert got[("exgen_worker_state", (("slot", "0"), ("state", "ready")))] == 1
     assert got[("exgen_worker_state", (("slot", "0"), ("state", "starting")))] == 0
     assert got[("exgen_queue_length", ())] == 7
+    assert got[("exgen_hedge_copies_total", ())] == 5
+    assert got[("exgen_hedge_won_total", ())] == 2
     assert got[("exgen_request_latency_seconds_bucket", (("le", "0.1"),))] == 2  # le: inclusive
     assert got[("exgen_request_latency_seconds_bucket", (("le", "0.5"),))] == 3
     assert got[("exgen_request_latency_seconds_bucket", (("le", "+Inf"),))] == 4

@@ -41,10 +41,14 @@ class ClientModel:
 
 
 class RouterModel(RuleBasedStateMachine):
+    hedge = False
+
     def __init__(self) -> None:
         super().__init__()
         self.table = SlotTable([Slot(i, None) for i in range(SLOTS)])
-        config = Settings(client_grace_s=1.0, client_heartbeat_s=0.5, max_attempts=3)
+        config = Settings(
+            client_grace_s=1.0, client_heartbeat_s=0.5, max_attempts=3, hedge=self.hedge
+        )
         self.router = Router(config, self.table)
         self.net = Network(self.router)
         self.pids = itertools.count(1000)
@@ -209,7 +213,7 @@ class RouterModel(RuleBasedStateMachine):
     def rooms_agree(self) -> None:
         ledger = self.router.ledger
         for slot_id, keys in ledger.held.items():
-            assert all(ledger.entries[key].slot == slot_id for key in keys)
+            assert all(slot_id in ledger.holders(key) for key in keys)
         waiting = sum(1 for e in ledger.entries.values() if e.slot is None)
         assert self.router.queue.size == waiting, "every waiting entry waits exactly once"
         for model in self.clients.values():
@@ -253,3 +257,21 @@ RouterModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_router_model = RouterModel.TestCase
+
+
+class HedgedRouterModel(RouterModel):
+    """The same world with hedging on: idle workers copy running items; still exactly
+    one answer each, whichever copy answers, fails or dies first."""
+
+    hedge = True
+
+    @rule(slot_id=st.integers(0, SLOTS - 1), fail=st.booleans())
+    def worker_clears_then_copies(self, slot_id: int, fail: bool) -> None:
+        """A worker answers all it holds and the router dispatches: where nothing
+        waits, the idle worker takes copies of the other's items."""
+        self.worker_answers(slot_id, 100, fail)
+        self.dispatch()
+
+
+HedgedRouterModel.TestCase.settings = RouterModel.TestCase.settings
+test_hedged_router_model = HedgedRouterModel.TestCase
