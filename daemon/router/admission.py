@@ -43,6 +43,8 @@ class Admission:
         # "cost" balances by estimated work but keys nothing: no prefix proxy.
         prefix = self.settings.placement == "prefix"
         self.key_bytes = self.settings.prefix_key_bytes if prefix else 0
+        # A text prompt shorter than this has no key: its facts without a call.
+        self.keyless_chars = placement.keyless_text_chars(self.key_bytes) if prefix else 0
 
     def client_message(
         self, frames: list[bytes], now: float, user: str | None = None, peer: str | None = None
@@ -123,10 +125,11 @@ class Admission:
         submit = envelope.submit()
         accepted = 0
         tier = P.PRIORITIES.index(submit.priority)
+        strict = self.settings.strict_model
         for item in submit.items:
             if self.ledger.knows(client, item.id):
                 continue  # a resend of something we already have: answered once
-            if self._wrong_model(item):
+            if strict and self._wrong_model(item):
                 self._reject(record, item.id, P.E_MODEL_NOT_FOUND, self._model_message(item), now)
                 continue
             self._accept(client, item, submit.stream, tier, now)
@@ -207,11 +210,15 @@ class Admission:
         row = wire.encode_job(key, item, stream)
         entry = self.ledger.accept(client, item.id, row, now, budget, tier)
         if self.placing:
-            facts = placement.prompt_facts(item.prompt, item.messages, self.key_bytes)
-            if facts.key is None:
-                entry.tokens = facts.tokens  # no key, nothing shared: the common case
+            prompt = item.prompt
+            if type(prompt) is str and len(prompt) < self.keyless_chars and item.messages is None:
+                entry.tokens = len(prompt) // placement.BYTES_PER_TOKEN  # the common case
             else:
-                self.ledger.note_prompt(entry, facts.key, facts.tokens, facts.shared)
+                facts = placement.prompt_facts(prompt, item.messages, self.key_bytes)
+                if facts.key is None:
+                    entry.tokens = facts.tokens
+                else:
+                    self.ledger.note_prompt(entry, facts.key, facts.tokens, facts.shared)
         if item.timeout_s is not None:
             self.deadlines.add(entry, item.timeout_s)
         self.queue.push(client, entry.key, budget, tier)

@@ -177,15 +177,21 @@ class Ledger:
 
     def _unhold(self, entry: Entry) -> None:
         """The entry leaves its slots' hands (answered, recalled, orphaned)."""
+        slot = entry.slot
+        if slot is not None:  # inline: once per answer, the router's hottest path
+            held = self.held.get(slot)
+            if held is not None:
+                held.discard(entry.key)
+            self.held_cost[slot] = self.held_cost.get(slot, 0) - entry.cost
+            entry.slot = None
         if entry.twin is not None:
             self._drop_copy(entry, entry.twin)
             entry.twin = None
-        if entry.slot is not None:
-            self._drop_copy(entry, entry.slot)
-            entry.slot = None
 
     def _drop_copy(self, entry: Entry, slot: int) -> None:
-        self.held.get(slot, set()).discard(entry.key)
+        held = self.held.get(slot)
+        if held is not None:
+            held.discard(entry.key)
         self.held_cost[slot] = self.held_cost.get(slot, 0) - entry.cost
 
     def held_by(self, slot: int) -> set[int]:

@@ -129,7 +129,6 @@ class WorkerMessages:
         serving = slot.serving
         assert serving is not None
         serving.note_burst(len(finished) + len(failed), now)
-        self.losers = {}
         for event in finished:
             entry = self._settle(slot, serving, event.key, now, ok=True)
             if entry is not None:
@@ -159,7 +158,8 @@ class WorkerMessages:
                 result = P.result_error(entry.item_id, failure.code, failure.message, failure.field)
                 result["slot"] = slot.id
                 self.answers.answer(entry, result, now)
-        self._cancel_losers()
+        if self.losers:
+            self._cancel_losers()
 
     def _cancel_losers(self) -> None:
         """Hedged items answered by one copy: the other copy's worker drops it."""
@@ -167,6 +167,7 @@ class WorkerMessages:
             loser = self.table.get(slot_id)
             if loser is not None and loser.serving is not None:
                 self.outbox.worker(loser.serving.identity, wire.pack_cancel(keys))
+        self.losers = {}
 
     def _settle(self, slot: Slot, serving: Serving, key: int, now: float, ok: bool) -> Entry | None:
         holders = self.ledger.holders(key) if self.ledger.hedges else ()  # none: no copies
