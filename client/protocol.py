@@ -185,13 +185,18 @@ def results_body(session: int, seq: int, encoded: list[bytes]) -> bytes:
 def unpack(frames: list[bytes]) -> tuple[bytes, dict[str, Any]]:
     """Parse the three protocol frames; raise FrameError saying what is wrong."""
     command, payload = unpack_header(frames)
+    return command, unpack_body(payload)
+
+
+def unpack_body(payload: bytes) -> dict[str, Any]:
+    """A message's msgpack body, which must be a map; FrameError if it is not."""
     try:
         body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
         raise FrameError(f"body is not valid msgpack: {exc.__class__.__name__}") from None
     if not isinstance(body, dict):
         raise FrameError("body must be a map")
-    return command, body
+    return body
 
 
 def unpack_header(frames: list[bytes]) -> tuple[bytes, bytes]:

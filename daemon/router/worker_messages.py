@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from exgen.client import protocol as P
-from exgen.daemon.engines.base import Chunk, Failed, Finished
+from exgen.daemon.engines.base import Chunk
 from exgen.daemon.net import wire
 from exgen.daemon.router.answers import Answers
 from exgen.daemon.router.ledger import Entry
@@ -41,22 +41,25 @@ class WorkerMessages:
         after a stall the beats that waited in the socket are fresh news, not old
         silence)."""
         try:
-            command, body = P.unpack(frames[1:])
+            command, payload = P.unpack_header(frames[1:])
+            body = None if command == wire.DONE else P.unpack_body(payload)
         except P.FrameError as exc:
             logger.error("bad frames from a worker: %s", exc)
             return
-        self._worker_message(frames[0], command, body, now)
+        self._worker_message(frames[0], command, payload, body, now)
 
     def caught_up(self, at: float) -> None:
         """Every worker message waiting at ``at`` has been read."""
         self.heard_until = max(self.heard_until, at)
 
     def _worker_message(
-        self, identity: bytes, command: bytes, body: dict[str, Any], now: float
+        self, identity: bytes, command: bytes, payload: bytes, body: Any, now: float
     ) -> None:
+        """``body``: the decoded map, except for DONE (the hot message, decoded typed
+        from ``payload`` by wire.decode_done_body)."""
         try:
             if command == wire.DONE:
-                self._on_done(identity, *wire.decode_done(body), now)
+                self._on_done(identity, wire.decode_done_body(payload), now)
             elif command == wire.CHUNKS:
                 self._on_chunks(identity, wire.decode_chunks(body))
             elif command == wire.HEARTBEAT:
@@ -120,46 +123,45 @@ class WorkerMessages:
         serving.counters = beat.counters
         serving.rate.append((now, serving.tokens))
 
-    def _on_done(
-        self, identity: bytes, finished: list[Finished], failed: list[Failed], now: float
-    ) -> None:
+    def _on_done(self, identity: bytes, done: wire.DoneBody, now: float) -> None:
         slot = self.table.serving_identity(identity)
         if slot is None:
             return  # a worker already given up for dead: its items are elsewhere now
         serving = slot.serving
         assert serving is not None
-        serving.note_burst(len(finished) + len(failed), now)
-        for event in finished:
-            entry = self._settle(slot, serving, event.key, now, ok=True)
+        serving.note_burst(len(done.done) + len(done.failed), now)
+        for row in done.done:
+            # Checked before the entry is settled: a bad row leaves its item owed.
+            extra = wire.extra_result(row.extra) if row.extra else None
+            entry = self._settle(slot, serving, row.key, now, ok=True)
             if entry is not None:
                 result = {
                     "id": entry.item_id,
-                    "text": event.text,
-                    "finish_reason": event.finish_reason,
-                    "prompt_tokens": event.prompt_tokens,
-                    "completion_tokens": event.completion_tokens,
+                    "text": row.text,
+                    "finish_reason": row.finish_reason,
+                    "prompt_tokens": row.prompt_tokens,
+                    "completion_tokens": row.completion_tokens,
                     "slot": slot.id,
                     "error": None,
                 }
-                if event.cached_tokens:
-                    result["cached_tokens"] = event.cached_tokens
-                    if self.affinity is not None and entry.prefix is not None:
-                        self.affinity.learn(entry.prefix, event.cached_tokens)
-                if event.logprobs is not None:
-                    result["logprobs"] = event.logprobs
-                if event.choices is not None:
-                    result["choices"] = [c.to_wire() for c in event.choices]
-                if event.prompt is not None:
-                    result["prompt"] = event.prompt.to_wire()
+                if extra:
+                    self._add_extra(result, entry, extra)
                 self.answers.answer(entry, result, now)
-        for failure in failed:
-            entry = self._settle(slot, serving, failure.key, now, ok=False)
+        for key, code, message, field in done.failed:
+            entry = self._settle(slot, serving, key, now, ok=False)
             if entry is not None:
-                result = P.result_error(entry.item_id, failure.code, failure.message, failure.field)
+                result = P.result_error(entry.item_id, code, message, field)
                 result["slot"] = slot.id
                 self.answers.answer(entry, result, now)
         if self.losers:
             self._cancel_losers()
+
+    def _add_extra(self, result: dict[str, Any], entry: Entry, extra: dict[str, Any]) -> None:
+        """Logprobs, samples, the prompt echo, a prefix-cache hit (placement learns it)."""
+        result.update(extra)
+        cached = extra.get("cached_tokens", 0)
+        if cached and self.affinity is not None and entry.prefix is not None:
+            self.affinity.learn(entry.prefix, cached)
 
     def _cancel_losers(self) -> None:
         """Hedged items answered by one copy: the other copy's worker drops it."""
