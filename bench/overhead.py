@@ -76,6 +76,11 @@ def daemon_run(daemon: Daemon, items: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def hf_direct_engine(threads: int) -> Any:
+    # The worker's OpenMP wait (cpu_layout.CpuLayout.env) on this side too: under
+    # libgomp's default spin the direct loop ran 1.6x the worker's 2 threads (4.8 s
+    # against 7.9 s for 16 prompts, the same CPU seconds), which is the wait policy's
+    # cost, not the daemon's. It must be set before torch (libgomp) loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from exgen.daemon.engines.hf import TransformersEngine
 
     engine = TransformersEngine(None, {"threads": str(threads)})
