@@ -26,8 +26,10 @@ One prompt's way: SUBMIT → ``Admission.submit`` validates and accepts it (a le
 entry with its encoded WORK row and prefix key, a key in its client's lane) →
 ``Dispatcher`` stages it and places it: on the worker that holds its prefix, else the
 least loaded by estimated work (``Ledger.assign``) → WORK, in the outbox → the
-worker's DONE → ``Ledger.settle`` (only from the slot that holds it) → ``Answers``
-→ ``Delivery.flush``: one RESULTS per client per tick, owed until acknowledged.
+worker's DONE, its rows decoded typed (``wire.DoneRow``) → ``WorkerMessages``:
+``Ledger.settle`` (only from a slot that holds it), the result built from the row →
+``Answers`` → ``Delivery.flush``: one RESULTS per client per tick, owed until
+acknowledged.
 """
 
 from __future__ import annotations
