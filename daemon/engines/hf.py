@@ -97,6 +97,11 @@ DEFAULT_BATCH_GPU = 32
 # On CPU a batch's KV cache may take at most this share of the memory available at
 # load (the OOM killer, not an exception, is what a CPU batch too large meets).
 CPU_KV_MEMORY_SHARE = 0.2
+# Waiting rows join a running batch once it has room for an eighth of the batch (or for
+# all that wait): each join copies the running cache (hf_decode._append_rows), and a
+# full batch whose rows end one by one joined one row at a time (6 joins of 1-12 rows
+# in a 96-prompt shared-prefix run). A batch with room to spare takes a row at once.
+JOIN_GROUP_DIVISOR = 8
 
 OPTIONS: dict[str, tuple[type, Any]] = {
     "batch_size": (int, 0),  # 0: DEFAULT_BATCH_CPU or DEFAULT_BATCH_GPU
@@ -389,6 +394,8 @@ class TransformersEngine(Engine):
         room = self._batch_limit - len(running.active_keys())
         if room <= 0 or not self._waiting or self._batch_key is None:
             return None
+        if room < min(len(self._waiting), max(1, self._batch_limit // JOIN_GROUP_DIVISOR)):
+            return None  # a full batch takes rows in groups, not one as each row ends
         columns = running.mask.shape[1]
         taken: list[_Waiting] = []
         rest: list[_Waiting] = []

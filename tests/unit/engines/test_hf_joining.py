@@ -39,6 +39,11 @@ def greedy(key: int, prompt: str, new: int) -> Job:
     return Job(key, prompt, None, SamplingParams(max_new_tokens=new))
 
 
+def fixed(key: int, prompt: str, new: int) -> Job:
+    """Exactly ``new`` tokens (no EOS): a row that ends when the test says."""
+    return Job(key, prompt, None, SamplingParams(max_new_tokens=new, ignore_eos=True))
+
+
 def drive(engine: TransformersEngine, first: list[Job], later: list[Job], after: int) -> dict:
     """Run ``first``; after ``after`` steps add ``later``; the step each job finished."""
     for j in first:
@@ -89,3 +94,29 @@ def test_exact_mode_lets_the_running_batch_finish_first() -> None:
     finally:
         eng.close()
     assert finished[2][1] > finished[1][1]
+
+
+def test_a_full_batch_takes_waiting_rows_in_groups() -> None:
+    """A full batch whose rows end one at a time does not copy its cache for each: the
+    waiting rows join once it has room for an eighth of the batch (here 2 of 16) or for
+    all of them; their output is still plain transformers'."""
+    eng = TransformersEngine(None, {"threads": "2", "batch_size": "16", "dtype": "float32"})
+    eng.load()
+    try:
+        prompts = [f"{FIRST[i % 2]} {i}" for i in range(16)]
+        waiting = LATER  # 2 of them
+        one_short = [fixed(i, p, 3 if i == 0 else 24) for i, p in enumerate(prompts)]
+        later = [greedy(100 + i, p, 4) for i, p in enumerate(waiting)]
+        finished = drive(eng, one_short, later, after=1)
+        # One row of room (the short one ended) is less than min(2 waiting, 16 // 8):
+        # they waited for the batch to end.
+        assert all(finished[j.key][1] > 24 for j in later)
+
+        two_short = [fixed(i, p, 3 if i < 2 else 24) for i, p in enumerate(prompts)]
+        later = [greedy(200 + i, p, 4) for i, p in enumerate(waiting)]
+        finished = drive(eng, two_short, later, after=1)
+        assert all(finished[j.key][1] <= 4 + 4 + 1 for j in later)  # joined at once
+        for j in later:
+            assert finished[j.key][0].text == direct_generate(eng, j)[0]
+    finally:
+        eng.close()
