@@ -14,7 +14,7 @@ bytes joined under one header.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import msgspec
@@ -132,7 +132,7 @@ class DoneRow(msgspec.Struct, array_like=True, gc=False):
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-    extra: dict[str, Any] | None  # _extra's map: read by extra_result
+    extra: dict[str, Any] | None  # _extra's map: read by parse_extra
 
 
 class DoneBody(msgspec.Struct, gc=False):
@@ -148,19 +148,39 @@ def decode_done_body(payload: bytes) -> DoneBody:
     return _DECODE_DONE(payload)
 
 
+class Extra(NamedTuple):
+    """A row's ``extra``, checked: what only some results carry."""
+
+    cached_tokens: int
+    logprobs: list[Any] | None
+    choices: list[Choice] | None
+    prompt: PromptEcho | None
+
+
+def parse_extra(extra: dict[str, Any]) -> Extra:
+    """``_extra``'s map read back, each field checked as it is rebuilt (TypeError,
+    KeyError or ValueError if one is not what ``_extra`` writes)."""
+    choices, prompt = extra.get("choices"), extra.get("prompt")
+    return Extra(
+        int(extra.get("cached_tokens", 0)),
+        extra.get("logprobs"),
+        None if choices is None else [Choice(**c) for c in choices],
+        None if prompt is None else PromptEcho.from_wire(prompt),
+    )
+
+
 def extra_result(extra: dict[str, Any]) -> dict[str, Any]:
-    """A row's ``extra`` as the client's result fields, each checked as it is rebuilt
-    (TypeError, KeyError or ValueError if a field is not what ``_extra`` writes)."""
+    """A row's ``extra`` as the client's result fields (checked: ``parse_extra``)."""
+    parsed = parse_extra(extra)
     out: dict[str, Any] = {}
-    cached = int(extra.get("cached_tokens", 0))
-    if cached:
-        out["cached_tokens"] = cached
-    if extra.get("logprobs") is not None:
-        out["logprobs"] = extra["logprobs"]
-    if extra.get("choices") is not None:
-        out["choices"] = [Choice(**c).to_wire() for c in extra["choices"]]
-    if extra.get("prompt") is not None:
-        out["prompt"] = PromptEcho.from_wire(extra["prompt"]).to_wire()
+    if parsed.cached_tokens:
+        out["cached_tokens"] = parsed.cached_tokens
+    if parsed.logprobs is not None:
+        out["logprobs"] = parsed.logprobs
+    if parsed.choices is not None:
+        out["choices"] = [c.to_wire() for c in parsed.choices]
+    if parsed.prompt is not None:
+        out["prompt"] = parsed.prompt.to_wire()
     return out
 
 
@@ -173,13 +193,9 @@ def decode_done(body: dict[str, Any]) -> tuple[list[Finished], list[Failed]]:
             row.key, row.text, row.finish_reason, row.prompt_tokens, row.completion_tokens
         )
         if row.extra:
-            event.logprobs = row.extra.get("logprobs")
-            choices = row.extra.get("choices")
-            if choices is not None:
-                event.choices = [Choice(**c) for c in choices]
-            event.cached_tokens = int(row.extra.get("cached_tokens", 0))
-            if row.extra.get("prompt") is not None:
-                event.prompt = PromptEcho.from_wire(row.extra["prompt"])
+            parsed = parse_extra(row.extra)
+            event.cached_tokens, event.logprobs = parsed.cached_tokens, parsed.logprobs
+            event.choices, event.prompt = parsed.choices, parsed.prompt
         finished.append(event)
     return finished, [Failed(*row) for row in typed.failed]
 

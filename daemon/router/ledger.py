@@ -177,19 +177,15 @@ class Ledger:
 
     def _unhold(self, entry: Entry) -> None:
         """The entry leaves its slots' hands (answered, recalled, orphaned)."""
-        slot = entry.slot
-        if slot is not None:  # inline: once per answer, the router's hottest path
-            held = self.held.get(slot)
-            if held is not None:
-                held.discard(entry.key)
-            self.held_cost[slot] = self.held_cost.get(slot, 0) - entry.cost
-            entry.slot = None
         if entry.twin is not None:
             self._drop_copy(entry, entry.twin)
             entry.twin = None
+        if entry.slot is not None:
+            self._drop_copy(entry, entry.slot)
+            entry.slot = None
 
     def _drop_copy(self, entry: Entry, slot: int) -> None:
-        held = self.held.get(slot)
+        held = self.held.get(slot)  # once per answer: no throwaway set for a slot with none
         if held is not None:
             held.discard(entry.key)
         self.held_cost[slot] = self.held_cost.get(slot, 0) - entry.cost

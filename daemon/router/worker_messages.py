@@ -42,25 +42,22 @@ class WorkerMessages:
         silence)."""
         try:
             command, payload = P.unpack_header(frames[1:])
-            body = None if command == wire.DONE else P.unpack_body(payload)
         except P.FrameError as exc:
             logger.error("bad frames from a worker: %s", exc)
             return
-        self._worker_message(frames[0], command, payload, body, now)
+        self._worker_message(frames[0], command, payload, now)
 
     def caught_up(self, at: float) -> None:
         """Every worker message waiting at ``at`` has been read."""
         self.heard_until = max(self.heard_until, at)
 
-    def _worker_message(
-        self, identity: bytes, command: bytes, payload: bytes, body: Any, now: float
-    ) -> None:
-        """``body``: the decoded map, except for DONE (the hot message, decoded typed
-        from ``payload`` by wire.decode_done_body)."""
+    def _worker_message(self, identity: bytes, command: bytes, payload: bytes, now: float) -> None:
         try:
-            if command == wire.DONE:
+            if command == wire.DONE:  # the hot message: decoded typed, in C
                 self._on_done(identity, wire.decode_done_body(payload), now)
-            elif command == wire.CHUNKS:
+                return
+            body = P.unpack_body(payload)
+            if command == wire.CHUNKS:
                 self._on_chunks(identity, wire.decode_chunks(body))
             elif command == wire.HEARTBEAT:
                 self._on_heartbeat(wire.decode_heartbeat(body), now)
@@ -68,6 +65,8 @@ class WorkerMessages:
                 self._on_ready(identity, wire.decode_ready(body), now)
             elif command == wire.FATAL:
                 self._on_fatal(wire.decode_fatal(body))
+        except P.FrameError as exc:  # a body that is not a msgpack map
+            logger.error("bad frames from a worker: %s", exc)
         except (KeyError, TypeError, ValueError) as exc:
             # Workers are our own code, but a bad message must not take the router down.
             logger.error("bad %r message from a worker: %r", command, exc)
