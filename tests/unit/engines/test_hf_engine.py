@@ -36,6 +36,7 @@ from exgen.daemon.engines.base import (
 )
 from exgen.daemon.engines.hf import TransformersEngine, kv_bytes_per_token, kv_token_budget
 from exgen.daemon.engines.hf_decode import prefill_groups, stream_ready
+from tests.unit.engines.hf_support import direct_generate, loaded_engine, run
 
 pytest.importorskip("transformers")
 
@@ -44,20 +45,14 @@ CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[TransformersEngine]:
-    eng = TransformersEngine(None, {"threads": "2", "batch_size": "8", "exact": "true"})
-    eng.load()
-    yield eng
-    eng.close()
+    with loaded_engine(threads="2", batch_size="8", exact="true") as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")
 def fp32_engine() -> Iterator[TransformersEngine]:
-    eng = TransformersEngine(
-        None, {"threads": "2", "batch_size": "8", "dtype": "float32", "exact": "true"}
-    )
-    eng.load()
-    yield eng
-    eng.close()
+    with loaded_engine(threads="2", batch_size="8", dtype="float32", exact="true") as eng:
+        yield eng
 
 
 def job(
@@ -68,30 +63,6 @@ def job(
     **params: Any,
 ) -> Job:
     return Job(key, prompt, messages, SamplingParams(**params), stream)
-
-
-def run(engine: TransformersEngine, *jobs: Job) -> dict[int, Finished]:
-    for j in jobs:
-        engine.add(j)
-    events: list[Event] = []
-    while engine.pending:
-        events.extend(engine.step())
-    return {e.key: e for e in events if isinstance(e, Finished)}
-
-
-def direct_generate(engine: TransformersEngine, j: Job) -> tuple[str, int]:
-    """Plain transformers: one prompt, model.generate, greedy."""
-    state = engine._loaded()
-    tokenizer, model = state.tokenizer, state.model
-    if j.messages is not None:
-        enc = tokenizer.apply_chat_template(
-            j.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-    else:
-        enc = tokenizer(j.prompt, return_tensors="pt")
-    out = model.generate(**enc, max_new_tokens=j.params.max_new_tokens, do_sample=False)
-    new = out[0, enc["input_ids"].shape[1] :].tolist()
-    return tokenizer.decode(new, skip_special_tokens=True), len(new)
 
 
 def direct_generate_batch(engine: TransformersEngine, prompts: list[str], new: int) -> list[str]:

@@ -15,6 +15,7 @@ from exgen.client import protocol as P
 from exgen.daemon.engines.base import Event, Finished, Job, JobRejected, SamplingParams
 from exgen.daemon.engines.hf import TransformersEngine
 from exgen.daemon.engines.hf_features import BatchFeatures, RowExtras
+from tests.unit.engines.hf_support import loaded_engine
 
 torch = pytest.importorskip("torch")
 
@@ -33,10 +34,8 @@ SCHEMA = {
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[TransformersEngine]:
-    eng = TransformersEngine(None, {"threads": "2", "batch_size": "16", "dtype": "float32"})
-    eng.load()
-    yield eng
-    eng.close()
+    with loaded_engine(threads="2", batch_size="16", dtype="float32") as eng:
+        yield eng
 
 
 def job(key: int, prompt: Any, **params: Any) -> Job:

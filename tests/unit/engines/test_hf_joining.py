@@ -16,7 +16,7 @@ import pytest
 
 from exgen.daemon.engines.base import Event, Finished, Job, SamplingParams
 from exgen.daemon.engines.hf import TransformersEngine
-from tests.unit.engines.test_hf_engine import direct_generate
+from tests.unit.engines.hf_support import direct_generate, loaded_engine
 
 pytest.importorskip("transformers")
 
@@ -29,10 +29,8 @@ LATER = [
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[TransformersEngine]:
-    eng = TransformersEngine(None, {"threads": "2", "batch_size": "8", "dtype": "float32"})
-    eng.load()
-    yield eng
-    eng.close()
+    with loaded_engine(threads="2", batch_size="8", dtype="float32") as eng:
+        yield eng
 
 
 def greedy(key: int, prompt: str, new: int) -> Job:
@@ -85,14 +83,8 @@ def test_a_joined_prompt_uses_the_prefix_cache(engine: TransformersEngine) -> No
 
 
 def test_exact_mode_lets_the_running_batch_finish_first() -> None:
-    eng = TransformersEngine(
-        None, {"threads": "2", "batch_size": "8", "dtype": "float32", "exact": "true"}
-    )
-    eng.load()
-    try:
+    with loaded_engine(threads="2", batch_size="8", dtype="float32", exact="true") as eng:
         finished = drive(eng, [greedy(1, FIRST[0], 10)], [greedy(2, LATER[1], 2)], after=2)
-    finally:
-        eng.close()
     assert finished[2][1] > finished[1][1]
 
 
@@ -100,9 +92,7 @@ def test_a_full_batch_takes_waiting_rows_in_groups() -> None:
     """A full batch whose rows end one at a time does not copy its cache for each: the
     waiting rows join once it has room for an eighth of the batch (here 2 of 16) or for
     all of them; their output is still plain transformers'."""
-    eng = TransformersEngine(None, {"threads": "2", "batch_size": "16", "dtype": "float32"})
-    eng.load()
-    try:
+    with loaded_engine(threads="2", batch_size="16", dtype="float32") as eng:
         prompts = [f"{FIRST[i % 2]} {i}" for i in range(16)]
         waiting = LATER  # 2 of them
         one_short = [fixed(i, p, 3 if i == 0 else 24) for i, p in enumerate(prompts)]
@@ -118,5 +108,3 @@ def test_a_full_batch_takes_waiting_rows_in_groups() -> None:
         assert all(finished[j.key][1] <= 4 + 4 + 1 for j in later)  # joined at once
         for j in later:
             assert finished[j.key][0].text == direct_generate(eng, j)[0]
-    finally:
-        eng.close()

@@ -15,7 +15,7 @@ import pytest
 
 from exgen.daemon.engines.base import Finished, Job, SamplingParams
 from exgen.daemon.engines.hf import TransformersEngine
-from tests.unit.engines.test_hf_engine import direct_generate, run
+from tests.unit.engines.hf_support import direct_generate, run
 
 pytest.importorskip("transformers")
 
@@ -92,9 +92,7 @@ def test_output_equals_plain_generate_one_prompt_at_a_time(cached: TransformersE
     jobs = jobs_of([chat(q) for q in QUESTIONS[:3]], first_key=100)
     results = run(cached, *jobs)
     for j in jobs:
-        assert (results[j.key].text, results[j.key].completion_tokens) == direct_generate(
-            cached, j
-        )
+        assert (results[j.key].text, results[j.key].completion_tokens) == direct_generate(cached, j)
         assert results[j.key].cached_tokens > 0
 
 

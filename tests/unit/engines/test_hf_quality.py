@@ -26,6 +26,7 @@ import pytest
 from exgen.daemon.engines import hf
 from exgen.daemon.engines.base import Event, Finished, Job, SamplingParams
 from exgen.daemon.engines.hf import TransformersEngine
+from tests.unit.engines.hf_support import loaded_engine
 
 pytest.importorskip("transformers")
 
@@ -54,10 +55,8 @@ TEXT = (
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[TransformersEngine]:
-    eng = TransformersEngine(None, {"threads": "2", "batch_size": "8", "dtype": "float32"})
-    eng.load()
-    yield eng
-    eng.close()
+    with loaded_engine(threads="2", batch_size="8", dtype="float32") as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")
