@@ -144,8 +144,13 @@ _DECODE_DONE = msgspec.msgpack.Decoder(DoneBody).decode
 
 
 def decode_done_body(payload: bytes) -> DoneBody:
-    """A DONE message's body; ``msgspec.DecodeError`` (a ValueError) if it is not one."""
-    return _DECODE_DONE(payload)
+    """A DONE message's body; ``msgspec.DecodeError`` (a ValueError) if it is not one,
+    nested too deep included (msgspec raises RecursionError there, which no caller
+    expects from a decoder)."""
+    try:
+        return _DECODE_DONE(payload)
+    except RecursionError:
+        raise msgspec.DecodeError("DONE body nested too deep") from None
 
 
 class Extra(NamedTuple):

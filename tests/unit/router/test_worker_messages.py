@@ -21,6 +21,14 @@ from tests.unit.router.router_support import Network
 CLIENT = b"c-1"
 
 
+# A row whose extra is nested 100,000 lists deep, packed by hand (msgpack's own packer
+# refuses to go that deep): past msgspec's recursion limit.
+DEEP_ROW = (
+    b"\x96" + msgpack.packb([0, "t", "length", 1, 1])[1:]
+    + b"\x81" + msgpack.packb("logprobs") + b"\x91" * 100_000 + b"\xc0"
+)  # fmt: skip
+
+
 def a_router_running(items: int) -> tuple[Router, Network, bytes]:
     table = SlotTable([Slot(0, None)])
     router = Router(Settings(), table)
@@ -66,15 +74,18 @@ def test_a_result_is_built_from_its_row_with_every_extra_field():
 @pytest.mark.parametrize(
     "row",
     [
-        [0, 5, "length", 1, 1, None],  # text not a string
-        [0, "t", "length", "1", 1, None],  # a count not an int
-        [0, "t", "length", 1],  # too short
-        [0, "t", "length", 1, 1, {"choices": [{"nonsense": 1}]}],  # a sample not one
+        msgpack.packb([0, 5, "length", 1, 1, None]),  # text not a string
+        msgpack.packb([0, "t", "length", "1", 1, None]),  # a count not an int
+        msgpack.packb([0, "t", "length", 1]),  # too short
+        msgpack.packb([0, "t", "length", 1, 1, {"choices": [{"nonsense": 1}]}]),  # no sample
+        DEEP_ROW,
     ],
+    ids=["text", "count", "short", "sample", "deep"],
 )
 def test_a_malformed_done_is_logged_and_the_router_goes_on(row, caplog):
     router, net, worker = a_router_running(1)
-    body = msgpack.packb({"done": [row], "failed": []})
+    body = b"\x82" + msgpack.packb("done") + b"\x91" + row
+    body += msgpack.packb("failed") + b"\x90"
     with caplog.at_level(logging.ERROR, logger="exgen.worker_messages"):
         net.worker_says(worker, [bytes(P.MAGIC) + bytes([P.PROTOCOL_VERSION]), wire.DONE, body])
     assert "bad b'd' message from a worker" in caplog.text
