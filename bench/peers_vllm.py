@@ -5,6 +5,9 @@ Prints one JSON line: load and generation seconds, tokens, CPU seconds of this
 process and its children during generation, peak RSS, and the texts by id.
 
     bench/out/peers/vllm-venv/bin/python bench/peers_vllm.py MODEL_DIR PROMPTS.jsonl bfloat16
+    ... bfloat16 prefix-caching    # automatic prefix caching on, whatever the default
+
+Every prompt's ``max_new_tokens`` is its own (a list of SamplingParams).
 """
 
 from __future__ import annotations
@@ -48,13 +51,15 @@ def peak_rss(procs: list[psutil.Process]) -> int:
 
 def main() -> None:
     model, prompts_file, dtype = sys.argv[1:4]
+    caching = sys.argv[4:5] == ["prefix-caching"]
     from vllm import LLM, SamplingParams
 
     items = [json.loads(line) for line in Path(prompts_file).read_text().splitlines()]
     started = time.perf_counter()
-    llm = LLM(model=model, dtype=dtype, seed=0)
+    extra = {"enable_prefix_caching": True} if caching else {}
+    llm = LLM(model=model, dtype=dtype, seed=0, **extra)
     load_s = time.perf_counter() - started
-    params = SamplingParams(temperature=0.0, max_tokens=items[0]["max_new_tokens"])
+    params = [SamplingParams(temperature=0.0, max_tokens=it["max_new_tokens"]) for it in items]
     procs = tree()
     cpu_before = cpu_seconds(procs)
     started = time.perf_counter()
