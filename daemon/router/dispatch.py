@@ -134,7 +134,9 @@ class Dispatcher:
             (prefix, StagedItems(keys, ledger, self.affinity))
             for (_, prefix), keys in sorted(queue.staged.items(), key=_tier)
         ]
-        plan = plan_placement(states, groups, self.affinity.holders, self.settings.affinity_slack)
+        everything_staged = queue.dispatchable <= queue.staged_count
+        slack = self.settings.affinity_slack
+        plan = plan_placement(states, groups, self.affinity.holders, slack, everything_staged)
         sent: set[int] = set()
         for slot_id, placed in plan.items():
             keys = [key for key, _ in placed]

@@ -102,6 +102,31 @@ def test_within_the_slack_a_prefix_waits_for_its_holder():
     assert plan_placement(states, [(7, items(0, 4))], {7: {0}}, slack=0.5)[1]
 
 
+# The last batch: slot 0 just ended a batch (2 prefetched items left, room 16); slot 1,
+# the other holder, is full (16 running, 2 prefetched).
+LAST = [SlotState(0, 2, 16, 16, 200), SlotState(1, 18, 16, 0, 1800)]
+
+
+def test_a_last_batch_fills_holders_to_capacity_not_their_prefetch():
+    plan = plan_placement(LAST, [(7, items(0, 20))], {7: {0, 1}}, 1.0, last_batch=True)
+    assert len(plan[0]) == 14  # 2 + 14 = its capacity; 6 wait for the first slot to free
+
+
+def test_a_last_batch_is_a_prefix_with_nothing_left_unstaged():
+    plan = plan_placement(LAST, [(7, items(0, 20))], {7: {0, 1}}, 1.0, last_batch=False)
+    assert len(plan[0]) == 16  # more may wait unstaged: prefetch as ever
+
+
+def test_a_prefix_past_one_batch_of_its_holders_takes_prefetch():
+    plan = plan_placement(LAST, [(7, items(0, 33))], {7: {0, 1}}, 1.0, last_batch=True)
+    assert len(plan[0]) == 16  # 33 > 16 + 16
+
+
+def test_a_prefix_with_one_holder_takes_prefetch_to_the_end():
+    plan = plan_placement(LAST, [(7, items(0, 10))], {7: {0}}, 1.0, last_batch=True)
+    assert len(plan[0]) == 10  # no other holder could start them sooner
+
+
 def test_a_dead_holder_does_not_count():
     plan = plan_placement(slots(1), [(7, items(0, 2))], {7: {5}}, slack=1.0)
     assert len(plan[0]) == 2
@@ -114,14 +139,15 @@ def test_a_dead_holder_does_not_count():
     st.dictionaries(st.none() | st.integers(0, 5), st.integers(1, 30), max_size=5),
     st.dictionaries(st.integers(0, 5), st.sets(st.integers(0, 7), max_size=3), max_size=5),
     st.floats(0, 3),
+    st.booleans(),
 )
-def test_plan_invariants(triples, sizes, holders, slack):
+def test_plan_invariants(triples, sizes, holders, slack, last_batch):
     states = [SlotState(i, o, c, r, o * 10) for i, (o, c, r) in enumerate(triples)]
     groups, start = [], 0
     for prefix, n in sizes.items():
         groups.append((prefix, items(start, n)))
         start += n
-    plan = plan_placement(states, groups, holders, slack)
+    plan = plan_placement(states, groups, holders, slack, last_batch)
     placed = [k for placed in plan.values() for k, _ in placed]
     assert len(placed) == len(set(placed))  # each item once
     for state in states:
@@ -134,6 +160,15 @@ def test_plan_invariants(triples, sizes, holders, slack):
     keyless = [w.key for prefix, group in groups if prefix is None for w in group]
     if free > 0:
         assert set(keyless) <= set(placed)
+    # A holder below capacity is never kept from its prefix's items (the last batch
+    # withholds prefetch only).
+    for prefix, group in groups:
+        left = {w.key for w in group} - set(placed)
+        for state in states:
+            if prefix is None or not left or state.slot not in holders.get(prefix, ()):
+                continue
+            now = state.outstanding + len(plan.get(state.slot, []))
+            assert now >= state.capacity or len(plan.get(state.slot, [])) == state.room
 
 
 # --- the memory -------------------------------------------------------------------------

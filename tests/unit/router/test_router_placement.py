@@ -177,3 +177,19 @@ def test_keyed_items_are_counted_until_answered():
     dispatch(router, net)
     finish_all(router, net, workers[0], sorted(router.ledger.held_by(0)))
     assert router.ledger.keyed == 0
+
+
+def test_a_prefixs_last_items_wait_for_the_first_holder_to_free_a_slot():
+    # Capacity 4, prefetch 2. Worker 0 takes the prefix with 6 (4 + 2); worker 1 takes
+    # it up past the slack, but the 6 left are its last batch: worker 1 fills to its
+    # capacity only, and 2 wait for whichever holder frees a slot first.
+    router, net, workers = a_router(2)
+    submit(net, [{"id": f"a{i}", "prompt": FEW_SHOT[0] + f"q{i}"} for i in range(12)])
+    dispatch(router, net)
+    counts = sorted(len(sent_prompts(net, w)) for w in workers)
+    assert counts == [4, 6] and router.queue.staged_count == 2
+    first = min(workers, key=lambda w: len(router.ledger.held_by(workers.index(w))))
+    slot = workers.index(first)
+    finish_all(router, net, first, sorted(router.ledger.held_by(slot))[:2])
+    dispatch(router, net)
+    assert len(sent_prompts(net, first)) == 2 and router.queue.staged_count == 0
