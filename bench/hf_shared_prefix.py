@@ -50,8 +50,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--engine-opt", action="append", default=[], metavar="KEY=VALUE",
+        help="an engine option (repeatable), as `exgen serve --engine-opt`",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    engine = TransformersEngine(None, {"threads": str(args.threads)})
+    options = dict(opt.split("=", 1) for opt in args.engine_opt)
+    engine = TransformersEngine(None, {"threads": str(args.threads), **options})
     engine.load()
     job = shared_prefix.parse_args(
         ["--prefixes", str(args.prefixes), "--questions", str(args.questions),

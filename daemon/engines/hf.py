@@ -123,6 +123,10 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     "exact": (bool, False),
     # Without exact: linear layers' weights prepacked for oneDNN at load (hf_kernels).
     "prepack": (bool, True),
+    # Without exact: a query much shorter than its keys (a suffix over a cached
+    # prefix) runs SDPA with grouped-query heads folded, not keys copied per head
+    # (hf_kernels.folded_gqa_forward; equal output).
+    "fold_gqa": (bool, True),
     # Without exact: the engine's decode attention (hf_kernels). Off: measured 0.92x
     # the stock SDPA kernel's tokens/s (bf16, 32 rows, one thread).
     "decode_attention": (bool, False),
@@ -193,8 +197,10 @@ class TransformersEngine(Engine):
         self._packed = 0
         if device == "cpu" and not self._opts["exact"] and self._opts["prepack"]:
             self._packed = hf_kernels.prepack_linears(torch, model, dtype)
-        if device == "cpu" and not self._opts["exact"] and self._opts["decode_attention"]:
-            hf_kernels.use_decode_attention(torch, model)
+        if device == "cpu" and not self._opts["exact"]:
+            hf_kernels.use_attention(
+                torch, model, self._opts["fold_gqa"], self._opts["decode_attention"]
+            )
         default_batch = DEFAULT_BATCH_CPU if device == "cpu" else DEFAULT_BATCH_GPU
         self._batch_limit = self._opts["batch_size"] or default_batch
         if device == "cpu":
