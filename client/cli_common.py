@@ -36,13 +36,21 @@ class Stopped(BaseException):
 
 @contextlib.contextmanager
 def stopped_by_signals() -> Iterator[None]:
-    """Turn STOP_SIGNALS into Stopped while the body runs (main thread only)."""
+    """Turn STOP_SIGNALS into Stopped while the body runs (main thread only). A SIGHUP
+    ignored by whoever started the client (``nohup``) stays ignored: the user asked
+    for the run to outlive the terminal. (SIGPIPE is ignored by Python itself at
+    start, so it is not inherited intent and is always taken.)"""
 
     def stop(signum: int, frame: FrameType | None) -> None:
         raise Stopped(signum)
 
+    wanted = [
+        s
+        for s in STOP_SIGNALS
+        if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)
+    ]
     try:
-        previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+        previous = {s: signal.signal(s, stop) for s in wanted}
     except ValueError:  # not the main thread: leave the handlers alone
         yield
         return

@@ -61,6 +61,20 @@ def drained_within(address: str, seconds: float) -> float:
         time.sleep(0.1)
 
 
+def as_from_a_terminal() -> None:
+    """In the client's process before exec: the signals a terminal's user sends at
+    their default, whatever this test run inherited (a background job ignores SIGINT,
+    ``nohup`` SIGHUP: then Python installs no KeyboardInterrupt, and the client keeps
+    an ignored SIGHUP ignored)."""
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def nohup() -> None:
+    as_from_a_terminal()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 @pytest.fixture
 def slow_daemon(daemon_factory):
     # 2 workers x 8 sequences x 20 tokens x 20 ms: 1,000 prompts would take ~25 s.
@@ -77,6 +91,7 @@ def test_a_signalled_submit_cancels_its_work_and_resume_completes_the_file(
     proc = subprocess.Popen(
         [*command, "--connect", slow_daemon.address],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=as_from_a_terminal,
     )  # fmt: skip
     wait_for_lines(out, 20, proc)
     before = status_json(slow_daemon.address)
@@ -91,6 +106,21 @@ def test_a_signalled_submit_cancels_its_work_and_resume_completes_the_file(
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
+    assert Counter(r["id"] for r in read_results(out)) == Counter(ids), "lost or duplicated ids"
+
+
+def test_a_submit_under_nohup_outlives_a_hangup(slow_daemon, tmp_path):
+    ids = write_prompts(tmp_path / "prompts.jsonl", 200)
+    out = tmp_path / "results.jsonl"
+    proc = subprocess.Popen(
+        [*EXGEN_CLIENT, "submit", str(tmp_path / "prompts.jsonl"), "-o", str(out),
+         "--connect", slow_daemon.address],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=nohup,
+    )  # fmt: skip
+    wait_for_lines(out, 20, proc)
+    proc.send_signal(signal.SIGHUP)  # the terminal closed
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
     assert Counter(r["id"] for r in read_results(out)) == Counter(ids), "lost or duplicated ids"
 
 
