@@ -107,7 +107,7 @@ def pack_done(finished: list[Finished], failed: list[Failed]) -> list[bytes]:
     return P.pack(DONE, {"done": done, "failed": bad})
 
 
-def _extra(event: Finished) -> dict[str, Any]:
+def _extra(event: Finished | Extra) -> dict[str, Any]:
     """What only some results carry (logprobs, n > 1 samples, a prefix-cache hit):
     pack_done calls it for those alone, so a plain result costs no call."""
     extra: dict[str, Any] = {}
@@ -176,17 +176,7 @@ def parse_extra(extra: dict[str, Any]) -> Extra:
 
 def extra_result(extra: dict[str, Any]) -> dict[str, Any]:
     """A row's ``extra`` as the client's result fields (checked: ``parse_extra``)."""
-    parsed = parse_extra(extra)
-    out: dict[str, Any] = {}
-    if parsed.cached_tokens:
-        out["cached_tokens"] = parsed.cached_tokens
-    if parsed.logprobs is not None:
-        out["logprobs"] = parsed.logprobs
-    if parsed.choices is not None:
-        out["choices"] = [c.to_wire() for c in parsed.choices]
-    if parsed.prompt is not None:
-        out["prompt"] = parsed.prompt.to_wire()
-    return out
+    return _extra(parse_extra(extra))
 
 
 def decode_done(body: dict[str, Any]) -> tuple[list[Finished], list[Failed]]:
