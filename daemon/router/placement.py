@@ -233,16 +233,15 @@ class _Plan:
             home = min(open_slots, key=self.load)
             self.new_holders.setdefault(prefix, set()).add(home)
             held = [home]
-        prefetch = not self.is_last_batch(held, len(items) - self.taken.get(group, 0))
-        self._fill(group, items, held, prefetch)
+        self._fill(group, items, held, not self.is_last_batch(held, group, items))
 
-    def is_last_batch(self, held: Collection[int], left: int) -> bool:
-        """Whether a group's ``left`` items are its prefix's last batch (rule 4): all
-        of it staged, fitting in one batch of two or more holders. One holder gains
+    def is_last_batch(self, held: Collection[int], group: int, items: Sequence[Waiting]) -> bool:
+        """Whether a group's items not yet given are its prefix's last batch (rule 4):
+        all of it staged, fitting in one batch of two or more holders. One holder gains
         nothing by it: the items would wait for the same worker, later."""
         if not self.last_batch or len(held) < 2:
             return False
-        return left <= sum(self.capacity[s] for s in held)
+        return len(items) - self.taken.get(group, 0) <= sum(self.capacity[s] for s in held)
 
     def has_room(self, slot: int, prefetch: bool) -> bool:
         if prefetch:
@@ -292,9 +291,9 @@ class _Plan:
             if best is not None:
                 _, index, prefix = best
                 self.new_holders.setdefault(prefix, set()).add(slot)
-                left = len(groups[index][1]) - self.taken.get(index, 0)
-                prefetch = not self.is_last_batch(self._holders(prefix, holders), left)
-                self._fill(index, groups[index][1], [slot], prefetch)
+                items = groups[index][1]
+                last = self.is_last_batch(self._holders(prefix, holders), index, items)
+                self._fill(index, items, [slot], not last)
 
     def _holders(self, prefix: int, holders: Mapping[int, set[int]]) -> set[int]:
         known = {s for s in holders.get(prefix, ()) if s in self.room}
