@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 
 from exgen.daemon.engines import hf
-from exgen.daemon.engines.base import Event, Finished, Job, SamplingParams
+from exgen.daemon.engines.base import Job, SamplingParams
 from exgen.daemon.engines.hf import TransformersEngine
-from tests.unit.engines.hf_support import loaded_engine
+from tests.unit.engines.hf_support import loaded_engine, run
 
 pytest.importorskip("transformers")
 
@@ -91,19 +91,10 @@ def reference_greedy(reference: Any, prompt: str) -> tuple[list[str], list[float
     return pieces, chosen, tops
 
 
-def run(engine: TransformersEngine, jobs: list[Job]) -> dict[int, Finished]:
-    for j in jobs:
-        engine.add(j)
-    events: list[Event] = []
-    while engine.pending:
-        events.extend(engine.step())
-    return {e.key: e for e in events if isinstance(e, Finished)}
-
-
 def test_greedy_output_meets_the_fields_bar(engine: TransformersEngine, reference: Any) -> None:
     params = SamplingParams(max_new_tokens=NEW, logprobs=True, top_logprobs=TOP, ignore_eos=True)
     jobs = [Job(i, p, None, params) for i, p in enumerate(HELD_OUT)]
-    results = run(engine, jobs)
+    results = run(engine, *jobs)
     differences: list[float] = []
     for j in jobs:
         ours = results[j.key].logprobs or []
@@ -127,7 +118,7 @@ def test_perplexity_of_a_fixed_text_within_one_percent(
     import torch
 
     params = SamplingParams(max_new_tokens=0, prompt_logprobs=0)
-    echo = run(engine, [Job(1, TEXT, None, params)])[1].prompt
+    echo = run(engine, Job(1, TEXT, None, params))[1].prompt
     assert echo is not None and echo.logprobs is not None
     ours = perplexity([entry[2] for entry in echo.logprobs[1:]])
     _, model = reference
