@@ -290,14 +290,14 @@ SHARED_PREFIX = Workload(
 WORKLOADS = {w.name: w for w in (SEEDS, SHARED_PREFIX)}
 
 
-def shared_prefix_items(count_questions: int = 24) -> list[dict[str, Any]]:
+def shared_prefix_items() -> list[dict[str, Any]]:
     """bench/shared_prefix.py's first round, each conversation rendered to text by the
     demo model's chat template (so every peer reads the same prompt)."""
     import shared_prefix
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(exgen_converted_model()))
-    job = shared_prefix.parse_args(["--questions", str(count_questions)])
+    job = shared_prefix.parse_args(["--questions", "24"])
     items = []
     for index, item in enumerate(shared_prefix.workload(0, job)):
         text = tokenizer.apply_chat_template(
@@ -310,9 +310,8 @@ def shared_prefix_items(count_questions: int = 24) -> list[dict[str, Any]]:
 def workload_items(workload: Workload, prompts: int) -> list[dict[str, Any]]:
     from benchlib import seeds_prompts
 
-    if workload is SHARED_PREFIX:
-        return shared_prefix_items()[:prompts] if prompts else shared_prefix_items()
-    return seeds_prompts()[: prompts or None]
+    items = shared_prefix_items() if workload is SHARED_PREFIX else seeds_prompts()
+    return items[: prompts or None]
 
 
 # --- exgen ---------------------------------------------------------------------------
