@@ -130,6 +130,10 @@ OPTIONS: dict[str, tuple[type, Any]] = {
     # Without exact: the engine's decode attention (hf_kernels). Off: measured 0.92x
     # the stock SDPA kernel's tokens/s (bf16, 32 rows, one thread).
     "decode_attention": (bool, False),
+    # Without exact, on CPU: rows that start with a cached prefix keep only their own
+    # columns, and attend to the prefix's keys and values stored once, shared by them
+    # (hf_kernels.shared_prefix_forward), where off copies the prefix into every row.
+    "share_prefix_kv": (bool, True),
 }
 
 
@@ -176,6 +180,7 @@ class TransformersEngine(Engine):
         self._pieces: dict[int, str] = {}  # token id -> its text, for logprobs
         self._prefixes: PrefixKV | None = None  # the prefix cache, made at load
         self._packed = 0  # linear layers prepacked at load (hf_kernels)
+        self._share_prefix_kv = False  # batches keep a cached prefix once (hf_kernels)
         self.load_s = 0.0
         self.decode_steps = 0  # advanced during generate(), read by a heartbeat
 
@@ -197,10 +202,13 @@ class TransformersEngine(Engine):
         self._packed = 0
         if device == "cpu" and not self._opts["exact"] and self._opts["prepack"]:
             self._packed = hf_kernels.prepack_linears(torch, model, dtype)
+        self._share_prefix_kv = False
         if device == "cpu" and not self._opts["exact"]:
-            hf_kernels.use_attention(
-                torch, model, self._opts["fold_gqa"], self._opts["decode_attention"]
+            share = self._opts["share_prefix_kv"]
+            name = hf_kernels.use_attention(
+                torch, model, self._opts["fold_gqa"], self._opts["decode_attention"], share
             )
+            self._share_prefix_kv = share and name is not None
         default_batch = DEFAULT_BATCH_CPU if device == "cpu" else DEFAULT_BATCH_GPU
         self._batch_limit = self._opts["batch_size"] or default_batch
         if device == "cpu":
@@ -269,6 +277,7 @@ class TransformersEngine(Engine):
             "prepacked_linears": self._packed,
             "batch_size": self._batch_limit,
             "prefix_cache_tokens": self._prefixes.blocks.capacity_tokens if self._prefixes else 0,
+            "shared_prefix_kv": self._share_prefix_kv,
             "load_s": round(self.load_s, 2),
             "tokenizer": tokenizer_info(state.tokenizer, state.max_seq_len),
         }
@@ -421,9 +430,8 @@ class TransformersEngine(Engine):
             return None
         self._waiting = rest
         self._batch_rows += taken
-        state = self._loaded()
         rows = [row for w in taken for row in self._rows_of(w)]
-        model = Model(state.torch, state.model, state.tokenizer, state.eos_ids, state.pad_id)
+        model = self._batch_model()
         return DecodeBatch(model, rows, running.processors, running.greedy, None, self._prefixes)
 
     def _start_batch(self, batch: list[_Waiting]) -> None:
@@ -432,7 +440,7 @@ class TransformersEngine(Engine):
         if params.seed is not None and not params.greedy:
             state.torch.manual_seed(params.seed)  # such a job runs alone: see _batch_key
         rows = [row for w in batch for row in self._rows_of(w)]
-        model = Model(state.torch, state.model, state.tokenizer, state.eos_ids, state.pad_id)
+        model = self._batch_model()
         features = None
         if (
             params.presence_penalty
@@ -444,6 +452,13 @@ class TransformersEngine(Engine):
         self._batch = DecodeBatch(model, rows, processors, params.greedy, features, self._prefixes)
         self._batch_rows = batch
         self._batch_key = _batch_key(batch[0])
+
+    def _batch_model(self) -> Model:
+        state = self._loaded()
+        return Model(
+            state.torch, state.model, state.tokenizer, state.eos_ids, state.pad_id,
+            self._share_prefix_kv,
+        )  # fmt: skip
 
     def _rows_of(self, waiting: _Waiting) -> list[Row]:
         """A job's rows: one per sample (n), each with its matcher and logprobs."""

@@ -38,7 +38,8 @@ from exgen.daemon.engines.base import (
     text_to_stop,
 )
 from exgen.daemon.engines.hf_features import BatchFeatures, RowExtras, row_failed, text_logprobs
-from exgen.daemon.engines.hf_prefix import PrefixKV
+from exgen.daemon.engines.hf_kernels import attending_to
+from exgen.daemon.engines.hf_prefix import PrefixKV, SharedRows
 from exgen.daemon.engines.prefix import shared_prefixes
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ class Model:
     tokenizer: Any
     eos_ids: frozenset[int]
     pad_id: int
+    # The model runs hf_kernels.shared_prefix_forward: a cached prefix may stay apart,
+    # once for all the rows that start with it (``SharedRows``).
+    shares_prefix_kv: bool = False
 
 
 def make_reserved_layer_class() -> type:
@@ -209,27 +213,37 @@ class DecodeBatch:
         self.processors = processors
         self.greedy = greedy
         self.features = features
-        self.width = max(len(r.input_ids) for r in rows)
         self.steps = 0
-        longest = max(r.job.params.max_new_tokens for r in rows)
-        self.cache, self._grouped = reserved_cache(model.model, self.width + longest)
-        torch = model.torch
-        total = self.width + longest
-        device = model.model.device
-        self.mask = torch.zeros((len(rows), total), dtype=torch.long, device=device)
-        self.sequences = torch.full(
-            (len(rows), total), model.pad_id, dtype=torch.long, device=device
-        )
-        for i, row in enumerate(rows):
-            pad = self.width - len(row.input_ids)
-            self.mask[i, pad : self.width] = 1
-            self.sequences[i, pad : self.width] = torch.tensor(row.input_ids)
-        self.length = self.width
-        self.positions = (self.mask[:, : self.width].sum(1, keepdim=True) - 1).clamp(min=0)
+        self.shared = SharedRows(model.torch, [None] * len(rows))  # prefixes held apart
+        self._lay_out([r.input_ids for r in rows], [0] * len(rows))
         self.hold = max((len(s) for r in rows for s in r.job.params.stop), default=1) - 1
         self.tail = self.hold + 9  # tokens whose text can hold a stop string (>= 1 char each)
-        self.starts = [self.width - len(r.input_ids) for r in rows]  # each row's first column
         self.joined = False  # rows have joined it while it ran (its columns then slide)
+
+    def _lay_out(self, held: list[list[int]], offsets: list[int]) -> None:
+        """The batch's columns before its prefill: the tokens each row holds in them
+        (its prompt, or what follows a prefix held apart), right-aligned; ``offsets``:
+        the tokens before them (positions count from the prompt's start)."""
+        torch = self.m.torch
+        self.width = max(len(ids) for ids in held)
+        self.lengths = [len(ids) for ids in held]  # each row's prompt columns
+        longest = max(r.job.params.max_new_tokens for r in self.rows)
+        total = self.width + longest
+        self.cache, self._grouped = reserved_cache(self.m.model, total)
+        device = self.m.model.device
+        self.mask = torch.zeros((len(held), total), dtype=torch.long, device=device)
+        self.sequences = torch.full(
+            (len(held), total), self.m.pad_id, dtype=torch.long, device=device
+        )
+        for i, ids in enumerate(held):
+            pad = self.width - len(ids)
+            self.mask[i, pad : self.width] = 1
+            self.sequences[i, pad : self.width] = torch.tensor(ids)
+        self.length = self.width
+        self.offsets = torch.tensor(offsets, device=device).unsqueeze(1)
+        counted = (self.mask[:, : self.width].sum(1, keepdim=True) - 1).clamp(min=0)
+        self.positions = counted + self.offsets
+        self.starts = [self.width - n for n in self.lengths]  # each row's first column
 
     # --- the public side --------------------------------------------------------
 
@@ -278,7 +292,7 @@ class DecodeBatch:
 
     def _prefill(self) -> Any:
         if self.prefixes is not None and self._grouped:
-            return self._prefill_cached(self.prefixes)
+            return self._prefill_from_cache(self.prefixes)
         if not self._grouped or len(self.rows) == 1:
             out = self.m.model(
                 input_ids=self.sequences[:, : self.width],
@@ -299,22 +313,23 @@ class DecodeBatch:
 
         logits: Any = None
         firsts, holders = distinct_prompts([r.input_ids for r in self.rows])
-        lengths = [len(self.rows[i].input_ids) for i in firsts]
+        lengths = [self.lengths[i] for i in firsts]
         for group in prefill_groups(lengths):
             reps = [firsts[g] for g in group]
-            width = max(len(self.rows[i].input_ids) for i in reps)
+            width = max(self.lengths[i] for i in reps)
             source = torch.tensor(reps, device=self.mask.device)
             cols = slice(self.width - width, self.width)
             mask = self.mask[source, cols]
             scratch: Any = DynamicCache(config=self.m.model.config)
-            out = self.m.model(
-                input_ids=self.sequences[source, cols],
-                attention_mask=mask,
-                position_ids=self._prompt_positions(mask),
-                cache=scratch,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            with attending_to(self.shared.segments(reps)):
+                out = self.m.model(
+                    input_ids=self.sequences[source, cols],
+                    attention_mask=mask,
+                    position_ids=self._prompt_positions(mask) + self.offsets[source],
+                    cache=scratch,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
             if logits is None:
                 logits = out.logits.new_empty((len(self.rows), out.logits.shape[-1]))
             rows = [row for rep in reps for row in holders[rep]]
@@ -330,6 +345,38 @@ class DecodeBatch:
                 if copies is not None:
                     keys, values = keys[copies], values[copies]
                 layer.place(index, self.width - width, keys, values)
+        return logits
+
+    def _prefill_from_cache(self, prefixes: PrefixKV, count: bool = True) -> Any:
+        """The prefill with the prefix cache: cached prefixes held apart where the
+        model and the batch allow (``_prefill_shared``), else copied into each row."""
+        if self.m.shares_prefix_kv and self.features is None and not self._reads_sequences():
+            return self._prefill_shared(prefixes, count)
+        return self._prefill_cached(prefixes, count)
+
+    def _prefill_shared(self, prefixes: PrefixKV, count: bool) -> Any:
+        """The prefill with the prefix cache, each prompt's cached prefix held apart
+        (``SharedRows``): the batch's columns hold only what follows it, prefilled in
+        groups of similar length that attend to the prefix as their past."""
+        firsts, holders = distinct_prompts([r.input_ids for r in self.rows])
+        prompts = [self.rows[i].input_ids for i in firsts]
+        warm_shared_prefixes(self.m, prefixes, prompts)
+        hits = prefixes.match_all(prompts, count)
+        cached = [0] * len(self.rows)
+        heads: list[Any] = [None] * len(self.rows)
+        for first, (tokens, kv) in zip(firsts, hits, strict=True):
+            for i in holders[first]:
+                cached[i], heads[i] = tokens, kv
+                self.rows[i].cached = tokens
+        self.shared = SharedRows(self.m.torch, heads)
+        self._lay_out([r.input_ids[n:] for r, n in zip(self.rows, cached, strict=True)], cached)
+        logits = self._prefill_grouped()
+        for first, ids in zip(firsts, prompts, strict=True):
+            prefixes.stats.tokens_prefilled += len(ids) - cached[first]
+            if count:
+                prefixes.stats.tokens_saved += cached[first]
+            start = self.width - self.lengths[first]
+            prefixes.store(ids, self.cache.layers, first, start, heads[first])
         return logits
 
     def _prefill_cached(self, prefixes: PrefixKV, count: bool = True) -> Any:
@@ -421,13 +468,14 @@ class DecodeBatch:
 
     def _decode(self) -> Any:
         end = self.length
-        out = self.m.model(
-            input_ids=self.sequences[:, end - 1 : end],
-            attention_mask=self.mask[:, :end],
-            position_ids=self.positions,
-            cache=self.cache,
-            use_cache=True,
-        )
+        with attending_to(self.shared.segments()):
+            out = self.m.model(
+                input_ids=self.sequences[:, end - 1 : end],
+                attention_mask=self.mask[:, :end],
+                position_ids=self.positions,
+                cache=self.cache,
+                use_cache=True,
+            )
         return out.logits[:, -1]
 
     def _choose(self, logits: Any) -> Any:
@@ -595,6 +643,7 @@ class DecodeBatch:
         self.sequences = torch.cat([self.sequences, sequences])
         self.positions = torch.cat([self.positions, new.positions])
         self.starts += [s + end - width for s in new.starts]
+        self.shared.extend(new.shared)
         self.rows += new.rows
         self.hold = max(self.hold, new.hold)
         self.tail = self.hold + 9
@@ -642,6 +691,7 @@ class DecodeBatch:
         self.positions = self.positions[index]
         self.rows = [self.rows[i] for i in keep]
         self.starts = [self.starts[i] for i in keep]
+        self.shared.select(keep)
 
 
 def _append_rows(torch: Any, ours: Any, theirs: Any, width: int, end: int) -> Any:
@@ -667,7 +717,8 @@ def warm_shared_prefixes(model: Model, prefixes: PrefixKV, prompts: list[list[in
     if not chains:
         return
     rows = [Row(Job(-1, None, None, _WARM_PARAMS), chain) for chain in chains]
-    DecodeBatch(model, rows, None, True, prefixes=prefixes)._prefill_cached(prefixes, count=False)
+    batch = DecodeBatch(model, rows, None, True, prefixes=prefixes)
+    batch._prefill_from_cache(prefixes, count=False)
 
 
 def decode(tokenizer: Any, tokens: list[int], skip_special_tokens: bool = True) -> str:

@@ -12,6 +12,10 @@ output layer about 2x; the same products to the last bit on random data.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -174,13 +178,123 @@ def decode_attention_forward(torch: Any, fallback: Any) -> Any:
     return forward
 
 
-def use_attention(torch: Any, model: Any, fold_gqa: bool, decode: bool) -> str | None:
+# Shared prefixes of the forward pass under way (``attending_to``): per segment,
+# its keys and values per layer and the batch rows that start with it.
+_SEGMENTS: ContextVar[Sequence[Segment] | None] = ContextVar("exgen_segments", default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A prefix's keys and values, stored once, and the rows of a batch that start with
+    it: per layer (kv_heads, tokens, head_dim) tensors; ``rows``: an index tensor."""
+
+    keys: Sequence[Any]
+    values: Sequence[Any]
+    rows: Any
+
+
+@contextmanager
+def attending_to(segments: Sequence[Segment]) -> Iterator[None]:
+    """Within it, ``shared_prefix_forward`` adds each segment's keys and values before
+    its rows' own (a forward pass of a batch whose rows hold only their suffixes)."""
+    token = _SEGMENTS.set(segments or None)
+    try:
+        yield
+    finally:
+        _SEGMENTS.reset(token)
+
+
+def shared_prefix_forward(torch: Any, fallback: Any) -> Any:
+    """An attention function for transformers' AttentionInterface: while
+    ``attending_to`` holds segments, each row attends to its segment's keys (one
+    copy, shared by its rows) and then to its own columns, the two softmax parts merged
+    by their log-sum-exps (cascade attention). The shared part runs as one product per
+    segment, every query of its rows against the prefix read once, where a cache with
+    the prefix copied into each row reads it once per row: measured at 64 rows of 8
+    prefixes of 610 tokens (bf16, one thread), 2.2 ms a layer against 3.8. Without
+    segments, everything goes to ``fallback``."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    def forward(
+        module: Any,
+        query: Any,
+        key: Any,
+        value: Any,
+        attention_mask: Any,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[Any, None]:
+        segments = _SEGMENTS.get()
+        if not segments or query.device.type != "cpu" or kwargs.get("softcap") is not None:
+            return fallback(
+                module, query, key, value, attention_mask,
+                dropout=dropout, scaling=scaling, **kwargs,
+            )  # fmt: skip
+        layer = module.layer_idx
+        mask = _additive_mask(torch, attention_mask, query, key.shape[2])
+        out, lse = flash(query, key, value, 0.0, False, attn_mask=mask, scale=scaling)
+        out = out.float()
+        for segment in segments:
+            rows = segment.rows
+            shared, shared_lse = _attend_shared(
+                flash, query.index_select(0, rows), segment.keys[layer], segment.values[layer],
+                scaling,
+            )  # fmt: skip
+            own, own_lse = out.index_select(0, rows), lse.index_select(0, rows)
+            top = torch.maximum(own_lse, shared_lse)
+            own_w = (own_lse - top).exp_().unsqueeze(-1)
+            shared_w = (shared_lse - top).exp_().unsqueeze(-1)
+            merged = (own * own_w).add_(shared * shared_w).div_(own_w + shared_w)
+            out.index_copy_(0, rows, merged)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    return forward
+
+
+def _additive_mask(torch: Any, mask: Any, query: Any, columns: int) -> Any:
+    """The flash kernel's mask: additive, of the query's dtype; transformers' boolean
+    one (True: may attend), or a causal one where it gave none."""
+    length = query.shape[2]
+    if mask is None:
+        if length == 1:
+            return None
+        cols = torch.arange(columns, device=query.device)
+        mask = cols[None, :] <= cols[columns - length :, None]
+    if mask.dtype != torch.bool:
+        return mask.to(query.dtype)
+    return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+        ~mask, float("-inf")
+    )
+
+
+def _attend_shared(
+    flash: Any, query: Any, keys: Any, values: Any, scaling: float | None
+) -> tuple[Any, Any]:
+    """Rows' queries (n, heads, L, d) against one prefix's keys and values (kv_heads,
+    P, d), no mask: every query of a key/value head folded into one long query, so
+    the prefix is read once. Returns the output (n, heads, L, d, fp32) and the
+    log-sum-exp (n, heads, L)."""
+    n, heads, length, dim = query.shape
+    kv_heads = keys.shape[0]
+    group = heads // kv_heads
+    folded = query.reshape(n, kv_heads, group * length, dim).transpose(0, 1)
+    folded = folded.reshape(1, kv_heads, n * group * length, dim)
+    out, lse = flash(folded, keys.unsqueeze(0), values.unsqueeze(0), 0.0, False, scale=scaling)
+    out = out.view(kv_heads, n, group * length, dim).transpose(0, 1)
+    lse = lse.view(kv_heads, n, group * length).transpose(0, 1)
+    return out.reshape(n, heads, length, dim).float(), lse.reshape(n, heads, length)
+
+
+def use_attention(
+    torch: Any, model: Any, fold_gqa: bool, decode: bool, share_prefix: bool = False
+) -> str | None:
     """Switch the model's attention to the engine's (SDPA's masks): ``fold_gqa``:
     ``folded_gqa_forward`` before transformers' SDPA path; ``decode``:
-    ``decode_attention_forward`` for decode steps. Returns the implementation's
-    name, or None (stock SDPA) where neither is asked for or this transformers lacks
-    the interfaces."""
-    if not (fold_gqa or decode):
+    ``decode_attention_forward`` for decode steps; ``share_prefix``:
+    ``shared_prefix_forward`` around them. Returns the implementation's name, or None
+    (stock SDPA) where none is asked for or this transformers lacks the interfaces."""
+    if not (fold_gqa or decode or share_prefix):
         return None
     try:
         from transformers import AttentionInterface
@@ -194,6 +308,8 @@ def use_attention(torch: Any, model: Any, fold_gqa: bool, decode: bool) -> str |
     name = ATTENTION
     if decode:
         forward, name = decode_attention_forward(torch, forward), DECODE_ATTENTION
+    if share_prefix:
+        forward, name = shared_prefix_forward(torch, forward), name + "_shared"
     AttentionInterface.register(name, forward)
     AttentionMaskInterface.register(name, sdpa_mask)
     try:

@@ -26,9 +26,10 @@ shape); greedy fp32 output is tested equal token for token on the demo model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+from exgen.daemon.engines.hf_kernels import Segment
 from exgen.daemon.engines.prefix import PrefixCache, PrefixStats
 
 # Tokens per block: a hit covers a shared prefix to within a block. 16 keeps the miss
@@ -75,18 +76,81 @@ class PrefixKV:
             out.append((len(chain) * self.blocks.block, joined[end]))
         return out
 
-    def store(self, ids: Sequence[int], layers: Sequence[Any], row: int, start: int) -> int:
+    def store(
+        self,
+        ids: Sequence[int],
+        layers: Sequence[Any],
+        row: int,
+        start: int,
+        head: KV | None = None,
+    ) -> int:
         """Cache the whole blocks of a prompt whose keys and values sit in ``row`` of a
-        batch cache's ``layers`` from column ``start``; returns the blocks added."""
+        batch cache's ``layers`` from column ``start``; returns the blocks added. With
+        ``head`` (a shared prefix the row holds apart, ``SharedRows``), the row's
+        columns start after it, and its own blocks come from it: the cache may have
+        let them go since the match (evicted by this batch's other prompts)."""
         block = self.blocks.block
+        cached = 0 if head is None else head[0][0].shape[1]
 
         def make(index: int) -> KV:
-            cols = slice(start + index * block, start + (index + 1) * block)
+            lo = index * block
+            if head is not None and lo < cached:
+                keys = [k[:, lo : lo + block].clone() for k in head[0]]
+                values = [v[:, lo : lo + block].clone() for v in head[1]]
+                return keys, values
+            cols = slice(start + lo - cached, start + lo - cached + block)
             keys = [layer.key_buffer[row, :, cols].clone() for layer in layers]
             values = [layer.value_buffer[row, :, cols].clone() for layer in layers]
             return keys, values
 
         return self.blocks.insert(ids, make)
+
+
+class SharedRows:
+    """Which rows of a batch hold which cached prefix apart, stored once (the batch
+    cache then holds only what follows it): per row, the prefix's keys and values, or
+    None. Rows that hold the same prefix (the same tensors) form one segment of the
+    attention (``hf_kernels.shared_prefix_forward``)."""
+
+    def __init__(self, torch: Any, heads: list[KV | None]) -> None:
+        self.torch = torch
+        self.heads = heads
+        self._segments: list[Segment] | None = None  # for all rows, until they change
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def extend(self, other: SharedRows) -> None:
+        """Rows joining the batch, after its own."""
+        self.heads = self.heads + other.heads
+        self._segments = None
+
+    def select(self, keep: Sequence[int]) -> None:
+        """Only these rows stay, in this order (compaction)."""
+        self.heads = [self.heads[i] for i in keep]
+        self._segments = None
+
+    def segments(self, rows: Sequence[int] | None = None) -> list[Segment]:
+        """The segments of ``rows`` (all by default), their row indices counted within
+        ``rows``; none when no row holds a prefix apart."""
+        if rows is None:
+            if self._segments is None:
+                self._segments = self._group(range(len(self.heads)))
+            return self._segments
+        return self._group(rows)
+
+    def _group(self, rows: Iterable[int]) -> list[Segment]:
+        members: dict[int, list[int]] = {}
+        heads: dict[int, KV] = {}
+        for position, row in enumerate(rows):
+            head = self.heads[row]
+            if head is not None:
+                members.setdefault(id(head), []).append(position)
+                heads[id(head)] = head
+        return [
+            Segment(heads[key][0], heads[key][1], self.torch.tensor(positions))
+            for key, positions in members.items()
+        ]
 
 
 def default_capacity_tokens(kv_bytes_per_token: int | None, available: int | None) -> int:

@@ -4,7 +4,9 @@ Greedy output with the cache must equal output without it, token for token: prom
 that share a long few-shot prefix (after the chat template) and differ after it, of
 different lengths, batched; prompts that share only part of it; a later batch that
 finds the prefix cached by an earlier one; and a cache too small to hold it all.
-Every test also checks that the cache was used, so none passes without it.
+Every test also checks that the cache was used, so none passes without it. Each
+runs twice: with cached prefixes held apart, once for the rows that share them (the
+default), and copied into every row.
 """
 
 from __future__ import annotations
@@ -46,9 +48,12 @@ def fp32(**options: str) -> TransformersEngine:
     return eng
 
 
-@pytest.fixture(scope="module")
-def cached() -> Iterator[TransformersEngine]:
-    eng = fp32()
+@pytest.fixture(scope="module", params=["true", "false"], ids=["held-apart", "copied"])
+def cached(request: pytest.FixtureRequest) -> Iterator[TransformersEngine]:
+    """The cache both ways: a cached prefix held once, apart from the rows that share
+    it (the default on CPU), and copied into each row."""
+    eng = fp32(share_prefix_kv=request.param)
+    assert eng.describe()["shared_prefix_kv"] == (request.param == "true")
     yield eng
     eng.close()
 
@@ -152,3 +157,45 @@ def test_n_samples_of_one_prompt_share_its_cached_prefix(
     assert with_cache.choices is not None and without.choices is not None
     assert [c.text for c in with_cache.choices] == [c.text for c in without.choices]
     assert with_cache.cached_tokens > 0 and without.cached_tokens == 0
+
+
+def test_rows_that_join_and_leave_a_batch_keep_their_prefix(
+    cached: TransformersEngine, uncached: TransformersEngine
+) -> None:
+    """More prompts than the batch holds, ending at different steps: rows leave the
+    batch (its cache compacted) and waiting ones join it, each with the prefix it
+    holds, mixed with rows that hold none."""
+    messages = [chat(f"what is {i} plus {2 * i}?") for i in range(11)]
+    messages.append([{"role": "user", "content": "The capital of France is"}])
+    jobs = [
+        Job(700 + i, None, m, SamplingParams(max_new_tokens=3 + 2 * (i % 5), ignore_eos=True))
+        for i, m in enumerate(messages)
+    ]
+    before = cached.counters()["prefix_hits"]
+    results = run(cached, *jobs)
+    assert tokens_of(results) == tokens_of(run(uncached, *jobs))
+    assert cached.counters()["prefix_hits"] - before >= len(jobs) - 1  # France: maybe
+
+
+def test_a_batch_holds_a_shared_prefix_once() -> None:
+    """With the prefix held apart, the batch's own columns are only what follows it;
+    the rows that hold the same cached chain form one segment of the attention."""
+    engine = fp32()
+    try:
+        run(engine, *jobs_of([chat("what is 9 plus 9?")], first_key=800))  # caches the prefix
+        jobs = jobs_of([chat(q) for q in QUESTIONS], first_key=810)
+        for j in jobs:
+            engine.add(j)
+        engine.step()  # the prefill
+        batch = engine._batch
+        assert batch is not None
+        prompt = len(engine._encode(jobs[0]))
+        assert batch.width < prompt - 64
+        segments = sorted(sorted(s.rows.tolist()) for s in batch.shared.segments())
+        # One segment per cached chain: the "what is" questions share a block more of
+        # it (cached by the first job) than the other question does.
+        assert segments == [[0, 1, 2, 4], [3]]
+        while engine.pending:
+            engine.step()
+    finally:
+        engine.close()
