@@ -235,7 +235,7 @@ class TransformersEngine(Engine):
         self._batch = None
         self._state = None
         if self._prefixes is not None:
-            self._prefixes.blocks.clear()
+            self._prefixes.clear()
 
     def _make_prefix_cache(self, torch: Any, device: str) -> PrefixKV | None:
         state = self._loaded()

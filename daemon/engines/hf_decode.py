@@ -39,7 +39,7 @@ from exgen.daemon.engines.base import (
 )
 from exgen.daemon.engines.hf_features import BatchFeatures, RowExtras, row_failed, text_logprobs
 from exgen.daemon.engines.hf_kernels import attending_to
-from exgen.daemon.engines.hf_prefix import PrefixKV, SharedRows
+from exgen.daemon.engines.hf_prefix import KV, Hit, PrefixKV, SharedRows
 from exgen.daemon.engines.prefix import shared_prefixes
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,12 @@ COMPACT_SHARE = 0.25
 # A join that must widen the cache widens it by an eighth more (at least this many
 # columns, at most the joining prompts' width): the next joins fit without a copy.
 GROW_MIN_COLUMNS = 16
+# A cached prefix held apart from its rows (``SharedRows``) is cut to a multiple of
+# this many blocks (64 tokens), the rest copied into each row: rows of one few-shot
+# prefix whose cached chains end a block or two apart (a question's first tokens
+# cached by another's) then share one segment of the attention, where each own chain
+# made a segment of its own: 8,400 one-row segment calls in a 96-prompt run.
+HELD_APART_GRID = 4
 # A stream holds back a partial UTF-8 character (decoded as U+FFFD).
 REPLACEMENT = "\ufffd"
 
@@ -292,7 +298,7 @@ class DecodeBatch:
 
     def _prefill(self) -> Any:
         if self.prefixes is not None and self._grouped:
-            return self._prefill_from_cache(self.prefixes)
+            return self._prefill_cached(self.prefixes)
         if not self._grouped or len(self.rows) == 1:
             out = self.m.model(
                 input_ids=self.sequences[:, : self.width],
@@ -321,15 +327,14 @@ class DecodeBatch:
             cols = slice(self.width - width, self.width)
             mask = self.mask[source, cols]
             scratch: Any = DynamicCache(config=self.m.model.config)
-            with attending_to(self.shared.segments(reps)):
-                out = self.m.model(
-                    input_ids=self.sequences[source, cols],
-                    attention_mask=mask,
-                    position_ids=self._prompt_positions(mask) + self.offsets[source],
-                    cache=scratch,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
+            out = self.m.model(
+                input_ids=self.sequences[source, cols],
+                attention_mask=mask,
+                position_ids=self._prompt_positions(mask),
+                cache=scratch,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             if logits is None:
                 logits = out.logits.new_empty((len(self.rows), out.logits.shape[-1]))
             rows = [row for rep in reps for row in holders[rep]]
@@ -347,48 +352,20 @@ class DecodeBatch:
                 layer.place(index, self.width - width, keys, values)
         return logits
 
-    def _prefill_from_cache(self, prefixes: PrefixKV, count: bool = True) -> Any:
-        """The prefill with the prefix cache: cached prefixes held apart where the
-        model and the batch allow (``_prefill_shared``), else copied into each row."""
-        if self.m.shares_prefix_kv and self.features is None and not self._reads_sequences():
-            return self._prefill_shared(prefixes, count)
-        return self._prefill_cached(prefixes, count)
-
-    def _prefill_shared(self, prefixes: PrefixKV, count: bool) -> Any:
-        """The prefill with the prefix cache, each prompt's cached prefix held apart
-        (``SharedRows``): the batch's columns hold only what follows it, prefilled in
-        groups of similar length that attend to the prefix as their past."""
-        firsts, holders = distinct_prompts([r.input_ids for r in self.rows])
-        prompts = [self.rows[i].input_ids for i in firsts]
-        warm_shared_prefixes(self.m, prefixes, prompts)
-        hits = prefixes.match_all(prompts, count)
-        cached = [0] * len(self.rows)
-        heads: list[Any] = [None] * len(self.rows)
-        for first, (tokens, kv) in zip(firsts, hits, strict=True):
-            for i in holders[first]:
-                cached[i], heads[i] = tokens, kv
-                self.rows[i].cached = tokens
-        self.shared = SharedRows(self.m.torch, heads)
-        self._lay_out([r.input_ids[n:] for r, n in zip(self.rows, cached, strict=True)], cached)
-        logits = self._prefill_grouped()
-        for first, ids in zip(firsts, prompts, strict=True):
-            prefixes.stats.tokens_prefilled += len(ids) - cached[first]
-            if count:
-                prefixes.stats.tokens_saved += cached[first]
-            start = self.width - self.lengths[first]
-            prefixes.store(ids, self.cache.layers, first, start, heads[first])
-        return logits
-
     def _prefill_cached(self, prefixes: PrefixKV, count: bool = True) -> Any:
         """The prefill with the prefix cache (the steps in ``hf_prefix``): each distinct
-        prompt's cached blocks copied in, the rest prefilled in groups of similar
-        uncached length that attend to the copied columns as their past."""
+        prompt's cached blocks held apart (``_hold_apart``) or copied in, the rest
+        prefilled in groups of similar uncached length that attend to them as their
+        past."""
         firsts, holders = distinct_prompts([r.input_ids for r in self.rows])
         prompts = [self.rows[i].input_ids for i in firsts]
         warm_shared_prefixes(self.m, prefixes, prompts)
-        hits = prefixes.match_all(prompts, count)
+        grid = HELD_APART_GRID if self._holds_prefixes_apart() else 0
+        hits = prefixes.match_all(prompts, count, grid)
+        if any(hit.head is not None for hit in hits):
+            self._hold_apart(hits, firsts, holders)
         self._copy_hits(hits, firsts, holders)
-        uncached = [len(ids) - cached for ids, (cached, _) in zip(prompts, hits, strict=True)]
+        uncached = [len(ids) - hit.tokens for ids, hit in zip(prompts, hits, strict=True)]
         logits: Any = None
         for group in prefill_groups(uncached):
             reps = [firsts[g] for g in group]
@@ -404,20 +381,39 @@ class DecodeBatch:
                     self.rows[i].cached = len(prompts[g]) - prefilled
                 if count:
                     prefixes.stats.tokens_saved += len(prompts[g]) - prefilled
-        for first, ids in zip(firsts, prompts, strict=True):
-            prefixes.store(ids, self.cache.layers, first, self.width - len(ids))
+        for first, ids, hit in zip(firsts, prompts, hits, strict=True):
+            prefixes.store(ids, self.cache.layers, first, self.starts[first], hit.head)
         return logits
 
-    def _copy_hits(
-        self, hits: list[tuple[int, Any]], firsts: list[int], holders: dict[int, list[int]]
+    def _holds_prefixes_apart(self) -> bool:
+        """Whether cached prefixes may stay apart from the rows: the model's attention
+        adds them (``Model.shares_prefix_kv``), and nothing reads a row's columns as
+        its prompt (penalties over the prompt, per-row features)."""
+        return self.m.shares_prefix_kv and self.features is None and not self._reads_sequences()
+
+    def _hold_apart(
+        self, hits: list[Hit], firsts: list[int], holders: dict[int, list[int]]
     ) -> None:
-        """Cached keys and values into the batch cache, where each prompt starts."""
-        for first, (cached, kv) in zip(firsts, hits, strict=True):
-            if not cached:
-                continue
-            keys, values = kv
+        """Each row's cached head apart (``SharedRows``), its columns laid out again
+        for the rest of its prompt alone."""
+        heads: list[KV | None] = [None] * len(self.rows)
+        apart = [0] * len(self.rows)
+        for first, hit in zip(firsts, hits, strict=True):
             for i in holders[first]:
-                start = self.width - len(self.rows[i].input_ids)
+                heads[i], apart[i] = hit.head, hit.head_tokens
+        self.shared = SharedRows(self.m.torch, heads)
+        self._lay_out([r.input_ids[n:] for r, n in zip(self.rows, apart, strict=True)], apart)
+
+    def _copy_hits(self, hits: list[Hit], firsts: list[int], holders: dict[int, list[int]]) -> None:
+        """Cached keys and values not held apart into the batch cache, where each
+        prompt's columns start."""
+        for first, hit in zip(firsts, hits, strict=True):
+            if hit.tail is None:
+                continue
+            cached = hit.tokens - hit.head_tokens
+            keys, values = hit.tail
+            for i in holders[first]:
+                start = self.starts[i]
                 for n, layer in enumerate(self.cache.layers):
                     if layer.key_buffer is None:
                         layer.reserve(keys[n].unsqueeze(0), len(self.rows))
@@ -432,7 +428,7 @@ class DecodeBatch:
         from transformers import DynamicCache
 
         source = torch.tensor(reps, device=self.mask.device)
-        start = min(self.width - len(self.rows[i].input_ids) for i in reps)
+        start = min(self.starts[i] for i in reps)
         past_end = self.width - width
         scratch: Any = DynamicCache(config=self.m.model.config)
         if past_end > start:
@@ -443,14 +439,15 @@ class DecodeBatch:
                     n,
                 )
         mask = self.mask[source, start : self.width]
-        out = self.m.model(
-            input_ids=self.sequences[source, past_end : self.width],
-            attention_mask=mask,
-            position_ids=self._prompt_positions(mask)[:, -width:],
-            cache=scratch,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with attending_to(self.shared.segments(reps)):
+            out = self.m.model(
+                input_ids=self.sequences[source, past_end : self.width],
+                attention_mask=mask,
+                position_ids=self._prompt_positions(mask)[:, -width:] + self.offsets[source],
+                cache=scratch,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         pairs = [(i, j) for j, rep in enumerate(reps) for i in holders[rep]]
         index = torch.tensor([i for i, _ in pairs], device=self.mask.device)
         which = torch.tensor([j for _, j in pairs], device=self.mask.device)
@@ -718,7 +715,7 @@ def warm_shared_prefixes(model: Model, prefixes: PrefixKV, prompts: list[list[in
         return
     rows = [Row(Job(-1, None, None, _WARM_PARAMS), chain) for chain in chains]
     batch = DecodeBatch(model, rows, None, True, prefixes=prefixes)
-    batch._prefill_from_cache(prefixes, count=False)
+    batch._prefill_cached(prefixes, count=False)
 
 
 def decode(tokenizer: Any, tokens: list[int], skip_special_tokens: bool = True) -> str:

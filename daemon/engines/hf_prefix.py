@@ -26,11 +26,13 @@ shape); greedy fp32 output is tested equal token for token on the demo model.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from exgen.daemon.engines.hf_kernels import Segment
-from exgen.daemon.engines.prefix import PrefixCache, PrefixStats
+from exgen.daemon.engines.prefix import Block, PrefixCache, PrefixStats
 
 # Tokens per block: a hit covers a shared prefix to within a block. 16 keeps the miss
 # at a prompt's boundary small; the copies per block stay cheap next to its prefill.
@@ -39,7 +41,22 @@ DEFAULT_BLOCK = 16
 # available at load, in tokens of KV (CPU: host memory; CUDA: the card's free memory).
 MEMORY_SHARE = 0.1
 
+# Joined chains (``PrefixKV._join``) hold at most this share of the cache's tokens again.
+JOINED_SHARE = 0.25
+
 KV = tuple[list[Any], list[Any]]  # keys, values per layer: (kv_heads, tokens, head_dim)
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """What the cache holds of a prompt: its first ``tokens`` tokens; the first
+    ``head_tokens`` of them as ``head``, held apart, the rest as ``tail``, to be
+    copied into the prompt's row."""
+
+    tokens: int
+    head: KV | None
+    head_tokens: int
+    tail: KV | None
 
 
 class PrefixKV:
@@ -48,33 +65,56 @@ class PrefixKV:
     def __init__(self, torch: Any, block: int, capacity_tokens: int) -> None:
         self.torch = torch
         self.blocks: PrefixCache[KV] = PrefixCache(block, capacity_tokens)
+        # Chains joined into one tensor per layer, by their end block's id (never
+        # reused): batches that join a running one find the same tensors, so rows
+        # holding one chain apart stay one segment, and the chain is joined once.
+        # Least recently used first out, beyond a share of the cache's tokens.
+        self._joined: OrderedDict[int, KV] = OrderedDict()
+        self._joined_tokens = 0
 
     @property
     def stats(self) -> PrefixStats:
         return self.blocks.stats
 
-    def match_all(
-        self, prompts: Sequence[Sequence[int]], count: bool
-    ) -> list[tuple[int, KV | None]]:
-        """Per prompt: how many leading tokens are cached, and their keys and values
-        (joined once per distinct chain; prompts sharing it share the tensors). Lookups
-        count in the stats when ``count`` (a job's prompt, not a shared prefix)."""
-        joined: dict[int, KV] = {}
-        out: list[tuple[int, KV | None]] = []
+    def match_all(self, prompts: Sequence[Sequence[int]], count: bool, grid: int = 0) -> list[Hit]:
+        """Per prompt: its longest cached chain. With ``grid`` (blocks), the chain's
+        first multiple of ``grid`` blocks is its head, held apart (``SharedRows``)
+        and the same tensors for every prompt that shares that many blocks of it:
+        prompts of one few-shot prefix whose chains end a block or two apart (a
+        question's first tokens cached by another's) share one head. Lookups count in
+        the stats when ``count`` (a job's prompt, not a shared prefix)."""
+        out: list[Hit] = []
         for ids in prompts:
             chain = self.blocks.match(ids) if count else self.blocks.peek(ids)
-            if not chain:
-                out.append((0, None))
-                continue
-            end = chain[-1].id
-            if end not in joined:
-                layers = range(len(chain[0].value[0]))
-                cat = self.torch.cat
-                keys = [cat([b.value[0][n] for b in chain], dim=1) for n in layers]
-                values = [cat([b.value[1][n] for b in chain], dim=1) for n in layers]
-                joined[end] = (keys, values)
-            out.append((len(chain) * self.blocks.block, joined[end]))
+            apart = len(chain) // grid * grid if grid else 0
+            head = self._join(chain[:apart]) if apart else None
+            tail = None
+            if apart < len(chain):
+                tail = self._join(chain) if not apart else _concat(self.torch, chain[apart:])
+            block = self.blocks.block
+            out.append(Hit(len(chain) * block, head, apart * block, tail))
         return out
+
+    def _join(self, chain: Sequence[Block[KV]]) -> KV:
+        """A chain from its first block, joined (and kept: ``_joined``)."""
+        end = chain[-1].id
+        found = self._joined.get(end)
+        if found is not None:
+            self._joined.move_to_end(end)
+            return found
+        joined = _concat(self.torch, chain)
+        self._joined[end] = joined
+        self._joined_tokens += len(chain) * self.blocks.block
+        limit = self.blocks.capacity_tokens * JOINED_SHARE
+        while self._joined_tokens > limit and len(self._joined) > 1:
+            _, (gone, _) = self._joined.popitem(last=False)
+            self._joined_tokens -= gone[0].shape[1]
+        return joined
+
+    def clear(self) -> None:
+        self.blocks.clear()
+        self._joined.clear()
+        self._joined_tokens = 0
 
     def store(
         self,
@@ -151,6 +191,14 @@ class SharedRows:
             Segment(heads[key][0], heads[key][1], self.torch.tensor(positions))
             for key, positions in members.items()
         ]
+
+
+def _concat(torch: Any, blocks: Sequence[Block[KV]]) -> KV:
+    """Blocks' keys and values joined along the tokens, one tensor per layer."""
+    layers = range(len(blocks[0].value[0]))
+    keys = [torch.cat([b.value[0][n] for b in blocks], dim=1) for n in layers]
+    values = [torch.cat([b.value[1][n] for b in blocks], dim=1) for n in layers]
+    return keys, values
 
 
 def default_capacity_tokens(kv_bytes_per_token: int | None, available: int | None) -> int:
