@@ -30,7 +30,9 @@ bf16/fp16 on CUDA. Measured on the demo model (Zen 4, 2 cores): bf16 prefills ab
 Prefix cache (``hf_prefix``): the keys and values of prompt blocks (16 tokens, keyed
 by their whole prefix) are kept across batches within ``prefix_cache_tokens``, least
 recently used first out; a prefix that several prompts of a batch share is prefilled
-once, and each prompt prefills only what the cache lacks. Greedy fp32 output equals
+once, and each prompt prefills only what the cache lacks. On CPU a cached prefix is
+held once for the rows that start with it (``share_prefix_kv``), not copied into
+each. Greedy fp32 output equals
 the uncached path's, token for token (tested); in bf16 a row's output can change with
 the shape of the products it went through, as it does with the batch it is in.
 
