@@ -176,6 +176,11 @@ class SharedRows:
         self.heads = self.heads + other.heads
         self._segments = None
 
+    def hold(self, row: int, head: KV) -> None:
+        """Row ``row`` now holds ``head`` apart (its columns no longer do)."""
+        self.heads[row] = head
+        self._segments = None
+
     def select(self, keep: Sequence[int]) -> None:
         """Only these rows stay, in this order (compaction)."""
         self.heads = [self.heads[i] for i in keep]

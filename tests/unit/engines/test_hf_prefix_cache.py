@@ -17,7 +17,7 @@ import pytest
 
 from exgen.daemon.engines.base import Finished, Job, SamplingParams
 from exgen.daemon.engines.hf import TransformersEngine
-from exgen.daemon.engines.hf_decode import HELD_APART_GRID
+from exgen.daemon.engines.hf_decode import HELD_APART_GRID, MAX_SEGMENTS
 from tests.unit.engines.hf_support import direct_generate, run
 
 pytest.importorskip("transformers")
@@ -199,6 +199,56 @@ def test_a_batch_holds_a_shared_prefix_once() -> None:
         assert segments == [list(range(len(jobs)))]
         head = batch.shared.heads[0]
         assert head is not None and head[0][0].shape[1] % (HELD_APART_GRID * 16) == 0
+        while engine.pending:
+            engine.step()
+    finally:
+        engine.close()
+
+
+def test_a_prompt_whose_prefix_was_not_cached_is_held_apart_after_its_prefill(
+    uncached: TransformersEngine,
+) -> None:
+    """The first prompt of a new prefix prefills it whole; then it holds it apart like
+    the rows that join later, so the batch does not stay as wide as its prompt."""
+    system = {"role": "system", "content": "You add numbers, tersely. " + FEW_SHOT[::-1]}
+    engine = fp32(batch_size="4")
+    try:
+        first = jobs_of([chat("what is 4 plus 4?", system)], first_key=900)[0]
+        engine.add(first)
+        engine.step()  # its prefill
+        batch = engine._batch
+        assert batch is not None
+        assert batch.width < len(engine._encode(first)) - 64
+        assert [s.rows.tolist() for s in batch.shared.segments()] == [[0]]
+        later = jobs_of([chat(q, system) for q in QUESTIONS[:3]], first_key=901)
+        for j in later:
+            engine.add(j)
+        events = []
+        while engine.pending:
+            events.extend(engine.step())
+        results = {e.key: e for e in events if isinstance(e, Finished)}
+        assert len(batch.shared.segments()) == 1  # the joined rows share its segment
+        expected = run(uncached, *later)
+        assert tokens_of({k: results[k] for k in expected}) == tokens_of(expected)
+    finally:
+        engine.close()
+
+
+def test_a_batch_of_unrelated_long_prompts_keeps_them_in_its_columns() -> None:
+    """More distinct prefixes than MAX_SEGMENTS: each would be a segment of its own."""
+    engine = fp32(batch_size="16")
+    try:
+        systems = [
+            {"role": "system", "content": f"Persona {i}. " + FEW_SHOT[i:] + FEW_SHOT[:i]}
+            for i in range(MAX_SEGMENTS + 1)
+        ]
+        jobs = jobs_of([chat("hi", s) for s in systems], first_key=950)
+        for j in jobs:
+            engine.add(j)
+        engine.step()
+        batch = engine._batch
+        assert batch is not None and not batch.shared.segments()
+        assert batch.width >= min(len(engine._encode(j)) for j in jobs)
         while engine.pending:
             engine.step()
     finally:
