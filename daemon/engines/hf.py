@@ -206,7 +206,7 @@ class TransformersEngine(Engine):
             self._packed = hf_kernels.prepack_linears(torch, model, dtype)
         self._share_prefix_kv = False
         if device == "cpu" and not self._opts["exact"]:
-            share = self._opts["share_prefix_kv"]
+            share = self._opts["share_prefix_kv"] and hf_kernels.layers_indexed(model)
             name = hf_kernels.use_attention(
                 torch, model, self._opts["fold_gqa"], self._opts["decode_attention"], share
             )

@@ -226,12 +226,18 @@ def shared_prefix_forward(torch: Any, fallback: Any) -> Any:
         **kwargs: Any,
     ) -> tuple[Any, None]:
         segments = _SEGMENTS.get()
-        if not segments or query.device.type != "cpu" or kwargs.get("softcap") is not None:
+        if not segments:
             return fallback(
                 module, query, key, value, attention_mask,
                 dropout=dropout, scaling=scaling, **kwargs,
             )  # fmt: skip
-        layer = module.layer_idx
+        layer = getattr(module, "layer_idx", None)
+        if layer is None or query.device.type != "cpu" or kwargs.get("softcap") is not None:
+            # The rows' columns lack their prefixes: any other path would be wrong.
+            raise RuntimeError(
+                f"{type(module).__name__}: a prefix held apart needs a CPU attention "
+                "layer with a layer_idx and no softcap; use share_prefix_kv=false"
+            )
         mask = _additive_mask(torch, attention_mask, query, key.shape[2])
         own, own_lse = flash(query, key, value, 0.0, False, attn_mask=mask, scale=scaling)
         # Every segment's part into one tensor, then one merge for all rows (a row
@@ -287,6 +293,14 @@ def _attend_shared(
     out = out.view(kv_heads, n, group * length, dim).transpose(0, 1)
     lse = lse.view(kv_heads, n, group * length).transpose(0, 1)
     return out.reshape(n, heads, length, dim).float(), lse.reshape(n, heads, length)
+
+
+def layers_indexed(model: Any) -> bool:
+    """Whether every attention layer (a ``self_attn`` module, transformers' name for
+    it) knows its index, which ``shared_prefix_forward`` needs to find its layer's
+    part of a prefix held apart."""
+    layers = [m for name, m in model.named_modules() if name.endswith("self_attn")]
+    return bool(layers) and all(isinstance(getattr(m, "layer_idx", None), int) for m in layers)
 
 
 def use_attention(

@@ -216,3 +216,20 @@ def test_without_segments_everything_goes_to_the_path_it_wraps() -> None:
     with hf_kernels.attending_to([]):
         forward(layer, query, key, value, mask)
     assert calls == [1, 1]
+
+
+def test_a_held_apart_prefix_with_an_attention_it_cannot_serve_is_an_error() -> None:
+    """Its rows lack their prefix's columns: falling back would be silently wrong."""
+    query, key, value, mask = tensors(2, 1, 20, torch.float32)
+    forward = hf_kernels.shared_prefix_forward(torch, stock())
+    gen = torch.Generator().manual_seed(3)
+    segment = hf_kernels.Segment(
+        [torch.randn(KV_HEADS, 16, DIM, generator=gen)],
+        [torch.randn(KV_HEADS, 16, DIM, generator=gen)],
+        torch.tensor([0]),
+    )
+    with hf_kernels.attending_to([segment]), pytest.raises(RuntimeError, match="layer_idx"):
+        forward(module(), query, key, value, mask)  # no layer_idx
+    layer = SimpleNamespace(layer_idx=0, **vars(module()))
+    with hf_kernels.attending_to([segment]), pytest.raises(RuntimeError, match="softcap"):
+        forward(layer, query, key, value, mask, softcap=30.0)
