@@ -399,20 +399,25 @@ class DecodeBatch:
         prefill stored it: the first rows of a prefix (a job's prompts arrive a few at a
         time, so the first of each prefix finds nothing cached) would otherwise keep the
         batch as wide as their prompts, and every row that joins pays for those columns
-        (measured: 13.4 s against 9.6 for one worker's share, 8 prompts at a time).
-        Not where it would make more than ``MAX_SEGMENTS`` segments: a batch of
-        unrelated long prompts keeps them in its columns."""
+        (one worker's share fed 8 prompts a step: 13.4 and 12.7 s for jobs of new
+        prefixes, 10.2 and 9.9 s with this). Not where it would make more than
+        ``MAX_SEGMENTS`` segments: a batch of unrelated long prompts keeps them in its
+        columns."""
         found = prefixes.match_all([self.rows[i].input_ids for i in firsts], False, grid)
-        heads = {i: hit for i, hit in zip(firsts, found, strict=True) if hit.head is not None}
+        heads: dict[int, tuple[KV, int]] = {
+            i: (hit.head, hit.head_tokens)
+            for i, hit in zip(firsts, found, strict=True)
+            if hit.head is not None
+        }
         segments = {id(h) for h in self.shared.heads if h is not None}
-        segments |= {id(hit.head) for hit in heads.values()}
+        segments |= {id(head) for head, _ in heads.values()}
         if not heads or len(segments) > MAX_SEGMENTS:
             return
-        for first, hit in heads.items():
+        for first, (head, tokens) in heads.items():
             for i in holders[first]:
-                self.mask[i, self.starts[i] : self.starts[i] + hit.head_tokens] = 0
-                self.starts[i] += hit.head_tokens
-                self.shared.hold(i, hit.head)
+                self.mask[i, self.starts[i] : self.starts[i] + tokens] = 0
+                self.starts[i] += tokens
+                self.shared.hold(i, head)
         drop = min(self.starts)
         if drop:
             self._relayout(-drop, self.mask.shape[1] - drop)
