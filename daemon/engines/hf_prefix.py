@@ -168,9 +168,6 @@ class SharedRows:
         self.heads = heads
         self._segments: list[Segment] | None = None  # for all rows, until they change
 
-    def __len__(self) -> int:
-        return len(self.heads)
-
     def extend(self, other: SharedRows) -> None:
         """Rows joining the batch, after its own."""
         self.heads = self.heads + other.heads
