@@ -426,13 +426,19 @@ class Client(_Shell):
 
     def _flush(self) -> None:
         sock = self._sock
-        for out in self._core.poll_out(time.monotonic()):
-            try:
-                sock.send_multipart(out.frames, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                # Sends never block: a DEALER with no daemon connected must not wait
-                # forever, past any timeout.
-                self._core.not_sent(out)
+        while True:
+            outgoing = self._core.poll_out(time.monotonic(), submits=1)
+            stuck = False
+            for out in outgoing:
+                try:
+                    sock.send_multipart(out.frames, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    # Sends never block: a DEALER with no daemon connected must not
+                    # wait forever, past any timeout.
+                    self._core.not_sent(out)
+                    stuck = True
+            if stuck or not any(out.submit is not None for out in outgoing):
+                return
 
     def _pump(self, waiter: Call | Request, deadline: float | None = None) -> None:
         """Send, receive and run the timers until ``waiter`` has news (or the deadline)."""
@@ -734,10 +740,16 @@ class AsyncClient(_Shell):
                     pending.cancel()
 
     def _flush(self) -> None:
-        for out in self._core.poll_out(time.monotonic()):
-            sent = _future(self._sock.send_multipart(out.frames, flags=zmq.NOBLOCK))
-            if sent.done() and sent.exception() is not None:
-                self._core.not_sent(out)
+        while True:
+            outgoing = self._core.poll_out(time.monotonic(), submits=1)
+            stuck = False
+            for out in outgoing:
+                sent = _future(self._sock.send_multipart(out.frames, flags=zmq.NOBLOCK))
+                if sent.done() and sent.exception() is not None:
+                    self._core.not_sent(out)
+                    stuck = True
+            if stuck or not any(out.submit is not None for out in outgoing):
+                return
 
     def _wake_touched(self, everyone: bool = False) -> None:
         touched = self._core.take_touched()

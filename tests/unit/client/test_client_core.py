@@ -11,6 +11,7 @@ import zmq
 
 from exgen.client import errors
 from exgen.client import protocol as P
+from exgen.client.calls import SUBMIT_BATCH
 from exgen.client.core import ACK_DELAY_S, ACK_EVERY, TAG_SEP, Call, Core, Result
 
 
@@ -123,6 +124,32 @@ def test_the_source_is_read_lazily_within_the_window():
     assert submits(c, 1.0) == [], "one free slot is not worth a submit (low water: 2)"
     answer(c, call, "i1")
     assert wire_ids(submits(c, 1.0)) == [call.prefix + "i8", call.prefix + "i9"]
+
+
+def test_submit_frames_come_one_at_a_time_when_asked_and_none_is_lost():
+    pulled = []
+
+    def source():
+        for item in items(3 * SUBMIT_BATCH + 5):
+            pulled.append(item["id"])
+            yield item
+
+    c = core()
+    c.open_call(source(), {}, window=10_000)
+    c.open_call(items(3, "j"), {}, window=10)
+    frames = []
+    while True:
+        out = [o for o in c.poll_out(0.0, submits=1) if o.submit is not None]
+        assert len(out) <= 1
+        if not out:
+            break
+        frames.append(P.unpack(out[0].frames)[1])
+        assert len(pulled) <= len(frames) * SUBMIT_BATCH, "items read ahead of the frames"
+    assert [len(body["items"]) for body in frames] == [SUBMIT_BATCH] * 3 + [5, 3]
+    ids = [w.split(TAG_SEP)[-1] for w in wire_ids(frames)]
+    assert sorted(ids) == sorted(
+        [i["id"] for i in items(3 * SUBMIT_BATCH + 5)] + ["j0", "j1", "j2"]
+    )
 
 
 def test_an_ordered_call_hands_results_over_in_input_order():
