@@ -77,6 +77,9 @@ class RouterSockets:
     def read_clients(self, now: float) -> None:
         # A time budget as well as a count: a flood of big submits must not keep the
         # loop from workers' heartbeats and from dispatching (what is left waits).
+        # An idle worker with items waiting ends the turn at once: the first frame of
+        # a job starts every worker, not the first 50 ms of frames (32 workers: the
+        # first work left 60 ms sooner, bench/RESULTS.md).
         budget_end = time.monotonic() + FRONTEND_BUDGET_S
         for _ in range(MAX_FRAMES_PER_TICK):
             if not readable(self.frontend):
@@ -86,7 +89,7 @@ class RouterSockets:
             else:
                 self.router.on_client(self.frontend.recv_multipart(), now)
             self.send(now)  # before the next message: an ACK may ask for a resend
-            if time.monotonic() > budget_end:
+            if time.monotonic() > budget_end or self.router.starving():
                 return
 
     def _read_inspected(self, now: float) -> None:

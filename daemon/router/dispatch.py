@@ -110,6 +110,16 @@ class Dispatcher:
         for slot_id, count in plan.items():
             self._send_work(self.table.by_id[slot_id], self.queue.take(count), now)
 
+    def starving(self) -> bool:
+        """Items wait while a serving worker holds none (the slot kept for probation
+        items aside): a dispatch now would start work that reading on would delay."""
+        if not self.queue.dispatchable:
+            return False
+        held = self.ledger.held
+        return any(
+            slot.id != self.isolating and not held.get(slot.id) for slot in self.table.serving()
+        )
+
     def _place(self, serving: list[Slot], now: float) -> None:
         """Staged items to the workers with room (``placement.plan_placement``)."""
         base, ledger = self.settings.prefetch, self.ledger

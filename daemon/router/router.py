@@ -160,6 +160,11 @@ class Router:
         if not self.service.draining:
             self.dispatcher.dispatch(now)
 
+    def starving(self) -> bool:
+        """A worker sits idle while items wait (the loop dispatches before it reads
+        more client messages)."""
+        return not self.service.draining and self.dispatcher.starving()
+
     # --- workers -------------------------------------------------------------------
 
     def on_worker_exit(
