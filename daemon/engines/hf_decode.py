@@ -24,6 +24,7 @@ What it does that ``generate`` does not, measured on the demo model (2 cores):
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,7 @@ from exgen.daemon.engines.base import (
 from exgen.daemon.engines.hf_features import BatchFeatures, RowExtras, row_failed, text_logprobs
 from exgen.daemon.engines.hf_kernels import attending_to
 from exgen.daemon.engines.hf_prefix import KV, Hit, PrefixKV, SharedRows
-from exgen.daemon.engines.prefix import shared_prefixes
+from exgen.daemon.engines.prefix import Block, shared_prefixes
 
 logger = logging.getLogger(__name__)
 
@@ -403,17 +404,13 @@ class DecodeBatch:
         prefixes, 10.2 and 9.9 s with this). Not where it would make more than
         ``MAX_SEGMENTS`` segments: a batch of unrelated long prompts keeps them in its
         columns."""
-        found = prefixes.match_all([self.rows[i].input_ids for i in firsts], False, grid)
-        heads: dict[int, tuple[KV, int]] = {
-            i: (hit.head, hit.head_tokens)
-            for i, hit in zip(firsts, found, strict=True)
-            if hit.head is not None
-        }
-        segments = {id(h) for h in self.shared.heads if h is not None}
-        segments |= {id(head) for head, _ in heads.values()}
-        if not heads or len(segments) > MAX_SEGMENTS:
+        chains = prefixes.heads([self.rows[i].input_ids for i in firsts], grid)
+        found = {i: chain for i, chain in zip(firsts, chains, strict=True) if chain}
+        if not found or self._segments_with(prefixes, found.values()) > MAX_SEGMENTS:
             return
-        for first, (head, tokens) in heads.items():
+        block = prefixes.blocks.block
+        for first, chain in found.items():
+            head, tokens = prefixes.join(chain), len(chain) * block
             for i in holders[first]:
                 self.mask[i, self.starts[i] : self.starts[i] + tokens] = 0
                 self.starts[i] += tokens
@@ -421,6 +418,20 @@ class DecodeBatch:
         drop = min(self.starts)
         if drop:
             self._relayout(-drop, self.mask.shape[1] - drop)
+
+    def _segments_with(self, prefixes: PrefixKV, chains: Iterable[Sequence[Block[KV]]]) -> int:
+        """The segments this batch would hold with these heads held apart too, counted
+        before anything is joined: a head joined already is its tensors, one not yet
+        joined its end block (a chain is known by its end)."""
+        held: set[int] = {id(head) for head in self.shared.heads if head is not None}
+        new_ends: set[int] = set()
+        for chain in chains:
+            joined = prefixes.joined(chain)
+            if joined is None:
+                new_ends.add(chain[-1].id)
+            else:
+                held.add(id(joined))
+        return len(held) + len(new_ends)
 
     def _holds_prefixes_apart(self) -> bool:
         """Whether cached prefixes may stay apart from the rows: the model's attention

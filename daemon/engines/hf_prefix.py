@@ -106,6 +106,26 @@ class PrefixKV:
             out.append(Hit(len(chain) * block, head, apart * block, tail))
         return out
 
+    def heads(self, prompts: Sequence[Sequence[int]], grid: int) -> list[Sequence[Block[KV]]]:
+        """Per prompt: the blocks ``match_all`` would hold apart as its head (none:
+        empty), nothing joined and nothing counted, so a caller can count the
+        segments they would make (``joined``) before paying for them (``join``)."""
+        out: list[Sequence[Block[KV]]] = []
+        for ids in prompts:
+            chain = self.blocks.peek(ids)
+            out.append(chain[: len(chain) // grid * grid])
+        return out
+
+    def joined(self, head: Sequence[Block[KV]]) -> KV | None:
+        """The tensors of ``head`` if they are joined already (``join`` would return
+        them), else None."""
+        return self._joined.get(head[-1].id)
+
+    def join(self, head: Sequence[Block[KV]]) -> KV:
+        """``head``'s blocks joined, one tensor per layer, the same tensors for every
+        caller while they are kept."""
+        return self._join(head)
+
     def _join(self, chain: Sequence[Block[KV]]) -> KV:
         """A chain from its first block, joined (and kept: ``_joined``)."""
         end = chain[-1].id

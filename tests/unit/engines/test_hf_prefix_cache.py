@@ -249,6 +249,8 @@ def test_a_batch_of_unrelated_long_prompts_keeps_them_in_its_columns() -> None:
         batch = engine._batch
         assert batch is not None and not batch.shared.segments()
         assert batch.width >= min(len(engine._encode(j)) for j in jobs)
+        prefixes = engine._prefixes
+        assert prefixes is not None and not prefixes._joined, "heads joined for nothing"
         while engine.pending:
             engine.step()
     finally:
