@@ -178,11 +178,6 @@ def decode_attention_forward(torch: Any, fallback: Any) -> Any:
     return forward
 
 
-# Shared prefixes of the forward pass under way (``attending_to``): per segment,
-# its keys and values per layer and the batch rows that start with it.
-_SEGMENTS: ContextVar[Sequence[Segment] | None] = ContextVar("exgen_segments", default=None)
-
-
 @dataclass(frozen=True, slots=True)
 class Segment:
     """A prefix's keys and values, stored once, and the rows of a batch that start with
@@ -193,15 +188,36 @@ class Segment:
     rows: Any
 
 
+@dataclass(slots=True)
+class _Pass:
+    """The forward pass under way (``attending_to``): its segments, and the additive
+    mask its layers share (transformers hands every layer the same mask object, so it
+    is converted once a pass, not once a layer)."""
+
+    segments: Sequence[Segment]
+    made: bool = False
+    mask_from: Any = None
+    mask: Any = None
+
+    def additive_mask(self, torch: Any, mask: Any, query: Any, columns: int) -> Any:
+        if not self.made or self.mask_from is not mask:
+            self.mask = _additive_mask(torch, mask, query, columns)
+            self.mask_from, self.made = mask, True
+        return self.mask
+
+
+_PASS: ContextVar[_Pass | None] = ContextVar("exgen_forward_pass", default=None)
+
+
 @contextmanager
 def attending_to(segments: Sequence[Segment]) -> Iterator[None]:
-    """Within it, ``shared_prefix_forward`` adds each segment's keys and values before
-    its rows' own (a forward pass of a batch whose rows hold only their suffixes)."""
-    token = _SEGMENTS.set(segments or None)
+    """Within it (one forward pass), ``shared_prefix_forward`` adds each segment's keys
+    and values before its rows' own (a batch whose rows hold only their suffixes)."""
+    token = _PASS.set(_Pass(segments) if segments else None)
     try:
         yield
     finally:
-        _SEGMENTS.reset(token)
+        _PASS.reset(token)
 
 
 def shared_prefix_forward(torch: Any, fallback: Any) -> Any:
@@ -225,8 +241,8 @@ def shared_prefix_forward(torch: Any, fallback: Any) -> Any:
         scaling: float | None = None,
         **kwargs: Any,
     ) -> tuple[Any, None]:
-        segments = _SEGMENTS.get()
-        if not segments:
+        forward_pass = _PASS.get()
+        if forward_pass is None:
             return fallback(
                 module, query, key, value, attention_mask,
                 dropout=dropout, scaling=scaling, **kwargs,
@@ -238,14 +254,14 @@ def shared_prefix_forward(torch: Any, fallback: Any) -> Any:
                 f"{type(module).__name__}: a prefix held apart needs a CPU attention "
                 "layer with a layer_idx and no softcap; use share_prefix_kv=false"
             )
-        mask = _additive_mask(torch, attention_mask, query, key.shape[2])
+        mask = forward_pass.additive_mask(torch, attention_mask, query, key.shape[2])
         own, own_lse = flash(query, key, value, 0.0, False, attn_mask=mask, scale=scaling)
         # Every segment's part into one tensor, then one merge for all rows (a row
         # without a segment: its shared part weighs exp(-inf) = 0); merging each
         # segment apart cost 9 small ops a segment, layer and step.
         shared = own.new_zeros(own.shape, dtype=torch.float32)
         shared_lse = torch.full_like(own_lse, float("-inf"))
-        for segment in segments:
+        for segment in forward_pass.segments:
             part, part_lse = _attend_shared(
                 flash, query.index_select(0, segment.rows), segment.keys[layer],
                 segment.values[layer], scaling,
