@@ -32,15 +32,24 @@ class WorkerLoad:
     prefetch: int | None = None  # this worker's own prefetch; None: plan_dispatch's
 
 
-def prefetch_for(base: int, burst: float, capacity: int) -> int:
+def prefetch_for(base: int, burst: float, capacity: int, spare: int | None = None) -> int:
     """Items a worker may hold beyond its capacity: ``base``, or as many as it ends at once.
 
     ``burst`` is the most jobs the worker reported finished at once lately. A
     worker finishing them a few at a time keeps the small base prefetch; one finishing
     whole batches together gets up to one batch more, so the next batch is on hand
     when the last one ends instead of a round trip later.
+
+    ``spare``: the items waiting past what every worker can run at once (None: no
+    bound). A prefetch past the base comes only from them: near the end of a job, the
+    worker that ends its batch first would otherwise take the next batch and a batch
+    of prefetch, and a worker ending its own batch a moment later would find nothing
+    (2 workers of capacity 128: all 252 waiting items went to one, bench/RESULTS.md).
     """
-    return max(base, min(capacity, round(burst)))
+    extra = min(capacity, round(burst))
+    if spare is not None:
+        extra = min(extra, base + spare)
+    return max(base, extra)
 
 
 def room(load: WorkerLoad, prefetch: int) -> int:

@@ -100,15 +100,21 @@ class Dispatcher:
         if self.placing:
             self._place(serving, now)
             return
-        base = self.settings.prefetch
+        base, spare = self.settings.prefetch, self._spare(serving)
         loads = [
-            slot.load(base, len(self.ledger.held_by(slot.id)))
+            slot.load(base, len(self.ledger.held_by(slot.id)), spare)
             for slot in serving
             if slot.id != self.isolating
         ]
         plan = policy.plan_dispatch(loads, self.queue.dispatchable, base)
         for slot_id, count in plan.items():
             self._send_work(self.table.by_id[slot_id], self.queue.take(count), now)
+
+    def _spare(self, serving: list[Slot]) -> int:
+        """Waiting items past what every serving worker can run at once: where a
+        prefetch past the base may come from (``policy.prefetch_for``)."""
+        running = sum(slot.serving.capacity for slot in serving if slot.serving is not None)
+        return max(0, self.queue.dispatchable - running)
 
     def starving(self) -> bool:
         """Items wait while a serving worker holds none (the slot kept for probation
@@ -128,10 +134,11 @@ class Dispatcher:
             return
         states = []
         limit = 0
+        spare = self._spare(serving)
         for slot in serving:
             if slot.id == self.isolating:
                 continue
-            load = slot.load(base, len(ledger.held_by(slot.id)))
+            load = slot.load(base, len(ledger.held_by(slot.id)), spare)
             room = policy.room(load, base)
             limit += load.outstanding + room  # capacity + prefetch, or what it holds
             cost = ledger.held_cost.get(slot.id, 0)
@@ -167,8 +174,9 @@ class Dispatcher:
         capacity: dict[int, int] = {}
         cost: dict[int, int] = {}
         heap: list[tuple[float, int]] = []
+        spare = self._spare(serving)
         for slot in serving:
-            load = slot.load(base, len(self.ledger.held_by(slot.id)))
+            load = slot.load(base, len(self.ledger.held_by(slot.id)), spare)
             free = policy.room(load, base)
             if free and slot.id != self.isolating:
                 room[slot.id], capacity[slot.id] = free, load.capacity

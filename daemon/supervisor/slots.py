@@ -134,9 +134,13 @@ class Slot:
         """Whether ``pid`` is this slot's current process (a READY's check)."""
         return self.proc is not None and self.proc.is_pid(pid)
 
-    def load(self, base_prefetch: int, outstanding: int) -> policy.WorkerLoad:
+    def load(
+        self, base_prefetch: int, outstanding: int, spare: int | None = None
+    ) -> policy.WorkerLoad:
+        """Its load; ``spare``: as ``policy.prefetch_for`` takes it."""
         assert self.serving is not None
-        prefetch = policy.prefetch_for(base_prefetch, self.serving.burst, self.serving.capacity)
+        serving = self.serving
+        prefetch = policy.prefetch_for(base_prefetch, serving.burst, serving.capacity, spare)
         return policy.WorkerLoad(self.id, outstanding, self.serving.capacity, prefetch)
 
     def retire_serving(self) -> None:

@@ -48,6 +48,13 @@ def test_prefetch_follows_how_many_jobs_end_together():
     assert policy.prefetch_for(0, 0.0, 8) == 0
 
 
+def test_a_batch_of_prefetch_comes_only_from_work_no_worker_could_start():
+    assert policy.prefetch_for(2, 40.0, 32, spare=0) == 2  # the end of a job: the base
+    assert policy.prefetch_for(2, 40.0, 32, spare=10) == 12
+    assert policy.prefetch_for(2, 40.0, 32, spare=1000) == 32
+    assert policy.prefetch_for(2, 1.0, 32, spare=1000) == 2
+
+
 def test_full_workers_get_nothing():
     loads = [WorkerLoad(0, 10, 8), WorkerLoad(1, 11, 8)]
     assert plan_dispatch(loads, 5, prefetch=2) == {}

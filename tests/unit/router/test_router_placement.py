@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
 from exgen.client import protocol as P
 from exgen.daemon.config import Settings
 from exgen.daemon.engines.base import Finished
@@ -193,3 +195,37 @@ def test_a_prefixs_last_items_wait_for_the_first_holder_to_free_a_slot():
     finish_all(router, net, first, sorted(router.ledger.held_by(slot))[:2])
     dispatch(router, net)
     assert len(sent_prompts(net, first)) == 2 and router.queue.staged_count == 0
+
+
+@pytest.mark.parametrize("placement", ["prefix", "count"])
+def test_the_worker_that_ends_its_batch_first_does_not_take_the_others_next(placement):
+    """Near a job's end, a worker ending a whole batch at once gets its next batch, not
+    a batch of prefetch too: the waiting items are no more than the workers can run
+    at once, so the other worker, ending its batch a moment later, gets its share."""
+    router, net, workers = a_router(2, placement=placement)  # capacity 4, prefetch 2
+    submit(
+        net, [{"id": str(i), "prompt": f"p{i}", "params": {"max_new_tokens": 4}} for i in range(20)]
+    )
+    dispatch(router, net)
+    first = {w: work_keys(net, w) for w in workers}
+    assert [len(keys) for keys in first.values()] == [6, 6]  # 8 wait: two batches
+    finish(net, workers[1], first[workers[1]][:4])  # a whole batch ends at once
+    dispatch(router, net)
+    assert len(work_keys(net, workers[1])) == 4, "took the other worker's next batch"
+    finish(net, workers[0], first[workers[0]][:4])
+    dispatch(router, net)
+    assert len(work_keys(net, workers[0])) == 4
+
+
+def work_keys(net: Network, identity: bytes) -> list[int]:
+    return [
+        job.key
+        for command, body in net.take_worker(identity)
+        if command == wire.WORK
+        for job in wire.decode_work(body)
+    ]
+
+
+def finish(net: Network, identity: bytes, keys: list[int]) -> None:
+    done = [Finished(k, "t", "length", 1, 4) for k in keys]
+    net.worker_says(identity, wire.pack_done(done, []))
