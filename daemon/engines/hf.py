@@ -93,8 +93,11 @@ MODES = ("static",)
 # CPU tokens/s grows with the batch (demo model, 2 cores, 100 new tokens, fp32 with
 # generate(), measured back to back: 12.5 at 1, 100-126 at 16, 151 at 40, 178 at 80): a
 # step streams every weight from memory once, whatever the batch. The KV budget below
-# keeps a large model from running the host out of memory with it.
-DEFAULT_BATCH_CPU = 64
+# keeps a large model from running the host out of memory with it. 128, not 64: through
+# the daemon (2 workers x 1 thread, bf16, Xeon with AMX) 1.31x the tokens/s on 512 of the
+# seeds' prompts x 64 tokens and 1.18x the prompts/s on the shared-prefix job, side by
+# side (bench/RESULTS.md); vLLM's CPU build batches up to 256 sequences offline.
+DEFAULT_BATCH_CPU = 128
 DEFAULT_BATCH_GPU = 32
 # On CPU a batch's KV cache may take at most this share of the memory available at
 # load (the OOM killer, not an exception, is what a CPU batch too large meets).
