@@ -61,12 +61,18 @@ def waiting(router: Router) -> int:
     return router.dispatcher.queue.dispatchable
 
 
-def test_a_turn_ends_after_the_message_that_leaves_a_worker_idle(sockets):
+def submits_read_once(sockets, workers: int) -> tuple[Router, RouterSockets]:
+    """A router with ``workers`` serving, the submits sent, and one turn's reading."""
     frontend, backend, client = sockets
-    router = a_router(2)
+    router = a_router(workers)
     loop = RouterSockets(router, frontend, backend, inspect=False, curve=False)
     send_submits(client, frontend)
     loop.read_clients(time.monotonic())
+    return router, loop
+
+
+def test_a_turn_ends_after_the_message_that_leaves_a_worker_idle(sockets):
+    router, loop = submits_read_once(sockets, 2)
     assert waiting(router) == 1, "read past a frame while workers sat idle"
     router.dispatch(time.monotonic())  # the rest of the loop's turn
     loop.read_clients(time.monotonic())
@@ -78,10 +84,6 @@ def test_a_turn_ends_after_the_message_that_leaves_a_worker_idle(sockets):
 
 
 def test_with_no_worker_serving_a_turn_reads_every_message(sockets):
-    frontend, backend, client = sockets
-    router = a_router(0)
-    loop = RouterSockets(router, frontend, backend, inspect=False, curve=False)
-    send_submits(client, frontend)
-    loop.read_clients(time.monotonic())
+    router, _ = submits_read_once(sockets, 0)
     assert waiting(router) == FRAMES
     assert not router.starving()
