@@ -87,3 +87,17 @@ def test_with_no_worker_serving_a_turn_reads_every_message(sockets):
     router, _ = submits_read_once(sockets, 0)
     assert waiting(router) == FRAMES
     assert not router.starving()
+
+
+def test_a_worker_idle_for_affinitys_sake_is_not_starving_until_more_arrives():
+    router = a_router(2)  # capacity 4, prefetch 2
+    net = Network(router)
+    head = "Question: 2 + 2? Answer: 4. " * 40  # one prefix key for all of them
+    items = [{"id": str(i), "prompt": head + f"q{i}"} for i in range(10)]
+    net.client_says(b"c", P.SUBMIT, {"req": "r", "items": items})
+    router.dispatch(time.monotonic())
+    assert waiting(router) == 4  # for the prefix's holder: within affinity_slack
+    assert not router.starving(), "reading would stop after every message meanwhile"
+    other = {"id": "x", "prompt": "Something else entirely. " * 40}
+    net.client_says(b"c", P.SUBMIT, {"req": "s", "items": [other]})
+    assert router.starving()  # a new item the idle worker may take
