@@ -45,7 +45,7 @@ import zmq.asyncio
 
 from exgen.client import errors, transport
 from exgen.client import protocol as P
-from exgen.client.calls import Priority
+from exgen.client.calls import Outgoing, Priority
 from exgen.client.core import Call, Core, Request, Result
 from exgen.client.keys import CurveKeys
 
@@ -191,6 +191,20 @@ class _Shell:
 
     def _socket(self) -> zmq.Socket[Any]:
         raise NotImplementedError
+
+    def _send(self, out: Outgoing) -> bool:
+        """Hand one frame to the socket; False when it could not leave (the core has
+        been told: ``Core.not_sent``)."""
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        """Send what the core has, one submit frame at a time, each before the next is
+        built; stop at a frame that could not leave."""
+        while True:
+            outgoing = self._core.poll_out(time.monotonic(), submits=1)
+            sent = all([self._send(out) for out in outgoing])  # every frame tried
+            if not sent or not any(out.submit is not None for out in outgoing):
+                return
 
     def _ready(
         self, status: Mapping[str, Any], count: int | None, deadline: float, timeout: float
@@ -424,21 +438,15 @@ class Client(_Shell):
         finally:
             self._core.end_request(request)
 
-    def _flush(self) -> None:
-        sock = self._sock
-        while True:
-            outgoing = self._core.poll_out(time.monotonic(), submits=1)
-            stuck = False
-            for out in outgoing:
-                try:
-                    sock.send_multipart(out.frames, flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    # Sends never block: a DEALER with no daemon connected must not
-                    # wait forever, past any timeout.
-                    self._core.not_sent(out)
-                    stuck = True
-            if stuck or not any(out.submit is not None for out in outgoing):
-                return
+    def _send(self, out: Outgoing) -> bool:
+        try:
+            self._sock.send_multipart(out.frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            # Sends never block: a DEALER with no daemon connected must not wait
+            # forever, past any timeout.
+            self._core.not_sent(out)
+            return False
+        return True
 
     def _pump(self, waiter: Call | Request, deadline: float | None = None) -> None:
         """Send, receive and run the timers until ``waiter`` has news (or the deadline)."""
@@ -739,17 +747,12 @@ class AsyncClient(_Shell):
                 if not pending.done():
                     pending.cancel()
 
-    def _flush(self) -> None:
-        while True:
-            outgoing = self._core.poll_out(time.monotonic(), submits=1)
-            stuck = False
-            for out in outgoing:
-                sent = _future(self._sock.send_multipart(out.frames, flags=zmq.NOBLOCK))
-                if sent.done() and sent.exception() is not None:
-                    self._core.not_sent(out)
-                    stuck = True
-            if stuck or not any(out.submit is not None for out in outgoing):
-                return
+    def _send(self, out: Outgoing) -> bool:
+        sent = _future(self._sock.send_multipart(out.frames, flags=zmq.NOBLOCK))
+        if sent.done() and sent.exception() is not None:
+            self._core.not_sent(out)
+            return False
+        return True
 
     def _wake_touched(self, everyone: bool = False) -> None:
         touched = self._core.take_touched()
