@@ -52,7 +52,7 @@ DEFAULT_BLOCK = 16
 # available at load, in tokens of KV (CPU: host memory; CUDA: the card's free memory).
 MEMORY_SHARE = 0.1
 
-# Joined chains (``PrefixKV._join``) hold at most this share of the cache's tokens again.
+# Joined chains (``PrefixKV.join``) hold at most this share of the cache's tokens again.
 JOINED_SHARE = 0.25
 
 KV = tuple[list[Any], list[Any]]  # keys, values per layer: (kv_heads, tokens, head_dim)
@@ -98,10 +98,10 @@ class PrefixKV:
         for ids in prompts:
             chain = self.blocks.match(ids) if count else self.blocks.peek(ids)
             apart = len(chain) // grid * grid if grid else 0
-            head = self._join(chain[:apart]) if apart else None
+            head = self.join(chain[:apart]) if apart else None
             tail = None
             if apart < len(chain):
-                tail = self._join(chain) if not apart else _concat(self.torch, chain[apart:])
+                tail = self.join(chain) if not apart else _concat(self.torch, chain[apart:])
             block = self.blocks.block
             out.append(Hit(len(chain) * block, head, apart * block, tail))
         return out
@@ -121,13 +121,9 @@ class PrefixKV:
         them), else None."""
         return self._joined.get(head[-1].id)
 
-    def join(self, head: Sequence[Block[KV]]) -> KV:
-        """``head``'s blocks joined, one tensor per layer, the same tensors for every
-        caller while they are kept."""
-        return self._join(head)
-
-    def _join(self, chain: Sequence[Block[KV]]) -> KV:
-        """A chain from its first block, joined (and kept: ``_joined``)."""
+    def join(self, chain: Sequence[Block[KV]]) -> KV:
+        """A chain from its first block, joined, one tensor per layer (and kept:
+        ``_joined``, so every caller gets the same tensors while they are kept)."""
         end = chain[-1].id
         found = self._joined.get(end)
         if found is not None:
