@@ -141,7 +141,7 @@ class Slot:
         assert self.serving is not None
         serving = self.serving
         prefetch = policy.prefetch_for(base_prefetch, serving.burst, serving.capacity, spare)
-        return policy.WorkerLoad(self.id, outstanding, self.serving.capacity, prefetch)
+        return policy.WorkerLoad(self.id, outstanding, serving.capacity, prefetch)
 
     def retire_serving(self) -> None:
         """The worker is gone: fold its counts into the slot's history."""
