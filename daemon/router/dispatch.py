@@ -109,13 +109,17 @@ class Dispatcher:
             return
         base, spare = self.settings.prefetch, self._spare(serving)
         loads = [
-            slot.load(base, len(self.ledger.held_by(slot.id)), spare)
+            self._load(slot, spare)
             for slot in serving
             if slot.id != self.isolating
         ]
         plan = policy.plan_dispatch(loads, self.queue.dispatchable, base)
         for slot_id, count in plan.items():
             self._send_work(self.table.by_id[slot_id], self.queue.take(count), now)
+
+    def _load(self, slot: Slot, spare: int) -> policy.WorkerLoad:
+        """A serving slot's load: what it holds, its capacity and its prefetch."""
+        return slot.load(self.settings.prefetch, len(self.ledger.held_by(slot.id)), spare)
 
     def _spare(self, serving: list[Slot]) -> int:
         """Waiting items past what every serving worker can run at once: where a
@@ -148,7 +152,7 @@ class Dispatcher:
         for slot in serving:
             if slot.id == self.isolating:
                 continue
-            load = slot.load(base, len(ledger.held_by(slot.id)), spare)
+            load = self._load(slot, spare)
             room = policy.room(load, base)
             limit += load.outstanding + room  # capacity + prefetch, or what it holds
             cost = ledger.held_cost.get(slot.id, 0)
@@ -186,7 +190,7 @@ class Dispatcher:
         heap: list[tuple[float, int]] = []
         spare = self._spare(serving)
         for slot in serving:
-            load = slot.load(base, len(self.ledger.held_by(slot.id)), spare)
+            load = self._load(slot, spare)
             free = policy.room(load, base)
             if free and slot.id != self.isolating:
                 room[slot.id], capacity[slot.id] = free, load.capacity
