@@ -108,11 +108,7 @@ class Dispatcher:
             self._place(serving, now)
             return
         base, spare = self.settings.prefetch, self._spare(serving)
-        loads = [
-            self._load(slot, spare)
-            for slot in serving
-            if slot.id != self.isolating
-        ]
+        loads = [self._load(slot, spare) for slot in serving if slot.id != self.isolating]
         plan = policy.plan_dispatch(loads, self.queue.dispatchable, base)
         for slot_id, count in plan.items():
             self._send_work(self.table.by_id[slot_id], self.queue.take(count), now)

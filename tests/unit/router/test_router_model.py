@@ -234,9 +234,7 @@ class RouterModel(RuleBasedStateMachine):
                     self._client_says(model.identity, P.PING, {"req": "p"})
                     self._read(model)
                     self._ack(model)
-            if not self.router.ledger.entries and all(
-                not r.owed for r in self.router.clients
-            ):
+            if not self.router.ledger.entries and all(not r.owed for r in self.router.clients):
                 break
         assert not self.router.ledger.entries, "every accepted item was answered"
         for model in self.clients.values():
