@@ -66,7 +66,7 @@ class Settings:
     insecure: bool = False
     # Limits.
     max_queue: int = 200_000  # items waiting in the router before "busy"
-    prefetch: int = 2  # items beyond a worker's capacity it may hold
+    prefetch: int = 2  # items beyond a worker's capacity it may hold (policy.prefetch_for)
     order: str = "longest-first"  # within a client's queue: ORDERS
     placement: str = "prefix"  # where waiting items go: PLACEMENTS
     prefix_key_bytes: int = 512  # bytes of a prompt's head that key its prefix (placement.py)
