@@ -37,8 +37,13 @@ key) go to workers with room (``policy.room``: capacity + prefetch, as before):
    items without a key are water-filled by cost, one at a time;
 3. a worker still below its capacity takes a prefix it does not hold (it becomes one
    of its holders) only from the group with the most waiting items per holder, and
-   only when that group holds more than ``slack`` × its holders' capacity: less than
-   that, the holders start it all as their running items end;
+   only when that group's backlog — its waiting items and what its holders hold past
+   their capacity (their prefetch, which waits as the group does) — is more than
+   ``slack`` × its holders' capacity: less than that, the holders start it all as their
+   running items end. Without the prefetch in the count, 18 items of a new prefix at
+   capacity 8 went 10 to one worker (8, and 2 of prefetch) and 8 waited for it, within
+   one batch of it, while the other worker sat idle: three batches on one worker where
+   two workers take one each (and a prefill);
 4. the last batch: once every waiting item is staged (``last_batch``), a group with two
    or more holders whose waiting items fit in one batch of them (its holders'
    capacity, summed) fills its holders to capacity only, not into their prefetch.
@@ -53,7 +58,8 @@ key) go to workers with room (``policy.room``: capacity + prefetch, as before):
    rounds each, run alternately on 2 shared cores).
 
 The bounded imbalance: affinity never keeps an item from a worker below capacity
-while its prefix's holders have more than ``slack`` × their capacity of it waiting.
+while its prefix's holders have more than ``slack`` × their capacity of it waiting,
+in the router or in their prefetch.
 So a worker idles for affinity's sake at most while the holders run through one
 batch (``slack`` of 1: about one item's generation time at the end of a job), and
 never while work with no holder, or without a key, waits. The last batch keeps no
@@ -283,7 +289,7 @@ class _Plan:
                     continue
                 left = len(items) - self.taken.get(index, 0)
                 capacity = sum(self.capacity.get(s, 0) for s in held)
-                if left <= slack * capacity:
+                if left + self._prefetched(held) <= slack * capacity:
                     continue
                 behind = left / max(1, len(held))
                 if best is None or behind > best[0]:
@@ -294,6 +300,11 @@ class _Plan:
                 items = groups[index][1]
                 last = self.is_last_batch(self._holders(prefix, holders), index, items)
                 self._fill(index, items, [slot], not last)
+
+    def _prefetched(self, slots: set[int]) -> int:
+        """What these slots hold past their capacity: items that wait for a running one
+        to end, as the staged ones do."""
+        return sum(max(0, self.outstanding[s] - self.capacity[s]) for s in slots)
 
     def _holders(self, prefix: int, holders: Mapping[int, set[int]]) -> set[int]:
         known = {s for s in holders.get(prefix, ()) if s in self.room}

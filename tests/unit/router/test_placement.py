@@ -96,10 +96,24 @@ def test_a_worker_below_capacity_takes_a_prefix_far_behind():
 
 
 def test_within_the_slack_a_prefix_waits_for_its_holder():
+    states = [SlotState(0, 4, 4, 2, 400), SlotState(1, 0, 4, 6, 0)]  # slot 0 full
+    plan = plan_placement(states, [(7, items(0, 2))], {7: {0}}, slack=1.0)
+    assert len(plan[0]) == 2 and 1 not in plan  # its prefetch: 2 of 6 staged
+    assert plan_placement(states, [(7, items(0, 6))], {7: {0}}, slack=0.5)[1]
+
+
+def test_a_holders_prefetch_counts_as_its_prefixs_backlog():
+    # Slot 0 runs 4 and holds 2 more: with 4 staged, 6 wait for it, past one batch.
     states = [SlotState(0, 6, 4, 0, 600), SlotState(1, 0, 4, 6, 0)]
     plan = plan_placement(states, [(7, items(0, 4))], {7: {0}}, slack=1.0)
-    assert plan == {}
-    assert plan_placement(states, [(7, items(0, 4))], {7: {0}}, slack=0.5)[1]
+    assert len(plan[1]) == 4
+
+
+def test_a_small_job_of_one_new_prefix_uses_both_workers():
+    # 18 items at capacity 8: one worker takes 8 and 2 of prefetch; the 8 left would
+    # wait for it (a third batch on it) while the other idled.
+    plan = plan_placement(slots(2, capacity=8, room=10), [(7, items(0, 18))], {}, slack=1.0)
+    assert sorted(len(placed) for placed in plan.values()) == [8, 10]
 
 
 # The last batch: slot 0 just ended a batch (2 prefetched items left, room 16); slot 1,

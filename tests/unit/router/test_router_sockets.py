@@ -93,7 +93,7 @@ def test_a_worker_idle_for_affinitys_sake_is_not_starving_until_more_arrives():
     router = a_router(2)  # capacity 4, prefetch 2
     net = Network(router)
     head = "Question: 2 + 2? Answer: 4. " * 40  # one prefix key for all of them
-    items = [{"id": str(i), "prompt": head + f"q{i}"} for i in range(10)]
+    items = [{"id": str(i), "prompt": head + f"q{i}"} for i in range(8)]
     net.client_says(b"c", P.SUBMIT, {"req": "r", "items": items})
     router.dispatch(time.monotonic())
     assert waiting(router) == 4  # for the prefix's holder: within affinity_slack
