@@ -70,8 +70,9 @@ class Settings:
     order: str = "longest-first"  # within a client's queue: ORDERS
     placement: str = "prefix"  # where waiting items go: PLACEMENTS
     prefix_key_bytes: int = 512  # bytes of a prompt's head that key its prefix (placement.py)
-    affinity_slack: float = 1.0  # a prefix's waiting items, in units of its holders'
-    #                              capacity, before a worker not holding it takes some
+    affinity_slack: float = 1.0  # a prefix's waiting items (staged or prefetched), in
+    #                              units of its holders' capacity, before a worker not
+    #                              holding it takes some
     hedge: bool = False  # nothing waiting: idle workers run copies of stragglers (hedging.py)
     max_attempts: int = 3  # worker crashes an item may cause before it fails
     max_queue_bytes: int = 512 * 2**20  # bytes of waiting items before "busy"
