@@ -10,8 +10,6 @@ The prefetch is what covers the round trip to the router: jobs a worker can star
 the moment others end, before the refill arrives. A worker whose jobs end one at a
 time needs two; one whose jobs end together (a static batch, a wave of equal-length
 jobs) needs a whole batch, or each wave starts part-empty (see ``prefetch_for``).
-Either comes only from work that no worker could start now: at the end of a job the
-waiting items go to whichever worker frees a slot first.
 """
 
 from __future__ import annotations
@@ -43,26 +41,20 @@ def prefetch_for(base: int, burst: float, capacity: int, spare: int | None = Non
     when the last one ends instead of a round trip later.
 
     ``spare``: the items waiting past what every worker can run at once (None: no
-    bound). The prefetch, the base too, comes only from them. Near the end of a job
-    the worker that ends its batch first would otherwise take the next batch and a
-    batch of prefetch, and a worker ending its own batch a moment later would find
-    nothing (2 workers of capacity 128: all 252 waiting items went to one); and a
-    prefetched item waits for one of its worker's running items to end, which at a
-    job's end is often a batch of its own (one of 2 workers 3x slower: its last 2
-    prefetched items ran alone after the other had finished, bench/RESULTS.md).
-    What is waiting then goes to whichever worker frees a slot first; the prefetch
-    only hid the router's reply, a message of milliseconds.
+    bound). A prefetch past the base comes only from them: near the end of a job, the
+    worker that ends its batch first would otherwise take the next batch and a batch
+    of prefetch, and a worker ending its own batch a moment later would find nothing
+    (2 workers of capacity 128: all 252 waiting items went to one, bench/RESULTS.md).
     """
-    prefetch = max(base, min(capacity, round(burst)))
+    extra = min(capacity, round(burst))
     if spare is not None:
-        prefetch = min(prefetch, spare)
-    return prefetch
+        extra = min(extra, base + spare)
+    return max(base, extra)
 
 
 def room(load: WorkerLoad, prefetch: int) -> int:
-    """How many more items this worker may hold: up to capacity plus its own prefetch
-    (``WorkerLoad.prefetch``) or, where it has none, ``prefetch``."""
-    own = prefetch if load.prefetch is None else load.prefetch
+    """How many more items this worker may hold."""
+    own = prefetch if load.prefetch is None else max(prefetch, load.prefetch)
     return max(0, load.capacity + own - load.outstanding)
 
 
@@ -70,8 +62,8 @@ def plan_dispatch(loads: Sequence[WorkerLoad], queued: int, prefetch: int) -> di
     """How many of ``queued`` items to send to each slot now.
 
     Water-filling: each item goes to the worker with the lowest (outstanding + planned)
-    ÷ capacity, ties to the lower slot; a worker past capacity + prefetch (its own,
-    where it has one) gets none. Every worker is filled to capacity before any gets a prefetch.
+    ÷ capacity, ties to the lower slot; a worker past capacity + prefetch (its own, if
+    larger) gets none. Every worker is filled to capacity before any gets a prefetch.
     """
     limits = {load.slot: load.outstanding + room(load, prefetch) for load in loads}
     heap = [

@@ -48,19 +48,11 @@ def test_prefetch_follows_how_many_jobs_end_together():
     assert policy.prefetch_for(0, 0.0, 8) == 0
 
 
-def test_a_prefetch_comes_only_from_work_no_worker_could_start():
-    assert policy.prefetch_for(2, 40.0, 32, spare=0) == 0  # the end of a job: none
-    assert policy.prefetch_for(2, 1.0, 32, spare=0) == 0  # not even the base
-    assert policy.prefetch_for(2, 1.0, 32, spare=1) == 1
-    assert policy.prefetch_for(2, 40.0, 32, spare=10) == 10
+def test_a_batch_of_prefetch_comes_only_from_work_no_worker_could_start():
+    assert policy.prefetch_for(2, 40.0, 32, spare=0) == 2  # the end of a job: the base
+    assert policy.prefetch_for(2, 40.0, 32, spare=10) == 12
     assert policy.prefetch_for(2, 40.0, 32, spare=1000) == 32
     assert policy.prefetch_for(2, 1.0, 32, spare=1000) == 2
-
-
-def test_a_workers_own_prefetch_below_the_base_is_its_bound():
-    # The end of a job: a worker's own prefetch of 0 holds it to its capacity.
-    loads = [WorkerLoad(0, 8, 8, prefetch=0), WorkerLoad(1, 7, 8, prefetch=0)]
-    assert plan_dispatch(loads, 5, prefetch=2) == {1: 1}
 
 
 def test_full_workers_get_nothing():
