@@ -43,6 +43,19 @@ def test_each_prefix_runs_on_one_worker_and_results_say_what_was_cached(daemon_f
     assert max(hits) == 160
 
 
+def test_a_small_job_of_one_prefix_does_not_wait_on_one_worker(daemon_factory):
+    """10 items of one new prefix, 2 workers of capacity 4: the first takes 4 and 2 of
+    prefetch; the 4 left would wait behind its prefetch (past one batch of it) while
+    the other idled, so the other takes them up."""
+    daemon = start(daemon_factory, 2)
+    job = [{"id": f"s{i}", "prompt": f"{PREFIXES[0]} s{i} what now?"} for i in range(10)]
+    with daemon.client(timeout=60) as client:
+        results = client.generate(job, max_new_tokens=4)
+    assert sorted(r.id for r in results) == sorted(f"s{i}" for i in range(10))
+    assert all(r.error is None for r in results)
+    assert sorted(Counter(r.slot for r in results).values()) == [4, 6]
+
+
 def test_status_and_metrics_show_prefix_hits_per_worker(daemon_factory):
     port = free_port()
     daemon = start(daemon_factory, 2, "--metrics", f"127.0.0.1:{port}")
