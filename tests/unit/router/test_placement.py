@@ -98,7 +98,7 @@ def test_a_worker_below_capacity_takes_a_prefix_far_behind():
 def test_within_the_slack_a_prefix_waits_for_its_holder():
     states = [SlotState(0, 4, 4, 2, 400), SlotState(1, 0, 4, 6, 0)]  # slot 0 full
     plan = plan_placement(states, [(7, items(0, 2))], {7: {0}}, slack=1.0)
-    assert len(plan[0]) == 2 and 1 not in plan  # its prefetch: 2 of 6 staged
+    assert len(plan[0]) == 2 and 1 not in plan  # into its prefetch: 2 staged, within 4
     assert plan_placement(states, [(7, items(0, 6))], {7: {0}}, slack=0.5)[1]
 
 
